@@ -1,0 +1,44 @@
+# The two commands: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: run test lint typecheck protos protos-check buf-lint buf-breaking unit clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/collab up
+
+test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
+	$(BIN)/python -m pytest
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py --check
+
+buf-lint: $(STAMP)
+	$(BIN)/buf lint
+
+# Compares the proto with main's; skipped where there is no main to compare with.
+buf-breaking: $(STAMP)
+	@if git rev-parse --verify --quiet main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+		$(BIN)/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch with buf.yaml to compare against; skipped"; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The `collab` command: `collab up` runs the hub on one machine."""

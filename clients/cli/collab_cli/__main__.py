@@ -1,0 +1,3 @@
+from collab_cli.main import main
+
+main()

@@ -1,0 +1,68 @@
+"""`collab`: the hub's command line.
+
+`collab up` starts the gRPC server (and, once built, the bridge) for one machine with
+no configuration, prints where to connect and with which token, and stops everything
+on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from collab_cli.supervisor import Child, Supervisor
+
+__all__ = ["main"]
+
+
+def _token(env: dict[str, str], data_dir: Path) -> str | None:
+    """The read+write token a local user should use, as the server will accept it."""
+    if env.get("COLLAB_AUTH", "on").lower() in {"off", "false", "0"}:
+        return None
+    keys = [k.strip() for k in env.get("COLLAB_API_KEYS", "").split(",") if k.strip()]
+    if keys:
+        return keys[0]
+    key_file = data_dir / "api_key"
+    return key_file.read_text().strip() if key_file.exists() else None
+
+
+async def _up(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if args.grpc_addr:
+        env["COLLAB_GRPC_ADDR"] = args.grpc_addr
+    if args.data_dir:
+        env["COLLAB_DATA_DIR"] = str(args.data_dir)
+    data_dir = Path(env.get("COLLAB_DATA_DIR", ".collab"))
+    supervisor = Supervisor(env)
+    try:
+        ready = await supervisor.start(
+            Child("collab-server", [sys.executable, "-m", "collab_grpc.server"], "collab-server listening on")
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"collab: {exc}", file=sys.stderr)
+        await supervisor.stop_all()
+        return 1
+    target = ready.split("listening on ", 1)[1].split()[0]
+    token = _token(env, data_dir)
+    print()
+    print(f"  gRPC:  {target}  (service collab.v1.CollaborationService, reflection on)")
+    print(f"  token: {token}" if token else "  token: none needed (COLLAB_AUTH=off)")
+    print("  Ctrl-C stops the hub.")
+    print(flush=True)
+    return await supervisor.run_until_stopped()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="collab", description="The collab hub's command line.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = commands.add_parser("up", help="run the hub on this machine until Ctrl-C")
+    up.add_argument("--grpc-addr", help="gRPC listen address [COLLAB_GRPC_ADDR, default 127.0.0.1:50051]")
+    up.add_argument("--data-dir", type=Path, help="data directory [COLLAB_DATA_DIR, default ./.collab]")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        sys.exit(asyncio.run(_up(args)))
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first

@@ -1,0 +1,124 @@
+"""collab-server configuration: every flag has a matching COLLAB_* environment variable.
+
+Precedence: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collab_grpc.state import RosterEntry
+
+__all__ = ["ServerConfig", "load_roster", "parse_server_config"]
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    grpc_addr: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".collab")
+    auth: bool = True
+    api_keys: tuple[str, ...] = ()
+    read_keys: tuple[str, ...] = ()
+    jwt_secret: str = field(default="", repr=False)
+    roster: Path | None = None
+    history_limit: int = 1000
+    event_retain: int = 10_000
+    activity_ttl: float = 3600.0
+    rate_limit: float = 10.0
+    max_metadata_bytes: int = 64 * 1024
+    status_interval: float = 2.0
+    subscriber_queue: int = 10_000
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+
+# (flag, environment variable, type, help); the dest is the ServerConfig field.
+_OPTIONS: list[tuple[str, str, str, type, str]] = [
+    ("--grpc-addr", "COLLAB_GRPC_ADDR", "grpc_addr", str, "host:port to listen on (port 0 picks a free one)"),
+    ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key (and later, data) live"),
+    ("--auth", "COLLAB_AUTH", "auth", str, "`on` (default) or `off` to accept calls without credentials"),
+    ("--api-keys", "COLLAB_API_KEYS", "api_keys", str, "comma-separated read+write API keys"),
+    ("--read-keys", "COLLAB_READ_KEYS", "read_keys", str, "comma-separated read-only API keys"),
+    ("--jwt-secret", "COLLAB_JWT_SECRET", "jwt_secret", str, "HS256 secret for JWTs with a `scope` claim"),
+    ("--roster", "COLLAB_ROSTER", "roster", Path, "JSON or TOML file listing agents (agent_id, department)"),
+    ("--history-limit", "COLLAB_HISTORY_LIMIT", "history_limit", int, "newest activities kept for the feed"),
+    ("--event-retain", "COLLAB_EVENT_RETAIN", "event_retain", int, "newest events kept for resuming subscribers"),
+    ("--activity-ttl", "COLLAB_ACTIVITY_TTL", "activity_ttl", float, "seconds before an open activity expires"),
+    ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
+    ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
+    ("--status-interval", "COLLAB_STATUS_INTERVAL", "status_interval", float, "seconds between status updates"),
+    ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
+    ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
+    ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
+    ("--log-format", "COLLAB_LOG_FORMAT", "log_format", str, "json or text"),
+]
+
+
+def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    environ = os.environ if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="collab-server",
+        description="The collab gRPC server: owns the hub's state and streams every change.",
+        epilog="Every flag can also be set with the environment variable shown.",
+    )
+    for flag, variable, dest, _kind, text in _OPTIONS:
+        parser.add_argument(flag, dest=dest, type=str, default=None, help=f"{text} [{variable}]")
+    args = parser.parse_args(argv)
+    defaults = ServerConfig()
+    values: dict[str, object] = {}
+    for flag, variable, dest, kind, _ in _OPTIONS:
+        raw = getattr(args, dest)
+        if raw is None:
+            raw = environ.get(variable)
+        if raw is None or raw == "":
+            continue
+        try:
+            if dest == "auth":
+                if raw.lower() not in {"on", "off", "true", "false", "1", "0"}:
+                    raise ValueError("expected on or off")
+                values[dest] = raw.lower() in {"on", "true", "1"}
+            elif dest in {"api_keys", "read_keys"}:
+                values[dest] = _split(raw)
+            else:
+                values[dest] = kind(raw)
+        except ValueError as exc:
+            parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
+    config = ServerConfig(**{**defaults.__dict__, **values})
+    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue"):
+        if getattr(config, name) < 1:
+            parser.error(f"{name.replace('_', '-')} must be at least 1")
+    if config.activity_ttl <= 0 or config.status_interval <= 0 or config.shutdown_grace < 0:
+        parser.error("activity-ttl and status-interval must be positive, shutdown-grace not negative")
+    if config.log_format not in {"json", "text"}:
+        parser.error("log-format must be json or text")
+    return config
+
+
+def load_roster(path: Path) -> list[RosterEntry]:
+    """Agents known before they record anything.
+
+    JSON: ``[{"agent_id": "agent_1", "department": "engineering"}, ...]`` or
+    ``{"agents": [...]}``; TOML: ``[[agents]]`` tables with the same keys.
+    """
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    entries = data.get("agents") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of agents")
+    roster = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("agent_id"), str):
+            raise ValueError(f"{path}: agent {index} needs a string agent_id")
+        roster.append(RosterEntry(entry["agent_id"], str(entry.get("department", ""))))
+    return roster

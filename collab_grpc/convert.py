@@ -1,0 +1,251 @@
+"""Conversions between the domain model and the collab.v1 protobuf messages.
+
+Imports the generated messages, never grpc: the bridge and clients use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from collab_grpc.errors import InvalidArgument
+from collab_grpc.events import EventFilter
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    ActivityStatus,
+    ActivityType,
+    AgentStatusSummary,
+    Decision,
+    Event,
+    EventKind,
+    MemoryOperation,
+    MemoryUpdate,
+    Session,
+    Snapshot,
+)
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = [
+    "ACTIVITY_TYPE_FROM_PROTO",
+    "ACTIVITY_TYPE_TO_PROTO",
+    "EVENT_KIND_FROM_PROTO",
+    "EVENT_KIND_TO_PROTO",
+    "MEMORY_OPERATION_FROM_PROTO",
+    "MEMORY_OPERATION_TO_PROTO",
+    "activity_to_proto",
+    "activity_type_from_proto",
+    "agent_status_to_proto",
+    "decision_to_proto",
+    "event_filter_from_proto",
+    "event_to_proto",
+    "memory_operation_from_proto",
+    "memory_update_to_proto",
+    "seconds_from_timestamp",
+    "session_to_proto",
+    "snapshot_to_proto",
+    "struct_from_dict",
+    "struct_to_dict",
+    "timestamp_from_seconds",
+]
+
+ACTIVITY_TYPE_TO_PROTO: dict[ActivityType, pb.ActivityType.ValueType] = {
+    t: pb.ActivityType.Value(f"ACTIVITY_TYPE_{t.value.upper()}") for t in ActivityType
+}
+ACTIVITY_TYPE_FROM_PROTO = {v: k for k, v in ACTIVITY_TYPE_TO_PROTO.items()}
+MEMORY_OPERATION_TO_PROTO: dict[MemoryOperation, pb.MemoryOperation.ValueType] = {
+    o: pb.MemoryOperation.Value(f"MEMORY_OPERATION_{o.value.upper()}") for o in MemoryOperation
+}
+MEMORY_OPERATION_FROM_PROTO = {v: k for k, v in MEMORY_OPERATION_TO_PROTO.items()}
+EVENT_KIND_TO_PROTO: dict[EventKind, pb.EventKind.ValueType] = {
+    k: pb.EventKind.Value(f"EVENT_KIND_{k.value.upper()}") for k in EventKind
+}
+EVENT_KIND_FROM_PROTO = {v: k for k, v in EVENT_KIND_TO_PROTO.items()}
+_ACTIVITY_STATUS_TO_PROTO: dict[ActivityStatus, pb.ActivityStatus.ValueType] = {
+    s: pb.ActivityStatus.Value(f"ACTIVITY_STATUS_{s.value.upper()}") for s in ActivityStatus
+}
+# Struct holds every number as a double; integral values within float precision come
+# back as ints so that `{"size_bytes": 1024}` does not turn into 1024.0 on the way out.
+_MAX_EXACT_INT = 2**53
+
+
+def timestamp_from_seconds(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def seconds_from_timestamp(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind == "number_value":
+        number = value.number_value
+        if math.isfinite(number) and number.is_integer() and abs(number) <= _MAX_EXACT_INT:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def struct_from_dict(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    if data:
+        struct.update(data)
+    return struct
+
+
+def activity_type_from_proto(value: int) -> ActivityType:
+    if value == pb.ACTIVITY_TYPE_UNSPECIFIED:
+        raise InvalidArgument("activity_type is required")
+    try:
+        return ACTIVITY_TYPE_FROM_PROTO[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(f"activity_type {value} is not a known activity type") from None
+
+
+def memory_operation_from_proto(value: int) -> MemoryOperation:
+    if value == pb.MEMORY_OPERATION_UNSPECIFIED:
+        raise InvalidArgument("operation is required (write, read or delete)")
+    try:
+        return MEMORY_OPERATION_FROM_PROTO[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(f"operation {value} is not a known memory operation") from None
+
+
+def event_filter_from_proto(request: pb.SubscribeEventsRequest) -> EventFilter:
+    kinds = set()
+    for kind in request.kinds:
+        if kind not in EVENT_KIND_FROM_PROTO:
+            raise InvalidArgument(f"kinds: {kind} is not a known event kind")
+        kinds.add(EVENT_KIND_FROM_PROTO[kind])
+    return EventFilter(
+        kinds=frozenset(kinds),
+        activity_types=frozenset(activity_type_from_proto(t) for t in request.activity_types),
+        agent_ids=frozenset(request.agent_ids),
+    )
+
+
+def activity_to_proto(activity: Activity) -> pb.Activity:
+    message = pb.Activity(
+        activity_id=activity.activity_id,
+        agent_id=activity.agent_id,
+        department=activity.department,
+        activity_type=ACTIVITY_TYPE_TO_PROTO[activity.activity_type],
+        timestamp=timestamp_from_seconds(activity.timestamp),
+        metadata=struct_from_dict(activity.metadata),
+        related_agents=activity.related_agents,
+        status=_ACTIVITY_STATUS_TO_PROTO[activity.status],
+        session_id=activity.session_id,
+        parent_activity_id=activity.parent_activity_id,
+        failure_reason=activity.failure_reason,
+    )
+    if activity.completed_at is not None:
+        message.completed_at.CopyFrom(timestamp_from_seconds(activity.completed_at))
+    return message
+
+
+def agent_status_to_proto(summary: AgentStatusSummary) -> pb.AgentStatusSummary:
+    return pb.AgentStatusSummary(
+        total_agents=summary.total_agents,
+        active_agents=summary.active_agents,
+        idle_agents=summary.idle_agents,
+        active_activities=summary.active_activities,
+        active_collaborations=summary.active_collaborations,
+        agents=[
+            pb.Agent(
+                agent_id=view.agent_id,
+                department=view.department,
+                status=pb.AGENT_STATE_ACTIVE if view.active else pb.AGENT_STATE_IDLE,
+                current_activity_id=view.current_activity_id or "",
+                last_activity_id=view.last_activity_id or "",
+                collaboration_count=view.collaboration_count,
+            )
+            for view in summary.agents
+        ],
+    )
+
+
+def session_to_proto(session: Session) -> pb.CollaborationSession:
+    message = pb.CollaborationSession(
+        session_id=session.session_id,
+        participants=session.participants,
+        session_type=session.session_type,
+        started_at=timestamp_from_seconds(session.started_at),
+        activity_count=session.activity_count,
+        decision_count=session.decision_count,
+        metadata=struct_from_dict(session.metadata),
+    )
+    if session.ended_at is not None:
+        message.ended_at.CopyFrom(timestamp_from_seconds(session.ended_at))
+    return message
+
+
+def decision_to_proto(decision: Decision) -> pb.Decision:
+    return pb.Decision(
+        decision_id=decision.decision_id,
+        session_id=decision.session_id,
+        agent_id=decision.agent_id,
+        decision=decision.decision,
+        rationale=decision.rationale,
+        votes=decision.votes,
+        metadata=struct_from_dict(decision.metadata),
+        timestamp=timestamp_from_seconds(decision.timestamp),
+    )
+
+
+def memory_update_to_proto(update: MemoryUpdate) -> pb.MemoryUpdate:
+    return pb.MemoryUpdate(
+        operation=MEMORY_OPERATION_TO_PROTO[update.operation],
+        item_id=update.item_id,
+        agent_id=update.agent_id,
+        timestamp=timestamp_from_seconds(update.timestamp),
+        metadata=struct_from_dict(update.metadata),
+    )
+
+
+def event_to_proto(event: Event) -> pb.Event:
+    message = pb.Event(seq=event.seq, epoch=event.epoch, time=timestamp_from_seconds(event.time))
+    payload = event.payload
+    kind = event.kind
+    if kind is EventKind.ACTIVITY_RECORDED and isinstance(payload, Activity):
+        message.activity_recorded.CopyFrom(activity_to_proto(payload))
+    elif kind is EventKind.ACTIVITY_COMPLETED and isinstance(payload, ActivityCompletion):
+        message.activity_completed.activity.CopyFrom(activity_to_proto(payload.activity))
+        message.activity_completed.success = payload.success
+    elif kind is EventKind.MEMORY_UPDATED and isinstance(payload, MemoryUpdate):
+        message.memory_updated.CopyFrom(memory_update_to_proto(payload))
+    elif kind is EventKind.COLLABORATION_STARTED and isinstance(payload, Session):
+        message.collaboration_started.CopyFrom(session_to_proto(payload))
+    elif kind is EventKind.COLLABORATION_ENDED and isinstance(payload, Session):
+        message.collaboration_ended.CopyFrom(session_to_proto(payload))
+    elif kind is EventKind.DECISION_RECORDED and isinstance(payload, Decision):
+        message.decision_recorded.CopyFrom(decision_to_proto(payload))
+    else:  # pragma: no cover - the state only builds the pairs above
+        raise TypeError(f"event {event.seq}: {kind} cannot carry {type(payload).__name__}")
+    return message
+
+
+def snapshot_to_proto(snapshot: Snapshot) -> pb.Snapshot:
+    return pb.Snapshot(
+        epoch=snapshot.epoch,
+        seq=snapshot.seq,
+        agent_status=agent_status_to_proto(snapshot.agent_status),
+        active_collaborations=[session_to_proto(s) for s in snapshot.active_collaborations],
+    )

@@ -1,0 +1,208 @@
+"""The hub's state model: plain data, no I/O, no grpc.
+
+Timestamps are epoch seconds (float) throughout the core; the edges convert them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+__all__ = [
+    "Activity",
+    "ActivityCompletion",
+    "ActivityStatus",
+    "ActivityType",
+    "Agent",
+    "AgentStatusSummary",
+    "AgentView",
+    "Decision",
+    "Event",
+    "EventKind",
+    "EventPayload",
+    "JSONObject",
+    "MemoryOperation",
+    "MemoryUpdate",
+    "Session",
+    "Snapshot",
+]
+
+JSONObject: TypeAlias = dict[str, Any]
+
+
+class ActivityType(enum.StrEnum):
+    """The twelve activity types the guide documents."""
+
+    AGENT_STARTED = "agent_started"
+    AGENT_COMPLETED = "agent_completed"
+    MEMORY_WRITE = "memory_write"
+    MEMORY_READ = "memory_read"
+    COUNCIL_DEBATE = "council_debate"
+    COUNCIL_SYNTHESIS = "council_synthesis"
+    DECISION_MADE = "decision_made"
+    TASK_ASSIGNED = "task_assigned"
+    TASK_COMPLETED = "task_completed"
+    MESSAGE_SENT = "message_sent"
+    COLLABORATION_STARTED = "collaboration_started"
+    COLLABORATION_ENDED = "collaboration_ended"
+
+
+class ActivityStatus(enum.StrEnum):
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class MemoryOperation(enum.StrEnum):
+    WRITE = "write"
+    READ = "read"
+    DELETE = "delete"
+
+
+class EventKind(enum.StrEnum):
+    ACTIVITY_RECORDED = "activity_recorded"
+    ACTIVITY_COMPLETED = "activity_completed"
+    MEMORY_UPDATED = "memory_updated"
+    COLLABORATION_STARTED = "collaboration_started"
+    COLLABORATION_ENDED = "collaboration_ended"
+    DECISION_RECORDED = "decision_recorded"
+
+
+@dataclass(slots=True)
+class Activity:
+    activity_id: str
+    agent_id: str
+    department: str
+    activity_type: ActivityType
+    timestamp: float
+    metadata: JSONObject
+    related_agents: list[str]
+    status: ActivityStatus = ActivityStatus.ACTIVE
+    session_id: str = ""
+    parent_activity_id: str = ""
+    completed_at: float | None = None
+    failure_reason: str = ""
+
+
+@dataclass(slots=True)
+class Agent:
+    agent_id: str
+    department: str = ""
+    # Open activity ids in the order they were recorded (a dict as an ordered set).
+    open_activities: dict[str, None] = field(default_factory=dict)
+    last_activity_id: str | None = None
+    # Active sessions the agent takes part in.
+    sessions: set[str] = field(default_factory=set)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.open_activities)
+
+    @property
+    def current_activity_id(self) -> str | None:
+        return next(reversed(self.open_activities), None)
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    participants: list[str]
+    session_type: str
+    started_at: float
+    metadata: JSONObject
+    ended_at: float | None = None
+    activity_count: int = 0
+    decision_count: int = 0
+
+
+@dataclass(slots=True)
+class Decision:
+    decision_id: str
+    session_id: str
+    agent_id: str
+    decision: str
+    rationale: str
+    votes: dict[str, str]
+    metadata: JSONObject
+    timestamp: float
+
+
+@dataclass(slots=True)
+class MemoryUpdate:
+    operation: MemoryOperation
+    item_id: str
+    agent_id: str
+    timestamp: float
+    metadata: JSONObject
+
+
+@dataclass(slots=True)
+class ActivityCompletion:
+    activity: Activity
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """One agent as the status routes show it."""
+
+    agent_id: str
+    department: str
+    active: bool
+    current_activity_id: str | None
+    last_activity_id: str | None
+    collaboration_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatusSummary:
+    total_agents: int
+    active_agents: int
+    idle_agents: int
+    active_activities: int
+    active_collaborations: int
+    agents: list[AgentView]
+
+
+EventPayload: TypeAlias = Activity | ActivityCompletion | MemoryUpdate | Session | Decision
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change. Payloads are copies taken when the change happened, never live state."""
+
+    seq: int
+    epoch: str
+    time: float
+    kind: EventKind
+    payload: EventPayload
+
+    @property
+    def agent_ids(self) -> tuple[str, ...]:
+        """The agents this event is about, for per-agent filters."""
+        payload = self.payload
+        if isinstance(payload, ActivityCompletion):
+            return (payload.activity.agent_id,)
+        if isinstance(payload, Session):
+            return tuple(payload.participants)
+        return (payload.agent_id,)
+
+    @property
+    def activity_type(self) -> ActivityType | None:
+        payload = self.payload
+        if isinstance(payload, Activity):
+            return payload.activity_type
+        if isinstance(payload, ActivityCompletion):
+            return payload.activity.activity_type
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The state at event ``seq``: the events that follow it are those after ``seq``."""
+
+    epoch: str
+    seq: int
+    agent_status: AgentStatusSummary
+    active_collaborations: list[Session]

@@ -1,0 +1,137 @@
+"""collab-server: assembles the state, servicer, auth, health and reflection, and runs
+them until SIGTERM/SIGINT, then shuts down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # the asyncio servicer (health.aio)
+from grpc_reflection.v1alpha import reflection
+
+from collab_grpc.auth import Authenticator, ensure_generated_key
+from collab_grpc.config import ServerConfig, load_roster, parse_server_config
+from collab_grpc.interceptors import AuthInterceptor
+from collab_grpc.logs import configure_logging
+from collab_grpc.ratelimit import RateLimiter
+from collab_grpc.servicer import CollaborationServicer
+from collab_grpc.state import CollaborationState, StateSettings
+from collab_grpc.v1 import collaboration_pb2, collaboration_pb2_grpc
+from collab_grpc.validation import Limits
+
+__all__ = ["RunningServer", "main", "start_server"]
+
+log = logging.getLogger("collab_grpc.server")
+
+SERVICE_NAME = collaboration_pb2.DESCRIPTOR.services_by_name["CollaborationService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    servicer: CollaborationServicer
+    health: HealthServicer
+    port: int
+    expiry: asyncio.Task[None]
+
+    async def stop(self, grace: float) -> None:
+        """Stop taking calls, end every stream with UNAVAILABLE, let in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        self.servicer.begin_shutdown()
+        self.expiry.cancel()
+        await self.server.stop(grace)
+
+
+def _authenticator(config: ServerConfig) -> Authenticator:
+    if not config.auth:
+        return Authenticator(enabled=False)
+    api_keys = config.api_keys
+    if not (api_keys or config.read_keys or config.jwt_secret):
+        key, created = ensure_generated_key(config.data_dir)
+        api_keys = (key,)
+        key_file = config.data_dir / "api_key"
+        if created:
+            # Shown once, when made, so the operator can copy it; later starts name the file only.
+            print(f"collab-server: generated API key (saved in {key_file}): {key}", flush=True)
+        else:
+            print(f"collab-server: using the API key saved in {key_file}", flush=True)
+    return Authenticator(api_keys=api_keys, read_keys=config.read_keys, jwt_secret=config.jwt_secret)
+
+
+async def _expire_loop(state: CollaborationState, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        for activity in state.expire_stale_activities():
+            log.info(
+                "activity expired",
+                extra={"activity_id": activity.activity_id, "agent_id": activity.agent_id},
+            )
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    authenticator = _authenticator(config)
+    roster = load_roster(config.roster) if config.roster else []
+    settings = StateSettings(
+        history_limit=config.history_limit,
+        event_log_retain=config.event_retain,
+        activity_ttl=config.activity_ttl,
+        limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
+    )
+    state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
+    servicer = CollaborationServicer(
+        state, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
+    )
+    server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator)])
+    collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(config.grpc_addr)
+    except RuntimeError as exc:
+        raise SystemExit(f"collab-server: cannot listen on {config.grpc_addr}: {exc}") from None
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    expiry = asyncio.create_task(_expire_loop(state, min(30.0, max(0.05, config.activity_ttl / 10))))
+    if not authenticator.enabled:
+        log.warning("AUTH IS OFF: anyone who can reach port %d can read and write everything", port)
+        print("collab-server: WARNING: COLLAB_AUTH=off, every call is accepted without a credential", flush=True)
+    return RunningServer(server, servicer, health_servicer, port, expiry)
+
+
+async def _serve(config: ServerConfig) -> None:
+    running = await start_server(config)
+    host = config.grpc_addr.rsplit(":", 1)[0]
+    print(f"collab-server listening on {host}:{running.port} epoch={running.servicer.state.epoch}", flush=True)
+    log.info("serving", extra={"addr": f"{host}:{running.port}", "epoch": running.servicer.state.epoch})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": config.shutdown_grace})
+    await running.stop(config.shutdown_grace)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_server_config(argv)
+    configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(_serve(config))
+    except (OSError, ValueError) as exc:
+        sys.exit(f"collab-server: {exc}")
+
+
+if __name__ == "__main__":
+    main()

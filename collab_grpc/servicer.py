@@ -1,0 +1,410 @@
+"""The CollaborationService servicer: maps RPCs onto the domain core.
+
+Unary handlers call the core synchronously (atomic on the event loop) and turn its
+errors into gRPC status codes. Stream handlers drain a bounded Subscription; a
+subscriber that falls behind is cut off with RESOURCE_EXHAUSTED instead of holding
+back the log or anyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from collab_grpc import convert
+from collab_grpc.errors import (
+    CollabError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+)
+from collab_grpc.events import Subscription
+from collab_grpc.state import CollaborationState
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+from collab_grpc.validation import check_id
+
+__all__ = ["STATUS_FOR_ERROR", "WRITE_METHODS", "CollaborationServicer", "Context", "abort_with"]
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Request = TypeVar("Request", bound=Message)
+Response = TypeVar("Response", bound=Message)
+
+STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+# The RPCs that change state; the auth interceptor requires write access for these.
+WRITE_METHODS = frozenset(
+    {
+        "RecordActivity",
+        "BulkRecordActivities",
+        "CompleteActivity",
+        "StartCollaboration",
+        "EndCollaboration",
+        "RecordDecision",
+        "RecordMemoryUpdate",
+    }
+)
+
+MAX_BULK_ITEMS = 100_000
+MIN_STATUS_INTERVAL = 0.1
+MAX_STATUS_INTERVAL = 3600.0
+SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
+
+
+async def abort_with(context: Context, error: CollabError) -> None:
+    """End the call with the status code for ``error``; RateLimited adds `retry-after`."""
+    trailers: tuple[tuple[str, str], ...] = ()
+    if isinstance(error, RateLimited):
+        trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+    await context.abort(STATUS_FOR_ERROR[type(error)], str(error), trailing_metadata=trailers)
+
+
+def _unary(
+    handler: Callable[[CollaborationServicer, Request], Response],
+) -> Callable[[CollaborationServicer, Request, Context], Awaitable[Response]]:
+    @functools.wraps(handler)
+    async def call(self: CollaborationServicer, request: Request, context: Context) -> Response:
+        try:
+            return handler(self, request)
+        except CollabError as error:
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from error
+
+    return call
+
+
+class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
+    def __init__(
+        self,
+        state: CollaborationState,
+        *,
+        status_interval: float = 2.0,
+        subscriber_queue: int = 10_000,
+    ) -> None:
+        self.state = state
+        self.status_interval = status_interval
+        self.subscriber_queue = subscriber_queue
+        self._stopping = asyncio.Event()
+
+    def begin_shutdown(self) -> None:
+        """Tell every stream to end: event subscribers and status streams alike."""
+        self._stopping.set()
+        self.state.log.close_all(SHUTTING_DOWN)
+
+    # -- idempotent writes ----------------------------------------------------------
+
+    def _idempotent(
+        self, method: str, request: Message, response_type: type[Response], run: Callable[[], Response]
+    ) -> Response:
+        """Run ``run`` once per idempotency key; a retry gets the first answer back."""
+        key: str = getattr(request, "idempotency_key")  # noqa: B009 - every write request has one
+        if not key:
+            return run()
+        check_id("idempotency_key", key, self.state.limits)
+        unkeyed = type(request)()
+        unkeyed.CopyFrom(request)
+        unkeyed.ClearField("idempotency_key")
+        fingerprint = unkeyed.SerializeToString(deterministic=True)
+        cache = self.state.idempotency
+        now = self.state.clock()
+        answer = cache.lookup(method, key, fingerprint, now)
+        if answer is not None:
+            return response_type.FromString(answer)
+        response = run()
+        cache.store(method, key, fingerprint, response.SerializeToString(), now)
+        return response
+
+    def _record_activity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:
+        def run() -> pb.RecordActivityResponse:
+            activity = self.state.record_activity(
+                agent_id=request.agent_id,
+                activity_type=convert.activity_type_from_proto(request.activity_type),
+                department=request.department,
+                metadata=convert.struct_to_dict(request.metadata),
+                related_agents=request.related_agents,
+                session_id=request.session_id,
+                parent_activity_id=request.parent_activity_id,
+            )
+            return pb.RecordActivityResponse(
+                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
+            )
+
+        return self._idempotent("RecordActivity", request, pb.RecordActivityResponse, run)
+
+    # -- writes ---------------------------------------------------------------------
+
+    @_unary
+    def RecordActivity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:  # noqa: N802
+        return self._record_activity(request)
+
+    async def BulkRecordActivities(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.BulkRecordActivitiesRequest],
+        context: Context,
+    ) -> pb.BulkRecordActivitiesResponse:
+        response = pb.BulkRecordActivitiesResponse()
+        async for item in request_iterator:
+            if len(response.results) >= MAX_BULK_ITEMS:
+                await abort_with(
+                    context,
+                    InvalidArgument(
+                        f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} "
+                        "were processed, send the rest on a new stream (idempotency keys make resending safe)"
+                    ),
+                )
+            try:
+                recorded = self._record_activity(item.activity)
+            except CollabError as error:
+                response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
+                response.failed += 1
+            else:
+                response.results.add(activity_id=recorded.activity_id)
+                response.recorded += 1
+        return response
+
+    @_unary
+    def CompleteActivity(self, request: pb.CompleteActivityRequest) -> pb.CompleteActivityResponse:  # noqa: N802
+        def run() -> pb.CompleteActivityResponse:
+            activity = self.state.complete_activity(
+                request.activity_id, success=request.success, failure_reason=request.failure_reason
+            )
+            return pb.CompleteActivityResponse(
+                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
+            )
+
+        return self._idempotent("CompleteActivity", request, pb.CompleteActivityResponse, run)
+
+    @_unary
+    def StartCollaboration(  # noqa: N802
+        self, request: pb.StartCollaborationRequest
+    ) -> pb.StartCollaborationResponse:
+        def run() -> pb.StartCollaborationResponse:
+            session = self.state.start_collaboration(
+                participants=request.participants,
+                session_type=request.session_type,
+                metadata=convert.struct_to_dict(request.metadata),
+            )
+            return pb.StartCollaborationResponse(
+                session_id=session.session_id, session=convert.session_to_proto(session)
+            )
+
+        return self._idempotent("StartCollaboration", request, pb.StartCollaborationResponse, run)
+
+    @_unary
+    def EndCollaboration(self, request: pb.EndCollaborationRequest) -> pb.EndCollaborationResponse:  # noqa: N802
+        def run() -> pb.EndCollaborationResponse:
+            session = self.state.end_collaboration(request.session_id)
+            return pb.EndCollaborationResponse(session_id=session.session_id, session=convert.session_to_proto(session))
+
+        return self._idempotent("EndCollaboration", request, pb.EndCollaborationResponse, run)
+
+    @_unary
+    def RecordDecision(self, request: pb.RecordDecisionRequest) -> pb.RecordDecisionResponse:  # noqa: N802
+        def run() -> pb.RecordDecisionResponse:
+            decision = self.state.record_decision(
+                session_id=request.session_id,
+                agent_id=request.agent_id,
+                decision=request.decision,
+                rationale=request.rationale,
+                votes=dict(request.votes),
+                metadata=convert.struct_to_dict(request.metadata),
+            )
+            return pb.RecordDecisionResponse(
+                decision_id=decision.decision_id, decision=convert.decision_to_proto(decision)
+            )
+
+        return self._idempotent("RecordDecision", request, pb.RecordDecisionResponse, run)
+
+    @_unary
+    def RecordMemoryUpdate(  # noqa: N802
+        self, request: pb.RecordMemoryUpdateRequest
+    ) -> pb.RecordMemoryUpdateResponse:
+        def run() -> pb.RecordMemoryUpdateResponse:
+            update = self.state.record_memory_update(
+                operation=convert.memory_operation_from_proto(request.operation),
+                item_id=request.item_id,
+                agent_id=request.agent_id,
+                metadata=convert.struct_to_dict(request.metadata),
+            )
+            return pb.RecordMemoryUpdateResponse(update=convert.memory_update_to_proto(update))
+
+        return self._idempotent("RecordMemoryUpdate", request, pb.RecordMemoryUpdateResponse, run)
+
+    # -- reads ----------------------------------------------------------------------
+
+    @_unary
+    def GetAgentStatus(self, request: pb.GetAgentStatusRequest) -> pb.GetAgentStatusResponse:  # noqa: N802
+        return pb.GetAgentStatusResponse(agent_status=convert.agent_status_to_proto(self.state.agent_status()))
+
+    @_unary
+    def GetActivityFeed(self, request: pb.GetActivityFeedRequest) -> pb.GetActivityFeedResponse:  # noqa: N802
+        feed = self.state.activity_feed(agent_id=request.agent_id, limit=request.limit, session_id=request.session_id)
+        return pb.GetActivityFeedResponse(
+            activities=[convert.activity_to_proto(a) for a in feed], total=len(feed), agent_id=request.agent_id
+        )
+
+    @_unary
+    def GetActivity(self, request: pb.GetActivityRequest) -> pb.GetActivityResponse:  # noqa: N802
+        activity = self.state.require_activity(request.activity_id)
+        return pb.GetActivityResponse(activity=convert.activity_to_proto(activity))
+
+    @_unary
+    def ListActiveCollaborations(  # noqa: N802
+        self, request: pb.ListActiveCollaborationsRequest
+    ) -> pb.ListActiveCollaborationsResponse:
+        sessions = self.state.active_collaborations()
+        return pb.ListActiveCollaborationsResponse(
+            collaborations=[convert.session_to_proto(s) for s in sessions], total=len(sessions)
+        )
+
+    @_unary
+    def GetCollaboration(self, request: pb.GetCollaborationRequest) -> pb.GetCollaborationResponse:  # noqa: N802
+        session, activities, decisions = self.state.get_collaboration(request.session_id)
+        return pb.GetCollaborationResponse(
+            session=convert.session_to_proto(session),
+            activities=[convert.activity_to_proto(a) for a in activities],
+            decisions=[convert.decision_to_proto(d) for d in decisions],
+        )
+
+    @_unary
+    def ListEndedCollaborations(  # noqa: N802
+        self, request: pb.ListEndedCollaborationsRequest
+    ) -> pb.ListEndedCollaborationsResponse:
+        sessions = self.state.ended_collaborations(request.limit)
+        return pb.ListEndedCollaborationsResponse(
+            collaborations=[convert.session_to_proto(s) for s in sessions], total=len(sessions)
+        )
+
+    # -- streams --------------------------------------------------------------------
+
+    # Stream handlers write with context.write rather than yield, so that a write blocked
+    # on a client that stopped reading can be cancelled (see _pump).
+    async def SubscribeEvents(  # type: ignore[override]  # noqa: N802
+        self, request: pb.SubscribeEventsRequest, context: Context
+    ) -> None:
+        initial: list[pb.SubscribeEventsResponse] = []
+        try:
+            event_filter = convert.event_filter_from_proto(request)
+            for agent_id in request.agent_ids:
+                check_id("agent_ids entry", agent_id, self.state.limits)
+            if self._stopping.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            if request.HasField("since_seq"):
+                if not request.epoch:
+                    raise InvalidArgument("epoch is required with since_seq")
+                resume, subscription = self.state.resume(
+                    event_filter, self.subscriber_queue, request.epoch, request.since_seq
+                )
+                initial.append(
+                    pb.SubscribeEventsResponse(
+                        resume=pb.ResumeResult(
+                            recovered=resume.recovered,
+                            epoch=self.state.epoch,
+                            since_seq=request.since_seq,
+                            reason=resume.reason,
+                        )
+                    )
+                )
+                if resume.snapshot is not None:
+                    initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot)))
+                initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+            elif request.include_snapshot:
+                snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
+                initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
+            else:
+                subscription = self.state.subscribe(event_filter, self.subscriber_queue)
+        except CollabError as error:
+            await abort_with(context, error)
+            return
+        try:
+            await self._pump(subscription, initial, context)
+        finally:
+            self.state.log.unsubscribe(subscription)
+
+    async def _pump(
+        self,
+        subscription: Subscription,
+        initial: Iterable[pb.SubscribeEventsResponse],
+        context: Context,
+    ) -> None:
+        """Write the initial messages, then every event the subscription takes in.
+
+        A write blocks while the client does not read (HTTP/2 flow control). If the
+        subscription closes meanwhile (overflow, shutdown), the blocked write is
+        cancelled so the call ends with a status now rather than never.
+        """
+        ready = asyncio.Event()
+        handler = asyncio.current_task()
+        writing = False
+
+        def wake() -> None:
+            ready.set()
+            if subscription.closed and writing and handler is not None:
+                handler.cancel()
+
+        subscription.on_ready = wake
+        try:
+            writing = True
+            for message in initial:
+                await context.write(message)
+            while True:
+                writing = False
+                ready.clear()
+                events = subscription.take()
+                if not events:
+                    if subscription.closed:
+                        break
+                    await ready.wait()
+                    continue
+                writing = True
+                for event in events:
+                    await context.write(pb.SubscribeEventsResponse(event=convert.event_to_proto(event)))
+        except asyncio.CancelledError:
+            if not subscription.closed:
+                raise  # the client went away
+        reason = subscription.closed_reason or ""
+        code = grpc.StatusCode.UNAVAILABLE if reason == SHUTTING_DOWN else grpc.StatusCode.RESOURCE_EXHAUSTED
+        context.set_code(code)
+        context.set_details(reason)
+
+    async def StreamAgentStatus(  # type: ignore[override]  # noqa: N802
+        self, request: pb.StreamAgentStatusRequest, context: Context
+    ) -> None:
+        interval = self.status_interval
+        if request.HasField("interval"):
+            interval = request.interval.ToNanoseconds() / 1e9
+            if not MIN_STATUS_INTERVAL <= interval <= MAX_STATUS_INTERVAL:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"interval must be between {MIN_STATUS_INTERVAL} s and {MAX_STATUS_INTERVAL:.0f} s, "
+                    f"got {interval} s",
+                )
+        while not self._stopping.is_set():
+            summary = convert.agent_status_to_proto(self.state.agent_status())
+            await context.write(
+                pb.StreamAgentStatusResponse(
+                    time=convert.timestamp_from_seconds(self.state.clock()), agent_status=summary
+                )
+            )
+            try:
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            except TimeoutError:
+                continue
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(SHUTTING_DOWN)

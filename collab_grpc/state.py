@@ -1,0 +1,449 @@
+"""The hub's state and the rules that change it: the domain core.
+
+Every method either raises a CollabError and changes nothing, or applies one change
+and appends its event to the log. Methods are synchronous and never yield, so on an
+asyncio server each one is atomic with respect to every other caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from collab_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
+from collab_grpc.events import EventFilter, EventLog, Subscription
+from collab_grpc.idempotency import IdempotencyCache
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    ActivityStatus,
+    ActivityType,
+    Agent,
+    AgentStatusSummary,
+    AgentView,
+    Decision,
+    Event,
+    EventKind,
+    MemoryOperation,
+    MemoryUpdate,
+    Session,
+    Snapshot,
+)
+from collab_grpc.ratelimit import RateLimiter
+from collab_grpc.validation import Limits, check_id, check_id_list, check_limit, check_metadata, check_text
+
+__all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings"]
+
+EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    history_limit: int = 1000  # newest activities kept for the feed
+    ended_sessions_limit: int = 1000  # ended sessions kept as history
+    event_log_retain: int = 10_000  # newest events kept for resume
+    activity_ttl: float = 3600.0  # an activity open longer than this expires
+    max_decisions_per_session: int = 10_000
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterEntry:
+    agent_id: str
+    department: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The start of a resumed subscription: replayed events, or why there are none."""
+
+    recovered: bool
+    reason: str
+    replay: list[Event]
+    snapshot: Snapshot | None
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+class CollaborationState:
+    """Activities, agents, sessions and decisions, with their event log."""
+
+    def __init__(
+        self,
+        settings: StateSettings | None = None,
+        *,
+        roster: Iterable[RosterEntry] = (),
+        clock: Callable[[], float] = time.time,
+        epoch: str | None = None,
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        self.settings = settings or StateSettings()
+        self.limits = self.settings.limits
+        self.clock = clock
+        self.log = EventLog(epoch or _new_epoch(), retain=self.settings.event_log_retain)
+        self.idempotency = IdempotencyCache()
+        # Per-agent allowance for records; checked after validation, so bad input costs none.
+        self.rate_limiter = rate_limiter or RateLimiter(0)
+        self._agents: dict[str, Agent] = {}
+        # Newest last. Open activities stay in _open even once evicted from history.
+        self._history: OrderedDict[str, Activity] = OrderedDict()
+        self._open: dict[str, Activity] = {}
+        self._active_sessions: dict[str, Session] = {}
+        self._ended_sessions: OrderedDict[str, Session] = OrderedDict()
+        self._decisions: dict[str, list[Decision]] = {}
+        for entry in roster:
+            check_id("roster agent_id", entry.agent_id, self.limits)
+            check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
+            self._agents[entry.agent_id] = Agent(entry.agent_id, entry.department)
+
+    @property
+    def epoch(self) -> str:
+        return self.log.epoch
+
+    # -- writes ---------------------------------------------------------------------
+
+    def record_activity(
+        self,
+        *,
+        agent_id: str,
+        activity_type: ActivityType | str,
+        department: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        related_agents: Iterable[str] = (),
+        session_id: str = "",
+        parent_activity_id: str = "",
+    ) -> Activity:
+        limits = self.limits
+        check_id("agent_id", agent_id, limits)
+        kind = self._activity_type(activity_type)
+        check_text("department", department, limits, max_length=limits.max_id_length)
+        meta = check_metadata("metadata", metadata or {}, limits)
+        related = check_id_list("related_agents", related_agents, limits)
+        check_id("session_id", session_id, limits, required=False)
+        check_id("parent_activity_id", parent_activity_id, limits, required=False)
+        session = self._active_session(session_id) if session_id else None
+        if parent_activity_id and self.get_activity(parent_activity_id) is None:
+            raise NotFound(f"parent activity {parent_activity_id!r} not found")
+
+        now = self.clock()
+        self.rate_limiter.acquire(agent_id, now)
+        agent = self._agent(agent_id)
+        if department:
+            agent.department = department
+        activity = Activity(
+            activity_id=self._new_activity_id(agent_id, now),
+            agent_id=agent_id,
+            department=department or agent.department,
+            activity_type=kind,
+            timestamp=now,
+            metadata=meta,
+            related_agents=related,
+            session_id=session_id,
+            parent_activity_id=parent_activity_id,
+        )
+        self._open[activity.activity_id] = activity
+        self._history[activity.activity_id] = activity
+        while len(self._history) > self.settings.history_limit:
+            self._history.popitem(last=False)
+        agent.open_activities[activity.activity_id] = None
+        agent.last_activity_id = activity.activity_id
+        if session is not None:
+            session.activity_count += 1
+        self.log.append(EventKind.ACTIVITY_RECORDED, dataclasses.replace(activity), now)
+        return activity
+
+    def complete_activity(self, activity_id: str, *, success: bool = True, failure_reason: str = "") -> Activity:
+        check_id("activity_id", activity_id, self.limits)
+        check_text("failure_reason", failure_reason, self.limits, max_length=1024)
+        if success and failure_reason:
+            raise InvalidArgument("failure_reason is only allowed when success is false")
+        activity = self._open.get(activity_id)
+        if activity is None:
+            if activity_id in self._history:
+                raise FailedPrecondition(f"activity {activity_id!r} is already {self._history[activity_id].status}")
+            raise NotFound(f"activity {activity_id!r} not found")
+        return self._complete(activity, success, failure_reason, self.clock())
+
+    def start_collaboration(
+        self,
+        *,
+        participants: Iterable[str],
+        session_type: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Session:
+        limits = self.limits
+        members = check_id_list("participants", participants, limits, min_length=1)
+        check_id("session_type", session_type, limits, required=False)
+        meta = check_metadata("metadata", metadata or {}, limits)
+        now = self.clock()
+        session = Session(
+            session_id=self._new_id("collab", now, self._session_id_taken),
+            participants=members,
+            session_type=session_type or "general",
+            started_at=now,
+            metadata=meta,
+        )
+        self._active_sessions[session.session_id] = session
+        self._decisions[session.session_id] = []
+        for member in members:
+            self._agent(member).sessions.add(session.session_id)
+        self.log.append(EventKind.COLLABORATION_STARTED, dataclasses.replace(session), now)
+        return session
+
+    def end_collaboration(self, session_id: str) -> Session:
+        session = self._active_session(session_id)
+        now = self.clock()
+        session.ended_at = now
+        del self._active_sessions[session_id]
+        self._ended_sessions[session_id] = session
+        while len(self._ended_sessions) > self.settings.ended_sessions_limit:
+            evicted, _ = self._ended_sessions.popitem(last=False)
+            self._decisions.pop(evicted, None)
+        for member in session.participants:
+            agent = self._agents.get(member)
+            if agent is not None:
+                agent.sessions.discard(session_id)
+        self.log.append(EventKind.COLLABORATION_ENDED, dataclasses.replace(session), now)
+        return session
+
+    def record_decision(
+        self,
+        *,
+        session_id: str,
+        agent_id: str,
+        decision: str,
+        rationale: str = "",
+        votes: Mapping[str, str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        limits = self.limits
+        check_id("session_id", session_id, limits)
+        check_id("agent_id", agent_id, limits)
+        check_text("decision", decision, limits, required=True)
+        check_text("rationale", rationale, limits)
+        ballot = dict(votes or {})
+        if len(ballot) > limits.max_list_length:
+            raise InvalidArgument(f"votes has more than {limits.max_list_length} entries")
+        for voter, vote in ballot.items():
+            check_id("votes key", voter, limits)
+            check_text(f"votes[{voter}]", vote, limits, max_length=limits.max_id_length, required=True)
+        meta = check_metadata("metadata", metadata or {}, limits)
+        session = self._active_session(session_id)
+        decisions = self._decisions[session_id]
+        if len(decisions) >= self.settings.max_decisions_per_session:
+            raise FailedPrecondition(
+                f"session {session_id!r} already has {len(decisions)} decisions, the most one session may hold"
+            )
+        now = self.clock()
+        self.rate_limiter.acquire(agent_id, now)
+        record = Decision(
+            decision_id=self._new_id("dec", now, lambda _: False),
+            session_id=session_id,
+            agent_id=agent_id,
+            decision=decision,
+            rationale=rationale,
+            votes=ballot,
+            metadata=meta,
+            timestamp=now,
+        )
+        decisions.append(record)
+        session.decision_count += 1
+        self._agent(agent_id)
+        self.log.append(EventKind.DECISION_RECORDED, record, now)
+        return record
+
+    def record_memory_update(
+        self,
+        *,
+        operation: MemoryOperation | str,
+        item_id: str,
+        agent_id: str,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> MemoryUpdate:
+        limits = self.limits
+        try:
+            op = MemoryOperation(operation)
+        except ValueError:
+            raise InvalidArgument(
+                f"operation must be one of {', '.join(o.value for o in MemoryOperation)}, got {operation!r}"
+            ) from None
+        check_id("item_id", item_id, limits)
+        check_id("agent_id", agent_id, limits)
+        meta = check_metadata("metadata", metadata or {}, limits)
+        now = self.clock()
+        self.rate_limiter.acquire(agent_id, now)
+        update = MemoryUpdate(op, item_id, agent_id, now, meta)
+        self._agent(agent_id)
+        self.log.append(EventKind.MEMORY_UPDATED, update, now)
+        return update
+
+    def expire_stale_activities(self) -> list[Activity]:
+        """Fail every activity open for longer than ``activity_ttl``, reason ``expired``."""
+        now = self.clock()
+        deadline = now - self.settings.activity_ttl
+        stale: list[Activity] = []
+        for activity in self._open.values():  # insertion order is recording order
+            if activity.timestamp > deadline:
+                break
+            stale.append(activity)
+        return [self._complete(activity, False, EXPIRED, now) for activity in stale]
+
+    # -- reads ----------------------------------------------------------------------
+
+    def agent_status(self) -> AgentStatusSummary:
+        views = [
+            AgentView(
+                agent_id=agent.agent_id,
+                department=agent.department,
+                active=agent.active,
+                current_activity_id=agent.current_activity_id,
+                last_activity_id=agent.last_activity_id,
+                collaboration_count=len(agent.sessions),
+            )
+            for agent in sorted(self._agents.values(), key=lambda a: a.agent_id)
+        ]
+        active = sum(1 for view in views if view.active)
+        return AgentStatusSummary(
+            total_agents=len(views),
+            active_agents=active,
+            idle_agents=len(views) - active,
+            active_activities=len(self._open),
+            active_collaborations=len(self._active_sessions),
+            agents=views,
+        )
+
+    def activity_feed(self, *, agent_id: str = "", limit: int = 0, session_id: str = "") -> list[Activity]:
+        """The newest activities, newest first, optionally of one agent or session."""
+        check_id("agent_id", agent_id, self.limits, required=False)
+        check_id("session_id", session_id, self.limits, required=False)
+        count = check_limit("limit", limit, self.limits)
+        feed: list[Activity] = []
+        for activity in reversed(self._history.values()):
+            if agent_id and activity.agent_id != agent_id:
+                continue
+            if session_id and activity.session_id != session_id:
+                continue
+            feed.append(activity)
+            if len(feed) == count:
+                break
+        return feed
+
+    def get_activity(self, activity_id: str) -> Activity | None:
+        return self._open.get(activity_id) or self._history.get(activity_id)
+
+    def require_activity(self, activity_id: str) -> Activity:
+        check_id("activity_id", activity_id, self.limits)
+        activity = self.get_activity(activity_id)
+        if activity is None:
+            raise NotFound(f"activity {activity_id!r} not found")
+        return activity
+
+    def active_collaborations(self) -> list[Session]:
+        return list(self._active_sessions.values())
+
+    def ended_collaborations(self, limit: int = 0) -> list[Session]:
+        count = check_limit("limit", limit, self.limits)
+        ended: list[Session] = []
+        for session in reversed(self._ended_sessions.values()):
+            ended.append(session)
+            if len(ended) == count:
+                break
+        return ended
+
+    def get_collaboration(self, session_id: str) -> tuple[Session, list[Activity], list[Decision]]:
+        """A session with its activities still in history and its decisions, oldest first."""
+        check_id("session_id", session_id, self.limits)
+        session = self._active_sessions.get(session_id) or self._ended_sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"collaboration session {session_id!r} not found")
+        activities = [a for a in self._history.values() if a.session_id == session_id]
+        return session, activities, list(self._decisions.get(session_id, ()))
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            epoch=self.epoch,
+            seq=self.log.last_seq,
+            agent_status=self.agent_status(),
+            active_collaborations=[dataclasses.replace(s) for s in self._active_sessions.values()],
+        )
+
+    # -- subscriptions --------------------------------------------------------------
+
+    def subscribe(self, event_filter: EventFilter, capacity: int) -> Subscription:
+        """Live events from the next seq on."""
+        return self.log.subscribe(event_filter, capacity)
+
+    def subscribe_with_snapshot(self, event_filter: EventFilter, capacity: int) -> tuple[Snapshot, Subscription]:
+        """A snapshot and the live events after it, with nothing missed in between."""
+        return self.snapshot(), self.log.subscribe(event_filter, capacity)
+
+    def resume(
+        self, event_filter: EventFilter, capacity: int, epoch: str, since_seq: int
+    ) -> tuple[Resume, Subscription]:
+        """Every matching event after ``(epoch, since_seq)`` then live ones; or, when
+        that gap cannot be filled, the reason and a fresh snapshot to start from."""
+        reason = self.log.can_resume(epoch, since_seq)
+        if reason is None:
+            replay = [e for e in self.log.events_after(since_seq) if event_filter.matches(e)]
+            return Resume(True, "", replay, None), self.log.subscribe(event_filter, capacity)
+        return Resume(False, reason, [], self.snapshot()), self.log.subscribe(event_filter, capacity)
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _activity_type(self, value: ActivityType | str) -> ActivityType:
+        try:
+            return ActivityType(value)
+        except ValueError:
+            raise InvalidArgument(
+                f"activity_type must be one of {', '.join(t.value for t in ActivityType)}, got {value!r}"
+            ) from None
+
+    def _agent(self, agent_id: str) -> Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = self._agents[agent_id] = Agent(agent_id)
+        return agent
+
+    def _active_session(self, session_id: str) -> Session:
+        check_id("session_id", session_id, self.limits)
+        session = self._active_sessions.get(session_id)
+        if session is None:
+            if session_id in self._ended_sessions:
+                raise FailedPrecondition(f"collaboration session {session_id!r} has already ended")
+            raise NotFound(f"collaboration session {session_id!r} not found")
+        return session
+
+    def _complete(self, activity: Activity, success: bool, failure_reason: str, now: float) -> Activity:
+        activity.status = ActivityStatus.COMPLETED if success else ActivityStatus.FAILED
+        activity.completed_at = now
+        activity.failure_reason = failure_reason
+        del self._open[activity.activity_id]
+        agent = self._agents[activity.agent_id]
+        agent.open_activities.pop(activity.activity_id, None)
+        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(dataclasses.replace(activity), success), now)
+        return activity
+
+    def _new_activity_id(self, agent_id: str, now: float) -> str:
+        # The guide's `act_<seconds>_<agent_id>` shape, made unique by a random suffix.
+        return self._new_id(f"act_{int(now)}_{agent_id}", None, self._activity_id_taken)
+
+    def _session_id_taken(self, session_id: str) -> bool:
+        return session_id in self._active_sessions or session_id in self._ended_sessions
+
+    def _activity_id_taken(self, activity_id: str) -> bool:
+        return activity_id in self._open or activity_id in self._history
+
+    @staticmethod
+    def _new_id(prefix: str, now: float | None, taken: Callable[[str], bool]) -> str:
+        stem = prefix if now is None else f"{prefix}_{int(now)}"
+        while True:
+            candidate = f"{stem}_{secrets.token_hex(4)}"
+            if not taken(candidate):
+                return candidate

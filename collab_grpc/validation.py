@@ -1,0 +1,103 @@
+"""Input limits and checks, shared by every way into the hub.
+
+Every check raises InvalidArgument with a message naming the field and the limit, so
+a caller can fix the request without reading the source.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from collab_grpc.errors import InvalidArgument
+
+__all__ = ["Limits", "check_id", "check_id_list", "check_limit", "check_metadata", "check_text"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_metadata_bytes: int = 64 * 1024
+    max_metadata_depth: int = 32
+    max_id_length: int = 128
+    max_list_length: int = 100
+    max_text_length: int = 8 * 1024
+    max_page: int = 500
+    default_page: int = 50
+
+
+def _printable(value: str, *, allow_spaces: bool) -> bool:
+    return all(ch.isprintable() and (allow_spaces or not ch.isspace()) for ch in value)
+
+
+def check_id(field: str, value: str, limits: Limits, *, required: bool = True) -> str:
+    """An identifier: printable, no white space, at most ``max_id_length`` characters."""
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return value
+    if len(value) > limits.max_id_length:
+        raise InvalidArgument(f"{field} is longer than {limits.max_id_length} characters")
+    if not _printable(value, allow_spaces=False):
+        raise InvalidArgument(f"{field} must be printable characters without white space")
+    return value
+
+
+def check_text(field: str, value: str, limits: Limits, *, max_length: int | None = None, required: bool = False) -> str:
+    """Free text (department, decision, rationale): no control characters."""
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return value
+    bound = limits.max_text_length if max_length is None else max_length
+    if len(value) > bound:
+        raise InvalidArgument(f"{field} is longer than {bound} characters")
+    if not _printable(value, allow_spaces=True):
+        raise InvalidArgument(f"{field} must not contain control characters")
+    return value
+
+
+def check_id_list(field: str, values: Iterable[str], limits: Limits, *, min_length: int = 0) -> list[str]:
+    """A list of distinct identifiers."""
+    result = list(values)
+    if len(result) < min_length:
+        raise InvalidArgument(f"{field} needs at least {min_length} entr{'y' if min_length == 1 else 'ies'}")
+    if len(result) > limits.max_list_length:
+        raise InvalidArgument(f"{field} has more than {limits.max_list_length} entries")
+    for index, value in enumerate(result):
+        check_id(f"{field}[{index}]", value, limits)
+    if len(set(result)) != len(result):
+        raise InvalidArgument(f"{field} has duplicate entries")
+    return result
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, Mapping):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
+    """A JSON object no larger than ``max_metadata_bytes`` serialised, nor deeper than allowed."""
+    metadata = dict(value)
+    if _depth(metadata) > limits.max_metadata_depth:
+        raise InvalidArgument(f"{field} is nested deeper than {limits.max_metadata_depth} levels")
+    try:
+        size = len(json.dumps(metadata, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError as exc:
+        raise InvalidArgument(f"{field} is not valid JSON: {exc}") from None
+    if size > limits.max_metadata_bytes:
+        raise InvalidArgument(f"{field} is {size} bytes serialised; the limit is {limits.max_metadata_bytes}")
+    return metadata
+
+
+def check_limit(field: str, value: int, limits: Limits) -> int:
+    """A page size: 0 means the default; otherwise 1 to ``max_page``."""
+    if value == 0:
+        return limits.default_page
+    if not 1 <= value <= limits.max_page:
+        raise InvalidArgument(f"{field} must be between 1 and {limits.max_page}, got {value}")
+    return value
