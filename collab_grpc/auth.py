@@ -101,12 +101,9 @@ class Authenticator:
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:
     """The credential from `authorization: Bearer ...` or `x-api-key` (lower-case names)."""
-    authorization = headers.get("authorization", "")
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        return None
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
     return headers.get("x-api-key") or None
 
 
@@ -122,6 +119,7 @@ def ensure_generated_key(data_dir: Path) -> tuple[str, bool]:
     data_dir.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only when the file is new
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     return key, True

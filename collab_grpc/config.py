@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,9 @@ from pathlib import Path
 
 from collab_grpc.state import RosterEntry
 
-__all__ = ["ServerConfig", "load_roster", "parse_server_config"]
+__all__ = ["LOG_LEVELS", "ServerConfig", "load_roster", "parse_server_config"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -98,10 +101,17 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue"):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    if config.activity_ttl <= 0 or config.status_interval <= 0 or config.shutdown_grace < 0:
-        parser.error("activity-ttl and status-interval must be positive, shutdown-grace not negative")
+    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit"):
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):
+            parser.error(
+                f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
+                f"shutdown-grace may be 0), got {value}"
+            )
     if config.log_format not in {"json", "text"}:
         parser.error("log-format must be json or text")
+    if config.log_level.lower() not in LOG_LEVELS:
+        parser.error(f"log-level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
     return config
 
 
@@ -120,5 +130,8 @@ def load_roster(path: Path) -> list[RosterEntry]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("agent_id"), str):
             raise ValueError(f"{path}: agent {index} needs a string agent_id")
-        roster.append(RosterEntry(entry["agent_id"], str(entry.get("department", ""))))
+        department = entry.get("department") or ""
+        if not isinstance(department, str):
+            raise ValueError(f"{path}: agent {index} department must be a string")
+        roster.append(RosterEntry(entry["agent_id"], department))
     return roster

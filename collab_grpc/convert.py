@@ -5,11 +5,10 @@ Imports the generated messages, never grpc: the bridge and clients use it too.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.events import EventFilter
@@ -67,9 +66,6 @@ EVENT_KIND_FROM_PROTO = {v: k for k, v in EVENT_KIND_TO_PROTO.items()}
 _ACTIVITY_STATUS_TO_PROTO: dict[ActivityStatus, pb.ActivityStatus.ValueType] = {
     s: pb.ActivityStatus.Value(f"ACTIVITY_STATUS_{s.value.upper()}") for s in ActivityStatus
 }
-# Struct holds every number as a double; integral values within float precision come
-# back as ints so that `{"size_bytes": 1024}` does not turn into 1024.0 on the way out.
-_MAX_EXACT_INT = 2**53
 
 
 def timestamp_from_seconds(seconds: float) -> timestamp_pb2.Timestamp:
@@ -82,26 +78,8 @@ def seconds_from_timestamp(stamp: timestamp_pb2.Timestamp) -> float:
     return stamp.seconds + stamp.nanos / 1e9
 
 
-def _plain(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
-    if kind == "number_value":
-        number = value.number_value
-        if math.isfinite(number) and number.is_integer() and abs(number) <= _MAX_EXACT_INT:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return {key: _plain(value) for key, value in struct.fields.items()}
+    return json_format.MessageToDict(struct)
 
 
 def struct_from_dict(data: Mapping[str, Any]) -> struct_pb2.Struct:

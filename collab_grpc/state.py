@@ -244,7 +244,7 @@ class CollaborationState:
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         record = Decision(
-            decision_id=self._new_id("dec", now, lambda _: False),
+            decision_id=self._new_id("dec", now, lambda candidate: any(d.decision_id == candidate for d in decisions)),
             session_id=session_id,
             agent_id=agent_id,
             decision=decision,
@@ -290,7 +290,7 @@ class CollaborationState:
         deadline = now - self.settings.activity_ttl
         stale: list[Activity] = []
         for activity in self._open.values():  # insertion order is recording order
-            if activity.timestamp > deadline:
+            if activity.timestamp >= deadline:
                 break
             stale.append(activity)
         return [self._complete(activity, False, EXPIRED, now) for activity in stale]

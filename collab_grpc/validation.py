@@ -72,22 +72,30 @@ def check_id_list(field: str, values: Iterable[str], limits: Limits, *, min_leng
     return result
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, Mapping):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than ``limit`` levels; iterative, so any depth is safe."""
+    level = [value] if isinstance(value, Mapping | list) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        children: list[Any] = []
+        for container in level:
+            items = container.values() if isinstance(container, Mapping) else container
+            children.extend(item for item in items if isinstance(item, Mapping | list))
+        level = children
+    return False
 
 
 def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """A JSON object no larger than ``max_metadata_bytes`` serialised, nor deeper than allowed."""
     metadata = dict(value)
-    if _depth(metadata) > limits.max_metadata_depth:
+    if _deeper_than(metadata, limits.max_metadata_depth):
         raise InvalidArgument(f"{field} is nested deeper than {limits.max_metadata_depth} levels")
     try:
         size = len(json.dumps(metadata, separators=(",", ":"), allow_nan=False).encode())
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"{field} is not valid JSON: {exc}") from None
     if size > limits.max_metadata_bytes:
         raise InvalidArgument(f"{field} is {size} bytes serialised; the limit is {limits.max_metadata_bytes}")
