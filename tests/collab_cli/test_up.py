@@ -1,7 +1,9 @@
-"""`collab up`: the hub on one machine, one command, one Ctrl-C."""
+"""`collab up`: server and bridge on one machine, one command, one Ctrl-C."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.support.processes import OutputLines
 from tests.support.rpc import Client
@@ -24,7 +27,12 @@ def start_up(env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 async def test_up_prints_where_to_connect_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    env = {**os.environ, "COLLAB_GRPC_ADDR": "127.0.0.1:0", "COLLAB_DATA_DIR": str(tmp_path / "data")}
+    env = {
+        **os.environ,
+        "COLLAB_GRPC_ADDR": "127.0.0.1:0",
+        "COLLAB_BRIDGE_ADDR": "127.0.0.1:0",
+        "COLLAB_DATA_DIR": str(tmp_path / "data"),
+    }
     for name in ("COLLAB_API_KEYS", "COLLAB_READ_KEYS", "COLLAB_JWT_SECRET", "COLLAB_AUTH"):
         env.pop(name, None)
     up = start_up(env)
@@ -32,13 +40,21 @@ async def test_up_prints_where_to_connect_and_stops_on_ctrl_c(tmp_path: Path) ->
     output = OutputLines(up.stdout)
     try:
         target = output.wait_for("gRPC:").split()[1]
+        websocket_url = output.wait_for("WebSocket:").split()[1]
         token = output.wait_for("token:").split()[1]
         assert token == (tmp_path / "data" / "api_key").read_text().strip()
-        client = Client.connect(target, token)
-        try:
-            assert (await client.record("agent_1")).startswith("act_")
-        finally:
-            await client.close()
+        assert websocket_url.endswith(f"&token={token}")
+        async with connect(websocket_url) as ws:
+            assert json.loads(await ws.recv())["type"] == "connection_established"
+            assert json.loads(await ws.recv())["type"] == "collaboration_state"
+            client = Client.connect(target, token)
+            try:
+                activity_id = await client.record("agent_1")
+            finally:
+                await client.close()
+            while (message := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != "agent_activity":
+                pass
+            assert message["activity"]["activity_id"] == activity_id
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert up.wait(20) == 0
     finally:

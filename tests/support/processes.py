@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-__all__ = ["OutputLines", "ServerProcess"]
+__all__ = ["BridgeProcess", "OutputLines", "ServerProcess"]
 
 STARTUP_TIMEOUT = 20.0
 
@@ -49,51 +49,33 @@ class OutputLines:
         raise AssertionError(f"no line with {marker!r}; output was:\n{''.join(self.lines)}")
 
 
-class ServerProcess:
-    """`collab-server` as a child process on a free loopback port."""
+class _ChildProcess:
+    """A hub command run as a child process, ready once it prints ``ready_marker``."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        args: Sequence[str] = (),
-        env: Mapping[str, str] | None = None,
-    ) -> None:
-        self.data_dir = data_dir
-        self.args = list(args)
+    ready_marker = ""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
         self.env = {**os.environ, "COLLAB_LOG_FORMAT": "json", **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.output: OutputLines | None = None
         self.port = 0
-        self.epoch = ""
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def argv(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def on_ready(self, line: str) -> None:
+        """Read what the ready line says (the bound port, ...)."""
 
     @property
     def banner(self) -> list[str]:
-        """What it printed on stdout so far (up to its "listening on" line, at least)."""
+        """What it printed on stdout so far (up to its ready line, at least)."""
         return self.output.lines if self.output else []
 
-    def start(self, port: int = 0) -> ServerProcess:
-        argv = [
-            sys.executable,
-            "-m",
-            "collab_grpc.server",
-            "--grpc-addr",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(self.data_dir),
-            *self.args,
-        ]
-        self.process = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, text=True)
+    def start(self, port: int = 0) -> _ChildProcess:
+        self.process = subprocess.Popen(self.argv(port), env=self.env, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         self.output = OutputLines(self.process.stdout)
-        ready = self.output.wait_for("collab-server listening on")
-        address, epoch = ready.split("listening on ", 1)[1].split()
-        self.port = int(address.rsplit(":", 1)[1])
-        self.epoch = epoch.removeprefix("epoch=")
+        self.on_ready(self.output.wait_for(self.ready_marker))
         return self
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -108,9 +90,71 @@ class ServerProcess:
         self.process.kill()
         self.process.wait()
 
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
     def __exit__(self, *_: object) -> None:
         if self.process is not None and self.process.poll() is None:
             self.kill()
+
+
+class ServerProcess(_ChildProcess):
+    """`collab-server` on a free loopback port."""
+
+    ready_marker = "collab-server listening on"
+
+    def __init__(self, data_dir: Path, *, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        self.data_dir = data_dir
+        self.args = list(args)
+        self.epoch = ""
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def argv(self, port: int) -> list[str]:
+        server = [sys.executable, "-m", "collab_grpc.server"]
+        return [*server, "--grpc-addr", f"127.0.0.1:{port}", "--data-dir", str(self.data_dir), *self.args]
+
+    def on_ready(self, line: str) -> None:
+        address, epoch = line.split("listening on ", 1)[1].split()
+        self.port = int(address.rsplit(":", 1)[1])
+        self.epoch = epoch.removeprefix("epoch=")
+
+    def start(self, port: int = 0) -> ServerProcess:
+        super().start(port)
+        return self
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+
+class BridgeProcess(_ChildProcess):
+    """`collab-bridge` on a free loopback port, following the server at ``grpc_target``."""
+
+    ready_marker = "collab-bridge listening on"
+
+    def __init__(self, grpc_target: str, *, data_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        super().__init__(env)
+        self.grpc_target = grpc_target
+        self.data_dir = data_dir
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/collaboration/ws"
+
+    def argv(self, port: int) -> list[str]:
+        bridge = [sys.executable, "-m", "bridge.main", "--bridge-addr", f"127.0.0.1:{port}"]
+        return [*bridge, "--grpc-target", self.grpc_target, "--data-dir", str(self.data_dir)]
+
+    def on_ready(self, line: str) -> None:
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def start(self, port: int = 0) -> BridgeProcess:
+        super().start(port)
+        return self
+
+    def __enter__(self) -> BridgeProcess:
+        return self.start()

@@ -1,8 +1,8 @@
 """`collab`: the hub's command line.
 
-`collab up` starts the gRPC server (and, once built, the bridge) for one machine with
-no configuration, prints where to connect and with which token, and stops everything
-on Ctrl-C.
+`collab up` starts the gRPC server and the bridge for one machine with no
+configuration, prints where to connect and with which token, and stops everything on
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ async def _up(args: argparse.Namespace) -> int:
         env["COLLAB_GRPC_ADDR"] = args.grpc_addr
     if args.data_dir:
         env["COLLAB_DATA_DIR"] = str(args.data_dir)
+    if args.bridge_addr:
+        env["COLLAB_BRIDGE_ADDR"] = args.bridge_addr
     data_dir = Path(env.get("COLLAB_DATA_DIR", ".collab"))
     supervisor = Supervisor(env)
     try:
@@ -47,10 +49,25 @@ async def _up(args: argparse.Namespace) -> int:
         await supervisor.stop_all()
         return 1
     target = ready.split("listening on ", 1)[1].split()[0]
+    # The bridge follows the server it just started, whatever port that got.
+    supervisor.env["COLLAB_GRPC_TARGET"] = target
+    try:
+        bridge_ready = await supervisor.start(
+            Child("collab-bridge", [sys.executable, "-m", "bridge.main"], "collab-bridge listening on")
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"collab: {exc}", file=sys.stderr)
+        await supervisor.stop_all()
+        return 1
+    http = bridge_ready.split("listening on ", 1)[1].split()[0]
+    ws = http.replace("http://", "ws://", 1)
     token = _token(env, data_dir)
+    query = f"&token={token}" if token else ""
     print()
-    print(f"  gRPC:  {target}  (service collab.v1.CollaborationService, reflection on)")
-    print(f"  token: {token}" if token else "  token: none needed (COLLAB_AUTH=off)")
+    print(f"  gRPC:      {target}  (service collab.v1.CollaborationService, reflection on)")
+    print(f"  REST:      {http}/api/v1/collaboration/agent-status  (API docs: {http}/docs)")
+    print(f"  WebSocket: {ws}/api/v1/collaboration/ws?client_id=me{query}")
+    print(f"  token:     {token}" if token else "  token:     none needed (COLLAB_AUTH=off)")
     print("  Ctrl-C stops the hub.")
     print(flush=True)
     return await supervisor.run_until_stopped()
@@ -62,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     up = commands.add_parser("up", help="run the hub on this machine until Ctrl-C")
     up.add_argument("--grpc-addr", help="gRPC listen address [COLLAB_GRPC_ADDR, default 127.0.0.1:50051]")
     up.add_argument("--data-dir", type=Path, help="data directory [COLLAB_DATA_DIR, default ./.collab]")
+    up.add_argument("--bridge-addr", help="HTTP/WebSocket listen address [COLLAB_BRIDGE_ADDR, default 127.0.0.1:8000]")
     args = parser.parse_args(argv)
     if args.command == "up":
         sys.exit(asyncio.run(_up(args)))

@@ -1,0 +1,70 @@
+"""The bridge's ASGI app: REST routes, the WebSocket, Server-Sent Events, health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from bridge.config import BridgeConfig
+from bridge.limits import BodySizeLimit
+from bridge.rest import HubError, build_router, hub_error_response
+from bridge.runtime import BridgeRuntime
+from bridge.sse import EventStream
+from bridge.websocket import CLOSE_GOING_AWAY, CollaborationWebSocket
+
+__all__ = ["create_app"]
+
+WS_PATH = "/api/v1/collaboration/ws"
+SSE_PATH = "/api/v1/collaboration/events"
+
+
+def create_app(config: BridgeConfig) -> FastAPI:
+    runtime = BridgeRuntime(config)
+    websocket = CollaborationWebSocket(runtime)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        yield
+        websocket.close_all(CLOSE_GOING_AWAY, "the bridge is shutting down; reconnect and resume")
+        await runtime.stop()
+
+    app = FastAPI(
+        title="collab bridge",
+        summary="The Real-Time Collaboration Guide's REST routes, WebSocket and event stream.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.websocket = websocket
+    app.include_router(build_router(runtime))
+    app.router.routes.append(WebSocketRoute(WS_PATH, websocket))
+    app.router.routes.append(Route(SSE_PATH, EventStream(runtime), methods=["GET"]))
+
+    @app.exception_handler(HubError)
+    async def hub_error(_: Request, error: HubError) -> JSONResponse:
+        return hub_error_response(error)
+
+    @app.get("/healthz", tags=["health"], summary="The bridge process is up")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="The upstream streams are connected")
+    async def readyz() -> JSONResponse:
+        upstream = runtime.upstream
+        body = {
+            "ready": upstream.connected,
+            "epoch": runtime.hub.epoch,
+            "seq": runtime.hub.last_seq,
+            "clients": len(websocket.connections),
+            "error": None if upstream.connected else upstream.last_error or "connecting",
+        }
+        return JSONResponse(body, status_code=200 if upstream.connected else 503)
+
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    return app

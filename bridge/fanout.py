@@ -1,0 +1,211 @@
+"""Fan-out: one serialised message written to every WebSocket client that wants it.
+
+While a client keeps up, a write completes synchronously (the ASGI server puts the frame
+in the socket's buffer without suspending), so a broadcast is one loop over the clients
+with no task and no queue. Only when a client's write would block (its socket buffer is
+full: it is not reading) does that client get a writer task and a bounded backlog; if
+the backlog overflows, the client is disconnected with CLOSE_TOO_SLOW and can reconnect
+and resume. Nobody else ever waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CLOSE_TOO_SLOW", "ClientFilter", "Fanout", "Frame", "Subscriber"]
+
+log = logging.getLogger("bridge.fanout")
+
+# Close code for a client that fell too far behind: reconnect, resuming with since/epoch.
+CLOSE_TOO_SLOW = 4008
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A message serialised once for every recipient."""
+
+    text: str
+    type: str
+    activity_type: str | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFilter:
+    """What a client subscribed to. ``None`` means everything.
+
+    ``activity_types`` narrows ``agent_activity`` and ``activity_completed`` messages.
+    """
+
+    message_types: frozenset[str] | None = None
+    activity_types: frozenset[str] | None = None
+
+    def wants(self, frame: Frame) -> bool:
+        if self.message_types is not None and frame.type not in self.message_types:
+            return False
+        return self.activity_types is None or frame.activity_type is None or frame.activity_type in self.activity_types
+
+
+@types.coroutine
+def _finish(coro: Coroutine[Any, Any, None], pending: Any) -> Generator[Any, Any, None]:
+    """Resume ``coro``, which already ran up to yielding ``pending``, to its end
+    (``yield from`` for a coroutine started by hand)."""
+    while True:
+        try:
+            received = yield pending
+        except BaseException as error:
+            try:
+                pending = coro.throw(error)
+            except StopIteration:
+                return
+        else:
+            try:
+                pending = coro.send(received)
+            except StopIteration:
+                return
+
+
+class Subscriber:
+    """One WebSocket client: its filter, its position, and its backlog if it is behind."""
+
+    def __init__(
+        self,
+        send_text: Callable[[str], Coroutine[Any, Any, None]],
+        close: Callable[[int, str], Coroutine[Any, Any, None]],
+        *,
+        max_backlog: int,
+        client_id: str = "",
+        encode: Callable[[Frame], str] | None = None,
+    ) -> None:
+        self.client_id = client_id
+        # How a frame goes on this client's wire; None: its JSON text as it is (WebSocket).
+        self.encode = encode
+        self.filter = ClientFilter()
+        # The epoch the client's position is in, and the events up to ``min_seq`` that
+        # what it already has (its snapshot) covers.
+        self.epoch = ""
+        self.min_seq = 0
+        # The newest event offered to the client, and the newest one handed to its socket
+        # (or filtered out while it was keeping up): where it could resume from.
+        self.last_seq = 0
+        self.written_seq = 0
+        self.too_slow = False
+        self.max_backlog = max_backlog
+        self.high_water = 0
+        self.closed = False
+        self._send_text = send_text
+        self._close = close
+        self._backlog: deque[tuple[str, int | None]] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def behind(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def deliver(self, frame: Frame) -> None:
+        """Offer a broadcast frame; it is written if the client wants it and lacks it."""
+        if frame.seq is not None:
+            if frame.seq <= self.min_seq:
+                return
+            self.last_seq = frame.seq
+            if not self.filter.wants(frame):
+                if self._writer is None:
+                    self.written_seq = frame.seq
+                return
+        elif not self.filter.wants(frame):
+            return
+        self.send_frame(frame)
+
+    def send_frame(self, frame: Frame) -> None:
+        """Write ``frame`` whatever the filter says (the connection's own messages)."""
+        self.write(frame.text if self.encode is None else self.encode(frame), frame.seq)
+
+    def write(self, text: str, seq: int | None = None) -> None:
+        """Write now if the client keeps up, else queue behind what is already waiting."""
+        if self.closed:
+            return
+        if self._writer is not None:
+            if len(self._backlog) >= self.max_backlog:
+                self.too_slow = True
+                self.disconnect(
+                    CLOSE_TOO_SLOW,
+                    f"too slow: more than {self.max_backlog} messages waiting; reconnect with since={self.written_seq}",
+                )
+                return
+            self._backlog.append((text, seq))
+            self.high_water = max(self.high_water, len(self._backlog))
+            return
+        coro = self._send_text(text)
+        try:
+            pending = coro.send(None)
+        except StopIteration:
+            if seq is not None:
+                self.written_seq = seq
+            return
+        except Exception as error:  # the connection is gone; its handler will notice
+            log.debug("write to %s failed: %s", self.client_id, error)
+            self.closed = True
+            return
+        self._writer = asyncio.create_task(self._catch_up(_finish(coro, pending), seq))
+
+    async def _catch_up(self, blocked: Awaitable[None], seq: int | None) -> None:
+        try:
+            await blocked
+            if seq is not None:
+                self.written_seq = seq
+            while self._backlog:
+                text, seq = self._backlog.popleft()
+                await self._send_text(text)
+                if seq is not None:
+                    self.written_seq = seq
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.debug("write to %s failed: %s", self.client_id, error)
+            self.closed = True
+        finally:
+            self._writer = None
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Stop writing and close the connection with ``code``."""
+        if self.closed:
+            return
+        self.closed = True
+        self._backlog.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        log.info("disconnecting client", extra={"client_id": self.client_id, "code": code, "reason": reason})
+        self._closing = asyncio.get_running_loop().create_task(self._close(code, reason))
+
+
+class Fanout:
+    """The set of connected clients and the broadcast loop over them."""
+
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.slow_disconnects = 0
+
+    def add(self, subscriber: Subscriber) -> None:
+        self.subscribers.add(subscriber)
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+
+    def broadcast(self, frame: Frame) -> None:
+        for subscriber in tuple(self.subscribers):
+            subscriber.deliver(frame)
+            if subscriber.closed:
+                self.slow_disconnects += subscriber.too_slow
+                self.subscribers.discard(subscriber)

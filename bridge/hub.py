@@ -1,0 +1,161 @@
+"""What the bridge knows of the event stream: position, recent frames, connected clients.
+
+Each upstream event is serialised to JSON once, kept in a bounded buffer of recent frames
+(to catch up joining clients and resume reconnecting ones) and broadcast. Everything here
+can be rebuilt from the server: on restart the bridge starts again from a snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+from bridge import mapping
+from bridge.fanout import Fanout, Frame, Subscriber
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = ["Join", "SnapshotTooOld", "StreamHub", "dumps"]
+
+log = logging.getLogger("bridge.hub")
+
+
+class SnapshotTooOld(Exception):
+    """A client's snapshot predates every buffered frame: events between would be lost.
+    Fetch a fresh snapshot and open again."""
+
+
+def dumps(message: mapping.JSON) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def collaboration_state(snapshot: pb.Snapshot, **extra: object) -> mapping.JSON:
+    return {
+        "type": "collaboration_state",
+        "agent_status": mapping.agent_status_json(snapshot.agent_status),
+        "active_collaborations": [mapping.session_json(s) for s in snapshot.active_collaborations],
+        "timestamp": mapping.iso_now(),
+        "epoch": snapshot.epoch,
+        "seq": snapshot.seq,
+        **extra,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """How a joining client starts: resumed (its missed events follow) or from a snapshot."""
+
+    recovered: bool
+    reason: str
+    catch_up: list[Frame]
+
+
+class StreamHub:
+    def __init__(self, buffer_size: int) -> None:
+        self.fanout = Fanout()
+        self.epoch = ""
+        self.last_seq = 0
+        self._recent: deque[Frame] = deque(maxlen=buffer_size)
+        self.status_frame: Frame | None = None
+
+    # -- from upstream --------------------------------------------------------------
+
+    def on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
+        """The upstream (re)started from a snapshot: the server's history restarted
+        (``reset``), or the bridge just started. Every client whose position the events
+        from here on cannot continue (another epoch, or a gap before this snapshot) gets
+        this fresh state, marked ``reset``, and continues from it."""
+        if (snapshot.epoch, snapshot.seq) != (self.epoch, self.last_seq):
+            self._recent.clear()  # buffered frames are of another history or leave a gap
+        self.epoch, self.last_seq = snapshot.epoch, snapshot.seq
+        frame: Frame | None = None
+        for subscriber in tuple(self.fanout.subscribers):
+            if subscriber.epoch == snapshot.epoch and subscriber.last_seq >= snapshot.seq:
+                continue
+            if frame is None:
+                frame = Frame(dumps(collaboration_state(snapshot, reset=True)), "collaboration_state")
+            subscriber.epoch = snapshot.epoch
+            subscriber.min_seq = subscriber.last_seq = snapshot.seq
+            subscriber.send_frame(frame)
+
+    def on_event(self, event: pb.Event) -> None:
+        try:
+            message = mapping.event_json(event)
+        except (KeyError, ValueError) as error:
+            # An event this bridge cannot show (a newer server's payload or enum value):
+            # skipping it keeps every other client served; the log says what was skipped.
+            log.error("event %d skipped: not mappable to JSON: %r", event.seq, error)
+            self.last_seq = event.seq
+            return
+        activity_type = message.get("activity", {}).get("activity_type") or message.get("activity_type")
+        frame = Frame(dumps(message), message["type"], activity_type, event.seq)
+        self.last_seq = event.seq
+        self._recent.append(frame)
+        self.fanout.broadcast(frame)
+
+    def on_status(self, update: pb.StreamAgentStatusResponse) -> None:
+        frame = Frame(dumps(mapping.status_update_json(update)), "agent_status_update")
+        self.status_frame = frame
+        self.fanout.broadcast(frame)
+
+    # -- clients ----------------------------------------------------------------------
+
+    def _frames_after(self, seq: int) -> Iterator[Frame]:
+        first = self._recent[0].seq if self._recent else self.last_seq + 1
+        assert first is not None
+        return islice(self._recent, max(0, seq + 1 - first), None)
+
+    def plan_resume(self, epoch: str, since: int) -> Join:
+        """Can a client that saw everything up to ``(epoch, since)`` be caught up?"""
+        if epoch != self.epoch:
+            return Join(False, f"epoch {epoch!r} is not the current epoch {self.epoch!r}", [])
+        first = self._recent[0].seq if self._recent else self.last_seq + 1
+        assert first is not None
+        if since + 1 < first:
+            return Join(False, f"events after seq {since} are no longer buffered (oldest is {first})", [])
+        if since > self.last_seq:
+            return Join(False, f"seq {since} is ahead of the newest event {self.last_seq}", [])
+        return Join(True, "", list(self._frames_after(since)))
+
+    def open(
+        self, subscriber: Subscriber, snapshot: pb.Snapshot, established: mapping.JSON, since: int | None, epoch: str
+    ) -> None:
+        """Start a client: ``connection_established``, then either the events it missed
+        (resume from ``(epoch, since)``) or ``collaboration_state`` from ``snapshot``, then
+        live events. Synchronous, so no event can slip in between."""
+        if since is not None:
+            plan = self.plan_resume(epoch, since)
+            established["recovered"] = plan.recovered
+            if plan.recovered:
+                established["seq"] = since
+                subscriber.send_frame(Frame(dumps(established), "connection_established"))
+                subscriber.epoch = epoch
+                self.join(subscriber, since, plan.catch_up)
+                return
+            established["reason"] = plan.reason
+        same_epoch = snapshot.epoch == self.epoch
+        if same_epoch and self._recent and snapshot.seq + 1 < (self._recent[0].seq or 0):
+            raise SnapshotTooOld(f"snapshot at seq {snapshot.seq} is older than the buffered events")
+        subscriber.send_frame(Frame(dumps(established), "connection_established"))
+        subscriber.send_frame(Frame(dumps(collaboration_state(snapshot)), "collaboration_state"))
+        subscriber.epoch = snapshot.epoch
+        # If the bridge follows another epoch (it is starting, or the server just
+        # restarted), none of its buffered frames apply; on_snapshot resets the client.
+        self.join(subscriber, snapshot.seq, None if same_epoch else [])
+
+    def join(self, subscriber: Subscriber, after_seq: int, catch_up: list[Frame] | None = None) -> None:
+        """Start ``subscriber`` after ``after_seq``: buffered frames beyond it now, then
+        live ones. Synchronous, so no event can slip in between."""
+        frames = catch_up if catch_up is not None else list(self._frames_after(after_seq))
+        subscriber.min_seq = subscriber.last_seq = subscriber.written_seq = after_seq
+        if not subscriber.epoch:
+            subscriber.epoch = self.epoch
+        for frame in frames:
+            subscriber.deliver(frame)
+        self.fanout.add(subscriber)
+
+    def leave(self, subscriber: Subscriber) -> None:
+        self.fanout.remove(subscriber)

@@ -1,0 +1,314 @@
+"""The guide's REST routes (plus record-decision, one collaboration, ended sessions).
+
+Each route calls one unary RPC with the caller's own credential: the server stays the one
+place that authenticates, authorises, validates and rate-limits. gRPC statuses become
+HTTP statuses with a JSON body ``{"detail": "<what is wrong>", "code": "<STATUS>"}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, cast, get_args
+
+import grpc
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from google.protobuf import struct_pb2
+from pydantic import BaseModel, ConfigDict, Field
+
+from bridge import mapping
+from bridge.runtime import BridgeRuntime, Credential, credential_metadata
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = ["HTTP_STATUS", "HubError", "build_router", "hub_error_response"]
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+ActivityTypeName = Literal[
+    "agent_started",
+    "agent_completed",
+    "memory_write",
+    "memory_read",
+    "council_debate",
+    "council_synthesis",
+    "decision_made",
+    "task_assigned",
+    "task_completed",
+    "message_sent",
+    "collaboration_started",
+    "collaboration_ended",
+]
+assert set(get_args(ActivityTypeName)) == set(mapping.ACTIVITY_TYPES), "the REST enum must match the proto"
+
+
+class HubError(Exception):
+    """A failed call to the server, as the HTTP answer it becomes."""
+
+    def __init__(self, status: int, code: str, detail: str, retry_after: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_rpc(cls, failure: grpc.aio.AioRpcError) -> HubError:
+        code = failure.code()
+        detail = failure.details() or code.name
+        if code == grpc.StatusCode.UNAVAILABLE:
+            detail = f"the collab server is unavailable: {detail}"
+        retry_after = None
+        # The type stubs mistype metadata entries; they are (key, value) pairs.
+        for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
+            if key == "retry-after":
+                retry_after = str(value)
+        return cls(HTTP_STATUS.get(code, 502), code.name, detail, retry_after)
+
+
+def hub_error_response(error: HubError) -> JSONResponse:
+    headers = {}
+    if error.retry_after:
+        headers["Retry-After"] = error.retry_after
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"detail": error.detail, "code": error.code}, status_code=error.status, headers=headers)
+
+
+def credential_from_request(request: Request) -> Credential:
+    if authorization := request.headers.get("authorization"):
+        return ("authorization", authorization)
+    if api_key := request.headers.get("x-api-key"):
+        return ("x-api-key", api_key)
+    return None
+
+
+def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(data)
+    except (TypeError, ValueError) as exc:
+        raise HubError(400, "INVALID_ARGUMENT", f"metadata is not a JSON object the hub can store: {exc}") from None
+    return struct
+
+
+def _finite(data: Any) -> bool:
+    if isinstance(data, float):
+        return math.isfinite(data)
+    if isinstance(data, dict):
+        return all(_finite(v) for v in data.values())
+    if isinstance(data, list):
+        return all(_finite(v) for v in data)
+    return True
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RecordActivityBody(_Body):
+    agent_id: str
+    activity_type: ActivityTypeName
+    department: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    related_agents: list[str] = Field(default_factory=list)
+    session_id: str | None = None
+    parent_activity_id: str | None = None
+
+
+class CompleteActivityBody(_Body):
+    activity_id: str
+    success: bool = True
+    failure_reason: str | None = None
+
+
+class StartCollaborationBody(_Body):
+    participants: list[str]
+    session_type: str = "general"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class EndCollaborationBody(_Body):
+    session_id: str
+
+
+class RecordMemoryUpdateBody(_Body):
+    operation: Literal["write", "read", "delete"]
+    item_id: str
+    agent_id: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordDecisionBody(_Body):
+    session_id: str
+    agent_id: str
+    decision: str
+    rationale: str = ""
+    votes: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="A retried write with the same key returns the first answer and records nothing new.",
+    ),
+]
+Limit = Annotated[int, Query(ge=1, le=500, description="1 to 500")]
+
+
+def build_router(runtime: BridgeRuntime) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/collaboration", tags=["collaboration"])
+    timeout = runtime.config.rpc_timeout
+
+    async def call(request: Request, method: str, message: Any) -> Any:
+        """``method`` of the server, with the caller's credential; failures as HubError."""
+        metadata = credential_metadata(credential_from_request(request))
+        try:
+            return await getattr(runtime.stub, method)(message, metadata=metadata, timeout=timeout)
+        except grpc.aio.AioRpcError as failure:
+            raise HubError.from_rpc(failure) from None
+
+    def metadata_struct(data: dict[str, Any]) -> struct_pb2.Struct:
+        if not _finite(data):
+            raise HubError(400, "INVALID_ARGUMENT", "metadata must not contain NaN or infinite numbers")
+        return _struct(data)
+
+    @router.get("/agent-status", summary="Agent status: counts and each agent's state")
+    async def agent_status(request: Request) -> dict[str, Any]:
+        reply = await call(request, "GetAgentStatus", pb.GetAgentStatusRequest())
+        return mapping.agent_status_json(reply.agent_status)
+
+    @router.get("/activity-feed", summary="The newest activities, newest first")
+    async def activity_feed(
+        request: Request, agent_id: str | None = None, limit: Limit = 50, session_id: str | None = None
+    ) -> dict[str, Any]:
+        reply = await call(
+            request,
+            "GetActivityFeed",
+            pb.GetActivityFeedRequest(agent_id=agent_id or "", limit=limit, session_id=session_id or ""),
+        )
+        return {
+            "activities": [mapping.activity_json(a) for a in reply.activities],
+            "total": reply.total,
+            "agent_id": agent_id,
+        }
+
+    @router.get("/activities/{activity_id}", summary="One activity, open or in history")
+    async def get_activity(request: Request, activity_id: str) -> dict[str, Any]:
+        reply = await call(request, "GetActivity", pb.GetActivityRequest(activity_id=activity_id))
+        return {"activity": mapping.activity_json(reply.activity)}
+
+    @router.get("/active-collaborations", summary="Collaboration sessions not yet ended")
+    async def active_collaborations(request: Request) -> dict[str, Any]:
+        reply = await call(request, "ListActiveCollaborations", pb.ListActiveCollaborationsRequest())
+        return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
+
+    @router.get("/ended-collaborations", summary="Ended sessions, most recently ended first")
+    async def ended_collaborations(request: Request, limit: Limit = 50) -> dict[str, Any]:
+        reply = await call(request, "ListEndedCollaborations", pb.ListEndedCollaborationsRequest(limit=limit))
+        return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
+
+    @router.get("/collaborations/{session_id}", summary="One session with its activities and decisions")
+    async def get_collaboration(request: Request, session_id: str) -> dict[str, Any]:
+        reply = await call(request, "GetCollaboration", pb.GetCollaborationRequest(session_id=session_id))
+        return {
+            "session": mapping.session_json(reply.session),
+            "activities": [mapping.activity_json(a) for a in reply.activities],
+            "decisions": [mapping.decision_json(d) for d in reply.decisions],
+        }
+
+    @router.post("/record-activity", summary="Record an activity")
+    async def record_activity(
+        request: Request, body: RecordActivityBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.RecordActivityRequest(
+            agent_id=body.agent_id,
+            department=body.department,
+            activity_type=mapping.ACTIVITY_TYPES[body.activity_type],  # type: ignore[arg-type]
+            metadata=metadata_struct(body.metadata),
+            related_agents=body.related_agents,
+            session_id=body.session_id or "",
+            parent_activity_id=body.parent_activity_id or "",
+            idempotency_key=idempotency_key or "",
+        )
+        reply = await call(request, "RecordActivity", message)
+        return {"success": True, "activity_id": reply.activity_id}
+
+    @router.post("/complete-activity", summary="Complete an activity")
+    async def complete_activity(
+        request: Request, body: CompleteActivityBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.CompleteActivityRequest(
+            activity_id=body.activity_id,
+            success=body.success,
+            failure_reason=body.failure_reason or "",
+            idempotency_key=idempotency_key or "",
+        )
+        reply = await call(request, "CompleteActivity", message)
+        return {"success": True, "activity_id": reply.activity_id}
+
+    @router.post("/start-collaboration", summary="Start a collaboration session")
+    async def start_collaboration(
+        request: Request, body: StartCollaborationBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.StartCollaborationRequest(
+            participants=body.participants,
+            session_type=body.session_type,
+            metadata=metadata_struct(body.metadata),
+            idempotency_key=idempotency_key or "",
+        )
+        reply = await call(request, "StartCollaboration", message)
+        return {"success": True, "session_id": reply.session_id}
+
+    @router.post("/end-collaboration", summary="End a collaboration session")
+    async def end_collaboration(
+        request: Request, body: EndCollaborationBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.EndCollaborationRequest(session_id=body.session_id, idempotency_key=idempotency_key or "")
+        reply = await call(request, "EndCollaboration", message)
+        return {"success": True, "session_id": reply.session_id}
+
+    @router.post("/record-memory-update", summary="Record a memory write, read or delete")
+    async def record_memory_update(
+        request: Request, body: RecordMemoryUpdateBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.RecordMemoryUpdateRequest(
+            operation=mapping.MEMORY_OPERATIONS[body.operation],  # type: ignore[arg-type]
+            item_id=body.item_id,
+            agent_id=body.agent_id,
+            metadata=metadata_struct(body.metadata),
+            idempotency_key=idempotency_key or "",
+        )
+        await call(request, "RecordMemoryUpdate", message)
+        return {"success": True}
+
+    @router.post("/record-decision", summary="Record a decision in an active session")
+    async def record_decision(
+        request: Request, body: RecordDecisionBody, idempotency_key: IdempotencyKey = None
+    ) -> dict[str, Any]:
+        message = pb.RecordDecisionRequest(
+            session_id=body.session_id,
+            agent_id=body.agent_id,
+            decision=body.decision,
+            rationale=body.rationale,
+            votes=body.votes,
+            metadata=metadata_struct(body.metadata),
+            idempotency_key=idempotency_key or "",
+        )
+        reply = await call(request, "RecordDecision", message)
+        return {"success": True, "decision_id": reply.decision_id}
+
+    return router

@@ -1,0 +1,117 @@
+"""The bridge's moving parts for one process: the gRPC channel, the upstream streams
+and the stream hub, started and stopped together."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+from bridge.config import BridgeConfig
+from bridge.fanout import Subscriber
+from bridge.hub import SnapshotTooOld, StreamHub
+from bridge.upstream import Upstream
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+
+__all__ = ["BridgeRuntime", "Credential", "credential_metadata"]
+
+SNAPSHOT_ATTEMPTS = 3
+
+# (header name, value) as the caller sent it: ("authorization", "Bearer x") or ("x-api-key", "x").
+Credential = tuple[str, str] | None
+
+
+def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
+    return (credential,) if credential else ()
+
+
+class BridgeRuntime:
+    """Made before the event loop runs; ``start`` (from the app's lifespan, inside the
+    loop) opens the channel, since a grpc.aio channel belongs to the loop it is made in."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self.hub = StreamHub(config.event_buffer)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
+        self._upstream: Upstream | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        assert self._channel is not None, "BridgeRuntime.start() has not run"
+        return self._channel
+
+    @property
+    def stub(self) -> pb_grpc.CollaborationServiceAsyncStub:
+        assert self._stub is not None, "BridgeRuntime.start() has not run"
+        return self._stub
+
+    @property
+    def upstream(self) -> Upstream:
+        assert self._upstream is not None, "BridgeRuntime.start() has not run"
+        return self._upstream
+
+    async def start(self) -> None:
+        self._channel = grpc.aio.insecure_channel(self.config.grpc_target)
+        self._stub = pb_grpc.CollaborationServiceStub(self._channel)
+        self._upstream = Upstream(
+            self._channel,
+            self.config.resolve_upstream_token(),
+            on_snapshot=self.hub.on_snapshot,
+            on_event=self.hub.on_event,
+            on_status=self.hub.on_status,
+        )
+        self._upstream.start()
+
+    async def stop(self) -> None:
+        await self.upstream.stop()
+        await self.channel.close(None)
+
+    async def fetch_snapshot(self, credential: Credential) -> pb.Snapshot:
+        """The state now, read with the caller's own credential, which the server checks."""
+        call = self.stub.SubscribeEvents(
+            pb.SubscribeEventsRequest(include_snapshot=True, kinds=[pb.EVENT_KIND_COLLABORATION_ENDED]),
+            metadata=credential_metadata(credential),
+            timeout=self.config.rpc_timeout,
+        )
+        try:
+            first = await call.read()
+        finally:
+            call.cancel()
+        if not isinstance(first, pb.SubscribeEventsResponse) or not first.HasField("snapshot"):
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "no snapshot from the server",
+                None,
+            )
+        return first.snapshot
+
+    async def open_client(
+        self,
+        subscriber: Subscriber,
+        snapshot: pb.Snapshot,
+        credential: Credential,
+        established: Mapping[str, object],
+        since: int | None,
+        epoch: str,
+    ) -> None:
+        """Start a client from ``snapshot`` (or resume it from ``(epoch, since)``). In the
+        rare case that events outran the snapshot while it was fetched, fetch another."""
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            try:
+                self.hub.open(
+                    subscriber, snapshot, {**established, "epoch": snapshot.epoch, "seq": snapshot.seq}, since, epoch
+                )
+                return
+            except SnapshotTooOld:
+                snapshot = await self.fetch_snapshot(credential)
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "events arrive faster than a consistent snapshot can be taken; retry",
+            None,
+        )

@@ -1,0 +1,119 @@
+"""`GET /api/v1/collaboration/events`: the same event stream as Server-Sent Events, for
+curl, proxies and clients without WebSocket. Served from the same fan-out as the
+WebSocket: `id:` is the event's seq, and a reconnecting client sends it back as
+`Last-Event-ID` to resume (`?epoch=` pins the epoch; default: the current one).
+
+`?types=` takes the names `subscribe` takes, comma-separated.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from bridge.fanout import ClientFilter, Frame, Subscriber
+from bridge.mapping import iso_now
+from bridge.protocol import handle_client_message
+from bridge.rest import HTTP_STATUS
+from bridge.runtime import BridgeRuntime
+from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
+
+__all__ = ["EventStream", "sse_encode"]
+
+
+def sse_encode(frame: Frame) -> str:
+    head = f"id: {frame.seq}\n" if frame.seq is not None else ""
+    return f"{head}event: {frame.type}\ndata: {frame.text}\n\n"
+
+
+class EventStream:
+    def __init__(self, runtime: BridgeRuntime) -> None:
+        self.runtime = runtime
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = _query(scope)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        hub = self.runtime.hub
+        event_filter = ClientFilter()
+        if query.get("types"):
+            names = [name.strip() for name in query["types"].split(",") if name.strip()]
+            reply, event_filter = handle_client_message(
+                json.dumps({"type": "subscribe", "activity_types": names}), None, event_filter, 1 << 20
+            )
+            if reply["type"] == "error":
+                await self._answer(send, 400, {"detail": reply["error"], "code": "INVALID_ARGUMENT"})
+                return
+        last_event_id = headers.get("last-event-id") or query.get("last_event_id")
+        since: int | None = None
+        if last_event_id:
+            try:
+                since = int(last_event_id)
+            except ValueError:
+                await self._answer(
+                    send,
+                    400,
+                    {
+                        "detail": f"Last-Event-ID must be an integer seq, got {last_event_id!r}",
+                        "code": "INVALID_ARGUMENT",
+                    },
+                )
+                return
+        credential = credential_from_scope(scope, query)
+        try:
+            snapshot = await self.runtime.fetch_snapshot(credential)
+        except grpc.aio.AioRpcError as failure:
+            status = HTTP_STATUS.get(failure.code(), 502)
+            await self._answer(
+                send, status, {"detail": failure.details() or failure.code().name, "code": failure.code().name}
+            )
+            return
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+
+        def send_text(text: str) -> Any:
+            return send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+        async def close(_code: int, _reason: str) -> None:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        subscriber = Subscriber(
+            send_text, close, max_backlog=self.runtime.config.client_backlog, client_id="sse", encode=sse_encode
+        )
+        subscriber.filter = event_filter
+        established: dict[str, Any] = {"type": "connection_established", "client_type": "sse", "timestamp": iso_now()}
+        try:
+            await self.runtime.open_client(
+                subscriber, snapshot, credential, established, since, query.get("epoch") or hub.epoch
+            )
+        except grpc.aio.AioRpcError:
+            await close(0, "")
+            return
+        await self._wait_for_disconnect(receive, subscriber)
+
+    async def _wait_for_disconnect(self, receive: Receive, subscriber: Subscriber) -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            self.runtime.hub.leave(subscriber)
+            subscriber.closed = True

@@ -1,0 +1,176 @@
+"""`/api/v1/collaboration/ws`: the guide's WebSocket, as a plain ASGI app.
+
+It talks ASGI directly (not through a framework's WebSocket wrapper) so that the fan-out
+can write each frame with the server's own ``send``: when the client keeps up that call
+finishes without suspending, and a broadcast costs no task per client.
+
+Close codes (all with a reason text):
+- 4400: bad query parameters (``since`` not an integer, ``since`` without ``epoch``);
+- 4401: missing or invalid token; 4403: the token may not read;
+- 4008: the client fell too far behind; reconnect with ``since``/``epoch`` to resume;
+- 1013: the hub is unavailable right now; retry later;
+- 1001: the bridge is shutting down; reconnect and resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import parse_qs
+
+import grpc
+
+from bridge.fanout import Subscriber
+from bridge.hub import dumps
+from bridge.mapping import iso_now
+from bridge.protocol import error, handle_client_message
+from bridge.runtime import BridgeRuntime, Credential
+
+__all__ = [
+    "CLOSE_BAD_REQUEST",
+    "CLOSE_FORBIDDEN",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_TRY_AGAIN",
+    "CLOSE_UNAUTHORIZED",
+    "CollaborationWebSocket",
+    "credential_from_scope",
+]
+
+log = logging.getLogger("bridge.websocket")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CLOSE_BAD_REQUEST = 4400
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_TRY_AGAIN = 1013
+CLOSE_GOING_AWAY = 1001
+# How long a close waits for a client that is not reading (its socket buffer full).
+CLOSE_TIMEOUT = 60.0
+
+_CLOSE_FOR_STATUS = {
+    grpc.StatusCode.UNAUTHENTICATED: CLOSE_UNAUTHORIZED,
+    grpc.StatusCode.PERMISSION_DENIED: CLOSE_FORBIDDEN,
+}
+
+
+def _refusal(failure: grpc.aio.AioRpcError) -> tuple[int, str]:
+    """The close code and reason for a failed call made on a connecting client's behalf."""
+    code = _CLOSE_FOR_STATUS.get(failure.code(), CLOSE_TRY_AGAIN)
+    reason = failure.details() or failure.code().name
+    if code == CLOSE_TRY_AGAIN:
+        reason = f"the hub is unavailable: {reason}"
+    return code, reason
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    parsed = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return {key: values[-1] for key, values in parsed.items()}
+
+
+def credential_from_scope(scope: Scope, query: dict[str, str]) -> Credential:
+    """``?token=`` (browsers cannot set headers), else the Authorization/X-API-Key header."""
+    if query.get("token"):
+        return ("authorization", f"Bearer {query['token']}")
+    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
+    if headers.get("authorization"):
+        return ("authorization", headers["authorization"])
+    if headers.get("x-api-key"):
+        return ("x-api-key", headers["x-api-key"])
+    return None
+
+
+class CollaborationWebSocket:
+    def __init__(self, runtime: BridgeRuntime) -> None:
+        self.runtime = runtime
+        self.connections: set[Subscriber] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        query = _query(scope)
+        client_id = query.get("client_id") or f"client_{uuid.uuid4().hex[:12]}"
+        client_type = query.get("client_type") or "general"
+
+        async def refuse(code: int, reason: str) -> None:
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
+            await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+        since: int | None = None
+        epoch = query.get("epoch", "")
+        if "since" in query:
+            try:
+                since = int(query["since"])
+                if since < 0:
+                    raise ValueError
+            except ValueError:
+                await refuse(CLOSE_BAD_REQUEST, f"since must be a non-negative integer, got {query['since']!r}")
+                return
+            if not epoch:
+                await refuse(CLOSE_BAD_REQUEST, "epoch is required with since")
+                return
+        credential = credential_from_scope(scope, query)
+        try:
+            snapshot = await self.runtime.fetch_snapshot(credential)
+        except grpc.aio.AioRpcError as failure:
+            await refuse(*_refusal(failure))
+            return
+
+        await send({"type": "websocket.accept"})
+
+        def send_text(text: str) -> Any:
+            return send({"type": "websocket.send", "text": text})
+
+        async def close(code: int, reason: str) -> None:
+            try:
+                await asyncio.wait_for(
+                    send({"type": "websocket.close", "code": code, "reason": reason[:120]}), CLOSE_TIMEOUT
+                )
+            except Exception as failure:  # already gone, or never reading again
+                log.debug("close of %s failed: %s", client_id, failure)
+
+        subscriber = Subscriber(send_text, close, max_backlog=self.runtime.config.client_backlog, client_id=client_id)
+        established = {
+            "type": "connection_established",
+            "client_id": client_id,
+            "client_type": client_type,
+            "timestamp": iso_now(),
+        }
+        try:
+            await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
+        except grpc.aio.AioRpcError as failure:
+            code, reason = _refusal(failure)
+            await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
+            await close(code, reason)
+            return
+        self.connections.add(subscriber)
+        try:
+            await self._converse(subscriber, receive)
+        finally:
+            self.connections.discard(subscriber)
+            self.runtime.hub.leave(subscriber)
+            subscriber.closed = True
+
+    async def _converse(self, subscriber: Subscriber, receive: Receive) -> None:
+        max_bytes = self.runtime.config.max_ws_message_bytes
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message["type"] != "websocket.receive":
+                continue
+            reply, subscriber.filter = handle_client_message(
+                message.get("text"), message.get("bytes"), subscriber.filter, max_bytes
+            )
+            subscriber.write(dumps(reply))
+
+    def close_all(self, code: int, reason: str) -> None:
+        for subscriber in tuple(self.connections):
+            subscriber.disconnect(code, reason)

@@ -1,0 +1,426 @@
+"""Subscriber and Fanout with fake connections: a fast one whose send never suspends and
+a slow one whose send waits for an event the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from bridge.fanout import CLOSE_TOO_SLOW, ClientFilter, Fanout, Frame, Subscriber
+
+
+class Wire:
+    """A fake connection: what was written, what was closed, and a gate for slow sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.started: list[str] = []
+        self.closes: list[tuple[int, str]] = []
+        self.gate = asyncio.Event()
+        self.fail_with: Exception | None = None
+
+    async def fast(self, text: str) -> None:
+        self.started.append(text)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append(text)
+
+    async def slow(self, text: str) -> None:
+        self.started.append(text)
+        await self.gate.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+
+def fast_subscriber(wire: Wire, max_backlog: int = 10) -> Subscriber:
+    return Subscriber(wire.fast, wire.close, max_backlog=max_backlog, client_id="fast")
+
+
+def slow_subscriber(wire: Wire, max_backlog: int = 10) -> Subscriber:
+    return Subscriber(wire.slow, wire.close, max_backlog=max_backlog, client_id="slow")
+
+
+def event(seq: int, kind: str = "agent_activity", activity_type: str | None = "memory_write") -> Frame:
+    return Frame(f'{{"seq":{seq}}}', kind, activity_type, seq)
+
+
+async def settle(subscriber: Subscriber) -> None:
+    """Let the writer task (and any close task) run until the subscriber has caught up."""
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if not subscriber.behind:
+            break
+    await asyncio.sleep(0)
+    assert not subscriber.behind
+
+
+def other_tasks() -> set[asyncio.Task[object]]:
+    return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+# -- ClientFilter ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message_types", "activity_types", "frame", "wanted"),
+    [
+        (None, None, event(1), True),
+        (None, None, Frame("{}", "agent_status_update"), True),
+        ({"memory_update"}, None, Frame("{}", "memory_update", None, 1), True),
+        ({"memory_update"}, None, event(1), False),
+        ({"memory_update"}, None, Frame("{}", "agent_status_update"), False),
+        ({"agent_activity"}, {"memory_write"}, event(1, activity_type="memory_write"), True),
+        ({"agent_activity"}, {"memory_write"}, event(1, activity_type="task_assigned"), False),
+        ({"activity_completed"}, {"memory_write"}, event(1, "activity_completed", "memory_write"), True),
+        ({"activity_completed"}, {"memory_write"}, event(1, "activity_completed", "task_assigned"), False),
+        # activity_types alone narrows only the frames that carry an activity type
+        (None, {"memory_write"}, event(1, activity_type="task_assigned"), False),
+        (None, {"memory_write"}, Frame("{}", "memory_update", None, 1), True),
+        (None, {"memory_write"}, Frame("{}", "collaboration_started", None, 1), True),
+        (None, {"memory_write"}, Frame("{}", "agent_status_update"), True),
+        ({"agent_activity", "memory_update"}, {"memory_write"}, Frame("{}", "memory_update", None, 1), True),
+    ],
+)
+def test_client_filter_wants(
+    message_types: set[str] | None, activity_types: set[str] | None, frame: Frame, wanted: bool
+) -> None:
+    client_filter = ClientFilter(
+        None if message_types is None else frozenset(message_types),
+        None if activity_types is None else frozenset(activity_types),
+    )
+    assert client_filter.wants(frame) is wanted
+
+
+# -- Subscriber: a client that keeps up ---------------------------------------------------
+
+
+async def test_a_fast_write_completes_synchronously_without_a_task() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    before = other_tasks()
+    subscriber.write("a")
+    subscriber.write("b")
+    assert wire.sent == ["a", "b"]  # before anything else got to run
+    assert other_tasks() == before
+    assert not subscriber.behind
+    assert subscriber.backlog == 0
+    assert subscriber.high_water == 0
+
+
+async def test_deliver_writes_wanted_frames_and_tracks_last_seq() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    subscriber.filter = ClientFilter(frozenset({"agent_activity"}), frozenset({"memory_write"}))
+    subscriber.deliver(event(1))
+    subscriber.deliver(event(2, activity_type="task_assigned"))  # narrowed out
+    subscriber.deliver(Frame('{"seq":3}', "memory_update", None, 3))  # not subscribed
+    assert wire.sent == ['{"seq":1}']
+    assert subscriber.last_seq == 3  # frames it does not want still count as seen
+    subscriber.deliver(event(4))
+    assert wire.sent == ['{"seq":1}', '{"seq":4}']
+    assert subscriber.last_seq == 4
+
+
+async def test_frames_without_seq_are_filtered_but_do_not_move_last_seq() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    subscriber.deliver(event(5))
+    subscriber.deliver(Frame("status", "agent_status_update"))
+    assert wire.sent == ['{"seq":5}', "status"]
+    assert subscriber.last_seq == 5
+    subscriber.filter = ClientFilter(frozenset({"agent_activity"}), None)
+    subscriber.deliver(Frame("status 2", "agent_status_update"))
+    assert wire.sent == ['{"seq":5}', "status"]
+    assert subscriber.last_seq == 5
+
+
+async def test_frames_covered_by_min_seq_are_skipped() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    subscriber.min_seq = subscriber.last_seq = 5
+    for seq in (3, 4, 5, 6, 7):
+        subscriber.deliver(event(seq))
+    assert wire.sent == ['{"seq":6}', '{"seq":7}']
+    assert subscriber.last_seq == 7
+
+
+async def test_skipped_frames_do_not_move_last_seq() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    subscriber.min_seq = 5
+    subscriber.last_seq = 2
+    subscriber.deliver(event(4))
+    assert subscriber.last_seq == 2
+    assert wire.sent == []
+
+
+async def test_send_frame_ignores_the_filter() -> None:
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    subscriber.filter = ClientFilter(frozenset({"memory_update"}), None)
+    subscriber.send_frame(Frame("hello", "connection_established"))
+    subscriber.send_frame(event(1))
+    assert wire.sent == ["hello", '{"seq":1}']
+    assert subscriber.last_seq == 0  # send_frame is not a broadcast
+
+
+async def test_the_encode_hook_is_used_for_frames_not_for_raw_writes() -> None:
+    wire = Wire()
+    subscriber = Subscriber(
+        wire.fast, wire.close, max_backlog=10, encode=lambda frame: f"{frame.type}#{frame.seq}:{frame.text}"
+    )
+    subscriber.send_frame(Frame("hi", "connection_established"))
+    subscriber.deliver(event(1))
+    subscriber.write("raw")
+    assert wire.sent == ["connection_established#None:hi", 'agent_activity#1:{"seq":1}', "raw"]
+
+
+async def test_a_send_that_raises_closes_the_subscriber() -> None:
+    wire = Wire()
+    wire.fail_with = ConnectionResetError("gone")
+    subscriber = fast_subscriber(wire)
+    subscriber.write("a")
+    assert subscriber.closed
+    assert not subscriber.behind
+    subscriber.write("b")  # nothing more is attempted
+    assert wire.started == ["a"]
+    assert wire.closes == []
+
+
+async def test_a_send_that_raises_after_suspending_closes_the_subscriber() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire)
+    subscriber.write("a")
+    subscriber.write("b")
+    assert subscriber.behind
+    wire.fail_with = ConnectionResetError("gone")
+    wire.gate.set()
+    await settle(subscriber)
+    assert subscriber.closed
+    assert wire.sent == []
+    subscriber.write("c")
+    assert wire.started == ["a"]
+
+
+# -- Subscriber: a client that falls behind -------------------------------------------------
+
+
+async def test_a_blocked_write_starts_a_writer_and_later_writes_queue_in_order() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire, max_backlog=5)
+    before = other_tasks()
+    subscriber.write("1")
+    assert subscriber.behind
+    assert len(other_tasks() - before) == 1  # one writer task, for this client
+    subscriber.write("2")
+    subscriber.write("3")
+    assert subscriber.backlog == 2
+    assert subscriber.high_water == 2
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert wire.sent == []  # still blocked
+    assert wire.started == ["1"]
+    assert len(other_tasks() - before) == 1  # no task per message
+
+    wire.gate.set()
+    subscriber.write("4")  # queued behind the others, not sent ahead of them
+    await settle(subscriber)
+    assert wire.sent == ["1", "2", "3", "4"]
+    assert subscriber.backlog == 0
+    assert subscriber.high_water == 3
+    assert not subscriber.closed
+    assert other_tasks() == before
+
+    subscriber.write("5")  # caught up: synchronous again
+    assert wire.sent[-1] == "5"
+    assert not subscriber.behind
+
+
+async def test_delivered_frames_keep_their_order_through_the_backlog() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire, max_backlog=50)
+    for seq in range(1, 21):
+        subscriber.deliver(event(seq))
+        if seq == 10:
+            wire.gate.set()
+            await asyncio.sleep(0)
+    await settle(subscriber)
+    assert wire.sent == [f'{{"seq":{seq}}}' for seq in range(1, 21)]
+    assert subscriber.last_seq == 20
+
+
+async def test_backlog_overflow_disconnects_with_close_too_slow() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire, max_backlog=2)
+    for seq in (1, 2, 3):  # 1 in flight, 2 and 3 waiting: at the bound, still connected
+        subscriber.deliver(event(seq))
+    assert subscriber.backlog == 2
+    assert not subscriber.closed
+    subscriber.deliver(event(4))  # one more than the bound
+    assert subscriber.closed
+    assert subscriber.backlog == 0
+    assert not subscriber.behind
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(wire.closes) == 1
+    code, reason = wire.closes[0]
+    assert code == CLOSE_TOO_SLOW == 4008
+    assert "too slow" in reason
+    assert re.search(r"since=\d+", reason), reason
+
+    subscriber.deliver(event(5))
+    subscriber.disconnect(1000, "again")  # already closed: no second close
+    wire.gate.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert wire.sent == []  # the blocked send was cancelled, nothing more written
+    assert wire.started == ['{"seq":1}']
+    assert len(wire.closes) == 1
+
+
+async def test_the_too_slow_reason_names_a_seq_the_client_actually_has() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire, max_backlog=2)
+    wire.gate.set()
+    subscriber.deliver(event(1))
+    subscriber.deliver(event(2))
+    await settle(subscriber)
+    assert wire.sent == ['{"seq":1}', '{"seq":2}']
+    wire.gate.clear()
+    for seq in (3, 4, 5, 6):  # 3 in flight, 4 and 5 queued, 6 overflows
+        subscriber.deliver(event(seq))
+    assert subscriber.closed
+    await asyncio.sleep(0)
+    (_, reason), *_ = wire.closes
+    match = re.search(r"since=(\d+)", reason)
+    assert match is not None
+    # 2 was written; 3 was in flight when the writer was cancelled. 4, 5 and 6 never left.
+    assert int(match.group(1)) in (2, 3), reason
+
+
+async def test_disconnect_closes_once_and_cancels_the_writer() -> None:
+    wire = Wire()
+    subscriber = slow_subscriber(wire)
+    subscriber.write("a")
+    subscriber.write("b")
+    subscriber.disconnect(1001, "going away")
+    subscriber.disconnect(1001, "going away")
+    assert subscriber.closed
+    assert not subscriber.behind
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert wire.closes == [(1001, "going away")]
+    wire.gate.set()
+    await asyncio.sleep(0)
+    assert wire.sent == []
+
+
+# -- Fanout -------------------------------------------------------------------------------
+
+
+async def test_broadcast_reaches_every_subscriber_that_wants_the_frame() -> None:
+    fanout = Fanout()
+    everything, activities, memory = Wire(), Wire(), Wire()
+    fanout.add(fast_subscriber(everything))
+    narrowed = fast_subscriber(activities)
+    narrowed.filter = ClientFilter(frozenset({"agent_activity"}), frozenset({"memory_write"}))
+    fanout.add(narrowed)
+    only_memory = fast_subscriber(memory)
+    only_memory.filter = ClientFilter(frozenset({"memory_update"}), None)
+    fanout.add(only_memory)
+
+    frames = [event(1), event(2, activity_type="task_assigned"), Frame("m", "memory_update", None, 3)]
+    for frame in frames:
+        fanout.broadcast(frame)
+    assert everything.sent == [frame.text for frame in frames]
+    assert activities.sent == [frames[0].text]
+    assert memory.sent == ["m"]
+    assert all(subscriber.last_seq == 3 for subscriber in fanout.subscribers)
+    assert fanout.slow_disconnects == 0
+
+
+async def test_a_slow_subscriber_is_dropped_and_the_others_get_everything() -> None:
+    fanout = Fanout()
+    fast_wire, slow_wire = Wire(), Wire()
+    fast = fast_subscriber(fast_wire)
+    slow = slow_subscriber(slow_wire, max_backlog=3)
+    fanout.add(fast)
+    fanout.add(slow)
+
+    for seq in range(1, 5):  # 1 in flight, 2..4 queued
+        fanout.broadcast(event(seq))
+    assert slow in fanout.subscribers
+    assert slow.backlog == 3
+    fanout.broadcast(event(5))  # overflow
+    assert slow.closed
+    assert fanout.subscribers == {fast}
+    assert fanout.slow_disconnects == 1
+    for seq in range(6, 11):
+        fanout.broadcast(event(seq))
+    assert fanout.slow_disconnects == 1
+
+    assert fast_wire.sent == [f'{{"seq":{seq}}}' for seq in range(1, 11)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [code for code, _ in slow_wire.closes] == [CLOSE_TOO_SLOW]
+    slow_wire.gate.set()
+    await asyncio.sleep(0)
+    assert slow_wire.sent == []
+
+
+async def test_a_subscriber_whose_send_fails_is_dropped() -> None:
+    fanout = Fanout()
+    good, broken = Wire(), Wire()
+    broken.fail_with = BrokenPipeError("gone")
+    failing = fast_subscriber(broken)
+    fanout.add(fast_subscriber(good))
+    fanout.add(failing)
+    fanout.broadcast(event(1))
+    fanout.broadcast(event(2))
+    assert failing.closed
+    assert failing not in fanout.subscribers
+    assert len(fanout.subscribers) == 1
+    assert good.sent == ['{"seq":1}', '{"seq":2}']
+    assert broken.started == ['{"seq":1}']
+
+
+async def test_a_subscriber_closed_elsewhere_is_dropped_on_the_next_broadcast() -> None:
+    fanout = Fanout()
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    fanout.add(subscriber)
+    subscriber.closed = True  # its connection handler saw the disconnect
+    fanout.broadcast(event(1))
+    assert fanout.subscribers == set()
+    assert fanout.slow_disconnects == 0
+    assert wire.started == []
+
+
+async def test_remove_stops_delivery_and_tolerates_unknown_subscribers() -> None:
+    fanout = Fanout()
+    wire = Wire()
+    subscriber = fast_subscriber(wire)
+    fanout.add(subscriber)
+    fanout.broadcast(event(1))
+    fanout.remove(subscriber)
+    fanout.remove(subscriber)
+    fanout.broadcast(event(2))
+    assert wire.sent == ['{"seq":1}']
+
+
+async def test_a_failed_send_is_not_counted_as_a_slow_disconnect() -> None:
+    fanout = Fanout()
+    broken = Wire()
+    broken.fail_with = BrokenPipeError("gone")
+    failing = fast_subscriber(broken)
+    fanout.add(failing)
+    fanout.broadcast(event(1))
+    assert failing.closed
+    assert not broken.closes  # it was never disconnected for being slow
+    assert fanout.slow_disconnects == 0
