@@ -87,4 +87,6 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     if config.log_format not in {"json", "text"}:
         parser.error("log-format must be json or text")
+    if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        parser.error(f"log-level must be one of debug, info, warning, error, got {config.log_level!r}")
     return config

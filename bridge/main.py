@@ -5,18 +5,44 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
+from pythonjsonlogger.core import RESERVED_ATTRS
 
 from bridge.app import create_app
 from bridge.config import parse_bridge_config
-from collab_grpc.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["log_config", "main"]
 
 # The hard cap uvicorn enforces by closing with 1009; messages between the configured
 # limit and this get an `error` reply instead, and the connection stays up.
 WS_HARD_LIMIT = 1024 * 1024
+
+
+def log_config(level: str, fmt: str) -> dict[str, Any]:
+    """Logging for the whole process (uvicorn applies it): JSON lines or text on stderr."""
+    formatter: dict[str, Any] = (
+        {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            # uvicorn adds an ANSI-coloured copy of its messages; not wanted in JSON.
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
+        }
+        if fmt == "json"
+        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+        },
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {"uvicorn": {"handlers": [], "propagate": True}, "uvicorn.access": {"propagate": False}},
+    }
 
 
 class _Server(uvicorn.Server):
@@ -34,7 +60,6 @@ class _Server(uvicorn.Server):
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_bridge_config(argv)
-    configure_logging(config.log_level, config.log_format)
     if config.resolve_upstream_token() is None:
         print(
             "collab-bridge: warning: no COLLAB_UPSTREAM_TOKEN and no key in "
@@ -47,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=config.port,
         ws="websockets-sansio",
         ws_max_size=max(WS_HARD_LIMIT, config.max_ws_message_bytes),
-        log_config=None,
+        log_config=log_config(config.log_level, config.log_format),
         access_log=False,
         lifespan="on",
     )

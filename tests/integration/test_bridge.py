@@ -189,6 +189,123 @@ async def test_the_guides_python_example_works_with_a_token(
         example.wait()
 
 
+GUIDE_REQUESTS_EXAMPLE = """
+import requests
+
+# Record an activity
+response = requests.post(
+    "http://localhost:8000/api/v1/collaboration/record-activity",
+    headers={"Authorization": "Bearer YOUR_TOKEN"},
+    json={
+        "agent_id": "agent_1",
+        "department": "engineering",
+        "activity_type": "memory_write",
+        "metadata": {
+            "item_id": "item_123",
+            "size_bytes": 1024
+        },
+        "related_agents": ["agent_2"]
+    }
+)
+print(response.json())
+
+# Complete the activity
+response = requests.post(
+    "http://localhost:8000/api/v1/collaboration/complete-activity",
+    headers={"Authorization": "Bearer YOUR_TOKEN"},
+    json={
+        "activity_id": response.json()["activity_id"],
+        "success": True
+    }
+)
+"""
+
+GUIDE_JAVASCRIPT_EXAMPLE = """
+const ws = new WebSocket('ws://localhost:8000/api/v1/collaboration/ws?client_id=client_1');
+
+ws.onopen = () => {
+  console.log('Connected to collaboration WebSocket');
+
+  // Send ping
+  setInterval(() => {
+    ws.send(JSON.stringify({ type: 'ping' }));
+  }, 30000); // Every 30 seconds
+};
+
+ws.onmessage = (event) => {
+  const data = JSON.parse(event.data);
+
+  switch (data.type) {
+    case 'collaboration_state':
+      console.log('Initial state:', data);
+      break;
+    case 'agent_activity':
+      console.log('Activity:', data.activity);
+      break;
+    case 'memory_update':
+      console.log('Memory update:', data.update);
+      break;
+    case 'agent_status_update':
+      console.log('Status update:', data.agents);
+      break;
+  }
+};
+
+ws.onerror = (error) => {
+  console.error('WebSocket error:', error);
+};
+
+ws.onclose = () => {
+  console.log('WebSocket closed');
+};
+"""
+
+
+async def test_the_guides_requests_example_works_with_a_token(
+    stack: Stack, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    script = tmp_path / "record.py"
+    script.write_text(
+        GUIDE_REQUESTS_EXAMPLE.replace("http://localhost:8000", stack.bridge.http).replace("YOUR_TOKEN", WRITE_KEY)
+    )
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.strip()
+    assert printed.startswith("{'success': True, 'activity_id': 'act_"), printed
+    activity_id = printed.split("'activity_id': '", 1)[1].split("'", 1)[0]
+    activity = (await http.get(f"{API}/activities/{activity_id}")).json()["activity"]
+    assert (activity["agent_id"], activity["status"]) == ("agent_1", "completed")
+
+
+def run_node(path: Path) -> subprocess.Popen[str]:
+    # Node 20 has the browser WebSocket API behind this flag (on by default from Node 22).
+    return subprocess.Popen(["node", "--experimental-websocket", str(path)], stdout=subprocess.PIPE, text=True)
+
+
+async def test_the_guides_javascript_example_works_with_a_token(
+    stack: Stack, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    script = tmp_path / "example.js"
+    url = stack.ws_url(client_id="client_1")
+    script.write_text(
+        GUIDE_JAVASCRIPT_EXAMPLE.replace("ws://localhost:8000/api/v1/collaboration/ws?client_id=client_1", url)
+    )
+    example = run_node(script)
+    assert example.stdout is not None
+    output = OutputLines(example.stdout)
+    try:
+        await asyncio.to_thread(output.wait_for, "Connected to collaboration WebSocket")
+        await asyncio.to_thread(output.wait_for, "Initial state:")
+        await record(http, "js_agent", "message_sent")
+        await asyncio.to_thread(output.wait_for, "Activity:")
+        await asyncio.to_thread(output.wait_for, "Status update:", 5)
+    finally:
+        example.kill()
+        example.wait()
+
+
 # -- REST ---------------------------------------------------------------------------------
 
 
