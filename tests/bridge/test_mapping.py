@@ -1,11 +1,10 @@
 """collab.v1 messages -> the guide's JSON, validated against the contract's JSON Schemas
-(../shared/contract beside the repository)."""
+(tests/contract, a checked copy of ../shared/contract)."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -15,8 +14,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from bridge import mapping
 from bridge.hub import collaboration_state, dumps
 from collab_grpc.v1 import collaboration_pb2 as pb
-
-CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
+from tests.support.contract import load_schema
 
 EPOCH = "e-mapping"
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -154,12 +152,7 @@ EVENTS: dict[str, pb.Event] = {
 
 
 def load(name: str) -> dict[str, Any]:
-    path = CONTRACT / name
-    if not CONTRACT.is_dir():
-        pytest.skip(f"the contract folder {CONTRACT} (shared/ beside the repository) is absent")
-    schema: dict[str, Any] = json.loads(path.read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return schema
+    return load_schema(name)
 
 
 @pytest.fixture(scope="module")

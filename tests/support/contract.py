@@ -1,4 +1,8 @@
-"""The guide's wire contract (../shared/contract, beside the repository) as validators."""
+"""The guide's wire contract as validators.
+
+The schemas are kept in tests/contract/, copied from ../shared/contract/ (the binding
+source, beside the repository); tests/test_contract_copy.py fails if the copy drifts.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,22 @@ from typing import Any
 
 import jsonschema
 
-__all__ = ["CONTRACT_DIR", "validate_rest", "validate_ws"]
+__all__ = ["CONTRACT_DIR", "SHARED_CONTRACT_DIR", "load_schema", "validate_rest", "validate_ws"]
 
-CONTRACT_DIR = Path(__file__).resolve().parents[3] / "shared" / "contract"
+CONTRACT_DIR = Path(__file__).resolve().parents[1] / "contract"
+SHARED_CONTRACT_DIR = Path(__file__).resolve().parents[3] / "shared" / "contract"
 
 
 @cache
-def _definitions(name: str) -> dict[str, Any]:
-    path = CONTRACT_DIR / name
-    assert path.exists(), f"the contract schemas are missing: {path} (shared/ must sit beside the repository)"
-    schema: dict[str, Any] = json.loads(path.read_text())
-    return schema["$defs"]  # type: ignore[no-any-return]
+def load_schema(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CONTRACT_DIR / name).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
 
 
 def validate_ws(message: dict[str, Any]) -> dict[str, Any]:
     """Validate a server-to-client WebSocket message against the definition of its type."""
-    definitions = _definitions("ws-messages.schema.json")
+    definitions = load_schema("ws-messages.schema.json")["$defs"]
     assert message.get("type") in definitions, f"no contract for message type {message.get('type')!r}"
     jsonschema.validate(message, definitions[message["type"]])
     return message
@@ -32,5 +36,5 @@ def validate_ws(message: dict[str, Any]) -> dict[str, Any]:
 
 def validate_rest(route: str, body: dict[str, Any]) -> dict[str, Any]:
     """Validate a REST success body against the definition for ``route`` (e.g. `agent-status`)."""
-    jsonschema.validate(body, _definitions("rest-responses.schema.json")[route])
+    jsonschema.validate(body, load_schema("rest-responses.schema.json")["$defs"][route])
     return body
