@@ -19,6 +19,15 @@ from collab_cli.supervisor import Child, Supervisor
 __all__ = ["main"]
 
 
+SERVER = Child("collab-server", [sys.executable, "-m", "collab_grpc.server"], "collab-server listening on")
+BRIDGE = Child("collab-bridge", [sys.executable, "-m", "bridge.main"], "collab-bridge listening on")
+
+
+def _address(ready_line: str) -> str:
+    """What a child's ready line says it listens on."""
+    return ready_line.split("listening on ", 1)[1].split()[0]
+
+
 def _token(env: dict[str, str], data_dir: Path) -> str | None:
     """The read+write token a local user should use, as the server will accept it."""
     if env.get("COLLAB_AUTH", "on").lower() in {"off", "false", "0"}:
@@ -41,25 +50,14 @@ async def _up(args: argparse.Namespace) -> int:
     data_dir = Path(env.get("COLLAB_DATA_DIR", ".collab"))
     supervisor = Supervisor(env)
     try:
-        ready = await supervisor.start(
-            Child("collab-server", [sys.executable, "-m", "collab_grpc.server"], "collab-server listening on")
-        )
+        target = _address(await supervisor.start(SERVER))
+        # The bridge follows the server it just started, whatever port that got.
+        supervisor.env["COLLAB_GRPC_TARGET"] = target
+        http = _address(await supervisor.start(BRIDGE))
     except (RuntimeError, TimeoutError) as exc:
         print(f"collab: {exc}", file=sys.stderr)
         await supervisor.stop_all()
         return 1
-    target = ready.split("listening on ", 1)[1].split()[0]
-    # The bridge follows the server it just started, whatever port that got.
-    supervisor.env["COLLAB_GRPC_TARGET"] = target
-    try:
-        bridge_ready = await supervisor.start(
-            Child("collab-bridge", [sys.executable, "-m", "bridge.main"], "collab-bridge listening on")
-        )
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"collab: {exc}", file=sys.stderr)
-        await supervisor.stop_all()
-        return 1
-    http = bridge_ready.split("listening on ", 1)[1].split()[0]
     ws = http.replace("http://", "ws://", 1)
     token = _token(env, data_dir)
     query = f"&token={token}" if token else ""
