@@ -29,6 +29,10 @@ def _split(value: str) -> tuple[str, ...]:
 class ServerConfig:
     grpc_addr: str = "127.0.0.1:50051"
     data_dir: Path = Path(".collab")
+    store: str = "sqlite"
+    sqlite_synchronous: str = "full"
+    retain_count: int = 100_000
+    retain_seconds: float = 7 * 24 * 3600.0
     auth: bool = True
     api_keys: tuple[str, ...] = ()
     read_keys: tuple[str, ...] = ()
@@ -50,6 +54,10 @@ class ServerConfig:
 _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--grpc-addr", "COLLAB_GRPC_ADDR", "grpc_addr", str, "host:port to listen on (port 0 picks a free one)"),
     ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key (and later, data) live"),
+    ("--store", "COLLAB_STORE", "store", str, "sqlite (default: a file in the data dir) or memory"),
+    ("--sqlite-synchronous", "COLLAB_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str, "full (fsync) or normal"),
+    ("--retain-count", "COLLAB_RETAIN_COUNT", "retain_count", int, "events and completed activities kept"),
+    ("--retain-seconds", "COLLAB_RETAIN_SECONDS", "retain_seconds", float, "age after which they are dropped"),
     ("--auth", "COLLAB_AUTH", "auth", str, "`on` (default) or `off` to accept calls without credentials"),
     ("--api-keys", "COLLAB_API_KEYS", "api_keys", str, "comma-separated read+write API keys"),
     ("--read-keys", "COLLAB_READ_KEYS", "read_keys", str, "comma-separated read-only API keys"),
@@ -98,16 +106,18 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
-    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue"):
+    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue", "retain_count"):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit"):
+    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
         value = getattr(config, name)
         if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):
             parser.error(
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
             )
+    if config.sqlite_synchronous.lower() not in {"full", "normal"}:
+        parser.error(f"sqlite-synchronous must be full or normal, got {config.sqlite_synchronous!r}")
     if config.log_format not in {"json", "text"}:
         parser.error("log-format must be json or text")
     if config.log_level.lower() not in LOG_LEVELS:

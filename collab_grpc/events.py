@@ -8,7 +8,7 @@ subscriber can only overflow its own queue, after which it is closed with a reas
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -38,9 +38,11 @@ class EventFilter:
 class Subscription:
     """A subscriber's bounded queue of events not yet taken."""
 
-    def __init__(self, event_filter: EventFilter, capacity: int) -> None:
+    def __init__(self, event_filter: EventFilter, capacity: int, after_seq: int = 0) -> None:
         self.filter = event_filter
         self.capacity = capacity
+        # Events up to this seq reached the subscriber another way (snapshot, replay).
+        self.after_seq = after_seq
         self.closed_reason: str | None = None
         self.on_ready: Callable[[], None] | None = None
         self._queue: deque[Event] = deque()
@@ -53,7 +55,7 @@ class Subscription:
         return len(self._queue)
 
     def offer(self, event: Event) -> None:
-        if self.closed_reason is not None or not self.filter.matches(event):
+        if self.closed_reason is not None or event.seq <= self.after_seq or not self.filter.matches(event):
             return
         if len(self._queue) >= self.capacity:
             self.close(
@@ -80,11 +82,20 @@ class Subscription:
 
 
 class EventLog:
-    """Assigns ``seq`` within ``epoch``, retains the newest ``retain`` events for resume."""
+    """Assigns ``seq`` within ``epoch``, retains the newest ``retain`` events for resume.
+
+    Without a ``sink`` an event is published (retained, offered to subscribers) as it is
+    appended. With one, appended events go to the sink (a store that makes them durable)
+    and wait until the store calls ``publish_through``: subscribers only ever see events
+    that are durable, so none can see an event that a crash would then take back.
+    """
 
     def __init__(self, epoch: str, retain: int = 10_000, last_seq: int = 0) -> None:
         self.epoch = epoch
-        self.last_seq = last_seq
+        self.last_seq = last_seq  # the newest seq assigned
+        self.published_seq = last_seq  # the newest seq published
+        self.sink: Callable[[Event], None] | None = None
+        self._pending: deque[Event] = deque()
         self._retained: deque[Event] = deque(maxlen=retain)
         self._subscriptions: set[Subscription] = set()
 
@@ -94,23 +105,42 @@ class EventLog:
 
     @property
     def first_retained_seq(self) -> int:
-        """The oldest seq still replayable; ``last_seq + 1`` when nothing is retained."""
-        return self._retained[0].seq if self._retained else self.last_seq + 1
+        """The oldest seq still replayable; ``published_seq + 1`` when nothing is retained."""
+        return self._retained[0].seq if self._retained else self.published_seq + 1
 
     def append(self, kind: EventKind, payload: EventPayload, time: float) -> Event:
         self.last_seq += 1
         event = Event(self.last_seq, self.epoch, time, kind, payload)
+        if self.sink is None:
+            self._publish(event)
+        else:
+            self._pending.append(event)
+            self.sink(event)
+        return event
+
+    def _publish(self, event: Event) -> None:
+        self.published_seq = event.seq
         self._retained.append(event)
         for subscription in self._subscriptions:
             subscription.offer(event)
-        return event
+
+    def publish_through(self, seq: int) -> None:
+        """The store made every event up to ``seq`` durable: publish them."""
+        while self._pending and self._pending[0].seq <= seq:
+            self._publish(self._pending.popleft())
+
+    def restore(self, events: Iterable[Event], last_seq: int) -> None:
+        """Continue a history: ``events`` are its newest (oldest first), ``last_seq`` its end."""
+        self._retained.clear()
+        self._retained.extend(events)
+        self.last_seq = self.published_seq = last_seq
 
     def can_resume(self, epoch: str, since_seq: int) -> str | None:
         """None when every event after ``since_seq`` can be replayed, else why not."""
         if epoch != self.epoch:
             return f"epoch {epoch!r} is not the current epoch {self.epoch!r}; history restarted"
-        if since_seq > self.last_seq:
-            return f"seq {since_seq} is ahead of the newest event {self.last_seq}"
+        if since_seq > self.published_seq:
+            return f"seq {since_seq} is ahead of the newest event {self.published_seq}"
         if since_seq + 1 < self.first_retained_seq:
             return f"events after seq {since_seq} are no longer retained (oldest is {self.first_retained_seq})"
         return None
@@ -119,8 +149,10 @@ class EventLog:
         """Retained events with a seq greater than ``since_seq``, oldest first."""
         return islice(self._retained, max(0, since_seq + 1 - self.first_retained_seq), None)
 
-    def subscribe(self, event_filter: EventFilter, capacity: int) -> Subscription:
-        subscription = Subscription(event_filter, capacity)
+    def subscribe(self, event_filter: EventFilter, capacity: int, after_seq: int | None = None) -> Subscription:
+        """Events published from now on with a seq above ``after_seq`` (default: the
+        newest published, so events still pending reach the subscriber once durable)."""
+        subscription = Subscription(event_filter, capacity, self.published_seq if after_seq is None else after_seq)
         self._subscriptions.add(subscription)
         return subscription
 

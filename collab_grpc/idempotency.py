@@ -8,6 +8,7 @@ reused for a different request is refused rather than silently answered.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from collab_grpc.errors import FailedPrecondition
@@ -29,6 +30,8 @@ class IdempotencyCache:
         self.capacity = capacity
         self.ttl = ttl
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        # A store that keeps answers across restarts: called with each stored entry.
+        self.sink: Callable[[str, str, bytes, bytes, float], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -46,7 +49,13 @@ class IdempotencyCache:
         return entry.answer
 
     def store(self, method: str, key: str, fingerprint: bytes, answer: bytes, now: float) -> None:
-        self._entries[(method, key)] = _Entry(fingerprint, answer, now)
+        self.remember(method, key, fingerprint, answer, now)
+        if self.sink is not None:
+            self.sink(method, key, fingerprint, answer, now)
+
+    def remember(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
+        """Hold an answer in memory only (as a store restores them)."""
+        self._entries[(method, key)] = _Entry(fingerprint, answer, stored_at)
         self._entries.move_to_end((method, key))
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)

@@ -22,6 +22,7 @@ from collab_grpc.logs import configure_logging
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.servicer import CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
+from collab_grpc.store import Retention, Store, StoreError, open_store
 from collab_grpc.v1 import collaboration_pb2, collaboration_pb2_grpc
 from collab_grpc.validation import Limits
 
@@ -39,13 +40,16 @@ class RunningServer:
     health: HealthServicer
     port: int
     expiry: asyncio.Task[None]
+    store: Store
 
     async def stop(self, grace: float) -> None:
-        """Stop taking calls, end every stream with UNAVAILABLE, let in-flight calls finish."""
+        """Stop taking calls, end every stream with UNAVAILABLE, let in-flight calls
+        finish, then store what is pending and close the store."""
         await self.health.enter_graceful_shutdown()
         self.servicer.begin_shutdown()
         self.expiry.cancel()
         await self.server.stop(grace)
+        await self.store.close()
 
 
 def _authenticator(config: ServerConfig) -> Authenticator:
@@ -84,8 +88,16 @@ async def start_server(config: ServerConfig) -> RunningServer:
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
+    store = open_store(
+        config.store,
+        config.data_dir,
+        synchronous=config.sqlite_synchronous,
+        retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
+    )
+    store.open(state)
+    store.start()
     servicer = CollaborationServicer(
-        state, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
+        state, store=store, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
     )
     server = grpc.aio.server(interceptors=[AuthInterceptor(authenticator)])
     collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
@@ -106,14 +118,21 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if not authenticator.enabled:
         log.warning("AUTH IS OFF: anyone who can reach port %d can read and write everything", port)
         print("collab-server: WARNING: COLLAB_AUTH=off, every call is accepted without a credential", flush=True)
-    return RunningServer(server, servicer, health_servicer, port, expiry)
+    return RunningServer(server, servicer, health_servicer, port, expiry, store)
 
 
 async def _serve(config: ServerConfig) -> None:
     running = await start_server(config)
     host = config.grpc_addr.rsplit(":", 1)[0]
     print(f"collab-server listening on {host}:{running.port} epoch={running.servicer.state.epoch}", flush=True)
-    log.info("serving", extra={"addr": f"{host}:{running.port}", "epoch": running.servicer.state.epoch})
+    log.info(
+        "serving",
+        extra={
+            "addr": f"{host}:{running.port}",
+            "epoch": running.servicer.state.epoch,
+            "store": running.store.description,
+        },
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -129,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(_serve(config))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         sys.exit(f"collab-server: {exc}")
 
 

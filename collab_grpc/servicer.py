@@ -29,6 +29,7 @@ from collab_grpc.errors import (
 )
 from collab_grpc.events import Subscription
 from collab_grpc.state import CollaborationState
+from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id
@@ -46,6 +47,7 @@ STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 # The RPCs that change state; the auth interceptor requires write access for these.
@@ -89,15 +91,35 @@ def _unary(
     return call
 
 
+def _write(
+    handler: Callable[[CollaborationServicer, Request], Response],
+) -> Callable[[CollaborationServicer, Request, Context], Awaitable[Response]]:
+    """A write: applied to the state at once, answered only once the store has it."""
+
+    @functools.wraps(handler)
+    async def call(self: CollaborationServicer, request: Request, context: Context) -> Response:
+        try:
+            response = handler(self, request)
+            await self.store.durable(self.state.log.last_seq)
+            return response
+        except CollabError as error:
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from error
+
+    return call
+
+
 class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def __init__(
         self,
         state: CollaborationState,
         *,
+        store: Store | None = None,
         status_interval: float = 2.0,
         subscriber_queue: int = 10_000,
     ) -> None:
         self.state = state
+        self.store: Store = store or MemoryStore()
         self.status_interval = status_interval
         self.subscriber_queue = subscriber_queue
         self._stopping = asyncio.Event()
@@ -149,7 +171,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     # -- writes ---------------------------------------------------------------------
 
-    @_unary
+    @_write
     def RecordActivity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:  # noqa: N802
         return self._record_activity(request)
 
@@ -176,9 +198,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             else:
                 response.results.add(activity_id=recorded.activity_id)
                 response.recorded += 1
+        try:
+            await self.store.durable(self.state.log.last_seq)
+        except StoreUnavailable as error:
+            await abort_with(context, error)
         return response
 
-    @_unary
+    @_write
     def CompleteActivity(self, request: pb.CompleteActivityRequest) -> pb.CompleteActivityResponse:  # noqa: N802
         def run() -> pb.CompleteActivityResponse:
             activity = self.state.complete_activity(
@@ -190,7 +216,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         return self._idempotent("CompleteActivity", request, pb.CompleteActivityResponse, run)
 
-    @_unary
+    @_write
     def StartCollaboration(  # noqa: N802
         self, request: pb.StartCollaborationRequest
     ) -> pb.StartCollaborationResponse:
@@ -206,7 +232,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         return self._idempotent("StartCollaboration", request, pb.StartCollaborationResponse, run)
 
-    @_unary
+    @_write
     def EndCollaboration(self, request: pb.EndCollaborationRequest) -> pb.EndCollaborationResponse:  # noqa: N802
         def run() -> pb.EndCollaborationResponse:
             session = self.state.end_collaboration(request.session_id)
@@ -214,7 +240,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         return self._idempotent("EndCollaboration", request, pb.EndCollaborationResponse, run)
 
-    @_unary
+    @_write
     def RecordDecision(self, request: pb.RecordDecisionRequest) -> pb.RecordDecisionResponse:  # noqa: N802
         def run() -> pb.RecordDecisionResponse:
             decision = self.state.record_decision(
@@ -231,7 +257,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         return self._idempotent("RecordDecision", request, pb.RecordDecisionResponse, run)
 
-    @_unary
+    @_write
     def RecordMemoryUpdate(  # noqa: N802
         self, request: pb.RecordMemoryUpdateRequest
     ) -> pb.RecordMemoryUpdateResponse:
@@ -299,6 +325,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         self, request: pb.SubscribeEventsRequest, context: Context
     ) -> None:
         initial: list[pb.SubscribeEventsResponse] = []
+        subscription: Subscription | None = None
         try:
             event_filter = convert.event_filter_from_proto(request)
             for agent_id in request.agent_ids:
@@ -329,7 +356,11 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
             else:
                 subscription = self.state.subscribe(event_filter, self.subscriber_queue)
+            # A snapshot may include changes still being stored: hand it on once they are.
+            await self.store.durable(self.state.log.last_seq)
         except CollabError as error:
+            if subscription is not None:
+                self.state.log.unsubscribe(subscription)
             await abort_with(context, error)
             return
         try:

@@ -37,7 +37,7 @@ from collab_grpc.model import (
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.validation import Limits, check_id, check_id_list, check_limit, check_metadata, check_text
 
-__all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings"]
+__all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings", "new_epoch"]
 
 EXPIRED = "expired"
 
@@ -68,7 +68,7 @@ class Resume:
     snapshot: Snapshot | None
 
 
-def _new_epoch() -> str:
+def new_epoch() -> str:
     return secrets.token_hex(8)
 
 
@@ -87,7 +87,7 @@ class CollaborationState:
         self.settings = settings or StateSettings()
         self.limits = self.settings.limits
         self.clock = clock
-        self.log = EventLog(epoch or _new_epoch(), retain=self.settings.event_log_retain)
+        self.log = EventLog(epoch or new_epoch(), retain=self.settings.event_log_retain)
         self.idempotency = IdempotencyCache()
         # Per-agent allowance for records; checked after validation, so bad input costs none.
         self.rate_limiter = rate_limiter or RateLimiter(0)
@@ -374,6 +374,61 @@ class CollaborationState:
             active_collaborations=[dataclasses.replace(s) for s in self._active_sessions.values()],
         )
 
+    # -- persistence ----------------------------------------------------------------
+
+    def restore(
+        self,
+        *,
+        epoch: str,
+        last_seq: int,
+        agents: Iterable[tuple[str, str, str | None]],
+        activities: Iterable[Activity],
+        sessions: Iterable[Session],
+        decisions: Iterable[Decision],
+        events: Iterable[Event],
+    ) -> None:
+        """Continue a history a store kept, replacing whatever this state holds.
+
+        ``agents`` are (agent_id, department, last_activity_id); ``activities`` the newest
+        history plus every open one, oldest first; ``sessions`` the active ones and the
+        ended ones kept, ended ones in the order they ended; ``decisions`` oldest first;
+        ``events`` the newest of the log, oldest first, ending at ``last_seq``.
+        """
+        roster = {agent_id: agent.department for agent_id, agent in self._agents.items()}
+        self._agents = {}
+        for agent_id, department, last_activity_id in agents:
+            agent = self._agent(agent_id)
+            agent.department = department or roster.get(agent_id, "")
+            agent.last_activity_id = last_activity_id
+        for agent_id, department in roster.items():  # roster agents the store has not seen
+            agent = self._agent(agent_id)
+            agent.department = agent.department or department
+        self._history = OrderedDict()
+        self._open = {}
+        for activity in activities:
+            self._history[activity.activity_id] = activity
+            if activity.status is ActivityStatus.ACTIVE:
+                self._open[activity.activity_id] = activity
+                self._agent(activity.agent_id).open_activities[activity.activity_id] = None
+        excess = len(self._history) - self.settings.history_limit  # open ones older than the history
+        for activity_id in list(self._history)[: max(0, excess)]:
+            del self._history[activity_id]
+        self._active_sessions = {}
+        self._ended_sessions = OrderedDict()
+        self._decisions = {}
+        for session in sessions:
+            self._decisions[session.session_id] = []
+            if session.ended_at is None:
+                self._active_sessions[session.session_id] = session
+                for member in session.participants:
+                    self._agent(member).sessions.add(session.session_id)
+            else:
+                self._ended_sessions[session.session_id] = session
+        for decision in decisions:
+            self._decisions.setdefault(decision.session_id, []).append(decision)
+        self.log.epoch = epoch
+        self.log.restore(events, last_seq)
+
     # -- subscriptions --------------------------------------------------------------
 
     def subscribe(self, event_filter: EventFilter, capacity: int) -> Subscription:
@@ -381,8 +436,12 @@ class CollaborationState:
         return self.log.subscribe(event_filter, capacity)
 
     def subscribe_with_snapshot(self, event_filter: EventFilter, capacity: int) -> tuple[Snapshot, Subscription]:
-        """A snapshot and the live events after it, with nothing missed in between."""
-        return self.snapshot(), self.log.subscribe(event_filter, capacity)
+        """A snapshot and the live events after it, with nothing missed in between.
+
+        The snapshot is of the state at ``log.last_seq``, events not yet durable
+        included; callers wait for the store to publish through that seq before
+        handing the snapshot on."""
+        return self.snapshot(), self.log.subscribe(event_filter, capacity, after_seq=self.log.last_seq)
 
     def resume(
         self, event_filter: EventFilter, capacity: int, epoch: str, since_seq: int
@@ -393,7 +452,8 @@ class CollaborationState:
         if reason is None:
             replay = [e for e in self.log.events_after(since_seq) if event_filter.matches(e)]
             return Resume(True, "", replay, None), self.log.subscribe(event_filter, capacity)
-        return Resume(False, reason, [], self.snapshot()), self.log.subscribe(event_filter, capacity)
+        snapshot = self.snapshot()
+        return Resume(False, reason, [], snapshot), self.log.subscribe(event_filter, capacity, after_seq=snapshot.seq)
 
     # -- helpers --------------------------------------------------------------------
 

@@ -722,10 +722,38 @@ async def test_server_sent_events_with_resume(stack: Stack, http: httpx.AsyncCli
         assert (await anonymous.get(f"{API}/events")).status_code == 401
 
 
-async def test_clients_stay_connected_across_a_server_restart(tmp_path: Path) -> None:
+async def test_clients_miss_nothing_across_a_server_restart(tmp_path: Path) -> None:
+    """With the SQLite store a restarted server continues its history (same epoch, seq
+    going on): the bridge resumes its upstream and connected clients just go on."""
+    running = await asyncio.to_thread(start_stack, tmp_path)
+    try:
+        await asyncio.to_thread(wait_ready, running)
+        async with (
+            connect(running.ws_url()) as ws,
+            httpx.AsyncClient(base_url=running.bridge.http, headers=AUTH, timeout=10) as client,
+        ):
+            established, _ = await opened(ws)
+            await record(client, "restart_agent")
+            before = await recv_until(ws, is_event("agent_activity"))
+            port = running.server.port
+            assert await asyncio.to_thread(running.server.stop) == 0
+            down = await client.get(f"{API}/agent-status")
+            assert down.status_code == 503
+            running.server = await asyncio.to_thread(running.server.start, port)
+            assert running.server.epoch == established["epoch"]
+            await asyncio.to_thread(wait_ready, running)
+            after = await record(client, "restart_agent", "agent_started")
+            message = await recv_until(ws, lambda m: m["type"] in ("agent_activity", "collaboration_state"))
+            assert message["type"] == "agent_activity", "no reset: the history went on"
+            assert message["activity"]["activity_id"] == after and message["seq"] == before["seq"] + 1
+    finally:
+        await asyncio.to_thread(stop_stack, running)
+
+
+async def test_a_server_restarted_without_storage_resets_clients(tmp_path: Path) -> None:
     """With the in-memory store a restarted server starts a new history: connected
     clients stay up, are told (a fresh `collaboration_state` with `reset`), and continue."""
-    running = await asyncio.to_thread(start_stack, tmp_path)
+    running = await asyncio.to_thread(start_stack, tmp_path, {"COLLAB_STORE": "memory"})
     try:
         await asyncio.to_thread(wait_ready, running)
         async with (
@@ -737,8 +765,6 @@ async def test_clients_stay_connected_across_a_server_restart(tmp_path: Path) ->
             await recv_until(ws, is_event("agent_activity"))
             port = running.server.port
             assert await asyncio.to_thread(running.server.stop) == 0
-            down = await client.get(f"{API}/agent-status")
-            assert down.status_code == 503
             running.server = await asyncio.to_thread(running.server.start, port)
             reset = validate_ws(await recv_until(ws, is_event("collaboration_state"), within=20))
             assert reset["reset"] is True and reset["epoch"] != established["epoch"]

@@ -1,0 +1,54 @@
+"""What every store offers the server, and the in-memory one."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from collab_grpc.errors import CollabError
+from collab_grpc.state import CollaborationState
+
+__all__ = ["MemoryStore", "Store", "StoreError", "StoreUnavailable"]
+
+
+class StoreError(Exception):
+    """The store cannot be used as configured (unreadable, foreign or corrupted file);
+    the server refuses to start rather than lose or overwrite data."""
+
+
+class StoreUnavailable(CollabError):
+    """A write could not be made durable; it was not recorded (UNAVAILABLE)."""
+
+
+class Store(Protocol):
+    @property
+    def description(self) -> str: ...
+
+    def open(self, state: CollaborationState) -> None:
+        """Continue the stored history in ``state`` and follow its changes from now on."""
+
+    def start(self) -> None:
+        """Start background work (inside the running event loop)."""
+
+    async def durable(self, seq: int) -> None:
+        """Return once every change up to ``seq`` is stored; StoreUnavailable if it cannot be."""
+
+    async def close(self) -> None:
+        """Store what is pending and release the store."""
+
+
+class MemoryStore:
+    """Keeps nothing beyond the process: every change is final at once."""
+
+    description = "memory (nothing survives a restart)"
+
+    def open(self, state: CollaborationState) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    async def durable(self, seq: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,434 @@
+"""The embedded default store: one SQLite file (WAL) in the data directory.
+
+Every event is written, with the rows it changes (activities, sessions, decisions,
+agents) and the idempotency answers of the same writes, in one transaction. A single
+writer thread commits whatever accumulated while the previous commit ran (group
+commit), so many concurrent writes share one fsync. A write is answered, and its event
+published to subscribers, only once committed. On start the state, the tail of the log,
+the epoch and the seq are read back, so the history continues where it stopped.
+
+If a commit fails (disk full, I/O error) the writes in it are refused with UNAVAILABLE
+and the in-memory state is reloaded from the file, which holds exactly what was
+acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    Decision,
+    Event,
+    EventKind,
+    MemoryUpdate,
+    Session,
+)
+from collab_grpc.state import CollaborationState, new_epoch
+from collab_grpc.store.base import StoreError, StoreUnavailable
+from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode
+
+__all__ = ["Retention", "SQLiteStore"]
+
+log = logging.getLogger("collab_grpc.store.sqlite")
+
+APPLICATION_ID = 0x636F6C62  # "colb": this file is a collab store
+SCHEMA_VERSION = 1
+FILE_NAME = "collab.db"
+
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE events (seq INTEGER PRIMARY KEY, time REAL NOT NULL, kind TEXT NOT NULL, payload TEXT NOT NULL);
+CREATE TABLE activities (
+    activity_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, status TEXT NOT NULL,
+    completed_at REAL, body TEXT NOT NULL
+);
+CREATE INDEX activities_by_seq ON activities (seq);
+CREATE INDEX activities_open ON activities (status) WHERE status = 'active';
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, ended_at REAL,
+    activity_count INTEGER NOT NULL, decision_count INTEGER NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX sessions_ended ON sessions (ended_at);
+CREATE TABLE decisions (
+    decision_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX decisions_by_session ON decisions (session_id, seq);
+CREATE TABLE agents (agent_id TEXT PRIMARY KEY, department TEXT NOT NULL, last_activity_id TEXT);
+CREATE TABLE idempotency (
+    method TEXT NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL, answer BLOB NOT NULL,
+    stored_at REAL NOT NULL, PRIMARY KEY (method, key)
+);
+"""
+
+_AGENT_SEEN = "INSERT INTO agents (agent_id, department) VALUES (?, '') ON CONFLICT (agent_id) DO NOTHING"
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What the file keeps beyond the live state: the newest ``count`` events and
+    completed activities, none older than ``seconds``; ended sessions likewise by age.
+    Open activities and active sessions are always kept."""
+
+    count: int = 100_000
+    seconds: float = 7 * 24 * 3600.0
+    every: float = 10.0  # how often pruning runs, in seconds
+    chunk: int = 2_000  # rows per pruning transaction, so writes never wait long
+
+
+IdempotencyRow = tuple[str, str, bytes, bytes, float]
+
+
+class SQLiteStore:
+    def __init__(self, data_dir: Path, *, synchronous: str = "full", retention: Retention | None = None) -> None:
+        self.path = data_dir / FILE_NAME
+        self.synchronous = synchronous
+        self.retention = retention or Retention()
+        self.failure: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collab-sqlite")
+        self._connection: sqlite3.Connection | None = None
+        self._state: CollaborationState | None = None
+        self._events: list[Event] = []
+        self._answers: list[IdempotencyRow] = []
+        self._durable_seq = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._last_prune = 0.0
+
+    @property
+    def description(self) -> str:
+        return f"sqlite ({self.path})"
+
+    # -- opening --------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        """Open the file, or make a new one; refuse anything that is not a collab store."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            application_id = connection.execute("PRAGMA application_id").fetchone()[0]
+            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if application_id != APPLICATION_ID and (tables or not fresh):
+                raise StoreError(f"{self.path} is not a collab store (it holds other data); refusing to touch it")
+            if application_id == APPLICATION_ID:
+                version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version != SCHEMA_VERSION:
+                    raise StoreError(f"{self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
+                check = connection.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StoreError(f"{self.path} is corrupted ({check}); restore it from a backup")
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            if application_id != APPLICATION_ID:
+                self._initialise(connection)
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise StoreError(f"{self.path} cannot be read as a collab store: {error}") from None
+        except StoreError:
+            connection.close()
+            raise
+        return connection
+
+    @staticmethod
+    def _initialise(connection: sqlite3.Connection) -> None:
+        """Schema, epoch and the file's identity in one transaction: a crash leaves
+        either an empty file or a complete store."""
+        connection.executescript(
+            f"BEGIN; {SCHEMA} INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
+            f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
+
+    def open(self, state: CollaborationState) -> None:
+        """Open the file and continue its history in ``state``; then follow ``state``."""
+        self._connection = self._open()
+        self._state = state
+        self._load(state)
+        state.log.sink = self._stage_event
+        state.idempotency.sink = self._stage_answer
+
+    def _stage_event(self, event: Event) -> None:
+        self._events.append(event)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _stage_answer(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
+        self._answers.append((method, key, fingerprint, answer, stored_at))
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _load(self, state: CollaborationState) -> None:
+        connection = self._connection
+        assert connection is not None
+        settings = state.settings
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        last_seq = int(meta["last_seq"])
+        activities = [
+            decode_activity(_json(body))
+            for (body,) in connection.execute(
+                "SELECT body FROM activities WHERE status = 'active' OR seq >= "
+                "(SELECT coalesce(min(seq), 0) FROM (SELECT seq FROM activities ORDER BY seq DESC LIMIT ?)) "
+                "ORDER BY seq",
+                (settings.history_limit,),
+            )
+        ]
+        sessions = [
+            _session(body, ended_at, activity_count, decision_count)
+            for body, ended_at, activity_count, decision_count in connection.execute(
+                "SELECT body, ended_at, activity_count, decision_count FROM sessions WHERE ended_at IS NULL "
+                "UNION ALL SELECT * FROM (SELECT body, ended_at, activity_count, decision_count FROM sessions "
+                "WHERE ended_at IS NOT NULL ORDER BY ended_at DESC LIMIT ?)",
+                (settings.ended_sessions_limit,),
+            )
+        ]
+        sessions.sort(key=lambda s: (s.ended_at is not None, s.ended_at or 0.0))
+        kept = {s.session_id for s in sessions}
+        decisions = [
+            Decision(**_json(body))
+            for session_id, body in connection.execute("SELECT session_id, body FROM decisions ORDER BY seq")
+            if session_id in kept
+        ]
+        events = [
+            Event(seq, meta["epoch"], at, EventKind(kind), decode_payload(EventKind(kind), payload))
+            for seq, at, kind, payload in reversed(
+                connection.execute(
+                    "SELECT seq, time, kind, payload FROM events ORDER BY seq DESC LIMIT ?",
+                    (settings.event_log_retain,),
+                ).fetchall()
+            )
+        ]
+        state.restore(
+            epoch=meta["epoch"],
+            last_seq=last_seq,
+            agents=connection.execute("SELECT agent_id, department, last_activity_id FROM agents").fetchall(),
+            activities=activities,
+            sessions=sessions,
+            decisions=decisions,
+            events=events,
+        )
+        now = state.clock()
+        for row in connection.execute(
+            "SELECT method, key, fingerprint, answer, stored_at FROM idempotency WHERE stored_at > ? "
+            "ORDER BY stored_at",
+            (now - state.idempotency.ttl,),
+        ):
+            state.idempotency.remember(*row)
+        self._durable_seq = last_seq
+        log.info(
+            "store opened",
+            extra={"path": str(self.path), "epoch": meta["epoch"], "seq": last_seq, "activities": len(activities)},
+        )
+
+    # -- writing --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._committer = asyncio.create_task(self._commit_loop())
+
+    async def durable(self, seq: int) -> None:
+        """Return once everything up to ``seq`` is committed (and published)."""
+        if seq <= self._durable_seq:
+            return
+        if self.failure is not None and not self._events:
+            raise StoreUnavailable(self.failure)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, waiter))
+        await waiter
+
+    async def _commit_loop(self) -> None:
+        assert self._wakeup is not None and self._state is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            events, answers = self._events, self._answers
+            self._events, self._answers = [], []
+            if not events and not answers:
+                continue
+            try:
+                await loop.run_in_executor(self._executor, self._write, events, answers)
+            except Exception as error:
+                await self._failed(error, events)
+                continue
+            self.failure = None
+            if events:
+                self._durable_seq = events[-1].seq
+                self._state.log.publish_through(self._durable_seq)
+            self._release(lambda seq: seq <= self._durable_seq, None)
+            if self._events or self._answers:
+                self._wakeup.set()
+
+    def _release(self, ready: Any, error: BaseException | None) -> None:
+        waiting = []
+        for seq, waiter in self._waiters:
+            if not ready(seq):
+                waiting.append((seq, waiter))
+            elif not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+        self._waiters = waiting
+
+    async def _failed(self, error: Exception, events: list[Event]) -> None:
+        """Refuse the writes of a failed commit and reload what the file holds."""
+        assert self._state is not None
+        self.failure = f"the store could not write ({error}); the write was not recorded"
+        log.error("commit failed; reloading the state from %s", self.path, extra={"error": str(error)})
+        failed_through = max([e.seq for e in events] + [e.seq for e in self._events] + [0])
+        self._events, self._answers = [], []
+        self._release(lambda seq: seq <= max(failed_through, self._state.log.last_seq), StoreUnavailable(self.failure))
+        self._state.log.close_all("the store failed; resubscribe with since_seq set to the last seq received")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load, self._state)
+
+    def _write(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+        connection = self._connection
+        assert connection is not None
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for event in events:
+                self._apply(connection, event)
+            connection.executemany(
+                "INSERT OR REPLACE INTO idempotency (method, key, fingerprint, answer, stored_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                answers,
+            )
+            if events:
+                connection.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(events[-1].seq),))
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        now = time.monotonic()
+        if now - self._last_prune >= self.retention.every:
+            self._last_prune = now
+            self._prune(connection)
+
+    @staticmethod
+    def _apply(connection: sqlite3.Connection, event: Event) -> None:
+        payload = event.payload
+        connection.execute(
+            "INSERT INTO events (seq, time, kind, payload) VALUES (?, ?, ?, ?)",
+            (event.seq, event.time, event.kind.value, encode(payload)),
+        )
+        if isinstance(payload, Activity):
+            connection.execute(
+                "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
+                (payload.activity_id, event.seq, payload.status.value, encode(payload)),
+            )
+            connection.execute(
+                "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
+                "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
+                "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END",
+                (payload.agent_id, payload.department, payload.activity_id),
+            )
+            if payload.session_id:
+                connection.execute(
+                    "UPDATE sessions SET activity_count = activity_count + 1 WHERE session_id = ?",
+                    (payload.session_id,),
+                )
+        elif isinstance(payload, ActivityCompletion):
+            done = payload.activity
+            connection.execute(
+                "UPDATE activities SET status = ?, completed_at = ?, body = ? WHERE activity_id = ?",
+                (done.status.value, done.completed_at, encode(done), done.activity_id),
+            )
+        elif isinstance(payload, Session):
+            connection.execute(
+                "INSERT INTO sessions (session_id, seq, ended_at, activity_count, decision_count, body) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET ended_at = excluded.ended_at, "
+                "activity_count = excluded.activity_count, decision_count = excluded.decision_count",
+                (
+                    payload.session_id,
+                    event.seq,
+                    payload.ended_at,
+                    payload.activity_count,
+                    payload.decision_count,
+                    encode(payload),
+                ),
+            )
+            connection.executemany(_AGENT_SEEN, [(member,) for member in payload.participants])
+        elif isinstance(payload, Decision):
+            connection.execute(
+                "INSERT INTO decisions (decision_id, session_id, seq, body) VALUES (?, ?, ?, ?)",
+                (payload.decision_id, payload.session_id, event.seq, encode(payload)),
+            )
+            connection.execute(
+                "UPDATE sessions SET decision_count = decision_count + 1 WHERE session_id = ?",
+                (payload.session_id,),
+            )
+            connection.execute(_AGENT_SEEN, (payload.agent_id,))
+        elif isinstance(payload, MemoryUpdate):
+            connection.execute(_AGENT_SEEN, (payload.agent_id,))
+
+    def _prune(self, connection: sqlite3.Connection) -> None:
+        """Enforce retention in small transactions (the writer thread runs this between
+        commits, so a write waits for one chunk at most)."""
+        retention = self.retention
+        oldest = time.time() - retention.seconds
+        statements = [
+            (
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE seq <= "
+                "(SELECT coalesce(max(seq), 0) FROM events) - ? OR time < ? ORDER BY seq LIMIT ?)",
+                (retention.count, oldest, retention.chunk),
+            ),
+            (
+                "DELETE FROM activities WHERE activity_id IN (SELECT activity_id FROM activities "
+                "WHERE status != 'active' AND (seq <= (SELECT coalesce(max(seq), 0) FROM activities) - ? "
+                "OR completed_at < ?) ORDER BY seq LIMIT ?)",
+                (retention.count, oldest, retention.chunk),
+            ),
+            (
+                "DELETE FROM decisions WHERE session_id IN (SELECT session_id FROM sessions "
+                "WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
+                (oldest, retention.chunk),
+            ),
+            (
+                "DELETE FROM sessions WHERE session_id IN (SELECT session_id FROM sessions "
+                "WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
+                (oldest, retention.chunk),
+            ),
+            ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - 24 * 3600.0,)),
+        ]
+        for statement, parameters in statements:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(statement, parameters)
+            connection.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Commit what is staged, stop the writer, close the file."""
+        if self._committer is not None:
+            if self._events or self._answers:
+                assert self._state is not None
+                with contextlib.suppress(StoreUnavailable):  # failed writes were refused already
+                    await self.durable(self._state.log.last_seq)
+            self._committer.cancel()
+        if self._connection is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._connection.close)
+        self._executor.shutdown(wait=True)
+
+
+def _json(text: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(text)
+    return value
+
+
+def _session(body: str, ended_at: float | None, activity_count: int, decision_count: int) -> Session:
+    session = decode_session(_json(body))
+    session.ended_at = ended_at
+    session.activity_count = activity_count
+    session.decision_count = decision_count
+    return session
