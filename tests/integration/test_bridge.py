@@ -11,8 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,39 +26,24 @@ from websockets.frames import Frame as WebSocketFrame
 from websockets.uri import parse_uri
 
 from tests.support.contract import validate_rest, validate_ws
-from tests.support.processes import BridgeProcess, OutputLines, ServerProcess
+from tests.support.processes import BridgeProcess, OutputLines
 from tests.support.rpc import READ_KEY, WRITE_KEY
+from tests.support.stack import (
+    API,
+    AUTH,
+    BRIDGE_ENV,
+    Stack,
+    is_event,
+    opened,
+    record,
+    recv,
+    recv_until,
+    start_stack,
+    stop_stack,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
-
-API = "/api/v1/collaboration"
-AUTH = {"Authorization": f"Bearer {WRITE_KEY}"}
-SERVER_ENV = {"COLLAB_API_KEYS": WRITE_KEY, "COLLAB_READ_KEYS": READ_KEY, "COLLAB_RATE_LIMIT": "0"}
-BRIDGE_ENV = {"COLLAB_UPSTREAM_TOKEN": WRITE_KEY, "COLLAB_CLIENT_BACKLOG": "64"}
-
-
-@dataclass
-class Stack:
-    server: ServerProcess
-    bridge: BridgeProcess
-
-    def ws_url(self, token: str | None = WRITE_KEY, **params: object) -> str:
-        query = {"client_id": "test", **params}
-        if token:
-            query["token"] = token
-        return self.bridge.ws + "?" + "&".join(f"{key}={value}" for key, value in query.items())
-
-
-def start_stack(tmp: Path, server_env: dict[str, str] | None = None, port: int = 0) -> Stack:
-    server = ServerProcess(tmp / "server", env={**SERVER_ENV, **(server_env or {})}).start(port)
-    bridge = BridgeProcess(server.target, data_dir=tmp / "bridge", env=BRIDGE_ENV).start()
-    return Stack(server, bridge)
-
-
-def stop_stack(stack: Stack) -> None:
-    for process in (stack.bridge, stack.server):
-        if process.process is not None and process.process.poll() is None:
-            assert process.stop() == 0
 
 
 @pytest.fixture(scope="module")
@@ -72,55 +56,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stop_stack(running)
 
 
-def wait_ready(stack: Stack, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(stack.bridge.http + "/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the bridge never became ready")
-
-
 @pytest_asyncio.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
         yield client
-
-
-async def recv(ws: ClientConnection, within: float = 10.0) -> dict[str, Any]:
-    message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), within))
-    return message
-
-
-async def recv_until(
-    ws: ClientConnection, wanted: Callable[[dict[str, Any]], bool], within: float = 10.0
-) -> dict[str, Any]:
-    """The next message ``wanted`` accepts, skipping status ticks and the like."""
-    deadline = time.monotonic() + within
-    while True:
-        message = await recv(ws, max(0.01, deadline - time.monotonic()))
-        if wanted(message):
-            return message
-
-
-async def opened(ws: ClientConnection) -> tuple[dict[str, Any], dict[str, Any]]:
-    established = validate_ws(await recv(ws))
-    state = validate_ws(await recv(ws))
-    assert (established["type"], state["type"]) == ("connection_established", "collaboration_state")
-    return established, state
-
-
-async def record(http: httpx.AsyncClient, agent_id: str, activity_type: str = "memory_write", **body: Any) -> str:
-    response = await http.post(
-        f"{API}/record-activity", json={"agent_id": agent_id, "activity_type": activity_type, **body}
-    )
-    assert response.status_code == 200, response.text
-    activity_id: str = validate_rest("record-activity", response.json())["activity_id"]
-    return activity_id
-
-
-def is_event(kind: str) -> Callable[[dict[str, Any]], bool]:
-    return lambda message: message["type"] == kind
 
 
 # -- the guide's examples ------------------------------------------------------------------

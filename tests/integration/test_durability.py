@@ -16,9 +16,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
-from tests.integration.test_bridge import BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, recv_until, wait_ready
 from tests.support.processes import BridgeProcess, ServerProcess
 from tests.support.rpc import WRITE_KEY, Client, activity
+from tests.support.stack import BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, recv_until, wait_ready
 
 pytestmark = pytest.mark.integration
 
