@@ -118,6 +118,14 @@ class EventLog:
             self.sink(event)
         return event
 
+    def adopt(self, event: Event) -> None:
+        """Publish an event numbered elsewhere (a replica sharing the store); it must be
+        the next one."""
+        if event.seq != self.last_seq + 1 or event.epoch != self.epoch:
+            raise ValueError(f"event {event.epoch}/{event.seq} does not follow {self.epoch}/{self.last_seq}")
+        self.last_seq = event.seq
+        self._publish(event)
+
     def _publish(self, event: Event) -> None:
         self.published_seq = event.seq
         self._retained.append(event)
@@ -131,6 +139,7 @@ class EventLog:
 
     def restore(self, events: Iterable[Event], last_seq: int) -> None:
         """Continue a history: ``events`` are its newest (oldest first), ``last_seq`` its end."""
+        self._pending.clear()  # never durable: they are not part of the history
         self._retained.clear()
         self._retained.extend(events)
         self.last_seq = self.published_seq = last_seq

@@ -53,6 +53,9 @@ class IdempotencyCache:
         if self.sink is not None:
             self.sink(method, key, fingerprint, answer, now)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def remember(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
         """Hold an answer in memory only (as a store restores them)."""
         self._entries[(method, key)] = _Entry(fingerprint, answer, stored_at)

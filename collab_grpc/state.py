@@ -98,9 +98,12 @@ class CollaborationState:
         self._active_sessions: dict[str, Session] = {}
         self._ended_sessions: OrderedDict[str, Session] = OrderedDict()
         self._decisions: dict[str, list[Decision]] = {}
+        # Agents known before they record anything: id -> department.
+        self._roster: dict[str, str] = {}
         for entry in roster:
             check_id("roster agent_id", entry.agent_id, self.limits)
             check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
+            self._roster[entry.agent_id] = entry.department
             self._agents[entry.agent_id] = Agent(entry.agent_id, entry.department)
 
     @property
@@ -132,15 +135,13 @@ class CollaborationState:
         if parent_activity_id and self.get_activity(parent_activity_id) is None:
             raise NotFound(f"parent activity {parent_activity_id!r} not found")
 
+        del session  # checked: it exists and is active
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
-        agent = self._agent(agent_id)
-        if department:
-            agent.department = department
         activity = Activity(
             activity_id=self._new_activity_id(agent_id, now),
             agent_id=agent_id,
-            department=department or agent.department,
+            department=department or self._agent(agent_id).department,
             activity_type=kind,
             timestamp=now,
             metadata=meta,
@@ -148,14 +149,7 @@ class CollaborationState:
             session_id=session_id,
             parent_activity_id=parent_activity_id,
         )
-        self._open[activity.activity_id] = activity
-        self._history[activity.activity_id] = activity
-        while len(self._history) > self.settings.history_limit:
-            self._history.popitem(last=False)
-        agent.open_activities[activity.activity_id] = None
-        agent.last_activity_id = activity.activity_id
-        if session is not None:
-            session.activity_count += 1
+        self._apply_recorded(activity)
         self.log.append(EventKind.ACTIVITY_RECORDED, dataclasses.replace(activity), now)
         return activity
 
@@ -190,10 +184,7 @@ class CollaborationState:
             started_at=now,
             metadata=meta,
         )
-        self._active_sessions[session.session_id] = session
-        self._decisions[session.session_id] = []
-        for member in members:
-            self._agent(member).sessions.add(session.session_id)
+        self._apply_started(session)
         self.log.append(EventKind.COLLABORATION_STARTED, dataclasses.replace(session), now)
         return session
 
@@ -201,15 +192,7 @@ class CollaborationState:
         session = self._active_session(session_id)
         now = self.clock()
         session.ended_at = now
-        del self._active_sessions[session_id]
-        self._ended_sessions[session_id] = session
-        while len(self._ended_sessions) > self.settings.ended_sessions_limit:
-            evicted, _ = self._ended_sessions.popitem(last=False)
-            self._decisions.pop(evicted, None)
-        for member in session.participants:
-            agent = self._agents.get(member)
-            if agent is not None:
-                agent.sessions.discard(session_id)
+        self._apply_ended(session)
         self.log.append(EventKind.COLLABORATION_ENDED, dataclasses.replace(session), now)
         return session
 
@@ -253,9 +236,8 @@ class CollaborationState:
             metadata=meta,
             timestamp=now,
         )
-        decisions.append(record)
-        session.decision_count += 1
-        self._agent(agent_id)
+        del session  # checked: it exists and is active
+        self._apply_decision(record)
         self.log.append(EventKind.DECISION_RECORDED, record, now)
         return record
 
@@ -280,7 +262,7 @@ class CollaborationState:
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         update = MemoryUpdate(op, item_id, agent_id, now, meta)
-        self._agent(agent_id)
+        self._agent(update.agent_id)
         self.log.append(EventKind.MEMORY_UPDATED, update, now)
         return update
 
@@ -394,7 +376,7 @@ class CollaborationState:
         ended ones kept, ended ones in the order they ended; ``decisions`` oldest first;
         ``events`` the newest of the log, oldest first, ending at ``last_seq``.
         """
-        roster = {agent_id: agent.department for agent_id, agent in self._agents.items()}
+        roster = self._roster
         self._agents = {}
         for agent_id, department, last_activity_id in agents:
             agent = self._agent(agent_id)
@@ -484,11 +466,81 @@ class CollaborationState:
         activity.status = ActivityStatus.COMPLETED if success else ActivityStatus.FAILED
         activity.completed_at = now
         activity.failure_reason = failure_reason
-        del self._open[activity.activity_id]
-        agent = self._agents[activity.agent_id]
-        agent.open_activities.pop(activity.activity_id, None)
+        self._apply_completed(activity)
         self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(dataclasses.replace(activity), success), now)
         return activity
+
+    # -- applying changes (here, or decided by another replica) -----------------------
+
+    def _apply_recorded(self, activity: Activity) -> None:
+        agent = self._agent(activity.agent_id)
+        if activity.department:
+            agent.department = activity.department
+        self._open[activity.activity_id] = activity
+        self._history[activity.activity_id] = activity
+        while len(self._history) > self.settings.history_limit:
+            self._history.popitem(last=False)
+        agent.open_activities[activity.activity_id] = None
+        agent.last_activity_id = activity.activity_id
+        session = self._active_sessions.get(activity.session_id)
+        if session is not None:
+            session.activity_count += 1
+
+    def _apply_completed(self, activity: Activity) -> None:
+        """``activity`` is in its final state; it stops being open."""
+        self._open.pop(activity.activity_id, None)
+        self._agent(activity.agent_id).open_activities.pop(activity.activity_id, None)
+
+    def _apply_started(self, session: Session) -> None:
+        self._active_sessions[session.session_id] = session
+        self._decisions[session.session_id] = []
+        for member in session.participants:
+            self._agent(member).sessions.add(session.session_id)
+
+    def _apply_ended(self, session: Session) -> None:
+        self._active_sessions.pop(session.session_id, None)
+        self._ended_sessions[session.session_id] = session
+        while len(self._ended_sessions) > self.settings.ended_sessions_limit:
+            evicted, _ = self._ended_sessions.popitem(last=False)
+            self._decisions.pop(evicted, None)
+        for member in session.participants:
+            agent = self._agents.get(member)
+            if agent is not None:
+                agent.sessions.discard(session.session_id)
+
+    def _apply_decision(self, decision: Decision) -> None:
+        self._decisions.setdefault(decision.session_id, []).append(decision)
+        session = self._active_sessions.get(decision.session_id)
+        if session is not None:
+            session.decision_count += 1
+        self._agent(decision.agent_id)
+
+    def apply(self, event: Event) -> None:
+        """Take in a change decided elsewhere (another replica sharing the store): the
+        state changes as if it had been decided here, and the event is published."""
+        payload = event.payload
+        if isinstance(payload, Activity):
+            self._apply_recorded(dataclasses.replace(payload))
+        elif isinstance(payload, ActivityCompletion):
+            done = dataclasses.replace(payload.activity)
+            known = self._open.get(done.activity_id) or self._history.get(done.activity_id)
+            if known is not None:
+                known.status, known.completed_at = done.status, done.completed_at
+                known.failure_reason = done.failure_reason
+                done = known
+            self._apply_completed(done)
+        elif isinstance(payload, Session) and event.kind is EventKind.COLLABORATION_STARTED:
+            self._apply_started(dataclasses.replace(payload))
+        elif isinstance(payload, Session):
+            ended = self._active_sessions.get(payload.session_id) or dataclasses.replace(payload)
+            ended.ended_at = payload.ended_at
+            ended.activity_count, ended.decision_count = payload.activity_count, payload.decision_count
+            self._apply_ended(ended)
+        elif isinstance(payload, Decision):
+            self._apply_decision(payload)
+        else:
+            self._agent(payload.agent_id)
+        self.log.adopt(event)
 
     def _new_activity_id(self, agent_id: str, now: float) -> str:
         # The guide's `act_<seconds>_<agent_id>` shape, made unique by a random suffix.

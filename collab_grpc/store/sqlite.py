@@ -15,7 +15,6 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
@@ -103,6 +102,8 @@ class SQLiteStore:
         self._durable_seq = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._wakeup: asyncio.Event | None = None
+        # Set while nothing is staged and no commit runs: what close() waits for.
+        self._idle: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
 
@@ -160,12 +161,15 @@ class SQLiteStore:
 
     def _stage_event(self, event: Event) -> None:
         self._events.append(event)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._stage()
 
     def _stage_answer(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
         self._answers.append((method, key, fingerprint, answer, stored_at))
-        if self._wakeup is not None:
+        self._stage()
+
+    def _stage(self) -> None:
+        if self._wakeup is not None and self._idle is not None:
+            self._idle.clear()
             self._wakeup.set()
 
     def _load(self, state: CollaborationState) -> None:
@@ -218,6 +222,7 @@ class SQLiteStore:
             events=events,
         )
         now = state.clock()
+        state.idempotency.clear()
         for row in connection.execute(
             "SELECT method, key, fingerprint, answer, stored_at FROM idempotency WHERE stored_at > ? "
             "ORDER BY stored_at",
@@ -234,14 +239,14 @@ class SQLiteStore:
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._committer = asyncio.create_task(self._commit_loop())
 
     async def durable(self, seq: int) -> None:
         """Return once everything up to ``seq`` is committed (and published)."""
         if seq <= self._durable_seq:
             return
-        if self.failure is not None and not self._events:
-            raise StoreUnavailable(self.failure)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, waiter))
         await waiter
@@ -249,25 +254,27 @@ class SQLiteStore:
     async def _commit_loop(self) -> None:
         assert self._wakeup is not None and self._state is not None
         loop = asyncio.get_running_loop()
+        assert self._idle is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             events, answers = self._events, self._answers
             self._events, self._answers = [], []
-            if not events and not answers:
-                continue
-            try:
-                await loop.run_in_executor(self._executor, self._write, events, answers)
-            except Exception as error:
-                await self._failed(error, events)
-                continue
-            self.failure = None
-            if events:
-                self._durable_seq = events[-1].seq
-                self._state.log.publish_through(self._durable_seq)
-            self._release(lambda seq: seq <= self._durable_seq, None)
+            if events or answers:
+                try:
+                    await loop.run_in_executor(self._executor, self._write, events, answers)
+                except Exception as error:
+                    self._failed(error, events)
+                else:
+                    self.failure = None
+                    if events:
+                        self._durable_seq = events[-1].seq
+                        self._state.log.publish_through(self._durable_seq)
+                    self._release(lambda seq: seq <= self._durable_seq, None)
             if self._events or self._answers:
                 self._wakeup.set()
+            else:
+                self._idle.set()
 
     def _release(self, ready: Any, error: BaseException | None) -> None:
         waiting = []
@@ -281,17 +288,20 @@ class SQLiteStore:
                     waiter.set_exception(error)
         self._waiters = waiting
 
-    async def _failed(self, error: Exception, events: list[Event]) -> None:
-        """Refuse the writes of a failed commit and reload what the file holds."""
+    def _failed(self, error: Exception, events: list[Event]) -> None:
+        """Refuse the writes of a failed commit, and every write decided after them, and
+        reload what the file holds (exactly what was acknowledged).
+
+        The reload runs here, on the event loop, so that no write can be decided on the
+        state being replaced; it is rare and reads one file."""
         assert self._state is not None
         self.failure = f"the store could not write ({error}); the write was not recorded"
         log.error("commit failed; reloading the state from %s", self.path, extra={"error": str(error)})
-        failed_through = max([e.seq for e in events] + [e.seq for e in self._events] + [0])
+        refused_through = self._state.log.last_seq
         self._events, self._answers = [], []
-        self._release(lambda seq: seq <= max(failed_through, self._state.log.last_seq), StoreUnavailable(self.failure))
         self._state.log.close_all("the store failed; resubscribe with since_seq set to the last seq received")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load, self._state)
+        self._load(self._state)
+        self._release(lambda seq: seq <= refused_through, StoreUnavailable(self.failure))
 
     def _write(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
         connection = self._connection
@@ -386,9 +396,13 @@ class SQLiteStore:
             ),
             (
                 "DELETE FROM activities WHERE activity_id IN (SELECT activity_id FROM activities "
-                "WHERE status != 'active' AND (seq <= (SELECT coalesce(max(seq), 0) FROM activities) - ? "
-                "OR completed_at < ?) ORDER BY seq LIMIT ?)",
-                (retention.count, oldest, retention.chunk),
+                "WHERE status != 'active' ORDER BY seq DESC LIMIT ? OFFSET ?)",
+                (retention.chunk, retention.count),
+            ),
+            (
+                "DELETE FROM activities WHERE activity_id IN (SELECT activity_id FROM activities "
+                "WHERE status != 'active' AND completed_at < ? ORDER BY seq LIMIT ?)",
+                (oldest, retention.chunk),
             ),
             (
                 "DELETE FROM decisions WHERE session_id IN (SELECT session_id FROM sessions "
@@ -408,12 +422,9 @@ class SQLiteStore:
             connection.execute("COMMIT")
 
     async def close(self) -> None:
-        """Commit what is staged, stop the writer, close the file."""
-        if self._committer is not None:
-            if self._events or self._answers:
-                assert self._state is not None
-                with contextlib.suppress(StoreUnavailable):  # failed writes were refused already
-                    await self.durable(self._state.log.last_seq)
+        """Commit what is staged (and any commit running), stop the writer, close the file."""
+        if self._committer is not None and self._idle is not None:
+            await self._idle.wait()
             self._committer.cancel()
         if self._connection is not None:
             loop = asyncio.get_running_loop()

@@ -1,0 +1,742 @@
+"""SQLiteStore: the state kept in one SQLite file, restored on open, written by group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+import types
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+import pytest_asyncio
+
+from collab_grpc.events import EventFilter
+from collab_grpc.model import Activity, ActivityStatus, ActivityType, Event, EventKind, MemoryOperation
+from collab_grpc.state import CollaborationState, StateSettings
+from collab_grpc.store import (
+    MemoryStore,
+    Retention,
+    SQLiteStore,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from collab_grpc.store import sqlite as sqlite_module
+from collab_grpc.store.sqlite import IdempotencyRow
+
+METHOD = "RecordActivity"
+FAULT = "disk full"
+
+
+class FakeClock:
+    """The state's clock: near the real time (retention compares it with time.time()),
+    moving only when told to."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float = 1.0) -> float:
+        self.now += seconds
+        return self.now
+
+
+@dataclass
+class Hub:
+    """A state following a store, closed once."""
+
+    state: CollaborationState
+    store: SQLiteStore
+    closed: bool = False
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.store.close()
+
+
+class Opener(Protocol):
+    def __call__(
+        self,
+        *,
+        settings: StateSettings | None = None,
+        retention: Retention | None = None,
+        start: bool = True,
+    ) -> Hub: ...
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(float(int(time.time())))
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest_asyncio.fixture
+async def open_hub(data_dir: Path, clock: FakeClock) -> AsyncIterator[Opener]:
+    """Open a new state on the store in ``data_dir``; every hub is closed at the end."""
+    hubs: list[Hub] = []
+
+    def open_(
+        *,
+        settings: StateSettings | None = None,
+        retention: Retention | None = None,
+        start: bool = True,
+    ) -> Hub:
+        state = CollaborationState(settings, clock=clock)
+        store = SQLiteStore(data_dir, retention=retention)
+        store.open(state)
+        hub = Hub(state, store)
+        hubs.append(hub)
+        if start:
+            store.start()
+        return hub
+
+    yield open_
+    for hub in reversed(hubs):
+        await hub.close()
+
+
+async def commit(hub: Hub) -> None:
+    await hub.store.durable(hub.state.log.last_seq)
+
+
+async def reload_finished(store: SQLiteStore) -> None:
+    """After a failed commit the store reloads the state on its single writer thread;
+    a no-op queued behind that reload returns once it is done."""
+    await asyncio.get_running_loop().run_in_executor(store._executor, lambda: None)
+
+
+def query(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
+    connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def retained(state: CollaborationState) -> list[Event]:
+    return list(state.log.events_after(0))
+
+
+class FailingWrites:
+    """Replaces a store's ``_write``: the calls listed in ``fail`` raise OSError("disk full")."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, fail: set[int]) -> None:
+        self.real = store._write
+        self.fail = fail
+        self.calls = 0
+        monkeypatch.setattr(store, "_write", self)
+
+    def __call__(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+        self.calls += 1
+        if self.calls in self.fail:
+            raise OSError(FAULT)
+        self.real(events, answers)
+
+
+class GatedWrites:
+    """Replaces a store's ``_write``: call number ``gated`` waits for ``release``
+    (``started`` is set once it is in flight); calls in ``fail`` raise OSError."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, gated: int, fail: frozenset[int] = frozenset()
+    ) -> None:
+        self.real = store._write
+        self.gated = gated
+        self.fail = fail
+        self.calls = 0
+        self.started = threading.Event()
+        self.release = threading.Event()
+        monkeypatch.setattr(store, "_write", self)
+
+    def __call__(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+        self.calls += 1
+        if self.calls in self.fail:
+            raise OSError(FAULT)
+        if self.calls == self.gated:
+            self.started.set()
+            self.release.wait(5.0)
+        self.real(events, answers)
+
+    async def in_flight(self) -> None:
+        assert await asyncio.to_thread(self.started.wait, 5.0), "the gated commit never started"
+
+
+# -- round trip -------------------------------------------------------------------------
+
+
+async def test_round_trip_restores_everything(open_hub: Opener, clock: FakeClock, data_dir: Path) -> None:
+    hub = open_hub()
+    state = hub.state
+    done = state.record_activity(
+        agent_id="alice",
+        activity_type=ActivityType.TASK_ASSIGNED,
+        department="research",
+        metadata={"k": "v", "n": 1, "f": 1.5, "nested": {"list": [1, "two", None], "flag": True}},
+        related_agents=["bob"],
+    )
+    clock.advance()
+    failed = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, department="ops")
+    clock.advance()
+    open_one = state.record_activity(agent_id="carol", activity_type=ActivityType.MEMORY_READ)
+    clock.advance()
+    session = state.start_collaboration(participants=["alice", "bob"], session_type="council", metadata={"t": 1})
+    clock.advance()
+    in_session = state.record_activity(
+        agent_id="alice", activity_type=ActivityType.COUNCIL_DEBATE, session_id=session.session_id
+    )
+    clock.advance()
+    child = state.record_activity(
+        agent_id="bob", activity_type=ActivityType.TASK_COMPLETED, parent_activity_id=done.activity_id
+    )
+    clock.advance()
+    state.complete_activity(done.activity_id)
+    clock.advance()
+    state.complete_activity(failed.activity_id, success=False, failure_reason="timeout")
+    clock.advance()
+    state.record_decision(
+        session_id=session.session_id,
+        agent_id="alice",
+        decision="ship it",
+        rationale="tests pass",
+        votes={"alice": "yes", "bob": "no"},
+        metadata={"round": 2},
+    )
+    clock.advance()
+    ended = state.start_collaboration(participants=["carol", "dave"])
+    clock.advance()
+    state.record_decision(session_id=ended.session_id, agent_id="dave", decision="stop", votes={"carol": "yes"})
+    clock.advance()
+    state.end_collaboration(ended.session_id)
+    clock.advance()
+    state.record_memory_update(operation=MemoryOperation.WRITE, item_id="item-1", agent_id="erin", metadata={"a": 1})
+    clock.advance()
+    state.record_memory_update(operation=MemoryOperation.DELETE, item_id="item-1", agent_id="alice")
+    clock.advance()
+    state.idempotency.store(METHOD, "key-1", b"\x00fingerprint\xff", b"\x01answer\x02", clock())
+    await commit(hub)
+    ids = [a.activity_id for a in (done, failed, open_one, in_session, child)]
+    before_status = state.agent_status()
+    before_feed = state.activity_feed(limit=500)
+    before_activities = [state.get_activity(i) for i in ids]
+    before_active = state.active_collaborations()
+    before_ended = state.ended_collaborations()
+    before_sessions = [state.get_collaboration(s.session_id) for s in (session, ended)]
+    before_events = retained(state)
+    epoch, last_seq = state.epoch, state.log.last_seq
+    assert [e.seq for e in before_events] == list(range(1, last_seq + 1))
+    await hub.close()
+
+    again = open_hub()
+    restored = again.state
+    assert restored.epoch == epoch
+    assert restored.log.last_seq == last_seq
+    assert restored.agent_status() == before_status
+    assert restored.activity_feed(limit=500) == before_feed
+    assert [restored.get_activity(i) for i in ids] == before_activities
+    assert restored.active_collaborations() == before_active
+    assert restored.ended_collaborations() == before_ended
+    assert [restored.get_collaboration(s.session_id) for s in (session, ended)] == before_sessions
+    active_session, _, decisions = restored.get_collaboration(session.session_id)
+    assert (active_session.activity_count, active_session.decision_count) == (1, 1)
+    assert decisions[0].votes == {"alice": "yes", "bob": "no"}
+    ended_session, _, _ = restored.get_collaboration(ended.session_id)
+    assert (ended_session.ended_at, ended_session.decision_count) == (ended.ended_at, 1)
+    restored_events = retained(restored)
+    assert [(e.seq, e.kind, e.payload) for e in restored_events] == [(e.seq, e.kind, e.payload) for e in before_events]
+    assert restored_events == before_events  # epoch and time too
+    assert restored.idempotency.lookup(METHOD, "key-1", b"\x00fingerprint\xff", clock()) == b"\x01answer\x02"
+    assert restored.log.can_resume(epoch, 3) is None
+
+    # The history goes on from the old last seq, in the same epoch.
+    clock.advance()
+    restored.complete_activity(open_one.activity_id)
+    later = restored.record_activity(agent_id="frank", activity_type=ActivityType.AGENT_STARTED)
+    assert restored.log.last_seq == last_seq + 2
+    await commit(again)
+    assert [e.seq for e in retained(restored)][-2:] == [last_seq + 1, last_seq + 2]
+    await again.close()
+
+    third = open_hub()
+    assert third.state.epoch == epoch
+    assert third.state.log.last_seq == last_seq + 2
+    assert third.state.get_activity(later.activity_id) == later
+    reopened_open = third.state.get_activity(open_one.activity_id)
+    assert reopened_open is not None and reopened_open.status is ActivityStatus.COMPLETED
+
+
+async def test_a_new_directory_gets_a_new_epoch(open_hub: Opener, tmp_path: Path, clock: FakeClock) -> None:
+    hub = open_hub()
+    other_state = CollaborationState(clock=clock)
+    other = SQLiteStore(tmp_path / "other")
+    other.open(other_state)
+    try:
+        assert other_state.epoch != hub.state.epoch
+        assert other_state.log.last_seq == 0
+    finally:
+        await other.close()
+
+
+async def test_open_activity_older_than_the_history_is_restored(open_hub: Opener, clock: FakeClock) -> None:
+    settings = StateSettings(history_limit=3)
+    hub = open_hub(settings=settings)
+    old = hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    for index in range(5):
+        clock.advance()
+        newer = hub.state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT)
+        hub.state.complete_activity(newer.activity_id)
+    await commit(hub)
+    assert old.activity_id not in [a.activity_id for a in hub.state.activity_feed()]
+    feed, status = hub.state.activity_feed(), hub.state.agent_status()
+    await hub.close()
+
+    again = open_hub(settings=settings)
+    restored = again.state.get_activity(old.activity_id)
+    assert restored == old
+    assert restored is not None and restored.status is ActivityStatus.ACTIVE
+    assert again.state.activity_feed() == feed
+    assert again.state.agent_status() == status
+    assert again.state.agent_status().active_activities == 1
+    clock.advance()
+    completed = again.state.complete_activity(old.activity_id, success=False, failure_reason="late")
+    assert completed.status is ActivityStatus.FAILED
+    await commit(again)
+    await again.close()
+
+    third = open_hub(settings=settings)
+    assert third.state.agent_status().active_activities == 0
+    assert [e.kind for e in retained(third.state)][-1] is EventKind.ACTIVITY_COMPLETED
+
+
+# -- publication ------------------------------------------------------------------------
+
+
+async def test_events_are_published_only_once_committed(open_hub: Opener) -> None:
+    hub = open_hub()
+    subscription = hub.state.subscribe(EventFilter(), 100)
+    activity = hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    seq = hub.state.log.last_seq
+    assert len(subscription) == 0
+    assert subscription.take() == []
+    assert retained(hub.state) == []
+    assert hub.state.log.published_seq == seq - 1
+    await hub.store.durable(seq)
+    events = subscription.take()
+    assert [(e.seq, e.kind) for e in events] == [(seq, EventKind.ACTIVITY_RECORDED)]
+    payload = events[0].payload
+    assert isinstance(payload, Activity) and payload.activity_id == activity.activity_id
+    assert hub.state.log.published_seq == seq
+    await hub.store.durable(seq)  # already durable: returns at once
+
+
+# -- files that are not ours ------------------------------------------------------------
+
+
+def test_a_file_that_is_not_sqlite_is_refused(data_dir: Path, clock: FakeClock) -> None:
+    data_dir.mkdir()
+    path = data_dir / sqlite_module.FILE_NAME
+    content = random.Random(1234).randbytes(8192)
+    path.write_bytes(content)
+    store = SQLiteStore(data_dir)
+    with pytest.raises(StoreError, match="cannot be read"):
+        store.open(CollaborationState(clock=clock))
+    assert path.read_bytes() == content
+
+
+def test_a_foreign_sqlite_file_is_refused(data_dir: Path, clock: FakeClock) -> None:
+    data_dir.mkdir()
+    path = data_dir / sqlite_module.FILE_NAME
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    connection.execute("INSERT INTO notes (body) VALUES ('mine')")
+    connection.commit()
+    connection.close()
+    content = path.read_bytes()
+    store = SQLiteStore(data_dir)
+    with pytest.raises(StoreError, match="not a collab store"):
+        store.open(CollaborationState(clock=clock))
+    assert path.read_bytes() == content
+    assert query(data_dir, "SELECT body FROM notes") == [("mine",)]
+
+
+async def test_another_schema_version_is_refused(open_hub: Opener, data_dir: Path, clock: FakeClock) -> None:
+    hub = open_hub(start=False)
+    await hub.close()
+    connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
+    connection.execute(f"PRAGMA user_version = {sqlite_module.SCHEMA_VERSION + 1}")
+    connection.close()
+    store = SQLiteStore(data_dir)
+    with pytest.raises(StoreError, match=f"schema version {sqlite_module.SCHEMA_VERSION + 1}"):
+        store.open(CollaborationState(clock=clock))
+
+
+@pytest.fixture
+def empty_file(data_dir: Path) -> Path:
+    data_dir.mkdir()
+    path = data_dir / sqlite_module.FILE_NAME
+    path.write_bytes(b"")
+    return path
+
+
+async def test_an_empty_file_becomes_a_store(open_hub: Opener, empty_file: Path, data_dir: Path) -> None:
+    hub = open_hub()
+    hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    assert query(data_dir, "SELECT count(*) FROM activities") == [(1,)]
+
+
+# -- failed commits ---------------------------------------------------------------------
+
+
+async def test_a_failed_commit_is_refused_and_the_state_reloaded(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    state, store = hub.state, hub.store
+    acknowledged = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    session = state.start_collaboration(participants=["alice", "bob"])
+    await commit(hub)
+    acknowledged_seq = state.log.last_seq
+    status = state.agent_status()
+    subscription = state.subscribe(EventFilter(), 100)
+    writes = FailingWrites(monkeypatch, store, fail={1})
+
+    clock.advance()
+    refused = state.record_activity(agent_id="alice", activity_type=ActivityType.MESSAGE_SENT)
+    state.complete_activity(acknowledged.activity_id)
+    with pytest.raises(StoreUnavailable, match=FAULT):
+        await store.durable(state.log.last_seq)
+    await reload_finished(store)
+
+    assert state.get_activity(refused.activity_id) is None
+    assert state.agent_status() == status
+    still_open = state.get_activity(acknowledged.activity_id)
+    assert still_open is not None and still_open.status is ActivityStatus.ACTIVE
+    assert [s.session_id for s in state.active_collaborations()] == [session.session_id]
+    assert state.log.last_seq == acknowledged_seq
+    assert subscription.closed and subscription.closed_reason and "store failed" in subscription.closed_reason
+
+    # The fault has cleared: writes go through again and survive a reopen.
+    clock.advance()
+    after = state.record_activity(agent_id="carol", activity_type=ActivityType.AGENT_STARTED)
+    await commit(hub)
+    assert writes.calls == 2
+    assert store.failure is None
+    assert state.log.last_seq == acknowledged_seq + 1
+    await hub.close()
+
+    again = open_hub()
+    assert again.state.log.last_seq == acknowledged_seq + 1
+    assert again.state.get_activity(acknowledged.activity_id) == still_open
+    assert again.state.get_activity(after.activity_id) == after
+    assert again.state.get_activity(refused.activity_id) is None
+    assert [s.session_id for s in again.state.active_collaborations()] == [session.session_id]
+    assert [e.seq for e in retained(again.state)] == list(range(1, acknowledged_seq + 2))
+
+
+async def test_a_failed_commit_forgets_its_idempotency_answers(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    FailingWrites(monkeypatch, hub.store, fail={1})
+    hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    hub.state.idempotency.store(METHOD, "retry-me", b"fp", b"answer of a refused write", clock())
+    with pytest.raises(StoreUnavailable):
+        await commit(hub)
+    await reload_finished(hub.store)
+    # A retry with the same key must run again, not get the answer of a write that was not recorded.
+    assert hub.state.idempotency.lookup(METHOD, "retry-me", b"fp", clock()) is None
+
+
+async def test_a_failed_commit_forgets_agents_it_created(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    status = hub.state.agent_status()
+    FailingWrites(monkeypatch, hub.store, fail={1})
+    hub.state.record_activity(agent_id="ghost", activity_type=ActivityType.TASK_ASSIGNED, department="nowhere")
+    with pytest.raises(StoreUnavailable):
+        await commit(hub)
+    await reload_finished(hub.store)
+    assert hub.state.agent_status() == status
+
+
+async def test_refused_events_are_never_published(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    state = hub.state
+    state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    FailingWrites(monkeypatch, hub.store, fail={1})
+    refused = state.record_activity(agent_id="alice", activity_type=ActivityType.MESSAGE_SENT)
+    with pytest.raises(StoreUnavailable):
+        await commit(hub)
+    await reload_finished(hub.store)
+
+    subscription = state.subscribe(EventFilter(), 100)
+    after = state.record_activity(agent_id="bob", activity_type=ActivityType.AGENT_STARTED)
+    await commit(hub)
+    published = subscription.take()
+    assert [e.seq for e in published] == [state.log.last_seq]
+    payload = published[0].payload
+    assert isinstance(payload, Activity) and payload.activity_id == after.activity_id
+    ids = {e.payload.activity_id for e in retained(state) if isinstance(e.payload, Activity)}
+    assert refused.activity_id not in ids
+    assert after.activity_id in ids
+
+
+async def test_durable_waits_for_a_commit_in_flight_after_a_failure(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    writes = GatedWrites(monkeypatch, hub.store, gated=2, fail=frozenset({1}))
+    try:
+        hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+        with pytest.raises(StoreUnavailable):
+            await commit(hub)
+        await reload_finished(hub.store)
+        retry = hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+        await writes.in_flight()
+        waiter = asyncio.create_task(hub.store.durable(hub.state.log.last_seq))
+        await asyncio.sleep(0)  # the waiter checks in while the commit is in flight
+        writes.release.set()
+        await waiter
+        assert hub.state.get_activity(retry.activity_id) == retry
+    finally:
+        writes.release.set()
+
+
+async def test_a_write_right_after_a_failure_is_kept(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    state, store = hub.state, hub.store
+    state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    FailingWrites(monkeypatch, store, fail={1})
+    real_load = store._load
+    reload_may_finish = threading.Event()
+
+    def slow_load(target: CollaborationState) -> None:
+        # A slow disk: the reload takes until the caller has retried (or half a second,
+        # for a store that finishes the reload before refusing the write).
+        reload_may_finish.wait(0.5)
+        real_load(target)
+
+    monkeypatch.setattr(store, "_load", slow_load)
+    state.record_activity(agent_id="alice", activity_type=ActivityType.MESSAGE_SENT)
+    with pytest.raises(StoreUnavailable):
+        await commit(hub)
+    # The caller retries at once.
+    retry = state.record_activity(agent_id="alice", activity_type=ActivityType.MESSAGE_SENT)
+    retry_seq = state.log.last_seq
+    reload_may_finish.set()
+    await store.durable(retry_seq)  # acknowledged
+    await reload_finished(store)
+    assert state.get_activity(retry.activity_id) == retry
+    assert state.log.last_seq == retry_seq
+
+
+# -- close ------------------------------------------------------------------------------
+
+
+async def test_close_commits_what_is_staged(open_hub: Opener, data_dir: Path) -> None:
+    hub = open_hub()
+    activity = hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await hub.close()  # no durable(): close commits it
+    again = open_hub()
+    assert again.state.get_activity(activity.activity_id) == activity
+
+
+async def test_close_commits_an_answer_staged_on_its_own(open_hub: Opener, clock: FakeClock) -> None:
+    hub = open_hub()
+    hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    hub.state.idempotency.store(METHOD, "late", b"fp", b"answer", clock())
+    await hub.close()
+    again = open_hub()
+    assert again.state.idempotency.lookup(METHOD, "late", b"fp", clock()) == b"answer"
+
+
+async def test_close_releases_the_waiters_of_a_commit_in_flight(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    writes = GatedWrites(monkeypatch, hub.store, gated=1)
+    hub.state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    waiter = asyncio.create_task(hub.store.durable(hub.state.log.last_seq))
+    try:
+        await writes.in_flight()
+        closing = asyncio.create_task(hub.close())
+        await asyncio.sleep(0)  # close starts while the commit is in flight
+        writes.release.set()
+        await closing
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert waiter.done()
+        assert waiter.exception() is None
+    finally:
+        writes.release.set()
+        waiter.cancel()
+
+
+# -- retention --------------------------------------------------------------------------
+
+
+async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: Path) -> None:
+    retention = Retention(count=5, every=0)
+    hub = open_hub(retention=retention)
+    kept_open = hub.state.record_activity(agent_id="keeper", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    recorded: list[Activity] = []
+    for index in range(20):
+        clock.advance()
+        recorded.append(hub.state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT))
+        await commit(hub)
+    for activity in recorded:
+        clock.advance()
+        hub.state.complete_activity(activity.activity_id)
+        await commit(hub)
+    last_seq = hub.state.log.last_seq
+    await hub.close()
+
+    event_seqs = [seq for (seq,) in query(data_dir, "SELECT seq FROM events ORDER BY seq")]
+    assert 0 < len(event_seqs) <= 5
+    assert event_seqs == list(range(last_seq - len(event_seqs) + 1, last_seq + 1))  # the newest
+    completed = [str(i) for (i,) in query(data_dir, "SELECT activity_id FROM activities WHERE status != 'active'")]
+    assert 0 < len(completed) <= 5
+    assert set(completed) <= {a.activity_id for a in recorded[-5:]}  # the newest
+    assert query(data_dir, "SELECT activity_id, status FROM activities WHERE status = 'active'") == [
+        (kept_open.activity_id, "active")
+    ]
+
+    again = open_hub(retention=retention)
+    assert again.state.log.last_seq == last_seq
+    assert again.state.get_activity(kept_open.activity_id) == kept_open
+    again.state.complete_activity(kept_open.activity_id)
+    await commit(again)
+
+
+async def test_retention_keeps_the_newest_count_completed_activities(
+    open_hub: Opener, clock: FakeClock, data_dir: Path
+) -> None:
+    hub = open_hub(retention=Retention(count=5, every=0))
+    recorded: list[Activity] = []
+    for index in range(20):
+        clock.advance()
+        activity = hub.state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT)
+        recorded.append(activity)
+        hub.state.complete_activity(activity.activity_id)
+        await commit(hub)
+    await hub.close()
+    completed = {str(i) for (i,) in query(data_dir, "SELECT activity_id FROM activities")}
+    assert completed == {a.activity_id for a in recorded[-5:]}
+
+
+async def test_retention_by_age(
+    open_hub: Opener, clock: FakeClock, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wall = clock.now + 10_000.0  # the store's time.time(): long after the old writes
+    monkeypatch.setattr(sqlite_module, "time", types.SimpleNamespace(time=lambda: wall, monotonic=time.monotonic))
+    retention = Retention(seconds=1_000.0, every=0)
+    hub = open_hub(retention=retention)
+    state = hub.state
+
+    old_done = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    state.complete_activity(old_done.activity_id)
+    old_open = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    old_session = state.start_collaboration(participants=["alice", "bob"])
+    state.record_decision(session_id=old_session.session_id, agent_id="alice", decision="old")
+    state.end_collaboration(old_session.session_id)
+    old_active = state.start_collaboration(participants=["carol"])
+    state.idempotency.store(METHOD, "old-key", b"fp", b"old", wall - 2 * 24 * 3600.0)
+    await commit(hub)
+
+    clock.now = wall - 10.0  # recent writes
+    new_done = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT)
+    state.complete_activity(new_done.activity_id)
+    new_session = state.start_collaboration(participants=["bob"])
+    state.record_decision(session_id=new_session.session_id, agent_id="bob", decision="new")
+    state.end_collaboration(new_session.session_id)
+    state.idempotency.store(METHOD, "new-key", b"fp", b"new", clock())
+    await commit(hub)
+    await hub.close()
+
+    assert [t for (t,) in query(data_dir, "SELECT min(time) FROM events")] == [wall - 10.0]
+    assert {str(i) for (i,) in query(data_dir, "SELECT activity_id FROM activities")} == {
+        old_open.activity_id,
+        new_done.activity_id,
+    }
+    assert {str(i) for (i,) in query(data_dir, "SELECT session_id FROM sessions")} == {
+        old_active.session_id,
+        new_session.session_id,
+    }
+    assert {str(i) for (i,) in query(data_dir, "SELECT session_id FROM decisions")} == {new_session.session_id}
+    assert [k for (k,) in query(data_dir, "SELECT key FROM idempotency")] == ["new-key"]
+
+    again = open_hub(retention=retention)
+    assert again.state.get_activity(old_open.activity_id) == old_open
+    assert [s.session_id for s in again.state.active_collaborations()] == [old_active.session_id]
+    assert [s.session_id for s in again.state.ended_collaborations()] == [new_session.session_id]
+    again.state.complete_activity(old_open.activity_id)
+    await commit(again)
+
+
+# -- group commit -----------------------------------------------------------------------
+
+
+async def test_group_commit(open_hub: Opener, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> None:
+    hub = open_hub()
+    writes = FailingWrites(monkeypatch, hub.store, fail=set())
+    recorded = [
+        hub.state.record_activity(agent_id=f"agent-{index % 7}", activity_type=ActivityType.MESSAGE_SENT)
+        for index in range(200)
+    ]
+    await hub.store.durable(hub.state.log.last_seq)
+    assert 1 <= writes.calls < 200
+    await hub.close()
+
+    assert query(data_dir, "SELECT count(*) FROM activities") == [(200,)]
+    again = open_hub()
+    assert again.state.log.last_seq == 200
+    assert again.state.agent_status().active_activities == 200
+    assert all(again.state.get_activity(a.activity_id) == a for a in recorded)
+
+
+# -- open_store -------------------------------------------------------------------------
+
+
+def test_open_store_memory(tmp_path: Path) -> None:
+    assert isinstance(open_store("memory", tmp_path), MemoryStore)
+
+
+def test_open_store_sqlite(tmp_path: Path) -> None:
+    store = open_store("sqlite", tmp_path, retention=Retention(count=7))
+    assert isinstance(store, SQLiteStore)
+    assert store.retention.count == 7
+    assert str(tmp_path) in store.description
+
+
+def test_open_store_redis_is_not_available(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match=r"redis://\.\.\. is not available"):
+        open_store("redis://x", tmp_path)
+
+
+def test_open_store_unknown(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="must be sqlite, memory or redis"):
+        open_store("bogus", tmp_path)
