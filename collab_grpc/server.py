@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from collab_grpc.auth import Authenticator, ensure_generated_key
 from collab_grpc.config import ServerConfig, load_roster, parse_server_config
+from collab_grpc.errors import CollabError
 from collab_grpc.interceptors import AuthInterceptor
 from collab_grpc.logs import configure_logging
 from collab_grpc.ratelimit import RateLimiter
@@ -68,14 +69,19 @@ def _authenticator(config: ServerConfig) -> Authenticator:
     return Authenticator(api_keys=api_keys, read_keys=config.read_keys, jwt_secret=config.jwt_secret)
 
 
-async def _expire_loop(state: CollaborationState, every: float) -> None:
+async def _expire_loop(state: CollaborationState, store: Store, every: float) -> None:
     while True:
         await asyncio.sleep(every)
-        for activity in state.expire_stale_activities():
-            log.info(
-                "activity expired",
-                extra={"activity_id": activity.activity_id, "agent_id": activity.agent_id},
-            )
+        try:
+            async with store.writing():
+                expired = state.expire_stale_activities()
+                seq = state.log.last_seq
+            await store.durable(seq)
+        except CollabError as error:  # the store is unavailable: try again next round
+            log.warning("expiry skipped: %s", error)
+            continue
+        for activity in expired:
+            log.info("activity expired", extra={"activity_id": activity.activity_id, "agent_id": activity.agent_id})
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -114,7 +120,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.create_task(_expire_loop(state, min(30.0, max(0.05, config.activity_ttl / 10))))
+    expiry = asyncio.create_task(_expire_loop(state, store, min(30.0, max(0.05, config.activity_ttl / 10))))
     if not authenticator.enabled:
         log.warning("AUTH IS OFF: anyone who can reach port %d can read and write everything", port)
         print("collab-server: WARNING: COLLAB_AUTH=off, every call is accepted without a credential", flush=True)

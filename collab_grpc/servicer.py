@@ -83,6 +83,7 @@ def _unary(
     @functools.wraps(handler)
     async def call(self: CollaborationServicer, request: Request, context: Context) -> Response:
         try:
+            await self.store.fresh()
             return handler(self, request)
         except CollabError as error:
             await abort_with(context, error)
@@ -99,8 +100,10 @@ def _write(
     @functools.wraps(handler)
     async def call(self: CollaborationServicer, request: Request, context: Context) -> Response:
         try:
-            response = handler(self, request)
-            await self.store.durable(self.state.log.last_seq)
+            async with self.store.writing():
+                response = handler(self, request)
+                seq = self.state.log.last_seq
+            await self.store.durable(seq)
             return response
         except CollabError as error:
             await abort_with(context, error)
@@ -191,7 +194,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     ),
                 )
             try:
-                recorded = self._record_activity(item.activity)
+                async with self.store.writing():
+                    recorded = self._record_activity(item.activity)
             except CollabError as error:
                 response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
                 response.failed += 1
@@ -327,6 +331,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         initial: list[pb.SubscribeEventsResponse] = []
         subscription: Subscription | None = None
         try:
+            await self.store.fresh()
             event_filter = convert.event_filter_from_proto(request)
             for agent_id in request.agent_ids:
                 check_id("agent_ids entry", agent_id, self.state.limits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from collab_grpc.errors import CollabError
@@ -29,6 +31,13 @@ class Store(Protocol):
     def start(self) -> None:
         """Start background work (inside the running event loop)."""
 
+    def writing(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around deciding and storing one write: where replicas share the store, this
+        holds their common write lock with the state caught up; elsewhere it is free."""
+
+    async def fresh(self) -> None:
+        """Before a read: take in what other replicas wrote (nothing to do for one)."""
+
     async def durable(self, seq: int) -> None:
         """Return once every change up to ``seq`` is stored; StoreUnavailable if it cannot be."""
 
@@ -45,6 +54,13 @@ class MemoryStore:
         pass
 
     def start(self) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        yield
+
+    async def fresh(self) -> None:
         pass
 
     async def durable(self, seq: int) -> None:

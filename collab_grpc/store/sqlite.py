@@ -15,10 +15,12 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +244,14 @@ class SQLiteStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._committer = asyncio.create_task(self._commit_loop())
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """One process writes this file: nothing to coordinate."""
+        yield
+
+    async def fresh(self) -> None:
+        pass
 
     async def durable(self, seq: int) -> None:
         """Return once everything up to ``seq`` is committed (and published)."""
