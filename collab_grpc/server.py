@@ -100,7 +100,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         synchronous=config.sqlite_synchronous,
         retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
     )
-    store.open(state)
+    await store.attach(state)
     store.start()
     servicer = CollaborationServicer(
         state, store=store, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue

@@ -317,6 +317,13 @@ class CollaborationState:
                 break
         return feed
 
+    def find_agent(self, agent_id: str) -> Agent | None:
+        return self._agents.get(agent_id)
+
+    def find_session(self, session_id: str) -> Session | None:
+        """An active or kept ended session, or None."""
+        return self._active_sessions.get(session_id) or self._ended_sessions.get(session_id)
+
     def get_activity(self, activity_id: str) -> Activity | None:
         return self._open.get(activity_id) or self._history.get(activity_id)
 

@@ -1,13 +1,24 @@
-"""Where the hub's state lives: ``COLLAB_STORE`` = ``sqlite`` (default) or ``memory``."""
+"""Where the hub's state lives: ``COLLAB_STORE`` = ``sqlite`` (default), ``memory`` or
+``redis://host:port/db[?prefix=name]`` (shared by several server replicas)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from collab_grpc.store.base import MemoryStore, Store, StoreError, StoreUnavailable
+from collab_grpc.store.redis_store import RedisStore
 from collab_grpc.store.sqlite import Retention, SQLiteStore
 
-__all__ = ["MemoryStore", "Retention", "SQLiteStore", "Store", "StoreError", "StoreUnavailable", "open_store"]
+__all__ = [
+    "MemoryStore",
+    "RedisStore",
+    "Retention",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "open_store",
+]
 
 
 def open_store(spec: str, data_dir: Path, *, synchronous: str = "full", retention: Retention | None = None) -> Store:
@@ -16,6 +27,6 @@ def open_store(spec: str, data_dir: Path, *, synchronous: str = "full", retentio
         return MemoryStore()
     if spec == "sqlite":
         return SQLiteStore(data_dir, synchronous=synchronous, retention=retention)
-    if spec.startswith(("redis://", "rediss://")):
-        raise StoreError("COLLAB_STORE=redis://... is not available in this version; use sqlite or memory")
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore(spec, retain=retention.count if retention else 100_000)
     raise StoreError(f"COLLAB_STORE must be sqlite, memory or redis://..., got {spec!r}")

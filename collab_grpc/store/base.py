@@ -25,7 +25,7 @@ class Store(Protocol):
     @property
     def description(self) -> str: ...
 
-    def open(self, state: CollaborationState) -> None:
+    async def attach(self, state: CollaborationState) -> None:
         """Continue the stored history in ``state`` and follow its changes from now on."""
 
     def start(self) -> None:
@@ -50,7 +50,7 @@ class MemoryStore:
 
     description = "memory (nothing survives a restart)"
 
-    def open(self, state: CollaborationState) -> None:
+    async def attach(self, state: CollaborationState) -> None:
         pass
 
     def start(self) -> None:

@@ -153,6 +153,10 @@ class SQLiteStore:
             f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
 
+    async def attach(self, state: CollaborationState) -> None:
+        """Store's interface: ``open``, run inside the event loop (a start-up read)."""
+        self.open(state)
+
     def open(self, state: CollaborationState) -> None:
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()

@@ -21,6 +21,7 @@ from collab_grpc.model import Activity, ActivityStatus, ActivityType, Event, Eve
 from collab_grpc.state import CollaborationState, StateSettings
 from collab_grpc.store import (
     MemoryStore,
+    RedisStore,
     Retention,
     SQLiteStore,
     StoreError,
@@ -732,9 +733,10 @@ def test_open_store_sqlite(tmp_path: Path) -> None:
     assert str(tmp_path) in store.description
 
 
-def test_open_store_redis_is_not_available(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match=r"redis://\.\.\. is not available"):
-        open_store("redis://x", tmp_path)
+def test_open_store_redis_url_gives_a_redis_store_with_its_prefix(tmp_path: Path) -> None:
+    store = open_store("redis://127.0.0.1:6379/2?prefix=team", tmp_path)
+    assert isinstance(store, RedisStore)
+    assert store.prefix == "team" and store.url == "redis://127.0.0.1:6379/2"
 
 
 def test_open_store_unknown(tmp_path: Path) -> None:
