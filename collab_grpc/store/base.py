@@ -9,7 +9,7 @@ from typing import Protocol
 from collab_grpc.errors import CollabError
 from collab_grpc.state import CollaborationState
 
-__all__ = ["MemoryStore", "Store", "StoreError", "StoreUnavailable"]
+__all__ = ["MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
 
 
 class StoreError(Exception):
@@ -45,7 +45,18 @@ class Store(Protocol):
         """Store what is pending and release the store."""
 
 
-class MemoryStore:
+class SingleProcessStore:
+    """A store only one server process writes: no lock to take, nothing to catch up."""
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        yield
+
+    async def fresh(self) -> None:
+        pass
+
+
+class MemoryStore(SingleProcessStore):
     """Keeps nothing beyond the process: every change is final at once."""
 
     description = "memory (nothing survives a restart)"
@@ -54,13 +65,6 @@ class MemoryStore:
         pass
 
     def start(self) -> None:
-        pass
-
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        yield
-
-    async def fresh(self) -> None:
         pass
 
     async def durable(self, seq: int) -> None:

@@ -15,12 +15,10 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from collab_grpc.model import (
     Session,
 )
 from collab_grpc.state import CollaborationState, new_epoch
-from collab_grpc.store.base import StoreError, StoreUnavailable
+from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode
 
 __all__ = ["Retention", "SQLiteStore"]
@@ -90,7 +88,7 @@ class Retention:
 IdempotencyRow = tuple[str, str, bytes, bytes, float]
 
 
-class SQLiteStore:
+class SQLiteStore(SingleProcessStore):
     def __init__(self, data_dir: Path, *, synchronous: str = "full", retention: Retention | None = None) -> None:
         self.path = data_dir / FILE_NAME
         self.synchronous = synchronous
@@ -248,14 +246,6 @@ class SQLiteStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._committer = asyncio.create_task(self._commit_loop())
-
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        """One process writes this file: nothing to coordinate."""
-        yield
-
-    async def fresh(self) -> None:
-        pass
 
     async def durable(self, seq: int) -> None:
         """Return once everything up to ``seq`` is committed (and published)."""
