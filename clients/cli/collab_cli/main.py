@@ -1,4 +1,4 @@
-"""`collab`: the hub's command line.
+"""`collab`: the hub's command line: `up`, `status`, `tail`, `record`, `complete`.
 
 `collab up` starts the gRPC server and the bridge for one machine with no
 configuration, prints where to connect and with which token, and stops everything on
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from collab_cli import commands
 from collab_cli.supervisor import Child, Supervisor
 
 __all__ = ["main"]
@@ -73,12 +74,13 @@ async def _up(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="collab", description="The collab hub's command line.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    up = commands.add_parser("up", help="run the hub on this machine until Ctrl-C")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    up = subcommands.add_parser("up", help="run the hub on this machine until Ctrl-C")
     up.add_argument("--grpc-addr", help="gRPC listen address [COLLAB_GRPC_ADDR, default 127.0.0.1:50051]")
     up.add_argument("--data-dir", type=Path, help="data directory [COLLAB_DATA_DIR, default ./.collab]")
     up.add_argument("--bridge-addr", help="HTTP/WebSocket listen address [COLLAB_BRIDGE_ADDR, default 127.0.0.1:8000]")
+    commands.add_commands(subcommands)
     args = parser.parse_args(argv)
     if args.command == "up":
         sys.exit(asyncio.run(_up(args)))
-    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+    sys.exit(commands.run(args))

@@ -1,0 +1,206 @@
+"""The user commands of `collab` (status, tail, record, complete), over the Python SDK."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TextIO
+
+from collab import ACTIVITY_TYPES, EVENT_KINDS, Client
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = ["add_commands", "complete", "record", "status", "tail"]
+
+_COLOURS = {
+    "activity_recorded": "\033[36m",  # cyan
+    "activity_completed": "\033[32m",  # green
+    "memory_updated": "\033[35m",  # magenta
+    "collaboration_started": "\033[33m",  # yellow
+    "collaboration_ended": "\033[33m",
+    "decision_recorded": "\033[34m",  # blue
+}
+_FAILED = "\033[31m"
+_RESET = "\033[0m"
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, args.token, timeout=args.timeout)
+
+
+def _name(enum: object, number: int, prefix: str) -> str:
+    return str(enum.Name(number)).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+
+
+def status(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as hub:
+        summary = hub.agent_status()
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        json.dump(MessageToDict(summary, preserving_proto_field_name=True), out, indent=2)
+        out.write("\n")
+        return 0
+    rows = [("AGENT", "DEPARTMENT", "STATUS", "CURRENT ACTIVITY", "LAST ACTIVITY", "COLLABS")]
+    for agent in summary.agents:
+        rows.append(
+            (
+                agent.agent_id,
+                agent.department or "-",
+                "active" if agent.status == pb.AGENT_STATE_ACTIVE else "idle",
+                agent.current_activity_id or "-",
+                agent.last_activity_id or "-",
+                str(agent.collaboration_count),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+    out.write(
+        f"{summary.total_agents} agents: {summary.active_agents} active, {summary.idle_agents} idle; "
+        f"{summary.active_activities} open activities, {summary.active_collaborations} active collaborations\n"
+    )
+    return 0
+
+
+def describe(event: pb.Event) -> tuple[str, str, str]:
+    """(kind, agent, what happened) for one event line."""
+    kind = event.WhichOneof("payload") or ""
+    if kind == "activity_recorded":
+        a = event.activity_recorded
+        where = f" in {a.session_id}" if a.session_id else ""
+        return kind, a.agent_id, f"{_name(pb.ActivityType, a.activity_type, 'ACTIVITY_TYPE_')} {a.activity_id}{where}"
+    if kind == "activity_completed":
+        done = event.activity_completed
+        outcome = "completed" if done.success else f"FAILED ({done.activity.failure_reason or 'no reason'})"
+        return kind, done.activity.agent_id, f"{done.activity.activity_id} {outcome}"
+    if kind == "memory_updated":
+        m = event.memory_updated
+        return kind, m.agent_id, f"{_name(pb.MemoryOperation, m.operation, 'MEMORY_OPERATION_')} {m.item_id}"
+    if kind in ("collaboration_started", "collaboration_ended"):
+        s = getattr(event, kind)
+        return kind, ",".join(s.participants), f"{s.session_id} ({s.session_type})"
+    d = event.decision_recorded
+    return kind, d.agent_id, f"{d.session_id}: {d.decision}"
+
+
+def _department(event: pb.Event) -> str | None:
+    kind = event.WhichOneof("payload")
+    if kind == "activity_recorded":
+        return event.activity_recorded.department
+    if kind == "activity_completed":
+        return event.activity_completed.activity.department
+    return None
+
+
+def tail(args: argparse.Namespace, out: TextIO) -> int:
+    colour = not args.no_color and out.isatty()
+    shown = 0
+    with _client(args) as hub:
+        for event in hub.events(
+            types=args.type, agent_ids=args.agent, activity_types=args.activity_type, since=args.since
+        ):
+            if args.department and _department(event) not in set(args.department):
+                continue
+            kind, agent, what = describe(event)
+            when = datetime.fromtimestamp(event.time.seconds + event.time.nanos / 1e9, UTC).strftime("%H:%M:%S.%f")[:-3]
+            line = f"{event.seq:>6} {when} {kind:<22} {agent:<16} {what}"
+            if colour:
+                shade = _FAILED if "FAILED" in what else _COLOURS.get(kind, "")
+                line = f"{shade}{line}{_RESET}"
+            out.write(line + "\n")
+            out.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return 0
+    return 0
+
+
+def record(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else {}
+    except ValueError as error:
+        raise SystemExit(f"collab: --metadata is not valid JSON: {error}") from None
+    if not isinstance(metadata, dict):
+        raise SystemExit("collab: --metadata must be a JSON object")
+    with _client(args) as hub:
+        activity_id = hub.record_activity(
+            args.agent_id,
+            args.activity_type,
+            department=args.department,
+            metadata=metadata,
+            related_agents=_split(args.related),
+            session_id=args.session,
+            parent_activity_id=args.parent,
+        )
+    out.write(activity_id + "\n")
+    return 0
+
+
+def complete(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as hub:
+        activity = hub.complete_activity(args.activity_id, success=not args.failed, failure_reason=args.reason or "")
+    out.write(f"{activity.activity_id} {_name(pb.ActivityStatus, activity.status, 'ACTIVITY_STATUS_')}\n")
+    return 0
+
+
+def _split(value: str | None) -> Iterable[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def hub_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--target", help="collab-server address [COLLAB_GRPC_TARGET, default 127.0.0.1:50051]")
+        parser.add_argument("--token", help="credential [COLLAB_TOKEN, else the key in COLLAB_DATA_DIR]")
+        parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+
+    show = commands.add_parser("status", help="the agent table")
+    hub_options(show)
+    show.add_argument("--json", action="store_true", help="the raw status as JSON")
+    show.set_defaults(run=status)
+
+    follow = commands.add_parser("tail", help="the live event stream, coloured, with filters")
+    hub_options(follow)
+    follow.add_argument("--type", action="append", choices=sorted(EVENT_KINDS), help="event kind (repeatable)")
+    follow.add_argument("--agent", action="append", help="agent id (repeatable)")
+    follow.add_argument("--department", action="append", help="department of activity events (repeatable)")
+    follow.add_argument(
+        "--activity-type", action="append", choices=sorted(ACTIVITY_TYPES), help="activity type (repeatable)"
+    )
+    follow.add_argument("--since", type=int, help="start after this seq (default: now)")
+    follow.add_argument("--count", type=int, help="stop after this many events")
+    follow.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
+    follow.set_defaults(run=tail)
+
+    new = commands.add_parser("record", help="record an activity; prints its id")
+    hub_options(new)
+    new.add_argument("agent_id")
+    new.add_argument("activity_type", choices=sorted(ACTIVITY_TYPES))
+    new.add_argument("--department", default="")
+    new.add_argument("--metadata", help="a JSON object")
+    new.add_argument("--related", help="comma-separated related agent ids")
+    new.add_argument("--session", help="the collaboration session it belongs to")
+    new.add_argument("--parent", help="the activity it is a step of")
+    new.set_defaults(run=record)
+
+    finish = commands.add_parser("complete", help="complete an activity")
+    hub_options(finish)
+    finish.add_argument("activity_id")
+    finish.add_argument("--failed", action="store_true", help="it failed")
+    finish.add_argument("--reason", help="why it failed")
+    finish.set_defaults(run=complete)
+
+
+def run(args: argparse.Namespace) -> int:
+    from collab import CollabError
+
+    try:
+        code: int = args.run(args, sys.stdout)
+        return code
+    except CollabError as error:
+        print(f"collab: {error.code.lower().replace('_', ' ')}: {error.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

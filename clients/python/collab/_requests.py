@@ -1,0 +1,163 @@
+"""Request building shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = [
+    "ACTIVITY_TYPES",
+    "EVENT_KINDS",
+    "MEMORY_OPERATIONS",
+    "activity_type",
+    "new_key",
+    "record_activity",
+    "struct",
+    "subscribe",
+]
+
+ACTIVITY_TYPES = {
+    name.removeprefix("ACTIVITY_TYPE_").lower(): number
+    for name, number in pb.ActivityType.items()
+    if number != pb.ACTIVITY_TYPE_UNSPECIFIED
+}
+MEMORY_OPERATIONS = {
+    name.removeprefix("MEMORY_OPERATION_").lower(): number
+    for name, number in pb.MemoryOperation.items()
+    if number != pb.MEMORY_OPERATION_UNSPECIFIED
+}
+EVENT_KINDS = {
+    name.removeprefix("EVENT_KIND_").lower(): number
+    for name, number in pb.EventKind.items()
+    if number != pb.EVENT_KIND_UNSPECIFIED
+}
+
+
+def new_key() -> str:
+    """An idempotency key, so that a retried write is never recorded twice."""
+    return uuid.uuid4().hex
+
+
+def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    value = struct_pb2.Struct()
+    if data:
+        value.update(data)
+    return value
+
+
+def _enum(table: Mapping[str, int], field: str, name: str) -> Any:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"{field} must be one of {', '.join(table)}, got {name!r}") from None
+
+
+def activity_type(name: str) -> Any:
+    return _enum(ACTIVITY_TYPES, "activity_type", name)
+
+
+def record_activity(
+    agent_id: str,
+    kind: str,
+    *,
+    department: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    related_agents: Iterable[str] = (),
+    session_id: str | None = None,
+    parent_activity_id: str | None = None,
+    idempotency_key: str | None = None,
+) -> pb.RecordActivityRequest:
+    return pb.RecordActivityRequest(
+        agent_id=agent_id,
+        activity_type=activity_type(kind),
+        department=department,
+        metadata=struct(metadata),
+        related_agents=list(related_agents),
+        session_id=session_id or "",
+        parent_activity_id=parent_activity_id or "",
+        idempotency_key=idempotency_key or new_key(),
+    )
+
+
+def memory_operation(name: str) -> Any:
+    return _enum(MEMORY_OPERATIONS, "operation", name)
+
+
+def subscribe(
+    types: Iterable[str] | None,
+    agent_ids: Iterable[str] | None,
+    activity_types: Iterable[str] | None,
+    position: tuple[str, int] | None,
+) -> pb.SubscribeEventsRequest:
+    """A SubscribeEvents request; ``types`` are event kind names (`activity_recorded`, ...)."""
+    request = pb.SubscribeEventsRequest(
+        kinds=[_enum(EVENT_KINDS, "types", name) for name in types or ()],
+        agent_ids=list(agent_ids or ()),
+        activity_types=[activity_type(name) for name in activity_types or ()],
+    )
+    if position is not None:
+        request.epoch, request.since_seq = position
+    return request
+
+
+def complete_activity(
+    activity_id: str, success: bool, failure_reason: str, idempotency_key: str | None
+) -> pb.CompleteActivityRequest:
+    return pb.CompleteActivityRequest(
+        activity_id=activity_id,
+        success=success,
+        failure_reason=failure_reason,
+        idempotency_key=idempotency_key or new_key(),
+    )
+
+
+def start_collaboration(
+    participants: Iterable[str], session_type: str, metadata: Mapping[str, Any] | None
+) -> pb.StartCollaborationRequest:
+    return pb.StartCollaborationRequest(
+        participants=list(participants), session_type=session_type, metadata=struct(metadata), idempotency_key=new_key()
+    )
+
+
+def end_collaboration(session_id: str) -> pb.EndCollaborationRequest:
+    return pb.EndCollaborationRequest(session_id=session_id, idempotency_key=new_key())
+
+
+def record_decision(
+    session_id: str,
+    agent_id: str,
+    decision: str,
+    rationale: str,
+    votes: Mapping[str, str] | None,
+    metadata: Mapping[str, Any] | None,
+) -> pb.RecordDecisionRequest:
+    return pb.RecordDecisionRequest(
+        session_id=session_id,
+        agent_id=agent_id,
+        decision=decision,
+        rationale=rationale,
+        votes=dict(votes or {}),
+        metadata=struct(metadata),
+        idempotency_key=new_key(),
+    )
+
+
+def record_memory_update(
+    operation: str, item_id: str, agent_id: str, metadata: Mapping[str, Any] | None
+) -> pb.RecordMemoryUpdateRequest:
+    return pb.RecordMemoryUpdateRequest(
+        operation=memory_operation(operation),
+        item_id=item_id,
+        agent_id=agent_id,
+        metadata=struct(metadata),
+        idempotency_key=new_key(),
+    )
+
+
+def activity_feed(agent_id: str | None, limit: int, session_id: str | None) -> pb.GetActivityFeedRequest:
+    return pb.GetActivityFeedRequest(agent_id=agent_id or "", limit=limit, session_id=session_id or "")

@@ -1,0 +1,75 @@
+"""The sync Client against `collab-server` as a real process (SQLite store)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from collab import Client, InvalidArgument, NotFound
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.support.processes import ServerProcess
+from tests.support.rpc import WRITE_KEY
+
+pytestmark = pytest.mark.integration
+ENV = {"COLLAB_API_KEYS": WRITE_KEY, "COLLAB_RATE_LIMIT": "0"}
+
+
+def test_every_method_and_the_activity_context_manager(tmp_path: Path) -> None:
+    with ServerProcess(tmp_path, env=ENV) as server, Client(server.target, WRITE_KEY) as hub:
+        with hub.activity("agent_1", "council_debate", department="engineering", metadata={"round": 1}) as act:
+            assert hub.get_activity(act.activity_id).status == pb.ACTIVITY_STATUS_ACTIVE
+            session_id = hub.start_collaboration(["agent_1", "agent_2"])
+            hub.record_decision(session_id, "agent_1", "go")
+            hub.record_memory_update("write", "item_1", "agent_1", metadata={"size_bytes": 1024})
+        assert hub.get_activity(act.activity_id).status == pb.ACTIVITY_STATUS_COMPLETED
+        with pytest.raises(ZeroDivisionError), hub.activity("agent_1", "task_assigned") as failing:
+            1 / 0  # noqa: B018
+        assert hub.get_activity(failing.activity_id).failure_reason == "ZeroDivisionError"
+        assert hub.get_collaboration(session_id).session.decision_count == 1
+        assert [s.session_id for s in hub.active_collaborations()] == [session_id]
+        hub.end_collaboration(session_id)
+        assert [s.session_id for s in hub.ended_collaborations()] == [session_id]
+        assert len(hub.activity_feed(limit=10)) == 2
+        assert hub.agent_status().total_agents == 2
+        with pytest.raises(NotFound):
+            hub.get_activity("act_missing")
+        with pytest.raises(InvalidArgument, match="limit"):
+            hub.activity_feed(limit=501)
+
+
+def test_events_continue_across_a_server_restart_with_no_gap(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, env=ENV).start()
+    received: list[int] = []
+    done = threading.Event()
+
+    def follow() -> None:
+        with Client(server.target, WRITE_KEY) as watcher:
+            for event in watcher.events(types=["activity_recorded"]):
+                received.append(event.seq)
+                if len(received) == 10:
+                    done.set()
+                    return
+
+    follower = threading.Thread(target=follow, daemon=True)
+    try:
+        with Client(server.target, WRITE_KEY) as hub:
+            hub.record_activity("agent_1", "message_sent")  # the follower starts after this one
+            follower.start()
+            while not received:
+                hub.record_activity("agent_1", "message_sent")
+                done.wait(0.05)
+            first = received[0]
+            recorded = 1 + len(received)
+            port = server.port
+            assert server.stop() == 0
+            server.start(port)
+            with Client(server.target, WRITE_KEY, retries=20) as again:
+                while recorded < first + 10:
+                    again.record_activity("agent_1", "message_sent")
+                    recorded += 1
+        assert done.wait(20), received
+        assert received == list(range(first, first + 10)), "resumed after the restart: no gap, no duplicate"
+    finally:
+        server.stop()
