@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from bridge.config import BridgeConfig
@@ -21,6 +22,9 @@ __all__ = ["create_app"]
 
 WS_PATH = "/api/v1/collaboration/ws"
 SSE_PATH = "/api/v1/collaboration/events"
+STATIC = Path(__file__).resolve().parent / "static"
+# The browser client's source lives with the other clients; the bridge serves it as is.
+JS_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "js" / "collab.js"
 
 
 def create_app(config: BridgeConfig) -> FastAPI:
@@ -65,6 +69,20 @@ def create_app(config: BridgeConfig) -> FastAPI:
             "error": None if upstream.connected else upstream.last_error or "connecting",
         }
         return JSONResponse(body, status_code=200 if upstream.connected else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/dashboard.js", include_in_schema=False)
+    async def dashboard_script() -> FileResponse:
+        return FileResponse(
+            STATIC / "dashboard.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/client/collab.js", tags=["clients"], summary="The browser client (an ES module)")
+    async def js_client() -> FileResponse:
+        return FileResponse(JS_CLIENT, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     return app

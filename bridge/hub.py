@@ -81,20 +81,30 @@ class StreamHub:
             subscriber.min_seq = subscriber.last_seq = snapshot.seq
             subscriber.send_frame(frame)
 
-    def on_event(self, event: pb.Event) -> None:
+    @staticmethod
+    def frame(event: pb.Event) -> Frame | None:
+        """``event`` serialised as its WebSocket message; None if this bridge cannot show
+        it (a newer server's payload or enum value), which the log says."""
         try:
             message = mapping.event_json(event)
         except (KeyError, ValueError) as error:
-            # An event this bridge cannot show (a newer server's payload or enum value):
-            # skipping it keeps every other client served; the log says what was skipped.
             log.error("event %d skipped: not mappable to JSON: %r", event.seq, error)
-            self.last_seq = event.seq
-            return
+            return None
         activity_type = message.get("activity", {}).get("activity_type") or message.get("activity_type")
-        frame = Frame(dumps(message), message["type"], activity_type, event.seq)
+        return Frame(dumps(message), message["type"], activity_type, event.seq)
+
+    def on_event(self, event: pb.Event) -> None:
         self.last_seq = event.seq
+        frame = self.frame(event)
+        if frame is None:
+            return  # skipping it keeps every other client served
         self._recent.append(frame)
         self.fanout.broadcast(frame)
+
+    @property
+    def first_buffered_seq(self) -> int:
+        """The oldest seq a resuming client can be given from the buffer."""
+        return (self._recent[0].seq or 0) if self._recent else self.last_seq + 1
 
     def on_status(self, update: pb.StreamAgentStatusResponse) -> None:
         frame = Frame(dumps(mapping.status_update_json(update)), "agent_status_update")
@@ -108,12 +118,17 @@ class StreamHub:
         assert first is not None
         return islice(self._recent, max(0, seq + 1 - first), None)
 
-    def plan_resume(self, epoch: str, since: int) -> Join:
-        """Can a client that saw everything up to ``(epoch, since)`` be caught up?"""
+    def plan_resume(self, epoch: str, since: int, fetched: list[Frame] | None = None) -> Join:
+        """Can a client that saw everything up to ``(epoch, since)`` be caught up? From
+        the buffer, or with ``fetched``: the events after ``since`` read from the server
+        that lead up to the buffer."""
         if epoch != self.epoch:
             return Join(False, f"epoch {epoch!r} is not the current epoch {self.epoch!r}", [])
-        first = self._recent[0].seq if self._recent else self.last_seq + 1
-        assert first is not None
+        first = self.first_buffered_seq
+        if fetched and since + 1 < first and fetched[0].seq == since + 1:
+            reached = fetched[-1].seq or since
+            if reached + 1 >= first:
+                return Join(True, "", fetched + list(self._frames_after(reached)))
         if since + 1 < first:
             return Join(False, f"events after seq {since} are no longer buffered (oldest is {first})", [])
         if since > self.last_seq:
@@ -121,13 +136,19 @@ class StreamHub:
         return Join(True, "", list(self._frames_after(since)))
 
     def open(
-        self, subscriber: Subscriber, snapshot: pb.Snapshot, established: mapping.JSON, since: int | None, epoch: str
+        self,
+        subscriber: Subscriber,
+        snapshot: pb.Snapshot,
+        established: mapping.JSON,
+        since: int | None,
+        epoch: str,
+        fetched: list[Frame] | None = None,
     ) -> None:
         """Start a client: ``connection_established``, then either the events it missed
         (resume from ``(epoch, since)``) or ``collaboration_state`` from ``snapshot``, then
         live events. Synchronous, so no event can slip in between."""
         if since is not None:
-            plan = self.plan_resume(epoch, since)
+            plan = self.plan_resume(epoch, since, fetched)
             established["recovered"] = plan.recovered
             if plan.recovered:
                 established["seq"] = since

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import grpc
 
 from bridge.config import BridgeConfig
-from bridge.fanout import Subscriber
+from bridge.fanout import Frame, Subscriber
 from bridge.hub import SnapshotTooOld, StreamHub
 from bridge.upstream import Upstream
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -89,6 +89,34 @@ class BridgeRuntime:
             )
         return first.snapshot
 
+    async def fetch_missed(self, credential: Credential, epoch: str, since: int, until: int) -> list[Frame] | None:
+        """The events after ``since`` up to ``until``, replayed by the server with the
+        caller's credential; None when it cannot (another epoch, no longer retained)."""
+        call = self.stub.SubscribeEvents(
+            pb.SubscribeEventsRequest(since_seq=since, epoch=epoch),
+            metadata=credential_metadata(credential),
+            timeout=self.config.rpc_timeout,
+        )
+        frames: list[Frame] = []
+        try:
+            first = await call.read()
+            if not isinstance(first, pb.SubscribeEventsResponse) or not first.resume.recovered:
+                return None
+            seq = since
+            while seq < until:
+                message = await call.read()
+                if not isinstance(message, pb.SubscribeEventsResponse):
+                    return None
+                seq = message.event.seq
+                frame = self.hub.frame(message.event)
+                if frame is not None:
+                    frames.append(frame)
+        except grpc.aio.AioRpcError:
+            return None
+        finally:
+            call.cancel()
+        return frames
+
     async def open_client(
         self,
         subscriber: Subscriber,
@@ -100,11 +128,14 @@ class BridgeRuntime:
     ) -> None:
         """Start a client from ``snapshot`` (or resume it from ``(epoch, since)``). In the
         rare case that events outran the snapshot while it was fetched, fetch another."""
+        fetched = None
+        if since is not None and epoch == self.hub.epoch and since + 1 < self.hub.first_buffered_seq:
+            # Older than this bridge's buffer (it restarted, say): the server may still have them.
+            fetched = await self.fetch_missed(credential, epoch, since, self.hub.first_buffered_seq - 1)
         for _ in range(SNAPSHOT_ATTEMPTS):
             try:
-                self.hub.open(
-                    subscriber, snapshot, {**established, "epoch": snapshot.epoch, "seq": snapshot.seq}, since, epoch
-                )
+                opening = {**established, "epoch": snapshot.epoch, "seq": snapshot.seq}
+                self.hub.open(subscriber, snapshot, opening, since, epoch, fetched)
                 return
             except SnapshotTooOld:
                 snapshot = await self.fetch_snapshot(credential)

@@ -64,6 +64,7 @@ async def _up(args: argparse.Namespace) -> int:
     query = f"&token={token}" if token else ""
     print()
     print(f"  gRPC:      {target}  (service collab.v1.CollaborationService, reflection on)")
+    print(f"  Dashboard: {http}/?token={token}" if token else f"  Dashboard: {http}/")
     print(f"  REST:      {http}/api/v1/collaboration/agent-status  (API docs: {http}/docs)")
     print(f"  WebSocket: {ws}/api/v1/collaboration/ws?client_id=me{query}")
     print(f"  token:     {token}" if token else "  token:     none needed (COLLAB_AUTH=off)")
