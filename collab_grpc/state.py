@@ -131,11 +131,11 @@ class CollaborationState:
         related = check_id_list("related_agents", related_agents, limits)
         check_id("session_id", session_id, limits, required=False)
         check_id("parent_activity_id", parent_activity_id, limits, required=False)
-        session = self._active_session(session_id) if session_id else None
+        if session_id:
+            self._active_session(session_id)  # it must exist and be active
         if parent_activity_id and self.get_activity(parent_activity_id) is None:
             raise NotFound(f"parent activity {parent_activity_id!r} not found")
 
-        del session  # checked: it exists and is active
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         activity = Activity(
@@ -218,7 +218,7 @@ class CollaborationState:
             check_id("votes key", voter, limits)
             check_text(f"votes[{voter}]", vote, limits, max_length=limits.max_id_length, required=True)
         meta = check_metadata("metadata", metadata or {}, limits)
-        session = self._active_session(session_id)
+        self._active_session(session_id)  # it must exist and be active
         decisions = self._decisions[session_id]
         if len(decisions) >= self.settings.max_decisions_per_session:
             raise FailedPrecondition(
@@ -236,7 +236,6 @@ class CollaborationState:
             metadata=meta,
             timestamp=now,
         )
-        del session  # checked: it exists and is active
         self._apply_decision(record)
         self.log.append(EventKind.DECISION_RECORDED, record, now)
         return record
