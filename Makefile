@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck protos protos-check buf-lint buf-breaking unit clean
+.PHONY: run test bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(STAMP)
 
 test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
 	$(BIN)/python -m pytest
+
+# The full benchmark run (minutes); make test runs its smoke configuration only.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py

@@ -81,7 +81,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     up.add_argument("--data-dir", type=Path, help="data directory [COLLAB_DATA_DIR, default ./.collab]")
     up.add_argument("--bridge-addr", help="HTTP/WebSocket listen address [COLLAB_BRIDGE_ADDR, default 127.0.0.1:8000]")
     commands.add_commands(subcommands)
-    args = parser.parse_args(argv)
+    subcommands.add_parser("bench", help="run the benchmarks (bench/; --smoke for a tiny run)", add_help=False)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        from bench.__main__ import main as bench
+
+        sys.exit(bench(arguments[1:]))
+    args = parser.parse_args(arguments)
     if args.command == "up":
         sys.exit(asyncio.run(_up(args)))
     sys.exit(commands.run(args))

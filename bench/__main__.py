@@ -1,0 +1,84 @@
+"""`python -m bench [--smoke] [--out DIR]`: run the benchmarks, print a markdown table and
+write it with a JSON file of the raw figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.fanout import FanoutResult, HubTarget, PeerTarget, run_fanout
+
+__all__ = ["main"]
+
+FULL = {"fanout": [(100, 300), (1000, 100), (5000, 20)]}
+SMOKE = {"fanout": [(20, 20)]}
+
+
+def table(results: list[FanoutResult]) -> str:
+    lines = [
+        "| clients | target | messages | delivered | deliveries/s | vs python-socketio | vs websockets.broadcast |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    by_n: dict[int, dict[str, FanoutResult]] = {}
+    for result in results:
+        by_n.setdefault(result.clients, {})[result.target] = result
+    for clients, row in sorted(by_n.items()):
+        peer = next((r for name, r in row.items() if "socketio" in name), None)
+        limit = next((r for name, r in row.items() if "websockets" in name), None)
+        for result in row.values():
+            ratio_peer = f"{result.rate / peer.rate:.2f}x" if peer and peer.rate else "-"
+            ratio_limit = f"{result.rate / limit.rate:.0%}" if limit and limit.rate else "-"
+            lines.append(
+                f"| {clients:,} | {result.target} | {result.messages:,} | {result.delivered:,} | "
+                f"{result.rate:,.0f} | {ratio_peer} | {ratio_limit} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collab bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds): it runs, nothing is lost")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write the table and JSON")
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    results: list[FanoutResult] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients, messages in plan["fanout"]:
+            for target in (
+                HubTarget(Path(tmp)),
+                PeerTarget("websockets", Path(tmp)),
+                PeerTarget("socketio", Path(tmp)),
+            ):
+                result = run_fanout(target, clients, messages)
+                print(f"fan-out {result.target:32} N={clients:<5} {result.rate:>10,.0f} deliveries/s", file=sys.stderr)
+                results.append(result)
+    report = "## Fan-out (one bridge, back-to-back)\n\n" + table(results) + "\n"
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"{stamp}.md").write_text(report)
+    (args.out / f"{stamp}.json").write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "python": platform.python_version(),
+                "fanout": [asdict(r) | {"rate": r.rate} for r in results],
+            },
+            indent=2,
+        )
+    )
+    lost = [r for r in results if r.delivered != r.clients * r.messages]
+    if lost:
+        print("messages were lost: " + ", ".join(f"{r.target} N={r.clients}" for r in lost), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

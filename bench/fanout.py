@@ -1,0 +1,296 @@
+"""Fan-out: deliveries per second to N WebSocket clients, for the hub and its peers.
+
+The same load clients (``bench.wsclient``, in separate processes) and the same JSON
+message size for every target. The hub's events are recorded through gRPC (bulk
+stream) and reach clients through the bridge with a subscription filter on and
+slow-client protection on, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.wsclient import WebSocketClient
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+
+__all__ = ["FanoutResult", "run_fanout"]
+
+TOKEN = "bench-token"
+MARKER = b'"agent_activity"'
+
+
+@dataclass
+class FanoutResult:
+    target: str
+    clients: int
+    messages: int
+    delivered: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _start(argv: list[str], marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if marker in line:
+            return process
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError(f"{argv[2]} did not start")
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# -- load processes ---------------------------------------------------------------------
+
+
+async def _load(host: str, port: int, path: str, kind: str, clients: int, control: Connection) -> None:
+    counts = [0] * clients
+    connections: list[WebSocketClient] = []
+    last = [0.0]
+    done = asyncio.Event()
+    target = [0]
+
+    def counter(index: int) -> Callable[[bytes], None]:
+        def on_text(payload: bytes) -> None:
+            if (kind == "socketio" and payload.startswith(b"42")) or (kind != "socketio" and MARKER in payload[:40]):
+                counts[index] += 1
+                last[0] = time.time()
+                if target[0] and counts[index] == target[0] and all(c >= target[0] for c in counts):
+                    done.set()
+            elif kind == "socketio" and payload.startswith(b"0{"):
+                connections[index].send_text("40")  # join the default namespace
+            elif kind == "socketio" and payload == b"2":
+                connections[index].send_text("3")
+
+        return on_text
+
+    tasks = []
+    for index in range(clients):
+        client = await WebSocketClient.connect(host, port, path.format(index=index))
+        connections.append(client)
+        if kind == "hub":
+            client.send_text(json.dumps({"type": "subscribe", "activity_types": ["agent_activity"]}))
+        tasks.append(asyncio.create_task(client.run(counter(index))))
+    await asyncio.sleep(0.5)  # opening messages and subscriptions settle
+    control.send("ready")
+    target[0] = await asyncio.get_running_loop().run_in_executor(None, control.recv)
+    with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
+        await asyncio.wait_for(done.wait(), 60)
+    control.send((sum(counts), last[0]))
+    for client in connections:
+        client.close()
+    for task in tasks:
+        task.cancel()
+
+
+def _load_process(host: str, port: int, path: str, kind: str, clients: int, control: Connection) -> None:
+    asyncio.run(_load(host, port, path, kind, clients, control))
+
+
+# -- targets ------------------------------------------------------------------------------
+
+
+def sample_message() -> str:
+    """An agent_activity message as the bridge sends it (~300 bytes), for the peers."""
+    return json.dumps(
+        {
+            "type": "agent_activity",
+            "activity": {
+                "activity_id": "act_1795660000_agent_1_0123abcd",
+                "agent_id": "agent_1",
+                "department": "engineering",
+                "activity_type": "memory_write",
+                "timestamp": 1795660000.123456,
+                "metadata": {"item_id": "item_123", "size_bytes": 1024},
+                "related_agents": ["agent_2"],
+                "status": "active",
+            },
+            "timestamp": "2026-11-26T12:00:00.123456+00:00",
+            "seq": 1,
+        },
+        separators=(",", ":"),
+    )
+
+
+class HubTarget:
+    name = "collab hub"
+    kind = "hub"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    def start(self) -> tuple[int, str]:
+        grpc_port, http_port = free_port(), free_port()
+        env = {
+            "COLLAB_API_KEYS": TOKEN,
+            "COLLAB_RATE_LIMIT": "0",
+            "COLLAB_STORE": "memory",
+            "COLLAB_LOG_LEVEL": "warning",
+        }
+        self.server = _start(
+            [
+                sys.executable,
+                "-m",
+                "collab_grpc.server",
+                "--grpc-addr",
+                f"127.0.0.1:{grpc_port}",
+                "--data-dir",
+                str(self.workdir),
+            ],
+            "listening on",
+            env,
+        )
+        self.bridge = _start(
+            [
+                sys.executable,
+                "-m",
+                "bridge.main",
+                "--bridge-addr",
+                f"127.0.0.1:{http_port}",
+                "--grpc-target",
+                f"127.0.0.1:{grpc_port}",
+            ],
+            "listening on",
+            {**env, "COLLAB_UPSTREAM_TOKEN": TOKEN, "COLLAB_CLIENT_BACKLOG": "100000"},
+        )
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+        return http_port, "/api/v1/collaboration/ws?client_id=c{index}&token=" + TOKEN
+
+    def trigger(self, count: int) -> None:
+        with grpc.insecure_channel(self.grpc_target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            metadata = pb.RecordActivityRequest().metadata
+            metadata.update({"item_id": "item_123", "size_bytes": 1024})
+            requests = (
+                pb.BulkRecordActivitiesRequest(
+                    activity=pb.RecordActivityRequest(
+                        agent_id=f"agent_{n % 48}",
+                        department="engineering",
+                        activity_type=pb.ACTIVITY_TYPE_MEMORY_WRITE,
+                        metadata=metadata,
+                        related_agents=["agent_2"],
+                    )
+                )
+                for n in range(count)
+            )
+            stub.BulkRecordActivities(requests, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
+
+    def stop(self) -> None:
+        _stop(self.bridge)
+        _stop(self.server)
+
+
+class PeerTarget:
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.name = {"websockets": "websockets.broadcast (limit)", "socketio": "python-socketio (peer)"}[kind]
+        self.workdir = workdir
+
+    def start(self) -> tuple[int, str]:
+        self.port = free_port()
+        message_file = self.workdir / "message.json"
+        message_file.write_text(sample_message())
+        self.process = _start(
+            [sys.executable, "-m", "bench.peers", self.kind, str(self.port), str(message_file)], "ready"
+        )
+        path = "/socket.io/?EIO=4&transport=websocket" if self.kind == "socketio" else "/"
+        return self.port, path
+
+    def trigger(self, count: int) -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{self.port}/go?count={count}", timeout=30).read()
+
+    def stop(self) -> None:
+        _stop(self.process)
+
+
+def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> FanoutResult:
+    """Connect ``clients`` (over ``processes`` load processes), broadcast ``messages``,
+    and measure deliveries from the trigger to the last receipt."""
+    port, path = target.start()
+    context = multiprocessing.get_context("spawn")
+    pipes, workers = [], []
+    try:
+        share = [clients // processes + (1 if n < clients % processes else 0) for n in range(processes)]
+        for count in share:
+            parent, child = context.Pipe()
+            worker = context.Process(target=_load_process, args=("127.0.0.1", port, path, target.kind, count, child))
+            worker.start()
+            pipes.append(parent)
+            workers.append(worker)
+        for pipe in pipes:
+            if not pipe.poll(120) or pipe.recv() != "ready":
+                raise RuntimeError("load clients did not connect")
+        for pipe in pipes:
+            pipe.send(messages)
+        started = time.time()
+        target.trigger(messages)
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0) for pipe in pipes]
+        delivered = sum(received for received, _ in reports)
+        finished = max(last for _, last in reports) or time.time()
+        return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started))
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+        target.stop()
+
+
+def targets(workdir: Path) -> list[Any]:
+    return [HubTarget(workdir), PeerTarget("websockets", workdir), PeerTarget("socketio", workdir)]
+
+
+def main() -> None:  # pragma: no cover - quick manual runs
+    clients = int(sys.argv[1]) if len(sys.argv) > 1 else 100
+    messages = int(sys.argv[2]) if len(sys.argv) > 2 else 200
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in targets(Path(tmp)):
+            result = run_fanout(target, clients, messages)
+            print(f"{result.target:32} N={clients:<5} {result.delivered:>8} delivered  {result.rate:>10,.0f}/s")
+
+
+if __name__ == "__main__":
+    main()
