@@ -7,6 +7,7 @@ can be rebuilt from the server: on restart the bridge starts again from a snapsh
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections import deque
@@ -114,9 +115,9 @@ class StreamHub:
     # -- clients ----------------------------------------------------------------------
 
     def _frames_after(self, seq: int) -> Iterator[Frame]:
-        first = self._recent[0].seq if self._recent else self.last_seq + 1
-        assert first is not None
-        return islice(self._recent, max(0, seq + 1 - first), None)
+        # By seq, not by position: an event this bridge could not show leaves a gap.
+        start = bisect.bisect_right(self._recent, seq, key=lambda frame: frame.seq or 0)
+        return islice(self._recent, start, None)
 
     def plan_resume(self, epoch: str, since: int, fetched: list[Frame] | None = None) -> Join:
         """Can a client that saw everything up to ``(epoch, since)`` be caught up? From
@@ -143,10 +144,15 @@ class StreamHub:
         since: int | None,
         epoch: str,
         fetched: list[Frame] | None = None,
+        strict: bool = True,
     ) -> None:
         """Start a client: ``connection_established``, then either the events it missed
         (resume from ``(epoch, since)``) or ``collaboration_state`` from ``snapshot``, then
-        live events. Synchronous, so no event can slip in between."""
+        live events. Synchronous, so no event can slip in between.
+
+        SnapshotTooOld when events between ``snapshot`` and what the bridge can still give
+        would be missed, or (``strict``) when the snapshot is of another epoch than the
+        bridge follows; the caller fetches a fresh snapshot."""
         if since is not None:
             plan = self.plan_resume(epoch, since, fetched)
             established["recovered"] = plan.recovered
@@ -158,8 +164,10 @@ class StreamHub:
                 return
             established["reason"] = plan.reason
         same_epoch = snapshot.epoch == self.epoch
-        if same_epoch and self._recent and snapshot.seq + 1 < (self._recent[0].seq or 0):
+        if same_epoch and snapshot.seq + 1 < self.first_buffered_seq:
             raise SnapshotTooOld(f"snapshot at seq {snapshot.seq} is older than the buffered events")
+        if strict and self.epoch and not same_epoch:
+            raise SnapshotTooOld(f"snapshot of epoch {snapshot.epoch!r}; the bridge follows {self.epoch!r}")
         subscriber.send_frame(Frame(dumps(established), "connection_established"))
         subscriber.send_frame(Frame(dumps(collaboration_state(snapshot)), "collaboration_state"))
         subscriber.epoch = snapshot.epoch

@@ -3,6 +3,7 @@ and the stream hub, started and stopped together."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 import grpc
@@ -132,12 +133,15 @@ class BridgeRuntime:
         if since is not None and epoch == self.hub.epoch and since + 1 < self.hub.first_buffered_seq:
             # Older than this bridge's buffer (it restarted, say): the server may still have them.
             fetched = await self.fetch_missed(credential, epoch, since, self.hub.first_buffered_seq - 1)
-        for _ in range(SNAPSHOT_ATTEMPTS):
+        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
             try:
                 opening = {**established, "epoch": snapshot.epoch, "seq": snapshot.seq}
-                self.hub.open(subscriber, snapshot, opening, since, epoch, fetched)
+                # The last attempt accepts another epoch: the bridge may be the one behind
+                # (the server just restarted); its upstream then resets the client.
+                self.hub.open(subscriber, snapshot, opening, since, epoch, fetched, strict=attempt < SNAPSHOT_ATTEMPTS)
                 return
             except SnapshotTooOld:
+                await asyncio.sleep(0.05 * attempt)
                 snapshot = await self.fetch_snapshot(credential)
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.UNAVAILABLE,

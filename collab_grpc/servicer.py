@@ -328,50 +328,60 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     async def SubscribeEvents(  # type: ignore[override]  # noqa: N802
         self, request: pb.SubscribeEventsRequest, context: Context
     ) -> None:
-        initial: list[pb.SubscribeEventsResponse] = []
         subscription: Subscription | None = None
         try:
-            await self.store.fresh()
-            event_filter = convert.event_filter_from_proto(request)
-            for agent_id in request.agent_ids:
-                check_id("agent_ids entry", agent_id, self.state.limits)
-            if self._stopping.is_set():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-            if request.HasField("since_seq"):
-                if not request.epoch:
-                    raise InvalidArgument("epoch is required with since_seq")
-                resume, subscription = self.state.resume(
-                    event_filter, self.subscriber_queue, request.epoch, request.since_seq
-                )
-                initial.append(
-                    pb.SubscribeEventsResponse(
-                        resume=pb.ResumeResult(
-                            recovered=resume.recovered,
-                            epoch=self.state.epoch,
-                            since_seq=request.since_seq,
-                            reason=resume.reason,
-                        )
-                    )
-                )
-                if resume.snapshot is not None:
-                    initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot)))
-                initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
-            elif request.include_snapshot:
-                snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
-                initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
-            else:
-                subscription = self.state.subscribe(event_filter, self.subscriber_queue)
-            # A snapshot may include changes still being stored: hand it on once they are.
-            await self.store.durable(self.state.log.last_seq)
-        except CollabError as error:
+            try:
+                subscription, initial = await self._subscribe(request, context)
+            except CollabError as error:
+                await abort_with(context, error)
+                return
+            await self._pump(subscription, initial, context)
+        finally:  # whatever ended the stream (the client, an error, cancellation)
             if subscription is not None:
                 self.state.log.unsubscribe(subscription)
-            await abort_with(context, error)
-            return
+
+    async def _subscribe(
+        self, request: pb.SubscribeEventsRequest, context: Context
+    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse]]:
+        """The subscription a SubscribeEvents request asks for, and its first messages."""
+        initial: list[pb.SubscribeEventsResponse] = []
+        await self.store.fresh()
+        event_filter = convert.event_filter_from_proto(request)
+        for agent_id in request.agent_ids:
+            check_id("agent_ids entry", agent_id, self.state.limits)
+        if self._stopping.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if request.HasField("since_seq"):
+            if not request.epoch:
+                raise InvalidArgument("epoch is required with since_seq")
+            resume, subscription = self.state.resume(
+                event_filter, self.subscriber_queue, request.epoch, request.since_seq
+            )
+            initial.append(
+                pb.SubscribeEventsResponse(
+                    resume=pb.ResumeResult(
+                        recovered=resume.recovered,
+                        epoch=self.state.epoch,
+                        since_seq=request.since_seq,
+                        reason=resume.reason,
+                    )
+                )
+            )
+            if resume.snapshot is not None:
+                initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot)))
+            initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+        elif request.include_snapshot:
+            snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
+            initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
+        else:
+            subscription = self.state.subscribe(event_filter, self.subscriber_queue)
         try:
-            await self._pump(subscription, initial, context)
-        finally:
+            # A snapshot may include changes still being stored: hand it on once they are.
+            await self.store.durable(self.state.log.last_seq)
+        except BaseException:
             self.state.log.unsubscribe(subscription)
+            raise
+        return subscription, initial
 
     async def _pump(
         self,

@@ -79,6 +79,7 @@ class RedisStore:
         self._answers: dict[int, list[list[Any]]] = {}
         self._durable_seq = 0
         self._stale = False
+        self._appending = False
         self._follower: asyncio.Task[None] | None = None
 
     @property
@@ -181,14 +182,21 @@ class RedisStore:
         state = self._state
         assert state is not None
         client = self._redis()
+        if not self._stale:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.mget(self._key("epoch"), self._key("seq"))
+                    pipe.xrange(self._key("events"), min=f"{state.log.last_seq + 1}-0")
+                    (epoch, seq), entries = await pipe.execute()
+            except RedisError as error:
+                raise StoreUnavailable(f"the Redis store is unavailable: {error}") from None
+            # Redis lost or replaced the history (restarted without its data, say).
+            self._stale = epoch is None or epoch.decode() != state.epoch or int(seq or 0) < state.log.last_seq
         if self._stale:
             await self._load(client)
+            self._appending = False
             state.log.close_all("the state was reloaded from the store; resubscribe with since_seq")
             return
-        try:
-            entries = await client.xrange(self._key("events"), min=f"{state.log.last_seq + 1}-0")
-        except RedisError as error:
-            raise StoreUnavailable(f"the Redis store is unavailable: {error}") from None
         for entry_id, fields in entries:
             event = _decode_entry(state.epoch, entry_id, fields)
             if event.seq <= state.log.last_seq:
@@ -234,8 +242,17 @@ class RedisStore:
             try:
                 await self._catch_up()
                 before = self._state.log.last_seq if self._state else 0
-                yield
-                await self._append(client, before)
+                try:
+                    yield
+                    await self._append(client, before)
+                except BaseException:
+                    # Cancelled, or failed, with the state already changed here: that change
+                    # is not (surely) in Redis, so the state is reloaded before it is used.
+                    if self._staged or self._answers or self._appending:
+                        self._stale = True
+                    self._staged.clear()
+                    self._answers.clear()
+                    raise
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await client.eval(RELEASE, 1, self._key("lock"), self._token)
@@ -262,6 +279,7 @@ class RedisStore:
         events, self._staged[:] = list(self._staged), []
         answers, self._answers = self._answers, {}
         expected = before
+        self._appending = True
         try:
             for event in events:
                 body = dumps(
@@ -278,6 +296,7 @@ class RedisStore:
         except (RedisError, OSError) as error:
             self._stale = True
             raise StoreUnavailable(f"the Redis store could not write ({error}); the write was not recorded") from None
+        self._appending = False
 
     def _ops(self, event: Event, answers: list[list[Any]]) -> list[list[Any]]:
         """The state changes of ``event``, as Redis commands (full JSON of what changed)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from google.protobuf import timestamp_pb2
 
 from bridge import mapping
 from bridge.fanout import ClientFilter, Subscriber
-from bridge.hub import StreamHub
+from bridge.hub import SnapshotTooOld, StreamHub
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 EPOCH = "e1"
@@ -343,10 +344,13 @@ def test_open_with_an_unrecoverable_since_falls_back_to_the_snapshot() -> None:
         assert client.seqs == [15]
 
 
-def test_open_with_a_snapshot_of_another_epoch_sends_no_buffered_frames() -> None:
+def test_open_with_a_snapshot_of_another_epoch_asks_for_another_then_sends_no_buffered_frames() -> None:
     hub = hub_with_events(11, 15)
     client = Client()
-    hub.open(client.subscriber, snapshot(3, epoch="e2"), established(3, "e2"), None, "")
+    with pytest.raises(SnapshotTooOld, match="epoch"):
+        hub.open(client.subscriber, snapshot(3, epoch="e2"), established(3, "e2"), None, "")
+    assert client.texts == []
+    hub.open(client.subscriber, snapshot(3, epoch="e2"), established(3, "e2"), None, "", strict=False)
     assert client.types == ["connection_established", "collaboration_state"]
     assert client.messages[1]["epoch"] == "e2"
     assert client.subscriber.min_seq == 3
@@ -430,3 +434,26 @@ def test_a_client_that_joined_before_the_first_upstream_snapshot_misses_nothing(
     events_after = [message["seq"] for message in messages[last_state + 1 :]]
     # The newest state the client holds plus the events after it must leave no gap up to 9.
     assert events_after == list(range(covered + 1, 10)), (covered, events_after)
+
+
+def test_a_snapshot_older_than_an_empty_buffer_asks_for_another() -> None:
+    """Right after the upstream's snapshot at 10 the buffer is empty: a client snapshot at
+    7 would miss 8..10."""
+    hub = StreamHub(100)
+    hub.on_snapshot(snapshot(10), reset=False)
+    client = Client()
+    with pytest.raises(SnapshotTooOld):
+        hub.open(client.subscriber, snapshot(7), established(7), None, "")
+    hub.open(client.subscriber, snapshot(10), established(10), None, "")
+    assert client.types == ["connection_established", "collaboration_state"]
+
+
+def test_resume_across_an_event_the_bridge_could_not_show() -> None:
+    hub = hub_with_events(1, 2)
+    unknown = activity_event(3)
+    unknown.activity_recorded.activity_type = 99  # type: ignore[assignment]  # a newer server's type
+    hub.on_event(unknown)
+    for seq in (4, 5):
+        hub.on_event(activity_event(seq))
+    assert [frame.seq for frame in hub.plan_resume(EPOCH, 2).catch_up] == [4, 5]
+    assert [frame.seq for frame in hub.plan_resume(EPOCH, 3).catch_up] == [4, 5]

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,20 +29,10 @@ from websockets.asyncio.client import connect
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import BridgeProcess, ServerProcess
 from tests.support.rpc import Client
+from tests.support.services import SHARED_REDIS, free_port, require_redis
 from tests.support.stack import API, AUTH, BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, wait_ready
 
 pytestmark = pytest.mark.integration
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
-
-
-def require_redis(url: str = SHARED_REDIS) -> None:
-    try:
-        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
-    except redis.exceptions.ConnectionError as error:
-        if os.environ.get("COLLAB_REQUIRE_REDIS") == "1":
-            pytest.fail(f"Redis is required (COLLAB_REQUIRE_REDIS=1) but {url} does not answer: {error}")
-        pytest.skip(f"no Redis at {url}: {error}")
 
 
 @pytest.fixture
@@ -56,13 +45,6 @@ def redis_store() -> Iterator[str]:
     keys = list(client.scan_iter(f"{prefix}:*"))
     if keys:
         client.delete(*keys)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_two_servers_and_two_bridges_share_one_history(tmp_path: Path, redis_store: str) -> None:

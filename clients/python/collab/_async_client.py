@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collab import _requests as requests
-from collab._errors import ResumeFailed, Unavailable, error_from_rpc
+from collab._errors import CollabError, ResumeFailed, Unavailable, error_from_rpc
 from collab._settings import Settings
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -21,6 +22,7 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 __all__ = ["ActivityHandle", "AsyncBatchRecorder", "AsyncClient"]
 
 Reply = TypeVar("Reply", bound=Message)
+log = logging.getLogger("collab")
 
 # Stream failures after which following the log simply reconnects and resumes.
 RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
@@ -291,7 +293,10 @@ class AsyncBatchRecorder:
         while True:
             await asyncio.sleep(self.max_delay)
             if self._buffer:
-                await self.flush()
+                try:
+                    await self.flush()
+                except CollabError as error:  # kept buffered; the next tick or close() tries again
+                    log.warning("batch flush failed: %s", error)
 
     async def flush(self) -> None:
         """Send what is buffered; retried while UNAVAILABLE (the keys make that safe)."""
@@ -325,6 +330,6 @@ class AsyncBatchRecorder:
     async def close(self) -> None:
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(BaseException):
                 await self._ticker
         await self.flush()

@@ -4,6 +4,7 @@ the batching recorder. Method for method the same as `AsyncClient`."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -14,7 +15,7 @@ from google.protobuf.message import Message
 
 from collab import _requests as requests
 from collab._async_client import RESUMABLE, ActivityHandle, RecordFailure
-from collab._errors import ResumeFailed, Unavailable, error_from_rpc
+from collab._errors import CollabError, ResumeFailed, Unavailable, error_from_rpc
 from collab._settings import Settings
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -22,6 +23,7 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 __all__ = ["BatchRecorder", "Client"]
 
 Reply = TypeVar("Reply", bound=Message)
+log = logging.getLogger("collab")
 
 
 class Client:
@@ -273,7 +275,10 @@ class BatchRecorder:
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay):
             if self._buffer:
-                self.flush()
+                try:
+                    self.flush()
+                except CollabError as error:  # kept buffered; the next tick or close() tries again
+                    log.warning("batch flush failed: %s", error)
 
     def flush(self) -> None:
         """Send what is buffered; retried while UNAVAILABLE (the keys make that safe)."""

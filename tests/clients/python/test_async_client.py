@@ -137,3 +137,29 @@ async def test_a_retried_write_is_never_recorded_twice(make_hub: HubFactory) -> 
         assert lossy.lost == 1
         feed = await hub.activity_feed(agent_id="agent_1")
         assert [a.activity_id for a in feed] == [activity_id]
+
+
+async def test_the_recorder_keeps_flushing_after_a_failed_flush(make_hub: HubFactory) -> None:
+    running, _ = await make_hub()
+    async with AsyncClient(f"127.0.0.1:{running.port}", WRITE_KEY, timeout=2, retries=0) as hub:
+        recorder = hub.recorder(max_batch=1000, max_delay=0.05)
+        async with recorder:
+            failing = hub._stub.BulkRecordActivities
+            calls = 0
+
+            def unavailable(*args: Any, **kwargs: Any) -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "restarting", None
+                    )
+                return failing(*args, **kwargs)
+
+            hub._stub.BulkRecordActivities = unavailable  # type: ignore[assignment]
+            await recorder.record("agent_1", "message_sent")
+            for _ in range(100):  # the ticker fails once, then succeeds on its own
+                if recorder.recorded:
+                    break
+                await asyncio.sleep(0.02)
+            assert calls >= 2 and len(recorder.recorded) == 1

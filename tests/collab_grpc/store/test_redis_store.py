@@ -1,0 +1,85 @@
+"""RedisStore's recovery paths against the machine's Redis (keys of the test's own)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+import redis
+
+from collab_grpc.model import ActivityType
+from collab_grpc.state import CollaborationState
+from collab_grpc.store import RedisStore
+from tests.support.services import SHARED_REDIS, require_redis
+
+
+@pytest_asyncio.fixture
+async def url() -> AsyncIterator[str]:
+    require_redis()
+    prefix = f"collab-test-{uuid.uuid4().hex[:8]}"
+    yield f"{SHARED_REDIS}?prefix={prefix}"
+    client = redis.Redis.from_url(SHARED_REDIS)
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+async def replica(url: str) -> tuple[CollaborationState, RedisStore]:
+    state = CollaborationState()
+    store = RedisStore(url)
+    await store.attach(state)
+    return state, store
+
+
+async def record(state: CollaborationState, store: RedisStore, agent_id: str) -> str:
+    async with store.writing():
+        activity = state.record_activity(agent_id=agent_id, activity_type=ActivityType.TASK_ASSIGNED)
+        seq = state.log.last_seq
+    await store.durable(seq)
+    return activity.activity_id
+
+
+async def test_a_write_cancelled_during_its_append_is_not_kept(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_state, a = await replica(url)
+    b_state, b = await replica(url)
+    try:
+        await record(a_state, a, "first")
+        client: Any = a._redis()
+        real_eval = client.eval
+
+        async def cancelled(*args: Any) -> Any:
+            if args[0].lstrip().startswith("if redis.call('GET', KEYS[1]) ~= ARGV[1]"):
+                raise asyncio.CancelledError  # the caller went away mid-append
+            return await real_eval(*args)
+
+        monkeypatch.setattr(client, "eval", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await record(a_state, a, "phantom")
+        monkeypatch.setattr(client, "eval", real_eval)
+        other = await record(b_state, b, "other")  # takes seq 2 in Redis
+        await a.fresh()  # A notices its state may hold the refused write, and reloads
+        agents = {view.agent_id for view in a_state.agent_status().agents}
+        assert agents == {"first", "other"}
+        assert a_state.get_activity(other) is not None and a_state.log.last_seq == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_replica_notices_redis_lost_its_history(url: str) -> None:
+    state, store = await replica(url)
+    try:
+        await record(state, store, "before")
+        old_epoch = state.epoch
+        client = redis.Redis.from_url(SHARED_REDIS)
+        client.delete(*client.scan_iter(f"{store.prefix}:*"))  # Redis restarted without its data
+        await store.fresh()
+        assert state.epoch != old_epoch and state.agent_status().total_agents == 0
+        await record(state, store, "after")
+        assert state.log.last_seq == 1
+    finally:
+        await store.close()
