@@ -11,13 +11,15 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from bench.fanout import FanoutResult, HubTarget, PeerTarget, run_fanout
+from bench.ingest import IngestResult, run_ingest
 
 __all__ = ["main"]
 
-FULL = {"fanout": [(100, 300), (1000, 100), (5000, 20)]}
-SMOKE = {"fanout": [(20, 20)]}
+FULL: dict[str, Any] = {"fanout": [(100, 300), (1000, 100), (5000, 20)], "ingest": 20_000}
+SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "ingest": 200}
 
 
 def table(results: list[FanoutResult]) -> str:
@@ -41,6 +43,17 @@ def table(results: list[FanoutResult]) -> str:
     return "\n".join(lines)
 
 
+def ingest_table(results: list[IngestResult]) -> str:
+    lines = ["| mode | target | calls | calls/s | vs raw grpcio |", "|---|---|---|---|---|"]
+    for mode in ("unary", "bulk"):
+        row = [r for r in results if r.mode == mode]
+        limit = next((r for r in row if "raw" in r.target), None)
+        for result in row:
+            ratio = f"{result.rate / limit.rate:.0%}" if limit and limit.rate else "-"
+            lines.append(f"| {mode} | {result.target} | {result.calls:,} | {result.rate:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collab bench", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds): it runs, nothing is lost")
@@ -58,7 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_fanout(target, clients, messages)
                 print(f"fan-out {result.target:32} N={clients:<5} {result.rate:>10,.0f} deliveries/s", file=sys.stderr)
                 results.append(result)
-    report = "## Fan-out (one bridge, back-to-back)\n\n" + table(results) + "\n"
+        ingest = run_ingest(Path(tmp), plan["ingest"])
+        for item in ingest:
+            print(f"ingest {item.mode:5} {item.target:24} {item.rate:>10,.0f} calls/s", file=sys.stderr)
+    report = (
+        "## Fan-out (one bridge, back-to-back)\n\n"
+        + table(results)
+        + "\n\n## Ingest (unary: 64 calls in flight; bulk: one client stream)\n\n"
+        + ingest_table(ingest)
+        + "\n"
+    )
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -69,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": platform.platform(),
                 "python": platform.python_version(),
                 "fanout": [asdict(r) | {"rate": r.rate} for r in results],
+                "ingest": [asdict(r) | {"rate": r.rate} for r in ingest],
             },
             indent=2,
         )

@@ -1,0 +1,182 @@
+"""Ingest: how fast agents can record, beside raw grpcio on the same machine.
+
+- unary: `RecordActivity` with 64 calls in flight, against raw grpc.aio unary calls of a
+  16-byte message (the limit);
+- bulk: `BulkRecordActivities`, one client stream, against a raw client-streaming call.
+
+The hub runs with the default SQLite store (durable before each answer) and with the
+memory store. The load runs in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.fanout import TOKEN, _start, _stop, free_port
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+
+__all__ = ["IngestResult", "run_ingest"]
+
+RAW_SERVICE = "bench.Raw"
+IN_FLIGHT = 64
+
+
+@dataclass
+class IngestResult:
+    target: str
+    mode: str
+    calls: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds if self.seconds else 0.0
+
+
+# -- the raw peer: a grpc.aio server with generic handlers over raw bytes ----------------
+
+
+async def _serve_raw(port: int) -> None:
+    async def unary(request: bytes, context: Any) -> bytes:
+        return b"ok"
+
+    async def streaming(requests: Any, context: Any) -> bytes:
+        count = 0
+        async for _ in requests:
+            count += 1
+        return str(count).encode()
+
+    server = grpc.aio.server()
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.stream_unary_rpc_method_handler(streaming),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def _activity(n: int) -> pb.RecordActivityRequest:
+    request = pb.RecordActivityRequest(
+        agent_id=f"agent_{n % 48}",
+        department="engineering",
+        activity_type=pb.ACTIVITY_TYPE_MEMORY_WRITE,
+        related_agents=["agent_2"],
+    )
+    request.metadata.update({"item_id": "item_123", "size_bytes": 1024})
+    return request
+
+
+async def _load(target: str, kind: str, mode: str, calls: int) -> float:
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        if kind == "raw":
+            # No serializers: the raw peer moves bytes as they are.
+            unary = channel.unary_unary(f"/{RAW_SERVICE}/Unary", None, None)
+            stream = channel.stream_unary(f"/{RAW_SERVICE}/Stream", None, None)
+            payload = b"x" * 16
+
+            async def one(n: int) -> None:
+                await unary(payload)
+
+            async def bulk() -> None:
+                await stream(iter([payload] * calls))
+        else:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            requests = [_activity(n) for n in range(calls)]
+
+            async def one(n: int) -> None:
+                await stub.RecordActivity(requests[n], metadata=metadata)
+
+            async def bulk() -> None:
+                reply = await stub.BulkRecordActivities(
+                    (pb.BulkRecordActivitiesRequest(activity=r) for r in requests), metadata=metadata
+                )
+                assert reply.recorded == calls, reply.failed
+
+        started = time.perf_counter()
+        if mode == "unary":
+            queue = iter(range(calls))
+
+            async def worker() -> None:
+                for n in queue:
+                    await one(n)
+
+            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        else:
+            await bulk()
+        return time.perf_counter() - started
+
+
+def _load_process(target: str, kind: str, mode: str, calls: int, report: Connection) -> None:
+    report.send(asyncio.run(_load(target, kind, mode, calls)))
+
+
+def _measure(target: str, kind: str, mode: str, calls: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_load_process, args=(target, kind, mode, calls, child))
+    process.start()
+    seconds: float = parent.recv() if parent.poll(300) else float("nan")
+    process.join(10)
+    return seconds
+
+
+def run_ingest(workdir: Path, calls: int) -> list[IngestResult]:
+    results = []
+    port = free_port()
+    raw = _start([sys.executable, "-m", "bench.ingest", "raw-server", str(port)], "ready")
+    try:
+        for mode in ("unary", "bulk"):
+            results.append(
+                IngestResult("raw grpcio (limit)", mode, calls, _measure(f"127.0.0.1:{port}", "raw", mode, calls))
+            )
+    finally:
+        _stop(raw)
+    for store in ("sqlite", "memory"):
+        for mode in ("unary", "bulk"):
+            port = free_port()
+            data = workdir / f"{store}-{mode}"
+            server = _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "collab_grpc.server",
+                    "--grpc-addr",
+                    f"127.0.0.1:{port}",
+                    "--data-dir",
+                    str(data),
+                ],
+                "listening on",
+                {
+                    "COLLAB_API_KEYS": TOKEN,
+                    "COLLAB_RATE_LIMIT": "0",
+                    "COLLAB_STORE": store,
+                    "COLLAB_LOG_LEVEL": "warning",
+                },
+            )
+            try:
+                seconds = _measure(f"127.0.0.1:{port}", "hub", mode, calls)
+                results.append(IngestResult(f"collab hub ({store})", mode, calls, seconds))
+            finally:
+                _stop(server)
+    return results
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["raw-server"]:
+    asyncio.run(_serve_raw(int(sys.argv[2])))
