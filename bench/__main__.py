@@ -13,13 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import FanoutResult, HubTarget, PeerTarget, run_fanout
+from bench.fanout import FanoutResult, HubTarget, LatencyResult, PeerTarget, run_fanout, run_paced
 from bench.ingest import IngestResult, run_ingest
 
 __all__ = ["main"]
 
-FULL: dict[str, Any] = {"fanout": [(100, 300), (1000, 100), (5000, 20)], "ingest": 20_000}
-SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "ingest": 200}
+FULL: dict[str, Any] = {"fanout": [(100, 300), (1000, 100), (5000, 20)], "paced": (1000, 20, 10.0), "ingest": 20_000}
+SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "paced": (20, 20, 1.0), "ingest": 200}
 
 
 def table(results: list[FanoutResult]) -> str:
@@ -40,6 +40,19 @@ def table(results: list[FanoutResult]) -> str:
                 f"| {clients:,} | {result.target} | {result.messages:,} | {result.delivered:,} | "
                 f"{result.rate:,.0f} | {ratio_peer} | {ratio_limit} |"
             )
+    return "\n".join(lines)
+
+
+def latency_table(results: list[LatencyResult]) -> str:
+    lines = [
+        "| clients | events/s | target | delivered | p50 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.clients:,} | {r.rate} | {r.target} | {r.delivered:,} of {r.messages * r.clients:,} | "
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -71,12 +84,19 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_fanout(target, clients, messages)
                 print(f"fan-out {result.target:32} N={clients:<5} {result.rate:>10,.0f} deliveries/s", file=sys.stderr)
                 results.append(result)
+        clients, rate, seconds = plan["paced"]
+        paced: list[LatencyResult] = []
+        for target in (HubTarget(Path(tmp)), PeerTarget("websockets", Path(tmp)), PeerTarget("socketio", Path(tmp))):
+            paced.append(run_paced(target, clients, rate, seconds))
+            print(f"paced {target.name:32} p99 {paced[-1].p99_ms:.1f} ms", file=sys.stderr)
         ingest = run_ingest(Path(tmp), plan["ingest"])
         for item in ingest:
             print(f"ingest {item.mode:5} {item.target:24} {item.rate:>10,.0f} calls/s", file=sys.stderr)
     report = (
         "## Fan-out (one bridge, back-to-back)\n\n"
         + table(results)
+        + "\n\n## Paced end-to-end latency\n\n"
+        + latency_table(paced)
         + "\n\n## Ingest (unary: 64 calls in flight; bulk: one client stream)\n\n"
         + ingest_table(ingest)
         + "\n"
@@ -91,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": platform.platform(),
                 "python": platform.python_version(),
                 "fanout": [asdict(r) | {"rate": r.rate} for r in results],
+                "paced": [asdict(r) for r in paced],
                 "ingest": [asdict(r) | {"rate": r.rate} for r in ingest],
             },
             indent=2,
         )
     )
-    lost = [r for r in results if r.delivered != r.clients * r.messages]
+    lost = [f"{r.target} N={r.clients}" for r in results if r.delivered != r.clients * r.messages]
+    lost += [f"{r.target} paced N={r.clients}" for r in paced if r.delivered != r.clients * r.messages]
     if lost:
-        print("messages were lost: " + ", ".join(f"{r.target} N={r.clients}" for r in lost), file=sys.stderr)
+        print("messages were lost: " + ", ".join(lost), file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,8 @@ __all__ = ["FanoutResult", "run_fanout"]
 
 TOKEN = "bench-token"
 MARKER = b'"agent_activity"'
+# The send time a paced message carries (in the hub's metadata, or the peers' JSON).
+SENT = re.compile(rb'\\?"sent\\?":([0-9.]+)')
 
 
 @dataclass
@@ -90,14 +93,18 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     counts = [0] * clients
     connections: list[WebSocketClient] = []
     last = [0.0]
+    latencies: list[float] = []  # for messages that carry the time they were sent
     done = asyncio.Event()
     target = [0]
 
     def counter(index: int) -> Callable[[bytes], None]:
         def on_text(payload: bytes) -> None:
-            if (kind == "socketio" and payload.startswith(b"42")) or (kind != "socketio" and MARKER in payload[:40]):
+            if (kind == "socketio" and payload.startswith(b"42")) or (kind != "socketio" and MARKER in payload[:64]):
                 counts[index] += 1
-                last[0] = time.time()
+                last[0] = now = time.time()
+                sent = SENT.search(payload)
+                if sent is not None:
+                    latencies.append(now - float(sent.group(1)))
                 if target[0] and counts[index] == target[0] and all(c >= target[0] for c in counts):
                     done.set()
             elif kind == "socketio" and payload.startswith(b"0{"):
@@ -119,7 +126,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     target[0] = await asyncio.get_running_loop().run_in_executor(None, control.recv)
     with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
         await asyncio.wait_for(done.wait(), 60)
-    control.send((sum(counts), last[0]))
+    control.send((sum(counts), last[0], latencies))
     for client in connections:
         client.close()
     for task in tasks:
@@ -218,6 +225,22 @@ class HubTarget:
             )
             stub.BulkRecordActivities(requests, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
 
+    def pace(self, rate: int, count: int) -> None:
+        """One RecordActivity every 1/rate s, each carrying the time it was sent."""
+        with grpc.insecure_channel(self.grpc_target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            auth = (("authorization", f"Bearer {TOKEN}"),)
+            start = time.monotonic()
+            for n in range(count):
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                request = pb.RecordActivityRequest(
+                    agent_id=f"agent_{n % 48}", department="engineering", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
+                )
+                request.metadata.update({"sent": time.time()})
+                stub.RecordActivity(request, metadata=auth, timeout=10)
+
     def stop(self) -> None:
         _stop(self.bridge)
         _stop(self.server)
@@ -242,13 +265,54 @@ class PeerTarget:
     def trigger(self, count: int) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{self.port}/go?count={count}", timeout=30).read()
 
+    def pace(self, rate: int, count: int) -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{self.port}/pace?rate={rate}&count={count}", timeout=30).read()
+        time.sleep(count / rate)
+
     def stop(self) -> None:
         _stop(self.process)
 
 
+@dataclass
+class LatencyResult:
+    target: str
+    clients: int
+    rate: int
+    messages: int
+    delivered: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
 def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> FanoutResult:
-    """Connect ``clients`` (over ``processes`` load processes), broadcast ``messages``,
-    and measure deliveries from the trigger to the last receipt."""
+    """Connect ``clients`` (over ``processes`` load processes), broadcast ``messages``
+    back-to-back, and measure deliveries from the trigger to the last receipt."""
+    started, reports = _run(target, clients, messages, lambda: target.trigger(messages), processes)
+    delivered = sum(received for received, _, _ in reports)
+    finished = max(last for _, last, _ in reports) or time.time()
+    return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started))
+
+
+def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: int = 2) -> LatencyResult:
+    """``rate`` messages a second for ``seconds`` to ``clients``: the time from sending
+    (the agent's gRPC call, for the hub) to receipt by each client."""
+    messages = int(rate * seconds)
+    _, reports = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
+    latencies = sorted(value for _, _, values in reports for value in values)
+    delivered = sum(received for received, _, _ in reports)
+
+    def percentile(fraction: float) -> float:
+        return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] if latencies else float("nan")
+
+    return LatencyResult(
+        target.name, clients, rate, messages, delivered, percentile(0.5), percentile(0.99), percentile(1.0)
+    )
+
+
+def _run(
+    target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
+) -> tuple[float, list[tuple[int, float, list[float]]]]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -266,11 +330,9 @@ def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> 
         for pipe in pipes:
             pipe.send(messages)
         started = time.time()
-        target.trigger(messages)
-        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0) for pipe in pipes]
-        delivered = sum(received for received, _ in reports)
-        finished = max(last for _, last in reports) or time.time()
-        return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started))
+        trigger()
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, []) for pipe in pipes]
+        return started, reports
     finally:
         for worker in workers:
             worker.join(10)

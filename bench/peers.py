@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["main"]
+__all__ = ["main", "stamped"]
+
+
+def stamped(message: str) -> str:
+    """``message`` (a JSON object) carrying the time it is sent, for latency."""
+    return f'{{"sent":{time.time()},{message[1:]}'
 
 
 async def serve_websockets(port: int, message: str) -> None:
@@ -32,12 +38,21 @@ async def serve_websockets(port: int, message: str) -> None:
             if n % 50 == 49:
                 await asyncio.sleep(0)  # let the transports write, as a real server would
 
+    async def pace(rate: int, count: int) -> None:
+        start = asyncio.get_running_loop().time()
+        for n in range(count):
+            await asyncio.sleep(max(0.0, start + n / rate - asyncio.get_running_loop().time()))
+            broadcast(clients, stamped(message))
+
     def trigger(connection: ServerConnection, request: Request) -> Response | None:
+        query = parse_qs(urlsplit(request.path).query)
         if request.path.startswith("/go"):
-            count = int(parse_qs(urlsplit(request.path).query)["count"][0])
-            asyncio.get_running_loop().create_task(blast(count))
-            return Response(HTTPStatus.OK, "OK", Headers([("Content-Length", "2")]), b"ok")
-        return None
+            asyncio.get_running_loop().create_task(blast(int(query["count"][0])))
+        elif request.path.startswith("/pace"):
+            asyncio.get_running_loop().create_task(pace(int(query["rate"][0]), int(query["count"][0])))
+        else:
+            return None
+        return Response(HTTPStatus.OK, "OK", Headers([("Content-Length", "2")]), b"ok")
 
     async def handler(connection: ServerConnection) -> None:
         clients.add(connection)
@@ -67,7 +82,18 @@ async def serve_socketio(port: int, message: str) -> None:
         asyncio.get_running_loop().create_task(blast(int(request.query["count"])))
         return web.Response(text="ok")
 
+    async def pace(rate: int, count: int) -> None:
+        start = asyncio.get_running_loop().time()
+        for n in range(count):
+            await asyncio.sleep(max(0.0, start + n / rate - asyncio.get_running_loop().time()))
+            await sio.emit("message", stamped(message))
+
+    async def paced(request: web.Request) -> web.Response:
+        asyncio.get_running_loop().create_task(pace(int(request.query["rate"]), int(request.query["count"])))
+        return web.Response(text="ok")
+
     app.router.add_get("/go", go)
+    app.router.add_get("/pace", paced)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
