@@ -36,7 +36,9 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 __all__ = ["FanoutResult", "run_fanout"]
 
 TOKEN = "bench-token"
-MARKER = b'"agent_activity"'
+# A delivery: the hub's and the peers' agent_activity messages (not the `subscribed` reply,
+# which names agent_activity among its types).
+MARKER = b'"type":"agent_activity"'
 # The send time a paced message carries (in the hub's metadata, or the peers' JSON).
 SENT = re.compile(rb'\\?"sent\\?":([0-9.]+)')
 
