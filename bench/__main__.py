@@ -15,11 +15,18 @@ from typing import Any
 
 from bench.fanout import FanoutResult, HubTarget, LatencyResult, PeerTarget, run_fanout, run_paced
 from bench.ingest import IngestResult, run_ingest
+from bench.memory import MemoryResult, bridge_memory, server_memory
 
 __all__ = ["main"]
 
-FULL: dict[str, Any] = {"fanout": [(100, 300), (1000, 100), (5000, 20)], "paced": (1000, 20, 10.0), "ingest": 20_000}
-SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "paced": (20, 20, 1.0), "ingest": 200}
+FULL: dict[str, Any] = {
+    "fanout": [(100, 300), (1000, 100), (5000, 20)],
+    "paced": (1000, 20, 10.0),
+    "ingest": 20_000,
+    "idle": [1000, 5000],
+    "history": 100_000,
+}
+SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "paced": (20, 20, 1.0), "ingest": 200, "idle": [20], "history": 1000}
 
 
 def table(results: list[FanoutResult]) -> str:
@@ -53,6 +60,14 @@ def latency_table(results: list[LatencyResult]) -> str:
             f"| {r.clients:,} | {r.rate} | {r.target} | {r.delivered:,} of {r.messages * r.clients:,} | "
             f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} |"
         )
+    return "\n".join(lines)
+
+
+def memory_table(results: list[MemoryResult]) -> str:
+    lines = ["| what | count | RSS before (MB) | RSS after (MB) | KB each |", "|---|---|---|---|---|"]
+    for r in results:
+        before, after = r.rss_before_kb / 1024, r.rss_after_kb / 1024
+        lines.append(f"| {r.what} | {r.count:,} | {before:.1f} | {after:.1f} | {r.per_item_kb:.2f} |")
     return "\n".join(lines)
 
 
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             paced.append(run_paced(target, clients, rate, seconds))
             print(f"paced {target.name:32} p99 {paced[-1].p99_ms:.1f} ms", file=sys.stderr)
         ingest = run_ingest(Path(tmp), plan["ingest"])
+        memory: list[MemoryResult] = [bridge_memory(Path(tmp), clients) for clients in plan["idle"]]
+        memory.append(server_memory(Path(tmp), plan["history"]))
         for item in ingest:
             print(f"ingest {item.mode:5} {item.target:24} {item.rate:>10,.0f} calls/s", file=sys.stderr)
     report = (
@@ -99,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         + latency_table(paced)
         + "\n\n## Ingest (unary: 64 calls in flight; bulk: one client stream)\n\n"
         + ingest_table(ingest)
+        + "\n\n## Memory\n\n"
+        + memory_table(memory)
         + "\n"
     )
     print(report)
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fanout": [asdict(r) | {"rate": r.rate} for r in results],
                 "paced": [asdict(r) for r in paced],
                 "ingest": [asdict(r) | {"rate": r.rate} for r in ingest],
+                "memory": [asdict(r) | {"per_item_kb": r.per_item_kb} for r in memory],
             },
             indent=2,
         )
