@@ -79,6 +79,20 @@ def _start(argv: list[str], marker: str, env: dict[str, str] | None = None) -> s
     raise RuntimeError(f"{argv[2]} did not start")
 
 
+def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """`collab-server` for a benchmark on a free port (the bench token, no rate limit,
+    the memory store unless ``env`` says otherwise); the process and its target."""
+    port = free_port()
+    settings = {
+        "COLLAB_API_KEYS": TOKEN,
+        "COLLAB_RATE_LIMIT": "0",
+        "COLLAB_STORE": "memory",
+        "COLLAB_LOG_LEVEL": "warning",
+    }
+    argv = [sys.executable, "-m", "collab_grpc.server", "--grpc-addr", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+    return _start(argv, "listening on", {**settings, **env}), f"127.0.0.1:{port}"
+
+
 def _stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -172,26 +186,9 @@ class HubTarget:
         self.workdir = workdir
 
     def start(self) -> tuple[int, str]:
-        grpc_port, http_port = free_port(), free_port()
-        env = {
-            "COLLAB_API_KEYS": TOKEN,
-            "COLLAB_RATE_LIMIT": "0",
-            "COLLAB_STORE": "memory",
-            "COLLAB_LOG_LEVEL": "warning",
-        }
-        self.server = _start(
-            [
-                sys.executable,
-                "-m",
-                "collab_grpc.server",
-                "--grpc-addr",
-                f"127.0.0.1:{grpc_port}",
-                "--data-dir",
-                str(self.workdir),
-            ],
-            "listening on",
-            env,
-        )
+        http_port = free_port()
+        self.server, self.grpc_target = start_server(self.workdir)
+        env = {"COLLAB_LOG_LEVEL": "warning"}
         self.bridge = _start(
             [
                 sys.executable,
@@ -200,12 +197,11 @@ class HubTarget:
                 "--bridge-addr",
                 f"127.0.0.1:{http_port}",
                 "--grpc-target",
-                f"127.0.0.1:{grpc_port}",
+                self.grpc_target,
             ],
             "listening on",
             {**env, "COLLAB_UPSTREAM_TOKEN": TOKEN, "COLLAB_CLIENT_BACKLOG": "100000"},
         )
-        self.grpc_target = f"127.0.0.1:{grpc_port}"
         return http_port, "/api/v1/collaboration/ws?client_id=c{index}&token=" + TOKEN
 
     def trigger(self, count: int) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from bench.fanout import TOKEN, _start, _stop, free_port
+from bench.fanout import TOKEN, _start, _stop, free_port, start_server
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
@@ -150,28 +150,9 @@ def run_ingest(workdir: Path, calls: int) -> list[IngestResult]:
         _stop(raw)
     for store in ("sqlite", "memory"):
         for mode in ("unary", "bulk"):
-            port = free_port()
-            data = workdir / f"{store}-{mode}"
-            server = _start(
-                [
-                    sys.executable,
-                    "-m",
-                    "collab_grpc.server",
-                    "--grpc-addr",
-                    f"127.0.0.1:{port}",
-                    "--data-dir",
-                    str(data),
-                ],
-                "listening on",
-                {
-                    "COLLAB_API_KEYS": TOKEN,
-                    "COLLAB_RATE_LIMIT": "0",
-                    "COLLAB_STORE": store,
-                    "COLLAB_LOG_LEVEL": "warning",
-                },
-            )
+            server, target = start_server(workdir / f"{store}-{mode}", COLLAB_STORE=store)
             try:
-                seconds = _measure(f"127.0.0.1:{port}", "hub", mode, calls)
+                seconds = _measure(target, "hub", mode, calls)
                 results.append(IngestResult(f"collab hub ({store})", mode, calls, seconds))
             finally:
                 _stop(server)

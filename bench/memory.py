@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.fanout import TOKEN, HubTarget, _start, _stop, free_port
+from bench.fanout import TOKEN, HubTarget, _stop, start_server
 from bench.ingest import _activity
 from bench.wsclient import WebSocketClient
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -90,30 +89,11 @@ def bridge_memory(workdir: Path, clients: int, processes: int = 2) -> MemoryResu
 
 def server_memory(workdir: Path, activities: int) -> MemoryResult:
     """Server RSS after recording ``activities`` (all kept: history limit raised to match)."""
-    port = free_port()
-    server = _start(
-        [
-            sys.executable,
-            "-m",
-            "collab_grpc.server",
-            "--grpc-addr",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(workdir / "rss"),
-        ],
-        "listening on",
-        {
-            "COLLAB_API_KEYS": TOKEN,
-            "COLLAB_RATE_LIMIT": "0",
-            "COLLAB_STORE": "memory",
-            "COLLAB_HISTORY_LIMIT": str(activities),
-            "COLLAB_LOG_LEVEL": "warning",
-        },
-    )
+    server, target = start_server(workdir / "rss", COLLAB_HISTORY_LIMIT=str(activities))
     try:
         time.sleep(0.5)
         before = rss_kb(server.pid)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
             for start in range(0, activities, 10_000):

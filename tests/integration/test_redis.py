@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from websockets.asyncio.client import connect
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import BridgeProcess, ServerProcess
 from tests.support.rpc import Client
-from tests.support.services import SHARED_REDIS, free_port, require_redis
+from tests.support.services import free_port, redis_store_url, require_redis
 from tests.support.stack import API, AUTH, BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -38,13 +37,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def redis_store() -> Iterator[str]:
     """A COLLAB_STORE value on the shared Redis with keys of this test's own."""
-    require_redis()
-    prefix = f"collab-test-{uuid.uuid4().hex[:8]}"
-    yield f"{SHARED_REDIS}?prefix={prefix}"
-    client = redis.Redis.from_url(SHARED_REDIS)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+    with redis_store_url() as url:
+        yield url
 
 
 async def test_two_servers_and_two_bridges_share_one_history(tmp_path: Path, redis_store: str) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
 
-__all__ = ["SHARED_REDIS", "free_port", "require_redis"]
+__all__ = ["SHARED_REDIS", "free_port", "redis_store_url", "require_redis"]
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -27,3 +30,17 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def redis_store_url() -> Iterator[str]:
+    """A COLLAB_STORE value on the machine's Redis with keys of its own, removed afterwards."""
+    require_redis()
+    prefix = f"collab-test-{uuid.uuid4().hex[:8]}"
+    try:
+        yield f"{SHARED_REDIS}?prefix={prefix}"
+    finally:
+        client = redis.Redis.from_url(SHARED_REDIS)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import redis
 
 from collab_grpc.model import ActivityType
 from collab_grpc.state import CollaborationState
 from collab_grpc.store import RedisStore
-from tests.support.services import SHARED_REDIS, require_redis
+from tests.support.services import SHARED_REDIS, redis_store_url
 
 
-@pytest_asyncio.fixture
-async def url() -> AsyncIterator[str]:
-    require_redis()
-    prefix = f"collab-test-{uuid.uuid4().hex[:8]}"
-    yield f"{SHARED_REDIS}?prefix={prefix}"
-    client = redis.Redis.from_url(SHARED_REDIS)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
+@pytest.fixture
+def url() -> Iterator[str]:
+    with redis_store_url() as store_url:
+        yield store_url
 
 
 async def replica(url: str) -> tuple[CollaborationState, RedisStore]:
