@@ -22,17 +22,26 @@ __all__ = ["main"]
 FULL: dict[str, Any] = {
     "fanout": [(100, 300), (1000, 100), (5000, 20)],
     "paced": (1000, 20, 10.0),
+    "rates": [20, 50, 100],  # the hub alone, at 1,000 clients: cost against event rate
     "ingest": 20_000,
     "idle": [1000, 5000],
     "history": 100_000,
 }
-SMOKE: dict[str, Any] = {"fanout": [(20, 20)], "paced": (20, 20, 1.0), "ingest": 200, "idle": [20], "history": 1000}
+SMOKE: dict[str, Any] = {
+    "fanout": [(20, 20)],
+    "paced": (20, 20, 1.0),
+    "rates": [10, 20, 40],
+    "ingest": 200,
+    "idle": [20],
+    "history": 1000,
+}
 
 
 def table(results: list[FanoutResult]) -> str:
     lines = [
-        "| clients | target | messages | delivered | deliveries/s | vs python-socketio | vs websockets.broadcast |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | target | messages | delivered | deliveries/s | vs python-socketio | vs websockets.broadcast "
+        "| server CPU µs per delivery |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_n: dict[int, dict[str, FanoutResult]] = {}
     for result in results:
@@ -45,20 +54,20 @@ def table(results: list[FanoutResult]) -> str:
             ratio_limit = f"{result.rate / limit.rate:.0%}" if limit and limit.rate else "-"
             lines.append(
                 f"| {clients:,} | {result.target} | {result.messages:,} | {result.delivered:,} | "
-                f"{result.rate:,.0f} | {ratio_peer} | {ratio_limit} |"
+                f"{result.rate:,.0f} | {ratio_peer} | {ratio_limit} | {result.cpu_us_per_delivery:.1f} |"
             )
     return "\n".join(lines)
 
 
 def latency_table(results: list[LatencyResult]) -> str:
     lines = [
-        "| clients | events/s | target | delivered | p50 ms | p99 ms | max ms |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | events/s | target | delivered | p50 ms | p99 ms | max ms | server CPU µs per delivery |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.clients:,} | {r.rate} | {r.target} | {r.delivered:,} of {r.messages * r.clients:,} | "
-            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} |"
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.cpu_us_per_delivery:.1f} |"
         )
     return "\n".join(lines)
 
@@ -104,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         for target in (HubTarget(Path(tmp)), PeerTarget("websockets", Path(tmp)), PeerTarget("socketio", Path(tmp))):
             paced.append(run_paced(target, clients, rate, seconds))
             print(f"paced {target.name:32} p99 {paced[-1].p99_ms:.1f} ms", file=sys.stderr)
+        for extra_rate in plan["rates"]:
+            if extra_rate != rate:
+                paced.append(run_paced(HubTarget(Path(tmp)), clients, extra_rate, seconds))
         ingest = run_ingest(Path(tmp), plan["ingest"])
         memory: list[MemoryResult] = [bridge_memory(Path(tmp), clients) for clients in plan["idle"]]
         memory.append(server_memory(Path(tmp), plan["history"]))
@@ -129,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "machine": platform.platform(),
                 "python": platform.python_version(),
-                "fanout": [asdict(r) | {"rate": r.rate} for r in results],
-                "paced": [asdict(r) for r in paced],
+                "fanout": [asdict(r) | {"rate": r.rate, "cpu_us_per_delivery": r.cpu_us_per_delivery} for r in results],
+                "paced": [asdict(r) | {"cpu_us_per_delivery": r.cpu_us_per_delivery} for r in paced],
                 "ingest": [asdict(r) | {"rate": r.rate} for r in ingest],
                 "memory": [asdict(r) | {"per_item_kb": r.per_item_kb} for r in memory],
             },

@@ -50,6 +50,11 @@ class FanoutResult:
     messages: int
     delivered: int
     seconds: float
+    cpu_seconds: float = 0.0  # used by the target's own processes meanwhile
+
+    @property
+    def cpu_us_per_delivery(self) -> float:
+        return 1e6 * self.cpu_seconds / self.delivered if self.delivered else 0.0
 
     @property
     def rate(self) -> float:
@@ -223,6 +228,10 @@ class HubTarget:
             )
             stub.BulkRecordActivities(requests, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=120)
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.server.pid, self.bridge.pid)
+
     def pace(self, rate: int, count: int) -> None:
         """One RecordActivity every 1/rate s, each carrying the time it was sent."""
         with grpc.insecure_channel(self.grpc_target) as channel:
@@ -263,6 +272,10 @@ class PeerTarget:
     def trigger(self, count: int) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{self.port}/go?count={count}", timeout=30).read()
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.process.pid,)
+
     def pace(self, rate: int, count: int) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{self.port}/pace?rate={rate}&count={count}", timeout=30).read()
         time.sleep(count / rate)
@@ -281,22 +294,27 @@ class LatencyResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    cpu_seconds: float = 0.0
+
+    @property
+    def cpu_us_per_delivery(self) -> float:
+        return 1e6 * self.cpu_seconds / self.delivered if self.delivered else 0.0
 
 
 def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> FanoutResult:
     """Connect ``clients`` (over ``processes`` load processes), broadcast ``messages``
     back-to-back, and measure deliveries from the trigger to the last receipt."""
-    started, reports = _run(target, clients, messages, lambda: target.trigger(messages), processes)
+    started, reports, cpu = _run(target, clients, messages, lambda: target.trigger(messages), processes)
     delivered = sum(received for received, _, _ in reports)
     finished = max(last for _, last, _ in reports) or time.time()
-    return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started))
+    return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started), cpu)
 
 
 def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: int = 2) -> LatencyResult:
     """``rate`` messages a second for ``seconds`` to ``clients``: the time from sending
     (the agent's gRPC call, for the hub) to receipt by each client."""
     messages = int(rate * seconds)
-    _, reports = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
+    _, reports, cpu = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
     latencies = sorted(value for _, _, values in reports for value in values)
     delivered = sum(received for received, _, _ in reports)
 
@@ -304,13 +322,23 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] if latencies else float("nan")
 
     return LatencyResult(
-        target.name, clients, rate, messages, delivered, percentile(0.5), percentile(0.99), percentile(1.0)
+        target.name, clients, rate, messages, delivered, percentile(0.5), percentile(0.99), percentile(1.0), cpu
     )
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User + system CPU time the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def _run(
     target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
-) -> tuple[float, list[tuple[int, float, list[float]]]]:
+) -> tuple[float, list[tuple[int, float, list[float]]], float]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -327,10 +355,11 @@ def _run(
                 raise RuntimeError("load clients did not connect")
         for pipe in pipes:
             pipe.send(messages)
+        cpu_before = cpu_seconds(*target.pids)
         started = time.time()
         trigger()
         reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, []) for pipe in pipes]
-        return started, reports
+        return started, reports, cpu_seconds(*target.pids) - cpu_before
     finally:
         for worker in workers:
             worker.join(10)
