@@ -16,15 +16,34 @@ from bridge.limits import BodySizeLimit
 from bridge.rest import HubError, build_router, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.sse import EventStream
-from bridge.websocket import CLOSE_GOING_AWAY, CollaborationWebSocket
+from bridge.websocket import CLOSE_GOING_AWAY, CollaborationWebSocket, Receive, Scope, Send
 
-__all__ = ["create_app"]
+__all__ = ["WebSocketFirst", "create_app", "create_asgi_app"]
 
 WS_PATH = "/api/v1/collaboration/ws"
 SSE_PATH = "/api/v1/collaboration/events"
 STATIC = Path(__file__).resolve().parent / "static"
 # The browser client's source lives with the other clients; the bridge serves it as is.
 JS_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "js" / "collab.js"
+
+
+class WebSocketFirst:
+    """The ASGI app uvicorn serves: the collaboration WebSocket goes straight to its
+    endpoint, everything else (REST, SSE, docs, lifespan) to the FastAPI app.
+
+    Through the framework, every message a client is sent passes Starlette's
+    exception-handling ``send`` wrapper: 15 % of the bridge's time in a fan-out profile
+    (docs/BENCHMARKS.md). The endpoint handles its own errors, so it does without."""
+
+    def __init__(self, app: FastAPI, websocket: CollaborationWebSocket) -> None:
+        self.app = app
+        self.websocket = websocket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            await self.websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def create_app(config: BridgeConfig) -> FastAPI:
@@ -86,3 +105,9 @@ def create_app(config: BridgeConfig) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     return app
+
+
+def create_asgi_app(config: BridgeConfig) -> WebSocketFirst:
+    """What uvicorn serves: the FastAPI app, with the WebSocket dispatched before it."""
+    app = create_app(config)
+    return WebSocketFirst(app, app.state.websocket)

@@ -10,7 +10,7 @@ from typing import Any
 import uvicorn
 from pythonjsonlogger.core import RESERVED_ATTRS
 
-from bridge.app import create_app
+from bridge.app import create_asgi_app
 from bridge.config import parse_bridge_config
 
 __all__ = ["log_config", "main"]
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
     uvicorn_config = uvicorn.Config(
-        create_app(config),
+        create_asgi_app(config),
         host=config.host,
         port=config.port,
         ws="websockets-sansio",
