@@ -16,7 +16,7 @@ import grpc
 from bridge.fanout import ClientFilter, Frame, Subscriber
 from bridge.mapping import iso_now
 from bridge.protocol import handle_client_message
-from bridge.rest import HTTP_STATUS
+from bridge.rest import HubError, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
 
@@ -32,14 +32,6 @@ class EventStream:
     def __init__(self, runtime: BridgeRuntime) -> None:
         self.runtime = runtime
 
-    @staticmethod
-    async def _answer(send: Send, status: int, body: dict[str, Any]) -> None:
-        headers = [(b"content-type", b"application/json")]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         query = _query(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -51,7 +43,7 @@ class EventStream:
                 json.dumps({"type": "subscribe", "activity_types": names}), None, event_filter, 1 << 20
             )
             if reply["type"] == "error":
-                await self._answer(send, 400, {"detail": reply["error"], "code": "INVALID_ARGUMENT"})
+                await hub_error_response(HubError(400, "INVALID_ARGUMENT", reply["error"]))(scope, receive, send)
                 return
         last_event_id = headers.get("last-event-id") or query.get("last_event_id")
         since: int | None = None
@@ -59,23 +51,14 @@ class EventStream:
             try:
                 since = int(last_event_id)
             except ValueError:
-                await self._answer(
-                    send,
-                    400,
-                    {
-                        "detail": f"Last-Event-ID must be an integer seq, got {last_event_id!r}",
-                        "code": "INVALID_ARGUMENT",
-                    },
-                )
+                detail = f"Last-Event-ID must be an integer seq, got {last_event_id!r}"
+                await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
         credential = credential_from_scope(scope, query)
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
         except grpc.aio.AioRpcError as failure:
-            status = HTTP_STATUS.get(failure.code(), 502)
-            await self._answer(
-                send, status, {"detail": failure.details() or failure.code().name, "code": failure.code().name}
-            )
+            await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
 
         await send(

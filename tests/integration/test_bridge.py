@@ -658,7 +658,13 @@ async def test_server_sent_events_with_resume(stack: Stack, http: httpx.AsyncCli
     assert [data["activity"]["activity_id"] for _, _, data in resumed[1:]] == missed
 
     async with httpx.AsyncClient(base_url=stack.bridge.http, timeout=10) as anonymous:
-        assert (await anonymous.get(f"{API}/events")).status_code == 401
+        refused = await anonymous.get(f"{API}/events")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert refused.json()["code"] == "UNAUTHENTICATED"
+    bad_id = await http.get(f"{API}/events", headers={"Last-Event-ID": "abc"})
+    assert bad_id.status_code == 400 and "Last-Event-ID must be an integer" in bad_id.json()["detail"]
+    bad_types = await http.get(f"{API}/events?types=dancing")
+    assert bad_types.status_code == 400 and "unknown type names: dancing" in bad_types.json()["detail"]
 
 
 async def test_clients_miss_nothing_across_a_server_restart(tmp_path: Path) -> None:
