@@ -98,8 +98,10 @@ class CollaborationWebSocket:
         client_id = query.get("client_id") or f"client_{uuid.uuid4().hex[:12]}"
         client_type = query.get("client_type") or "general"
 
-        async def refuse(code: int, reason: str) -> None:
-            await send({"type": "websocket.accept"})
+        async def refuse(code: int, reason: str, *, accepted: bool = False) -> None:
+            """An `error` message saying why, then the close code (browsers see both)."""
+            if not accepted:
+                await send({"type": "websocket.accept"})
             await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
             await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
@@ -146,9 +148,7 @@ class CollaborationWebSocket:
         try:
             await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
         except grpc.aio.AioRpcError as failure:
-            code, reason = _refusal(failure)
-            await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
-            await close(code, reason)
+            await refuse(*_refusal(failure), accepted=True)
             return
         self.connections.add(subscriber)
         try:
