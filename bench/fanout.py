@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from bench.eventloop import run
 from bench.wsclient import WebSocketClient
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -155,7 +156,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
 
 
 def _load_process(host: str, port: int, path: str, kind: str, clients: int, control: Connection) -> None:
-    asyncio.run(_load(host, port, path, kind, clients, control))
+    run(_load(host, port, path, kind, clients, control))
 
 
 # -- targets ------------------------------------------------------------------------------
@@ -205,7 +206,13 @@ class HubTarget:
                 self.grpc_target,
             ],
             "listening on",
-            {**env, "COLLAB_UPSTREAM_TOKEN": TOKEN, "COLLAB_CLIENT_BACKLOG": "100000"},
+            # Every load client shares one token: no per-token connection cap here.
+            {
+                **env,
+                "COLLAB_UPSTREAM_TOKEN": TOKEN,
+                "COLLAB_CLIENT_BACKLOG": "100000",
+                "COLLAB_MAX_CONNECTIONS_PER_TOKEN": "0",
+            },
         )
         return http_port, "/api/v1/collaboration/ws?client_id=c{index}&token=" + TOKEN
 

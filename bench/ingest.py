@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from bench.eventloop import run
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -124,7 +125,7 @@ async def _load(target: str, kind: str, mode: str, calls: int) -> float:
 
 
 def _load_process(target: str, kind: str, mode: str, calls: int, report: Connection) -> None:
-    report.send(asyncio.run(_load(target, kind, mode, calls)))
+    report.send(run(_load(target, kind, mode, calls)))
 
 
 def _measure(target: str, kind: str, mode: str, calls: int) -> float:
@@ -160,4 +161,4 @@ def run_ingest(workdir: Path, calls: int) -> list[IngestResult]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["raw-server"]:
-    asyncio.run(_serve_raw(int(sys.argv[2])))
+    run(_serve_raw(int(sys.argv[2])))

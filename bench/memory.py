@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.eventloop import run
 from bench.fanout import TOKEN, HubTarget, _stop, start_server
 from bench.ingest import _activity
 from bench.wsclient import WebSocketClient
@@ -32,11 +33,12 @@ class MemoryResult:
         return (self.rss_after_kb - self.rss_before_kb) / self.count if self.count else 0.0
 
 
-def rss_kb(pid: int) -> int:
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory now, or ``field="VmHWM"``: its peak so far."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 async def _hold(port: int, path: str, clients: int, control: Connection) -> None:
@@ -54,7 +56,7 @@ async def _hold(port: int, path: str, clients: int, control: Connection) -> None
 
 
 def _hold_process(port: int, path: str, clients: int, control: Connection) -> None:
-    asyncio.run(_hold(port, path, clients, control))
+    run(_hold(port, path, clients, control))
 
 
 def bridge_memory(workdir: Path, clients: int, processes: int = 2) -> MemoryResult:

@@ -17,6 +17,8 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from bench.eventloop import run
+
 __all__ = ["main", "stamped"]
 
 
@@ -105,7 +107,7 @@ def main() -> None:
     kind, port, message_file = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     message = message_file.read_text()
     server = {"websockets": serve_websockets, "socketio": serve_socketio}[kind]
-    asyncio.run(server(port, message))
+    run(server(port, message))
 
 
 if __name__ == "__main__":

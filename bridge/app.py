@@ -4,25 +4,34 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
 
 from bridge.config import BridgeConfig
 from bridge.limits import BodySizeLimit
+from bridge.metrics import BridgeMetrics, Observe
 from bridge.rest import HubError, build_router, hub_error_response
 from bridge.runtime import BridgeRuntime
+from bridge.schemas import HealthBody, ReadyBody
 from bridge.sse import EventStream
-from bridge.websocket import CLOSE_GOING_AWAY, CollaborationWebSocket, Receive, Scope, Send
+from bridge.websocket import CLOSE_SERVICE_RESTART, CollaborationWebSocket, Receive, Scope, Send
 
-__all__ = ["WebSocketFirst", "create_app", "create_asgi_app"]
+__all__ = ["SHUTDOWN_REASON", "WebSocketFirst", "asgi_app", "create_app", "create_asgi_app", "drain"]
 
 WS_PATH = "/api/v1/collaboration/ws"
+_KNOWN = frozenset(status.value for status in HTTPStatus)
 SSE_PATH = "/api/v1/collaboration/events"
 STATIC = Path(__file__).resolve().parent / "static"
+SHUTDOWN_REASON = "the bridge is restarting; reconnect and resume with since/epoch"
+# How long a shutdown waits for the close frames and the ends of event streams to go out.
+DRAIN_TIMEOUT = 2.0
 # The browser client's source lives with the other clients; the bridge serves it as is.
 JS_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "js" / "collab.js"
 
@@ -49,12 +58,14 @@ class WebSocketFirst:
 def create_app(config: BridgeConfig) -> FastAPI:
     runtime = BridgeRuntime(config)
     websocket = CollaborationWebSocket(runtime)
+    events = EventStream(runtime)
+    metrics = BridgeMetrics(config, runtime, websocket, events)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(started: FastAPI) -> AsyncIterator[None]:
         await runtime.start()
         yield
-        websocket.close_all(CLOSE_GOING_AWAY, "the bridge is shutting down; reconnect and resume")
+        await drain(started)  # collab-bridge drains before this (bridge/main.py); other servers may not
         await runtime.stop()
 
     app = FastAPI(
@@ -65,19 +76,46 @@ def create_app(config: BridgeConfig) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.websocket = websocket
+    app.state.metrics = metrics
     app.include_router(build_router(runtime))
     app.router.routes.append(WebSocketRoute(WS_PATH, websocket))
-    app.router.routes.append(Route(SSE_PATH, EventStream(runtime), methods=["GET"]))
+    app.router.routes.append(Route(SSE_PATH, events, methods=["GET"]))
+    # Not in the OpenAPI document: it is for scrapers, with a token of its own (bridge/metrics.py).
+    app.router.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
 
     @app.exception_handler(HubError)
     async def hub_error(_: Request, error: HubError) -> JSONResponse:
         return hub_error_response(error)
 
-    @app.get("/healthz", tags=["health"], summary="The bridge process is up")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        """What the framework refuses itself (a body that is not UTF-8, an unknown path, a
+        wrong method) answered in the same error shape as everything else."""
+        status = error.status_code
+        code = "INVALID_ARGUMENT" if status == 400 else HTTPStatus(status).name if status in _KNOWN else "ERROR"
+        response = hub_error_response(HubError(status, code, str(error.detail)))
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.get(
+        "/healthz",
+        tags=["health"],
+        summary="The bridge process is up",
+        response_model=None,
+        responses={200: {"model": HealthBody}},
+    )
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="The upstream streams are connected")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="The upstream streams are connected",
+        responses={
+            200: {"model": ReadyBody},
+            503: {"model": ReadyBody, "description": "The upstream streams are not connected (yet)"},
+        },
+    )
     async def readyz() -> JSONResponse:
         upstream = runtime.upstream
         body = {
@@ -99,15 +137,46 @@ def create_app(config: BridgeConfig) -> FastAPI:
             STATIC / "dashboard.js", media_type="text/javascript", headers={"Cache-Control": "no-cache"}
         )
 
-    @app.get("/client/collab.js", tags=["clients"], summary="The browser client (an ES module)")
+    @app.get(
+        "/client/collab.js",
+        tags=["clients"],
+        summary="The browser client (an ES module)",
+        response_class=FileResponse,
+        responses={200: {"content": {"text/javascript": {"schema": {"type": "string"}}}}},
+    )
     async def js_client() -> FileResponse:
         return FileResponse(JS_CLIENT, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if config.allowed_origins:
+        # Pages on the listed origins may call REST and SSE from their scripts too (same
+        # list as the WebSocket's Origin check). Tokens travel in headers, never cookies.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Idempotency-Key", "Content-Type", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
     return app
 
 
-def create_asgi_app(config: BridgeConfig) -> WebSocketFirst:
-    """What uvicorn serves: the FastAPI app, with the WebSocket dispatched before it."""
-    app = create_app(config)
-    return WebSocketFirst(app, app.state.websocket)
+def create_asgi_app(config: BridgeConfig) -> Observe:
+    """What uvicorn serves: the FastAPI app, with the WebSocket dispatched before it, and
+    request ids and request metrics around both."""
+    return asgi_app(create_app(config))
+
+
+def asgi_app(app: FastAPI) -> Observe:
+    """``app`` (from create_app) as uvicorn serves it; see create_asgi_app."""
+    return Observe(WebSocketFirst(app, app.state.websocket), app.state.metrics, untimed={SSE_PATH})
+
+
+async def drain(app: FastAPI, within: float = DRAIN_TIMEOUT) -> None:
+    """Let every client of ``app`` know the bridge is going: each WebSocket is closed with
+    1012 and a reason (clients reconnect, to another bridge behind a load balancer, and
+    resume with since/epoch) and each Server-Sent Events stream is ended (its client
+    reconnects with Last-Event-ID). Waits at most ``within`` seconds for that to be written."""
+    runtime: BridgeRuntime = app.state.runtime
+    await runtime.hub.fanout.close_all(CLOSE_SERVICE_RESTART, SHUTDOWN_REASON, within)

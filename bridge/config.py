@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bridge.origins import parse_origins
 
 __all__ = ["BridgeConfig", "parse_bridge_config"]
 
@@ -22,9 +24,26 @@ class BridgeConfig:
     event_buffer: int = 10_000
     max_ws_message_bytes: int = 64 * 1024
     max_body_bytes: int = 1024 * 1024
+    # Open WebSocket + SSE connections one token may hold (0: no limit). A team's pages
+    # share a token; 1,000 leaves them room while no one token can take a bridge (which
+    # serves a few thousand connections) from everyone else.
+    max_connections_per_token: int = 1000
+    # Messages one WebSocket connection may send per second, in bursts of twice that
+    # (0: no limit). The browser client sends a ping every 30 s and a subscribe per change.
+    ws_messages_per_second: float = 20.0
     rpc_timeout: float = 10.0
     log_level: str = "info"
     log_format: str = "json"
+    # HTTPS/WSS for browsers (PEM paths, both or neither), and the CA that signed the
+    # server's certificate: set, the bridge talks TLS to the server.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grpc_tls_ca: Path | None = None
+    # Browser origins allowed besides the bridge's own (normalised; "*": any).
+    allowed_origins: tuple[str, ...] = ()
+    # GET /metrics is closed unless scrapers get a token of their own or it is made public.
+    metrics_token: str = field(default="", repr=False)
+    metrics_public: bool = False
 
     @property
     def host(self) -> str:
@@ -41,7 +60,14 @@ class BridgeConfig:
         return key_file.read_text().strip() if key_file.exists() else None
 
 
-_OPTIONS: list[tuple[str, str, str, type, str]] = [
+def _on_off(value: str) -> bool:
+    if value.lower() not in {"on", "off", "true", "false", "1", "0"}:
+        raise ValueError("expected on or off")
+    return value.lower() in {"on", "true", "1"}
+
+
+# (flag, environment variable, field, parser of the text, help)
+_OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
     ("--bridge-addr", "COLLAB_BRIDGE_ADDR", "bridge_addr", str, "host:port to serve HTTP and WebSocket on"),
     ("--grpc-target", "COLLAB_GRPC_TARGET", "grpc_target", str, "the collab-server to connect to"),
     ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the server keeps its generated key"),
@@ -50,9 +76,35 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--event-buffer", "COLLAB_EVENT_BUFFER", "event_buffer", int, "recent events kept to resume clients"),
     ("--max-ws-message-bytes", "COLLAB_MAX_WS_MESSAGE_BYTES", "max_ws_message_bytes", int, "inbound WS cap"),
     ("--max-body-bytes", "COLLAB_MAX_BODY_BYTES", "max_body_bytes", int, "REST request body cap"),
+    (
+        "--max-connections-per-token",
+        "COLLAB_MAX_CONNECTIONS_PER_TOKEN",
+        "max_connections_per_token",
+        int,
+        "open WebSocket + SSE connections one token may hold (0: no limit)",
+    ),
+    (
+        "--ws-messages-per-second",
+        "COLLAB_WS_MESSAGES_PER_SECOND",
+        "ws_messages_per_second",
+        float,
+        "messages a WebSocket client may send per second, bursts of twice that (0: no limit)",
+    ),
     ("--rpc-timeout", "COLLAB_RPC_TIMEOUT", "rpc_timeout", float, "seconds a REST call waits for the server"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     ("--log-format", "COLLAB_LOG_FORMAT", "log_format", str, "json or text"),
+    ("--tls-cert", "COLLAB_TLS_CERT", "tls_cert", Path, "PEM certificate (chain): serve HTTPS and WSS"),
+    ("--tls-key", "COLLAB_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert (unencrypted)"),
+    ("--grpc-tls-ca", "COLLAB_GRPC_TLS_CA", "grpc_tls_ca", Path, "PEM CA to trust: talk TLS to the server"),
+    (
+        "--allowed-origins",
+        "COLLAB_ALLOWED_ORIGINS",
+        "allowed_origins",
+        parse_origins,
+        "comma-separated browser origins (scheme://host[:port]) allowed besides the bridge's own; * for any",
+    ),
+    ("--metrics-token", "COLLAB_METRICS_TOKEN", "metrics_token", str, "bearer token scrapers send for GET /metrics"),
+    ("--metrics-public", "COLLAB_METRICS_PUBLIC", "metrics_public", _on_off, "on: GET /metrics needs no token"),
 ]
 
 
@@ -85,6 +137,11 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes"):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
+    for name in ("max_connections_per_token", "ws_messages_per_second"):
+        if not 0 <= getattr(config, name) < float("inf"):
+            parser.error(f"{name.replace('_', '-')} must be 0 (no limit) or more")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if config.log_format not in {"json", "text"}:
         parser.error("log-format must be json or text")
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:

@@ -113,6 +113,11 @@ class Subscriber:
     def backlog(self) -> int:
         return len(self._backlog)
 
+    @property
+    def closing(self) -> asyncio.Task[None] | None:
+        """The close under way once ``disconnect`` was called."""
+        return self._closing
+
     def deliver(self, frame: Frame) -> None:
         """Offer a broadcast frame; it is written if the client wants it and lacks it."""
         if frame.seq is not None:
@@ -195,17 +200,42 @@ class Fanout:
 
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
+        # Tallies the bridge's metrics read when scraped: plain numbers, so a broadcast
+        # costs one addition per event, not a metrics call per client.
         self.slow_disconnects = 0
+        self.messages_offered: dict[str, int] = {}  # by message type
+        self.peak_backlog = 0  # the deepest backlog of any client that has left
+        # Told of each subscriber leaving (the metrics take its backlog high-water mark).
+        self.on_leave: Callable[[Subscriber], None] | None = None
 
     def add(self, subscriber: Subscriber) -> None:
         self.subscribers.add(subscriber)
 
     def remove(self, subscriber: Subscriber) -> None:
+        """Forget ``subscriber`` (closed, or its connection ended); once, whichever comes first."""
+        if subscriber not in self.subscribers:
+            return
         self.subscribers.discard(subscriber)
+        self.slow_disconnects += subscriber.too_slow
+        self.peak_backlog = max(self.peak_backlog, subscriber.high_water)
+        if self.on_leave is not None:
+            self.on_leave(subscriber)
+
+    async def close_all(self, code: int, reason: str, within: float) -> None:
+        """Disconnect every client with ``code`` and wait, at most ``within`` seconds, for
+        the closes to be written (a client that does not read may never take its close)."""
+        subscribers = tuple(self.subscribers)
+        for subscriber in subscribers:
+            subscriber.disconnect(code, reason)
+            self.remove(subscriber)
+        closing = [subscriber.closing for subscriber in subscribers if subscriber.closing is not None]
+        if closing:
+            await asyncio.wait(closing, timeout=within)
 
     def broadcast(self, frame: Frame) -> None:
-        for subscriber in tuple(self.subscribers):
+        subscribers = tuple(self.subscribers)
+        self.messages_offered[frame.type] = self.messages_offered.get(frame.type, 0) + len(subscribers)
+        for subscriber in subscribers:
             subscriber.deliver(frame)
             if subscriber.closed:
-                self.slow_disconnects += subscriber.too_slow
-                self.subscribers.discard(subscriber)
+                self.remove(subscriber)

@@ -1,17 +1,39 @@
-"""Request body size cap for REST: over the limit, 413 with a JSON body, nothing called."""
+"""The bridge's own limits on what one client may take.
+
+- BodySizeLimit: a REST request body over the cap gets 413 with a JSON body, nothing called.
+- ConnectionLimit: open WebSocket and SSE connections per token; one more is refused
+  (WebSocket close 4429, SSE HTTP 429) until one of them closes.
+- MessageRate: messages one WebSocket connection may send per second (a token bucket);
+  one over the rate is dropped and answered with an `error`, and a connection that keeps
+  flooding is closed with 1008.
+"""
 
 from __future__ import annotations
 
+import enum
 import json
+import math
+from collections import Counter, deque
 from typing import Any
 
-from bridge.websocket import Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-__all__ = ["BodySizeLimit"]
+__all__ = [
+    "FLOOD_FACTOR",
+    "FLOOD_SECONDS",
+    "Admission",
+    "BodySizeLimit",
+    "ConnectionLimit",
+    "ConnectionSlot",
+    "MessageRate",
+    "token_key",
+]
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """Raised from ``receive`` once a body without Content-Length outgrows the cap. Not
+    an Exception: FastAPI turns any Exception raised while it reads a body into a 400
+    ("There was an error parsing the body"); this one must reach BodySizeLimit (413)."""
 
 
 class BodySizeLimit:
@@ -62,3 +84,125 @@ class BodySizeLimit:
         except _TooLarge:
             if not started:
                 await self._refuse(send)
+
+
+def token_key(credential: tuple[str, str] | None) -> str:
+    """The token a connection authenticates with, however it was sent (``?token=``,
+    ``Authorization: Bearer``, ``X-API-Key``); "" for none. Connections are counted per
+    token, so the same token sent two ways shares one budget."""
+    if credential is None:
+        return ""
+    name, value = credential
+    if name == "authorization":
+        scheme, _, token = value.strip().partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else value.strip()
+    return value.strip()
+
+
+class ConnectionSlot:
+    """One open connection's place in its token's budget; released once, however the
+    connection ends."""
+
+    __slots__ = ("_key", "_limit")
+
+    def __init__(self, limit: ConnectionLimit, key: str) -> None:
+        self._limit: ConnectionLimit | None = limit
+        self._key = key
+
+    def release(self) -> None:
+        if self._limit is not None:
+            self._limit.release(self._key)
+            self._limit = None
+
+
+class ConnectionLimit:
+    """At most ``per_token`` open WebSocket and SSE connections per token (0: no limit).
+
+    Each connection costs the bridge a socket, memory and a place in every broadcast; the
+    cap keeps one leaked or runaway token (a page reconnecting in a loop without closing)
+    from taking a bridge's every connection from everyone else."""
+
+    def __init__(self, per_token: int) -> None:
+        self.per_token = per_token
+        self._open: Counter[str] = Counter()
+        self.refused = 0  # connections refused so far: a tally the metrics can read
+
+    def open_for(self, key: str) -> int:
+        return self._open[key]
+
+    def take(self, key: str) -> ConnectionSlot | None:
+        """A slot for one more connection with this token, or None when it has none left."""
+        if self.per_token and self._open[key] >= self.per_token:
+            self.refused += 1
+            return None
+        self._open[key] += 1
+        return ConnectionSlot(self, key)
+
+    def refusal(self) -> str:
+        return (
+            f"too many connections with this token: {self.per_token} are open, the most one token may hold; "
+            "close one, or use another token"
+        )
+
+    def release(self, key: str) -> None:
+        self._open[key] -= 1
+        if self._open[key] <= 0:
+            del self._open[key]  # nothing kept for tokens no longer connected
+
+
+# A connection is closed for flooding once FLOOD_FACTOR x its rate x FLOOD_SECONDS of its
+# messages were dropped within FLOOD_SECONDS (1,000 at 20/s): its excess alone ran at ten
+# times what it may, for seconds, after being told (every dropped message is answered).
+FLOOD_FACTOR = 10
+FLOOD_SECONDS = 5.0
+
+
+class Admission(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"  # over the rate: answered with an error, not handled
+    CLOSE = "close"  # flooding: the connection is closed
+
+
+class MessageRate:
+    """A token bucket over one WebSocket connection's messages: ``per_second`` on average,
+    bursts of up to twice that (at least 1). ``per_second`` 0: no limit."""
+
+    def __init__(self, per_second: float, now: float) -> None:
+        self.per_second = per_second
+        self.burst = max(1.0, 2 * per_second)
+        self._tokens = self.burst
+        self._at = now
+        flood = max(1, math.ceil(FLOOD_FACTOR * per_second * FLOOD_SECONDS))
+        # When the newest ``flood`` drops happened; made at the first drop, as most
+        # connections never have one.
+        self._flood = flood
+        self._drops: deque[float] | None = None
+        self.retry_after = 0.0  # after a drop: seconds until a message would be accepted
+
+    def admit(self, now: float) -> Admission:
+        if not self.per_second:
+            return Admission.ACCEPT
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return Admission.ACCEPT
+        self.retry_after = (1 - self._tokens) / self.per_second
+        if self._drops is None:
+            self._drops = deque(maxlen=self._flood)
+        self._drops.append(now)
+        if len(self._drops) == self._flood and now - self._drops[0] <= FLOOD_SECONDS:
+            return Admission.CLOSE
+        return Admission.DROP
+
+    def refusal(self) -> str:
+        return (
+            f"rate limited: more than {self.per_second:g} messages per second (bursts of {self.burst:g}); "
+            f"this message was dropped, retry in {self.retry_after:.2f} s"
+        )
+
+    def flood_reason(self) -> str:
+        return (
+            f"flooding: {self._flood} messages over the rate of {self.per_second:g} per second "
+            f"were dropped within {FLOOD_SECONDS:g} s"
+        )

@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import re
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 from pythonjsonlogger.core import RESERVED_ATTRS
 
-from bridge.app import create_asgi_app
+from bridge.app import asgi_app, create_app, drain
 from bridge.config import parse_bridge_config
+from bridge.request_id import request_id_filter
+from bridge.tls import check_tls_files
 
-__all__ = ["log_config", "main"]
+__all__ = ["RedactSecrets", "log_config", "main"]
 
 # The hard cap uvicorn enforces by closing with 1009; messages between the configured
 # limit and this get an `error` reply instead, and the connection stays up.
 WS_HARD_LIMIT = 1024 * 1024
+# Seconds a graceful stop waits for REST calls in flight beyond the RPC timeout.
+SHUTDOWN_MARGIN = 2.0
+
+# `?token=...` in a URL, `Bearer ...` and `x-api-key: ...` in headers, wherever a log line quotes them.
+_SECRET = re.compile(r"(?i)([?&](?:access_)?token=|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
+
+
+class RedactSecrets(logging.Filter):
+    """Blanks credentials in every record the bridge logs. uvicorn logs each WebSocket
+    handshake with its query string, where browsers carry `?token=`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: logging reports it itself
+            return True
+        redacted = _SECRET.sub(r"\1[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        for name, value in list(vars(record).items()):
+            if name != "msg" and isinstance(value, str) and _SECRET.search(value):
+                setattr(record, name, _SECRET.sub(r"\1[redacted]", value))
+        return True
 
 
 def log_config(level: str, fmt: str) -> dict[str, Any]:
@@ -37,8 +67,14 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": formatter},
+        "filters": {"redact": {"()": RedactSecrets}, "request_id": {"()": request_id_filter}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "filters": ["request_id", "redact"],
+                "stream": "ext://sys.stderr",
+            }
         },
         "root": {"handlers": ["stderr"], "level": level.upper()},
         "loggers": {"uvicorn": {"handlers": [], "propagate": True}, "uvicorn.access": {"propagate": False}},
@@ -46,7 +82,17 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
 
 
 class _Server(uvicorn.Server):
-    """Announces the bound address on stdout once listening (port 0 picks a free one)."""
+    """Announces the bound address on stdout once listening (port 0 picks a free one), and
+    shuts down gracefully (SIGTERM, SIGINT): stop listening; tell every WebSocket client
+    to reconnect (1012 with a reason) and end every event stream (bridge.app.drain); let
+    REST calls in flight finish, for at most the RPC timeout plus a margin; exit 0.
+
+    The drain comes first because uvicorn's own shutdown closes each WebSocket with a bare
+    1012 and then waits, without end, for event streams that never end by themselves."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.bridge_app = app
 
     async def startup(self, sockets: list | None = None) -> None:  # type: ignore[type-arg]
         await super().startup(sockets)
@@ -54,20 +100,33 @@ class _Server(uvicorn.Server):
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    print(f"collab-bridge listening on http://{host}:{port}", flush=True)
+                    scheme = "https" if self.config.is_ssl else "http"
+                    print(f"collab-bridge listening on {scheme}://{host}:{port}", flush=True)
                     return
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Not listening first: a client told to reconnect must not come back here.
+        for server in self.servers:
+            server.close()
+        await drain(self.bridge_app)
+        await super().shutdown(sockets)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_bridge_config(argv)
+    try:
+        check_tls_files(config)
+    except ValueError as exc:
+        sys.exit(f"collab-bridge: {exc}")
     if config.resolve_upstream_token() is None:
         print(
             "collab-bridge: warning: no COLLAB_UPSTREAM_TOKEN and no key in "
             f"{config.data_dir / 'api_key'}; the upstream streams will be refused unless auth is off",
             file=sys.stderr,
         )
+    app = create_app(config)
     uvicorn_config = uvicorn.Config(
-        create_asgi_app(config),
+        asgi_app(app),
         host=config.host,
         port=config.port,
         ws="websockets-sansio",
@@ -75,12 +134,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=log_config(config.log_level, config.log_format),
         access_log=False,
         lifespan="on",
+        ssl_certfile=config.tls_cert,
+        ssl_keyfile=config.tls_key,
+        # REST calls in flight wait at most the RPC timeout for the server.
+        timeout_graceful_shutdown=math.ceil(config.rpc_timeout + SHUTDOWN_MARGIN),
     )
     # uvicorn re-raises the signal that stopped it once shut down; the handler it then
     # restores is this one, so a graceful stop exits with status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    _Server(uvicorn_config).run()
+    _Server(uvicorn_config, app).run()
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:

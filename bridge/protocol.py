@@ -33,6 +33,19 @@ MESSAGE_TYPES = frozenset(
 ACTIVITY_ONLY_TYPES = frozenset(ACTIVITY_TYPES) - MESSAGE_TYPES
 
 
+# An error names at most this many of a client's unknown names, each cut to NAME_SHOWN
+# characters: the reply stays small whatever the client sent.
+MAX_NAMES_SHOWN = 10
+NAME_SHOWN = 64
+
+
+def _shown(name: str) -> str:
+    """A client's name as an error quotes it: escaped unless printable (a JSON escape
+    such as "\\ud800" decodes to a lone surrogate, which no UTF-8 frame can carry)."""
+    cut = name[:NAME_SHOWN] + ("..." if len(name) > NAME_SHOWN else "")
+    return cut if cut.isprintable() else ascii(cut)
+
+
 def error(text: str, **extra: Any) -> JSON:
     return {"type": "error", "error": text, "timestamp": iso_now(), **extra}
 
@@ -51,9 +64,12 @@ def _subscribe(message: dict[str, Any], current: ClientFilter) -> tuple[JSON, Cl
         return error("subscribe needs `activity_types`: a list of message or activity type names"), current
     unknown = sorted(set(names) - MESSAGE_TYPES - ACTIVITY_ONLY_TYPES)
     if unknown:
+        shown = ", ".join(_shown(name) for name in unknown[:MAX_NAMES_SHOWN])
+        if len(unknown) > MAX_NAMES_SHOWN:
+            shown += f" and {len(unknown) - MAX_NAMES_SHOWN} more"
         return (
             error(
-                f"unknown type names: {', '.join(unknown)}",
+                f"unknown type names: {shown}",
                 valid=sorted(MESSAGE_TYPES | ACTIVITY_ONLY_TYPES),
             ),
             current,
@@ -84,6 +100,8 @@ def handle_client_message(
         message = json.loads(text)
     except ValueError as exc:
         return error(f"message is not valid JSON: {exc}"), current
+    except RecursionError:  # json's C decoder recurses per level: "[[[[..." within the size limit
+        return error("message is nested too deeply to decode"), current
     if not isinstance(message, dict):
         return error("message must be a JSON object with a `type`"), current
     kind = message.get("type")
@@ -93,4 +111,5 @@ def handle_client_message(
         return _subscribe(message, current)
     if not isinstance(kind, str):
         return error("message needs a string `type`: `ping` or `subscribe`"), current
-    return error(f"unknown message type {kind!r}; expected `ping` or `subscribe`"), current
+    shown = repr(kind[:NAME_SHOWN]) + ("..." if len(kind) > NAME_SHOWN else "")
+    return error(f"unknown message type {shown}; expected `ping` or `subscribe`"), current

@@ -9,16 +9,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, cast, get_args
+from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
 import grpc
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge import mapping
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
+from bridge.schemas import (
+    ActivityFeedBody,
+    ActivityTypeName,
+    AgentStatusBody,
+    CollaborationBody,
+    CollaborationsBody,
+    OneActivityBody,
+    RecordedActivityBody,
+    RecordedDecisionBody,
+    SessionChangeBody,
+    SuccessBody,
+    documented,
+)
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = ["HTTP_STATUS", "HubError", "build_router", "hub_error_response"]
@@ -36,20 +52,6 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
-ActivityTypeName = Literal[
-    "agent_started",
-    "agent_completed",
-    "memory_write",
-    "memory_read",
-    "council_debate",
-    "council_synthesis",
-    "decision_made",
-    "task_assigned",
-    "task_completed",
-    "message_sent",
-    "collaboration_started",
-    "collaboration_ended",
-]
 assert set(get_args(ActivityTypeName)) == set(mapping.ACTIVITY_TYPES), "the REST enum must match the proto"
 
 
@@ -94,23 +96,53 @@ def credential_from_request(request: Request) -> Credential:
     return None
 
 
+# The server's limit (collab_grpc.validation.Limits.max_metadata_depth). Checked here
+# too because a little deeper a Struct cannot even be encoded: protobuf's decoder stops
+# at 100 nested messages, about 33 levels of JSON objects.
+MAX_METADATA_DEPTH = 32
+
+Message = TypeVar("Message", bound=ProtoMessage)
+
+
+def _metadata_problem(data: dict[str, Any]) -> str | None:
+    """What keeps ``data`` from being sent as metadata, if anything; walked level by
+    level (not recursively), so no nesting can exhaust the stack."""
+    level: list[Any] = [data]
+    for depth in range(1, MAX_METADATA_DEPTH + 2):
+        if not level:
+            return None
+        if depth > MAX_METADATA_DEPTH:
+            return f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels"
+        children: list[Any] = []
+        for container in level:
+            for value in container.values() if isinstance(container, dict) else container:
+                if isinstance(value, dict | list):
+                    children.append(value)
+                elif isinstance(value, float) and not math.isfinite(value):
+                    return "metadata must not contain NaN or infinite numbers"
+        level = children
+    return None
+
+
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    if problem := _metadata_problem(data):
+        raise HubError(400, "INVALID_ARGUMENT", problem)
     struct = struct_pb2.Struct()
     try:
         struct.update(data)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # an integer beyond a double, ...
         raise HubError(400, "INVALID_ARGUMENT", f"metadata is not a JSON object the hub can store: {exc}") from None
     return struct
 
 
-def _finite(data: Any) -> bool:
-    if isinstance(data, float):
-        return math.isfinite(data)
-    if isinstance(data, dict):
-        return all(_finite(v) for v in data.values())
-    if isinstance(data, list):
-        return all(_finite(v) for v in data)
-    return True
+def _message(kind: type[Message], **fields: Any) -> Message:
+    """The request for the server, built from what the caller sent. The body fits the
+    route's schema, yet protobuf can still refuse a value (a string with a lone surrogate
+    from a JSON escape, which is not UTF-8): that is the caller's input, so 400."""
+    try:
+        return kind(**fields)
+    except (TypeError, ValueError, DecodeError) as exc:
+        raise HubError(400, "INVALID_ARGUMENT", f"the request cannot be encoded for the server: {exc}") from None
 
 
 class _Body(BaseModel):
@@ -167,10 +199,16 @@ IdempotencyKey = Annotated[
     ),
 ]
 Limit = Annotated[int, Query(ge=1, le=500, description="1 to 500")]
+# Declares the two ways to send a token in the OpenAPI spec (either one; /docs offers
+# both). They check nothing: the server does, on the call each route makes.
+CREDENTIALS = [
+    Security(HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")),
+    Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="the token itself")),
+]
 
 
 def build_router(runtime: BridgeRuntime) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/collaboration", tags=["collaboration"])
+    router = APIRouter(prefix="/api/v1/collaboration", tags=["collaboration"], dependencies=CREDENTIALS)
     timeout = runtime.config.rpc_timeout
 
     async def call(request: Request, method: str, message: Any) -> Any:
@@ -181,24 +219,29 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         except grpc.aio.AioRpcError as failure:
             raise HubError.from_rpc(failure) from None
 
-    def metadata_struct(data: dict[str, Any]) -> struct_pb2.Struct:
-        if not _finite(data):
-            raise HubError(400, "INVALID_ARGUMENT", "metadata must not contain NaN or infinite numbers")
-        return _struct(data)
-
-    @router.get("/agent-status", summary="Agent status: counts and each agent's state")
+    @router.get(
+        "/agent-status",
+        summary="Agent status: counts and each agent's state",
+        response_model=None,
+        responses=documented(AgentStatusBody),
+    )
     async def agent_status(request: Request) -> dict[str, Any]:
         reply = await call(request, "GetAgentStatus", pb.GetAgentStatusRequest())
         return mapping.agent_status_json(reply.agent_status)
 
-    @router.get("/activity-feed", summary="The newest activities, newest first")
+    @router.get(
+        "/activity-feed",
+        summary="The newest activities, newest first",
+        response_model=None,
+        responses=documented(ActivityFeedBody, 400),
+    )
     async def activity_feed(
         request: Request, agent_id: str | None = None, limit: Limit = 50, session_id: str | None = None
     ) -> dict[str, Any]:
         reply = await call(
             request,
             "GetActivityFeed",
-            pb.GetActivityFeedRequest(agent_id=agent_id or "", limit=limit, session_id=session_id or ""),
+            _message(pb.GetActivityFeedRequest, agent_id=agent_id or "", limit=limit, session_id=session_id or ""),
         )
         return {
             "activities": [mapping.activity_json(a) for a in reply.activities],
@@ -206,39 +249,65 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
             "agent_id": agent_id,
         }
 
-    @router.get("/activities/{activity_id}", summary="One activity, open or in history")
+    @router.get(
+        "/activities/{activity_id}",
+        summary="One activity, open or in history",
+        response_model=None,
+        responses=documented(OneActivityBody, 400, 404),
+    )
     async def get_activity(request: Request, activity_id: str) -> dict[str, Any]:
-        reply = await call(request, "GetActivity", pb.GetActivityRequest(activity_id=activity_id))
+        reply = await call(request, "GetActivity", _message(pb.GetActivityRequest, activity_id=activity_id))
         return {"activity": mapping.activity_json(reply.activity)}
 
-    @router.get("/active-collaborations", summary="Collaboration sessions not yet ended")
+    @router.get(
+        "/active-collaborations",
+        summary="Collaboration sessions not yet ended",
+        response_model=None,
+        responses=documented(CollaborationsBody),
+    )
     async def active_collaborations(request: Request) -> dict[str, Any]:
         reply = await call(request, "ListActiveCollaborations", pb.ListActiveCollaborationsRequest())
         return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
 
-    @router.get("/ended-collaborations", summary="Ended sessions, most recently ended first")
+    @router.get(
+        "/ended-collaborations",
+        summary="Ended sessions, most recently ended first",
+        response_model=None,
+        responses=documented(CollaborationsBody, 400),
+    )
     async def ended_collaborations(request: Request, limit: Limit = 50) -> dict[str, Any]:
-        reply = await call(request, "ListEndedCollaborations", pb.ListEndedCollaborationsRequest(limit=limit))
+        reply = await call(request, "ListEndedCollaborations", _message(pb.ListEndedCollaborationsRequest, limit=limit))
         return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
 
-    @router.get("/collaborations/{session_id}", summary="One session with its activities and decisions")
+    @router.get(
+        "/collaborations/{session_id}",
+        summary="One session with its activities and decisions",
+        response_model=None,
+        responses=documented(CollaborationBody, 400, 404),
+    )
     async def get_collaboration(request: Request, session_id: str) -> dict[str, Any]:
-        reply = await call(request, "GetCollaboration", pb.GetCollaborationRequest(session_id=session_id))
+        reply = await call(request, "GetCollaboration", _message(pb.GetCollaborationRequest, session_id=session_id))
         return {
             "session": mapping.session_json(reply.session),
             "activities": [mapping.activity_json(a) for a in reply.activities],
             "decisions": [mapping.decision_json(d) for d in reply.decisions],
         }
 
-    @router.post("/record-activity", summary="Record an activity")
+    @router.post(
+        "/record-activity",
+        summary="Record an activity",
+        response_model=None,
+        responses=documented(RecordedActivityBody, 400, 404, 409, 429),
+    )
     async def record_activity(
         request: Request, body: RecordActivityBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.RecordActivityRequest(
+        message = _message(
+            pb.RecordActivityRequest,
             agent_id=body.agent_id,
             department=body.department,
-            activity_type=mapping.ACTIVITY_TYPES[body.activity_type],  # type: ignore[arg-type]
-            metadata=metadata_struct(body.metadata),
+            activity_type=mapping.ACTIVITY_TYPES[body.activity_type],
+            metadata=_struct(body.metadata),
             related_agents=body.related_agents,
             session_id=body.session_id or "",
             parent_activity_id=body.parent_activity_id or "",
@@ -247,11 +316,17 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         reply = await call(request, "RecordActivity", message)
         return {"success": True, "activity_id": reply.activity_id}
 
-    @router.post("/complete-activity", summary="Complete an activity")
+    @router.post(
+        "/complete-activity",
+        summary="Complete an activity",
+        response_model=None,
+        responses=documented(RecordedActivityBody, 400, 404, 409),
+    )
     async def complete_activity(
         request: Request, body: CompleteActivityBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.CompleteActivityRequest(
+        message = _message(
+            pb.CompleteActivityRequest,
             activity_id=body.activity_id,
             success=body.success,
             failure_reason=body.failure_reason or "",
@@ -260,52 +335,77 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         reply = await call(request, "CompleteActivity", message)
         return {"success": True, "activity_id": reply.activity_id}
 
-    @router.post("/start-collaboration", summary="Start a collaboration session")
+    @router.post(
+        "/start-collaboration",
+        summary="Start a collaboration session",
+        response_model=None,
+        responses=documented(SessionChangeBody, 400, 409),
+    )
     async def start_collaboration(
         request: Request, body: StartCollaborationBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.StartCollaborationRequest(
+        message = _message(
+            pb.StartCollaborationRequest,
             participants=body.participants,
             session_type=body.session_type,
-            metadata=metadata_struct(body.metadata),
+            metadata=_struct(body.metadata),
             idempotency_key=idempotency_key or "",
         )
         reply = await call(request, "StartCollaboration", message)
         return {"success": True, "session_id": reply.session_id}
 
-    @router.post("/end-collaboration", summary="End a collaboration session")
+    @router.post(
+        "/end-collaboration",
+        summary="End a collaboration session",
+        response_model=None,
+        responses=documented(SessionChangeBody, 400, 404, 409),
+    )
     async def end_collaboration(
         request: Request, body: EndCollaborationBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.EndCollaborationRequest(session_id=body.session_id, idempotency_key=idempotency_key or "")
+        message = _message(
+            pb.EndCollaborationRequest, session_id=body.session_id, idempotency_key=idempotency_key or ""
+        )
         reply = await call(request, "EndCollaboration", message)
         return {"success": True, "session_id": reply.session_id}
 
-    @router.post("/record-memory-update", summary="Record a memory write, read or delete")
+    @router.post(
+        "/record-memory-update",
+        summary="Record a memory write, read or delete",
+        response_model=None,
+        responses=documented(SuccessBody, 400, 409, 429),
+    )
     async def record_memory_update(
         request: Request, body: RecordMemoryUpdateBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.RecordMemoryUpdateRequest(
-            operation=mapping.MEMORY_OPERATIONS[body.operation],  # type: ignore[arg-type]
+        message = _message(
+            pb.RecordMemoryUpdateRequest,
+            operation=mapping.MEMORY_OPERATIONS[body.operation],
             item_id=body.item_id,
             agent_id=body.agent_id,
-            metadata=metadata_struct(body.metadata),
+            metadata=_struct(body.metadata),
             idempotency_key=idempotency_key or "",
         )
         await call(request, "RecordMemoryUpdate", message)
         return {"success": True}
 
-    @router.post("/record-decision", summary="Record a decision in an active session")
+    @router.post(
+        "/record-decision",
+        summary="Record a decision in an active session",
+        response_model=None,
+        responses=documented(RecordedDecisionBody, 400, 404, 409, 429),
+    )
     async def record_decision(
         request: Request, body: RecordDecisionBody, idempotency_key: IdempotencyKey = None
     ) -> dict[str, Any]:
-        message = pb.RecordDecisionRequest(
+        message = _message(
+            pb.RecordDecisionRequest,
             session_id=body.session_id,
             agent_id=body.agent_id,
             decision=body.decision,
             rationale=body.rationale,
             votes=body.votes,
-            metadata=metadata_struct(body.metadata),
+            metadata=_struct(body.metadata),
             idempotency_key=idempotency_key or "",
         )
         reply = await call(request, "RecordDecision", message)

@@ -11,6 +11,9 @@ import grpc
 from bridge.config import BridgeConfig
 from bridge.fanout import Frame, Subscriber
 from bridge.hub import SnapshotTooOld, StreamHub
+from bridge.limits import ConnectionLimit
+from bridge.request_id import HEADER, REQUEST_ID
+from bridge.tls import upstream_channel
 from bridge.upstream import Upstream
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -24,7 +27,11 @@ Credential = tuple[str, str] | None
 
 
 def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
-    return (credential,) if credential else ()
+    """The metadata of an RPC made for a caller: its credential, and the id of the
+    request being served, so that the server's log lines about the call carry it."""
+    metadata = (credential,) if credential else ()
+    request_id = REQUEST_ID.get()
+    return (*metadata, (HEADER, request_id)) if request_id else metadata
 
 
 class BridgeRuntime:
@@ -34,9 +41,14 @@ class BridgeRuntime:
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
         self.hub = StreamHub(config.event_buffer)
+        # One budget per token across the WebSocket and SSE endpoints.
+        self.connection_limit = ConnectionLimit(config.max_connections_per_token)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
         self._upstream: Upstream | None = None
+        # Set once the upstream's first snapshot is in: before that the bridge follows no
+        # epoch, and a client could not be resumed.
+        self._synced = asyncio.Event()
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -54,16 +66,35 @@ class BridgeRuntime:
         return self._upstream
 
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.config.grpc_target)
+        self._channel = upstream_channel(self.config.grpc_target, self.config.grpc_tls_ca)
         self._stub = pb_grpc.CollaborationServiceStub(self._channel)
         self._upstream = Upstream(
             self._channel,
             self.config.resolve_upstream_token(),
-            on_snapshot=self.hub.on_snapshot,
+            on_snapshot=self._on_snapshot,
             on_event=self.hub.on_event,
             on_status=self.hub.on_status,
         )
         self._upstream.start()
+
+    def _on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
+        self.hub.on_snapshot(snapshot, reset)
+        self._synced.set()
+
+    async def _wait_synced(self) -> None:
+        """Wait (at most the RPC timeout) for the upstream's first snapshot. A client that
+        connects to a bridge that has just started, as every client of a restarted bridge
+        does, would otherwise be told its epoch is unknown and lose its place."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), self.config.rpc_timeout)
+        except TimeoutError:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "the bridge is not following the server yet; retry",
+                None,
+            ) from None
 
     async def stop(self) -> None:
         await self.upstream.stop()
@@ -129,6 +160,8 @@ class BridgeRuntime:
     ) -> None:
         """Start a client from ``snapshot`` (or resume it from ``(epoch, since)``). In the
         rare case that events outran the snapshot while it was fetched, fetch another."""
+        if not self._synced.is_set():
+            await self._wait_synced()
         fetched = None
         if since is not None and epoch == self.hub.epoch and since + 1 < self.hub.first_buffered_seq:
             # Older than this bridge's buffer (it restarted, say): the server may still have them.

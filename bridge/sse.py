@@ -9,12 +9,15 @@ WebSocket: `id:` is the event's seq, and a reconnecting client sends it back as
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from typing import Any
 
 import grpc
 
 from bridge.fanout import ClientFilter, Frame, Subscriber
+from bridge.limits import token_key
 from bridge.mapping import iso_now
+from bridge.origins import OriginPolicy
 from bridge.protocol import handle_client_message
 from bridge.rest import HubError, hub_error_response
 from bridge.runtime import BridgeRuntime
@@ -31,8 +34,19 @@ def sse_encode(frame: Frame) -> str:
 class EventStream:
     def __init__(self, runtime: BridgeRuntime) -> None:
         self.runtime = runtime
+        self.origins = OriginPolicy(runtime.config.allowed_origins)
+        self.clients = 0  # streams open now, for the metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # However the stream ends, what it holds (its place in its token's connection
+        # budget) is released.
+        with ExitStack() as held:
+            await self._serve(scope, receive, send, held)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
+        if (refused_origin := self.origins.refusal(scope)) is not None:
+            await hub_error_response(HubError(403, "PERMISSION_DENIED", refused_origin))(scope, receive, send)
+            return
         query = _query(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         hub = self.runtime.hub
@@ -50,8 +64,10 @@ class EventStream:
         if last_event_id:
             try:
                 since = int(last_event_id)
+                if since < 0:  # no such seq; it would not even fit the resume request
+                    raise ValueError
             except ValueError:
-                detail = f"Last-Event-ID must be an integer seq, got {last_event_id!r}"
+                detail = f"Last-Event-ID must be an integer seq (0 or more), got {last_event_id!r}"
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
         credential = credential_from_scope(scope, query)
@@ -60,6 +76,12 @@ class EventStream:
         except grpc.aio.AioRpcError as failure:
             await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
+        limit = self.runtime.connection_limit
+        slot = limit.take(token_key(credential))
+        if slot is None:
+            await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)
+            return
+        held.callback(slot.release)
 
         await send(
             {
@@ -94,9 +116,11 @@ class EventStream:
         await self._wait_for_disconnect(receive, subscriber)
 
     async def _wait_for_disconnect(self, receive: Receive, subscriber: Subscriber) -> None:
+        self.clients += 1
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
         finally:
+            self.clients -= 1
             self.runtime.hub.leave(subscriber)
             subscriber.closed = True

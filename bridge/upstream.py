@@ -67,6 +67,8 @@ class Upstream:
         self.events_connected = False
         self.status_connected = False
         self.last_error = ""
+        # Times each stream was lost (or not reached) and retried: for the metrics.
+        self.reconnects = {"events": 0, "status": 0}
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -97,6 +99,7 @@ class Upstream:
                 self.last_error = f"{name} stream: {error!r}"
             self.events_connected = self.events_connected and name != "events"
             self.status_connected = self.status_connected and name != "status"
+            self.reconnects[name] += 1
             delay = backoff.delay()
             log.warning("upstream %s stream lost; retrying", name, extra={"error": self.last_error, "retry_in": delay})
             await asyncio.sleep(delay)

@@ -6,18 +6,26 @@ finishes without suspending, and a broadcast costs no task per client.
 
 Close codes (all with a reason text):
 - 4400: bad query parameters (``since`` not an integer, ``since`` without ``epoch``);
-- 4401: missing or invalid token; 4403: the token may not read;
+- 4401: missing or invalid token; 4403: the token may not read, or the page's `Origin`
+  is not allowed (bridge/origins.py);
+- 4429: the token already holds its most connections (COLLAB_MAX_CONNECTIONS_PER_TOKEN);
+  retry once one of them has closed;
 - 4008: the client fell too far behind; reconnect with ``since``/``epoch`` to resume;
+- 1008: flooding: the client kept sending far over COLLAB_WS_MESSAGES_PER_SECOND after
+  its messages were dropped (each answered with an `error` with ``retry_after``);
 - 1013: the hub is unavailable right now; retry later;
-- 1001: the bridge is shutting down; reconnect and resume.
+- 1012 ("service restart"): the bridge is shutting down; reconnect (to it or another
+  bridge) and resume with ``since``/``epoch``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import ExitStack
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -25,14 +33,18 @@ import grpc
 
 from bridge.fanout import Subscriber
 from bridge.hub import dumps
+from bridge.limits import Admission, MessageRate, token_key
 from bridge.mapping import iso_now
+from bridge.origins import OriginPolicy
 from bridge.protocol import error, handle_client_message
 from bridge.runtime import BridgeRuntime, Credential
 
 __all__ = [
     "CLOSE_BAD_REQUEST",
     "CLOSE_FORBIDDEN",
-    "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_SERVICE_RESTART",
+    "CLOSE_TOO_MANY",
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNAUTHORIZED",
     "CollaborationWebSocket",
@@ -47,10 +59,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 CLOSE_BAD_REQUEST = 4400
+CLOSE_TOO_MANY = 4429
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_TRY_AGAIN = 1013
-CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012
 # How long a close waits for a client that is not reading (its socket buffer full).
 CLOSE_TIMEOUT = 60.0
 
@@ -90,8 +104,18 @@ class CollaborationWebSocket:
     def __init__(self, runtime: BridgeRuntime) -> None:
         self.runtime = runtime
         self.connections: set[Subscriber] = set()
+        self.origins = OriginPolicy(runtime.config.allowed_origins)
+        # Tallies for the metrics: clients started, and refusals by close code.
+        self.accepted = 0
+        self.refused: dict[int, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Whatever ends the connection (a refusal, the client, cancellation) releases
+        # what it holds, such as its place in its token's connection budget.
+        with ExitStack() as held:
+            await self._serve(scope, receive, send, held)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
         query = _query(scope)
@@ -100,11 +124,17 @@ class CollaborationWebSocket:
 
         async def refuse(code: int, reason: str, *, accepted: bool = False) -> None:
             """An `error` message saying why, then the close code (browsers see both)."""
+            self.refused[code] = self.refused.get(code, 0) + 1
+            log.info("websocket refused", extra={"client_id": client_id, "code": code, "reason": reason})
             if not accepted:
                 await send({"type": "websocket.accept"})
             await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
             await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
+        # Before anything else: a page from a foreign origin learns nothing, costs no RPC.
+        if (refused_origin := self.origins.refusal(scope)) is not None:
+            await refuse(CLOSE_FORBIDDEN, refused_origin)  # refuse() logs it
+            return
         since: int | None = None
         epoch = query.get("epoch", "")
         if "since" in query:
@@ -124,6 +154,12 @@ class CollaborationWebSocket:
         except grpc.aio.AioRpcError as failure:
             await refuse(*_refusal(failure))
             return
+        # Counted once the token is known good: a wrong one is refused as such above.
+        slot = self.runtime.connection_limit.take(token_key(credential))
+        if slot is None:
+            await refuse(CLOSE_TOO_MANY, self.runtime.connection_limit.refusal())
+            return
+        held.callback(slot.release)
 
         await send({"type": "websocket.accept"})
 
@@ -151,6 +187,7 @@ class CollaborationWebSocket:
             await refuse(*_refusal(failure), accepted=True)
             return
         self.connections.add(subscriber)
+        self.accepted += 1
         try:
             await self._converse(subscriber, receive)
         finally:
@@ -160,17 +197,21 @@ class CollaborationWebSocket:
 
     async def _converse(self, subscriber: Subscriber, receive: Receive) -> None:
         max_bytes = self.runtime.config.max_ws_message_bytes
+        rate = MessageRate(self.runtime.config.ws_messages_per_second, time.monotonic())
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
-            if message["type"] != "websocket.receive":
+            if message["type"] != "websocket.receive" or subscriber.closed:
+                continue  # closing (flooding, too slow): what it still sends is not read
+            admission = rate.admit(time.monotonic())
+            if admission is Admission.DROP:
+                subscriber.write(dumps(error(rate.refusal(), retry_after=round(rate.retry_after, 3))))
+                continue
+            if admission is Admission.CLOSE:
+                subscriber.disconnect(CLOSE_POLICY_VIOLATION, rate.flood_reason())
                 continue
             reply, subscriber.filter = handle_client_message(
                 message.get("text"), message.get("bytes"), subscriber.filter, max_bytes
             )
             subscriber.write(dumps(reply))
-
-    def close_all(self, code: int, reason: str) -> None:
-        for subscriber in tuple(self.connections):
-            subscriber.disconnect(code, reason)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 import hmac
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from collab_grpc.errors import PermissionDenied, Unauthenticated
 __all__ = ["Access", "Authenticator", "ensure_generated_key", "token_from_headers"]
 
 GENERATED_KEY_FILE = "api_key"
+
+log = logging.getLogger("collab_grpc.auth")
 
 
 class Access(enum.Flag):
@@ -113,6 +117,16 @@ def ensure_generated_key(data_dir: Path) -> tuple[str, bool]:
     try:
         key = path.read_text().strip()
         if key:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                # Someone else made or loosened it: say so, but do not change their file.
+                log.warning(
+                    "other users can access the API key file %s (mode %04o); run: chmod 600 %s",
+                    path,
+                    mode,
+                    path,
+                    extra={"path": str(path), "mode": f"{mode:04o}"},
+                )
             return key, False
     except FileNotFoundError:
         pass

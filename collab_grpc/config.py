@@ -16,9 +16,12 @@ from pathlib import Path
 
 from collab_grpc.state import RosterEntry
 
-__all__ = ["LOG_LEVELS", "ServerConfig", "load_roster", "parse_server_config"]
+__all__ = ["DEFAULT_METRICS_ADDR", "LOG_LEVELS", "ServerConfig", "load_roster", "parse_server_config"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Where /metrics is served unless --metrics-addr says otherwise: loopback only, on the
+# port OpenTelemetry's Prometheus exporter uses.
+DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -37,6 +40,9 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     read_keys: tuple[str, ...] = ()
     jwt_secret: str = field(default="", repr=False)
+    # PEM files; both set: TLS on the gRPC port (add_secure_port), else plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     roster: Path | None = None
     history_limit: int = 1000
     event_retain: int = 10_000
@@ -48,6 +54,9 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     log_level: str = "info"
     log_format: str = "json"
+    # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
+    # "off": no metrics port; else host:port, which must be free.
+    metrics_addr: str | None = None
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -62,6 +71,8 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--api-keys", "COLLAB_API_KEYS", "api_keys", str, "comma-separated read+write API keys"),
     ("--read-keys", "COLLAB_READ_KEYS", "read_keys", str, "comma-separated read-only API keys"),
     ("--jwt-secret", "COLLAB_JWT_SECRET", "jwt_secret", str, "HS256 secret for JWTs with a `scope` claim"),
+    ("--tls-cert", "COLLAB_TLS_CERT", "tls_cert", Path, "PEM certificate (chain): serve gRPC over TLS"),
+    ("--tls-key", "COLLAB_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert (unencrypted)"),
     ("--roster", "COLLAB_ROSTER", "roster", Path, "JSON or TOML file listing agents (agent_id, department)"),
     ("--history-limit", "COLLAB_HISTORY_LIMIT", "history_limit", int, "newest activities kept for the feed"),
     ("--event-retain", "COLLAB_EVENT_RETAIN", "event_retain", int, "newest events kept for resuming subscribers"),
@@ -73,6 +84,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     ("--log-format", "COLLAB_LOG_FORMAT", "log_format", str, "json or text"),
+    (
+        "--metrics-addr",
+        "COLLAB_METRICS_ADDR",
+        "metrics_addr",
+        str,
+        f"host:port serving Prometheus /metrics (port 0 picks a free one), or off; default {DEFAULT_METRICS_ADDR}",
+    ),
 ]
 
 
@@ -101,6 +119,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
                 values[dest] = raw.lower() in {"on", "true", "1"}
             elif dest in {"api_keys", "read_keys"}:
                 values[dest] = _split(raw)
+            elif dest == "metrics_addr":
+                values[dest] = _metrics_addr(raw)
             else:
                 values[dest] = kind(raw)
         except ValueError as exc:
@@ -116,6 +136,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
             )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if config.sqlite_synchronous.lower() not in {"full", "normal"}:
         parser.error(f"sqlite-synchronous must be full or normal, got {config.sqlite_synchronous!r}")
     if config.log_format not in {"json", "text"}:
@@ -123,6 +145,15 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     if config.log_level.lower() not in LOG_LEVELS:
         parser.error(f"log-level must be one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}")
     return config
+
+
+def _metrics_addr(value: str) -> str:
+    if value.lower() == "off":
+        return "off"
+    host, colon, port = value.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected host:port (port 0 picks a free one) or off")
+    return value
 
 
 def load_roster(path: Path) -> list[RosterEntry]:

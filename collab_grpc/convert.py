@@ -78,8 +78,12 @@ def seconds_from_timestamp(stamp: timestamp_pb2.Timestamp) -> float:
     return stamp.seconds + stamp.nanos / 1e9
 
 
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+def struct_to_dict(struct: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any]:
+    """A request's Struct as JSON data; one JSON cannot hold (NaN, infinity) is refused."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError as exc:  # json_format refuses non-finite numbers
+        raise InvalidArgument(f"{field} is not valid JSON (numbers must be finite): {exc}") from None
 
 
 def struct_from_dict(data: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -95,6 +95,10 @@ class EventLog:
         self.last_seq = last_seq  # the newest seq assigned
         self.published_seq = last_seq  # the newest seq published
         self.sink: Callable[[Event], None] | None = None
+        # Told of every event this log numbered, once published (durable): not of events
+        # adopted from a replica, which that replica reports. How the server counts what
+        # it records without the log knowing of metrics.
+        self.on_recorded: Callable[[Event], None] | None = None
         self._pending: deque[Event] = deque()
         self._retained: deque[Event] = deque(maxlen=retain)
         self._subscriptions: set[Subscription] = set()
@@ -124,13 +128,15 @@ class EventLog:
         if event.seq != self.last_seq + 1 or event.epoch != self.epoch:
             raise ValueError(f"event {event.epoch}/{event.seq} does not follow {self.epoch}/{self.last_seq}")
         self.last_seq = event.seq
-        self._publish(event)
+        self._publish(event, recorded_here=False)
 
-    def _publish(self, event: Event) -> None:
+    def _publish(self, event: Event, recorded_here: bool = True) -> None:
         self.published_seq = event.seq
         self._retained.append(event)
         for subscription in self._subscriptions:
             subscription.offer(event)
+        if recorded_here and self.on_recorded is not None:
+            self.on_recorded(event)
 
     def publish_through(self, seq: int) -> None:
         """The store made every event up to ``seq`` durable: publish them."""

@@ -24,12 +24,16 @@ class _Entry:
 
 
 class IdempotencyCache:
-    """Remembers the newest ``capacity`` answers for ``ttl`` seconds."""
+    """Remembers answers for ``ttl`` seconds: the newest ``capacity`` of them, holding at
+    most ``max_bytes`` of answers and fingerprints (answers can carry 64 KiB of metadata,
+    so a count alone would not bound the memory)."""
 
-    def __init__(self, capacity: int = 100_000, ttl: float = 24 * 3600.0) -> None:
+    def __init__(self, capacity: int = 100_000, ttl: float = 24 * 3600.0, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.capacity = capacity
         self.ttl = ttl
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._bytes = 0
         # A store that keeps answers across restarts: called with each stored entry.
         self.sink: Callable[[str, str, bytes, bytes, float], None] | None = None
 
@@ -43,6 +47,7 @@ class IdempotencyCache:
             return None
         if now - entry.stored_at > self.ttl:
             del self._entries[(method, key)]
+            self._bytes -= len(entry.fingerprint) + len(entry.answer)
             return None
         if entry.fingerprint != fingerprint:
             raise FailedPrecondition(f"idempotency key {key!r} was already used for a different {method} request")
@@ -55,10 +60,20 @@ class IdempotencyCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """What the answers and fingerprints held take (their bytes, not Python's overhead)."""
+        return self._bytes
 
     def remember(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
         """Hold an answer in memory only (as a store restores them)."""
+        replaced = self._entries.pop((method, key), None)
+        if replaced is not None:
+            self._bytes -= len(replaced.fingerprint) + len(replaced.answer)
         self._entries[(method, key)] = _Entry(fingerprint, answer, stored_at)
-        self._entries.move_to_end((method, key))
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        self._bytes += len(fingerprint) + len(answer)
+        while len(self._entries) > self.capacity or (self._bytes > self.max_bytes and len(self._entries) > 1):
+            _, oldest = self._entries.popitem(last=False)
+            self._bytes -= len(oldest.fingerprint) + len(oldest.answer)

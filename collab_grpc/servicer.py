@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeAlias, TypeVar
@@ -17,7 +18,8 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from collab_grpc import convert
+from collab_grpc import convert, metrics
+from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
     CollabError,
     FailedPrecondition,
@@ -71,6 +73,7 @@ SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq
 
 async def abort_with(context: Context, error: CollabError) -> None:
     """End the call with the status code for ``error``; RateLimited adds `retry-after`."""
+    metrics.refused(error)
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(error, RateLimited):
         trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
@@ -145,7 +148,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         unkeyed = type(request)()
         unkeyed.CopyFrom(request)
         unkeyed.ClearField("idempotency_key")
-        fingerprint = unkeyed.SerializeToString(deterministic=True)
+        # A digest, not the request: a cached answer then costs its answer's size only.
+        fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
         cache = self.state.idempotency
         now = self.state.clock()
         answer = cache.lookup(method, key, fingerprint, now)
@@ -194,9 +198,12 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     ),
                 )
             try:
+                if isinstance(item, Undecodable):  # one bad item fails alone, like any other
+                    raise InvalidArgument(item.details)
                 async with self.store.writing():
                     recorded = self._record_activity(item.activity)
             except CollabError as error:
+                metrics.refused(error)
                 response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
                 response.failed += 1
             else:

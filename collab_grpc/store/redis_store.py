@@ -24,12 +24,14 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from time import perf_counter  # its own name: tests stand in for the `time` module
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from collab_grpc import metrics
 from collab_grpc.model import Activity, ActivityCompletion, Decision, Event, EventKind, MemoryUpdate, Session
 from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import StoreError, StoreUnavailable
@@ -286,14 +288,17 @@ class RedisStore:
                     {"kind": event.kind.value, "time": event.time, "payload": json.loads(encode(event.payload))}
                 )
                 fields = answers.get(event.seq, [])
+                started = perf_counter()
                 await client.eval(
                     APPEND, 3, self._key("lock"), self._key("seq"), self._key("events"),
                     self._token, str(expected), str(event.seq), body, dumps(fields), dumps(self._ops(event, fields)),
                 )  # fmt: skip
+                metrics.committed("redis", perf_counter() - started, 1)
                 expected = event.seq
                 self._durable_seq = event.seq
                 state.log.publish_through(event.seq)
         except (RedisError, OSError) as error:
+            metrics.commit_failed("redis")
             self._stale = True
             raise StoreUnavailable(f"the Redis store could not write ({error}); the write was not recorded") from None
         self._appending = False

@@ -22,8 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter  # its own name: tests stand in for the `time` module
 from typing import Any
 
+from collab_grpc import metrics
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -265,15 +267,26 @@ class SQLiteStore(SingleProcessStore):
             events, answers = self._events, self._answers
             self._events, self._answers = [], []
             if events or answers:
+                # As the writes waiting on it see it: the hand-over to the writer thread too.
+                started = perf_counter()
                 try:
-                    await loop.run_in_executor(self._executor, self._write, events, answers)
+                    self._write_rows(events, answers)
+                    await loop.run_in_executor(self._executor, self._commit)
                 except Exception as error:
+                    metrics.commit_failed("sqlite")
                     self._failed(error, events)
                 else:
                     self.failure = None
                     if events:
                         self._durable_seq = events[-1].seq
-                        self._state.log.publish_through(self._durable_seq)
+                    try:
+                        metrics.committed("sqlite", perf_counter() - started, len(events))
+                        if events:
+                            self._state.log.publish_through(self._durable_seq)
+                    except Exception:
+                        # Committed is committed: the writers get their answers, and this
+                        # loop must live on, or every later write would wait forever.
+                        log.exception("after commit through seq %d", self._durable_seq)
                     self._release(lambda seq: seq <= self._durable_seq, None)
             if self._events or self._answers:
                 self._wakeup.set()
@@ -302,12 +315,19 @@ class SQLiteStore(SingleProcessStore):
         self.failure = f"the store could not write ({error}); the write was not recorded"
         log.error("commit failed; reloading the state from %s", self.path, extra={"error": str(error)})
         refused_through = self._state.log.last_seq
+        if self._connection is not None:
+            self._rollback(self._connection)
         self._events, self._answers = [], []
         self._state.log.close_all("the store failed; resubscribe with since_seq set to the last seq received")
         self._load(self._state)
         self._release(lambda seq: seq <= refused_through, StoreUnavailable(self.failure))
 
-    def _write(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+    def _write_rows(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+        """Begin the transaction and write its rows, on the event loop.
+
+        Without the COMMIT this touches only SQLite's page cache, so it is quick; run in
+        the writer thread instead, every statement would wait for the loop to hand over
+        the GIL, and a batch would take many times longer than its fsync."""
         connection = self._connection
         assert connection is not None
         connection.execute("BEGIN IMMEDIATE")
@@ -321,9 +341,19 @@ class SQLiteStore(SingleProcessStore):
             )
             if events:
                 connection.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(events[-1].seq),))
+        except BaseException:
+            self._rollback(connection)
+            raise
+
+    def _commit(self) -> None:
+        """COMMIT (the fsync) and, now and then, retention: in the writer thread, so the
+        loop keeps deciding the next batch meanwhile."""
+        connection = self._connection
+        assert connection is not None
+        try:
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            self._rollback(connection)
             raise
         now = time.monotonic()
         if now - self._last_prune >= self.retention.every:
@@ -331,16 +361,24 @@ class SQLiteStore(SingleProcessStore):
             self._prune(connection)
 
     @staticmethod
+    def _rollback(connection: sqlite3.Connection) -> None:
+        # SQLite may already have rolled back (for instance on SQLITE_FULL); a second
+        # ROLLBACK would raise and hide the error that matters.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+
+    @staticmethod
     def _apply(connection: sqlite3.Connection, event: Event) -> None:
         payload = event.payload
+        body = encode(payload)
         connection.execute(
             "INSERT INTO events (seq, time, kind, payload) VALUES (?, ?, ?, ?)",
-            (event.seq, event.time, event.kind.value, encode(payload)),
+            (event.seq, event.time, event.kind.value, body),
         )
         if isinstance(payload, Activity):
             connection.execute(
                 "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
-                (payload.activity_id, event.seq, payload.status.value, encode(payload)),
+                (payload.activity_id, event.seq, payload.status.value, body),
             )
             connection.execute(
                 "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
@@ -370,14 +408,14 @@ class SQLiteStore(SingleProcessStore):
                     payload.ended_at,
                     payload.activity_count,
                     payload.decision_count,
-                    encode(payload),
+                    body,
                 ),
             )
             connection.executemany(_AGENT_SEEN, [(member,) for member in payload.participants])
         elif isinstance(payload, Decision):
             connection.execute(
                 "INSERT INTO decisions (decision_id, session_id, seq, body) VALUES (?, ?, ?, ?)",
-                (payload.decision_id, payload.session_id, event.seq, encode(payload)),
+                (payload.decision_id, payload.session_id, event.seq, body),
             )
             connection.execute(
                 "UPDATE sessions SET decision_count = decision_count + 1 WHERE session_id = ?",
@@ -420,10 +458,17 @@ class SQLiteStore(SingleProcessStore):
             ),
             ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - 24 * 3600.0,)),
         ]
-        for statement, parameters in statements:
-            connection.execute("BEGIN IMMEDIATE")
-            connection.execute(statement, parameters)
-            connection.execute("COMMIT")
+        try:
+            for statement, parameters in statements:
+                connection.execute("BEGIN IMMEDIATE")
+                connection.execute(statement, parameters)
+                connection.execute("COMMIT")
+        except sqlite3.Error as error:
+            # The commit before this succeeded: its writes must be answered as recorded.
+            # Deleting needs space too (in the WAL), so on a full disk pruning fails; it
+            # is retried at the next round.
+            self._rollback(connection)
+            log.warning("pruning failed; retrying later", extra={"error": str(error)})
 
     async def close(self) -> None:
         """Commit what is staged (and any commit running), stop the writer, close the file."""

@@ -424,3 +424,67 @@ async def test_a_failed_send_is_not_counted_as_a_slow_disconnect() -> None:
     assert failing.closed
     assert not broken.closes  # it was never disconnected for being slow
     assert fanout.slow_disconnects == 0
+
+
+# -- tallies for the metrics --------------------------------------------------------------
+
+
+async def test_broadcasts_count_the_messages_offered_by_type() -> None:
+    fanout = Fanout()
+    for _ in range(3):
+        fanout.add(fast_subscriber(Wire()))
+    fanout.broadcast(event(1))
+    fanout.broadcast(event(2))
+    fanout.broadcast(Frame("{}", "agent_status_update"))
+    assert fanout.messages_offered == {"agent_activity": 6, "agent_status_update": 3}
+
+
+async def test_a_slow_subscriber_leaves_once_with_its_backlog_high_water_mark() -> None:
+    fanout = Fanout()
+    left: list[Subscriber] = []
+    fanout.on_leave = left.append
+    slow_wire = Wire()
+    slow = slow_subscriber(slow_wire, max_backlog=3)
+    fast = fast_subscriber(Wire())
+    fanout.add(slow)
+    fanout.add(fast)
+    for seq in range(1, 6):  # 1 in flight, 2..4 queued, 5 overflows
+        fanout.broadcast(event(seq))
+    fanout.remove(slow)  # its connection handler's turn: already gone, not counted again
+    assert (fanout.slow_disconnects, fanout.peak_backlog, left) == (1, 3, [slow])
+    fanout.remove(fast)
+    assert (fanout.slow_disconnects, fanout.peak_backlog, left) == (1, 3, [slow, fast])
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [code for code, _ in slow_wire.closes] == [CLOSE_TOO_SLOW]
+
+
+async def test_a_client_cut_off_outside_a_broadcast_is_counted_when_it_leaves() -> None:
+    fanout = Fanout()
+    slow = slow_subscriber(Wire(), max_backlog=1)
+    fanout.add(slow)
+    for text in ("pong", "pong", "pong"):  # replies to the client itself, not broadcasts
+        slow.write(text)
+    assert slow.too_slow and slow in fanout.subscribers
+    fanout.remove(slow)
+    assert (fanout.slow_disconnects, fanout.peak_backlog) == (1, 1)
+    await asyncio.sleep(0)
+
+
+async def test_close_all_closes_every_client_and_waits_a_bounded_time() -> None:
+    """The bridge's drain on shutdown: every client gets the close code; one whose close
+    never goes out (it does not read) holds the drain up no longer than ``within``."""
+    fanout = Fanout()
+    reading, stuck = Wire(), Wire()
+
+    async def never_closes(code: int, reason: str) -> None:
+        stuck.closes.append((code, reason))
+        await asyncio.Event().wait()
+
+    fanout.add(fast_subscriber(reading))
+    fanout.add(Subscriber(stuck.fast, never_closes, max_backlog=10, client_id="stuck"))
+    await asyncio.wait_for(fanout.close_all(1012, "restarting", within=0.05), 5)
+    assert reading.closes == stuck.closes == [(1012, "restarting")]
+    assert not fanout.subscribers
+    for task in other_tasks():
+        task.cancel()

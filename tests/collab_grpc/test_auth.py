@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
+import logging
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from collab_grpc.auth import GENERATED_KEY_FILE, Access, Authenticator, ensure_generated_key, token_from_headers
 from collab_grpc.errors import PermissionDenied, Unauthenticated
@@ -165,6 +172,72 @@ def test_garbage_with_two_dots(auth: Authenticator) -> None:
         auth.access("not.a.jwt")
 
 
+def _segment(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def hmac_signed_with_header(header: dict[str, Any], claims: dict[str, Any], secret: str = SECRET) -> str:
+    """A token whose header names any algorithm, signed with HMAC-SHA256 and ``secret``:
+    the algorithm-confusion forgery (an RS256 header on an HMAC signature)."""
+    signing_input = f"{_segment(header)}.{_segment(claims)}"
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+def rs256_token(claims: dict[str, Any]) -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return jwt.encode(claims, key, algorithm="RS256")
+
+
+REFUSED_JWTS: dict[str, tuple[Callable[[], str], str]] = {
+    "expired a second ago": (lambda: token({"scope": "read write", "exp": int(time.time()) - 1}), "expired"),
+    "nbf in the future": (
+        lambda: token({"scope": "read write", "nbf": int(time.time()) + 600}),
+        r"not yet valid \(nbf\)",
+    ),
+    "iat in the future": (
+        lambda: token({"scope": "read write", "iat": int(time.time()) + 600}),
+        r"not yet valid \(iat\)",
+    ),
+    "exp not a number": (lambda: token({"scope": "read write", "exp": "tomorrow"}), r"\(exp\) must be an integer"),
+    "signed RS256": (lambda: rs256_token({"scope": "read write"}), "alg value is not allowed"),
+    "RS256 header, HMAC signature": (
+        lambda: hmac_signed_with_header({"alg": "RS256", "typ": "JWT"}, {"scope": "read write"}),
+        "alg value is not allowed",
+    ),
+    "alg none, secret's signature": (
+        lambda: hmac_signed_with_header({"alg": "none", "typ": "JWT"}, {"scope": "read write"}),
+        "alg value is not allowed",
+    ),
+    "no alg": (lambda: hmac_signed_with_header({"typ": "JWT"}, {"scope": "read write"}), "invalid token"),
+    "scope claim null": (lambda: token({"scope": None}), "scope"),
+    "audience we do not check": (lambda: token({"scope": "read write", "aud": "elsewhere"}), "audience"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_JWTS, ids=str)
+def test_jwt_refused(auth: Authenticator, case: str) -> None:
+    make, reason = REFUSED_JWTS[case]
+    presented = make()
+    with pytest.raises(Unauthenticated, match=reason):
+        auth.access(presented)
+    with pytest.raises(Unauthenticated):
+        auth.require(presented, write=False)
+
+
+def test_the_forgery_helper_makes_tokens_that_pass_when_honest(auth: Authenticator) -> None:
+    """The refusals above are for the header, not a broken signature: the same helper
+    with the true algorithm yields a token that is accepted."""
+    honest = hmac_signed_with_header({"alg": "HS256", "typ": "JWT"}, {"scope": "read"})
+    assert auth.access(honest) == Access.READ
+
+
+def test_jwt_within_its_validity_window(auth: Authenticator) -> None:
+    now = int(time.time())
+    presented = token({"scope": "read", "nbf": now - 5, "iat": now - 5, "exp": now + 300})
+    assert auth.require(presented, write=False) == Access.READ
+
+
 # -- token_from_headers -----------------------------------------------------------------------
 
 
@@ -232,6 +305,25 @@ def test_two_directories_get_different_keys(tmp_path: Path) -> None:
     first, _ = ensure_generated_key(tmp_path / "a")
     second, _ = ensure_generated_key(tmp_path / "b")
     assert first != second
+
+
+@pytest.mark.parametrize(("file_mode", "warned"), [(0o600, False), (0o400, False), (0o644, True), (0o640, True)])
+def test_a_key_file_others_can_read_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, file_mode: int, warned: bool
+) -> None:
+    path = tmp_path / GENERATED_KEY_FILE
+    path.write_text("their-key\n")
+    path.chmod(file_mode)
+    with caplog.at_level(logging.WARNING, logger="collab_grpc.auth"):
+        assert ensure_generated_key(tmp_path) == ("their-key", False)
+    assert mode(path) == file_mode  # reported, never changed behind the operator's back
+    messages = [record.getMessage() for record in caplog.records]
+    assert bool(messages) == warned
+    if warned:
+        assert messages == [
+            f"other users can access the API key file {path} (mode {file_mode:04o}); run: chmod 600 {path}"
+        ]
+        assert "their-key" not in messages[0]
 
 
 def test_key_written_into_existing_file_is_0600(tmp_path: Path) -> None:

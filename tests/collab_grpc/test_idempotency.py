@@ -79,3 +79,27 @@ def test_storing_again_refreshes_position_and_answer() -> None:
     cache.store(METHOD, "k3", b"fp", b"k3", 9.0)
     assert cache.lookup(METHOD, "k2", b"fp", 9.0) is None  # k2 became the oldest and was evicted
     assert cache.lookup(METHOD, "k1", b"fp2", 15.0) == b"new"  # and its ttl counts from the new store
+
+
+def test_bytes_bound_evicts_oldest_and_keeps_the_newest() -> None:
+    cache = IdempotencyCache(capacity=100, max_bytes=250)
+    for index in range(5):
+        cache.store(METHOD, f"k{index}", b"f" * 32, b"a" * 68, float(index))  # 100 bytes each
+    assert len(cache) == 2 and cache.size_bytes == 200
+    assert cache.lookup(METHOD, "k2", b"f" * 32, 5.0) is None
+    assert cache.lookup(METHOD, "k4", b"f" * 32, 5.0) == b"a" * 68
+    # One answer larger than the bound is still kept (alone): the newest write is honoured.
+    cache.store(METHOD, "big", b"f" * 32, b"b" * 1000, 6.0)
+    assert len(cache) == 1 and cache.lookup(METHOD, "big", b"f" * 32, 6.0) == b"b" * 1000
+
+
+def test_size_accounts_for_replaced_expired_and_cleared_entries() -> None:
+    cache = IdempotencyCache(ttl=10.0)
+    cache.store(METHOD, "k1", b"fp", b"old", 0.0)
+    cache.store(METHOD, "k1", b"fp", b"newer", 1.0)
+    assert cache.size_bytes == len(b"fp") + len(b"newer")
+    cache.store(METHOD, "k2", b"fp", b"x", 2.0)
+    assert cache.lookup(METHOD, "k1", b"fp", 20.0) is None  # expired and dropped
+    assert cache.size_bytes == len(b"fp") + len(b"x")
+    cache.clear()
+    assert cache.size_bytes == 0 and len(cache) == 0

@@ -7,7 +7,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,11 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Close, Opcode
-from websockets.frames import Frame as WebSocketFrame
-from websockets.uri import parse_uri
 
 from tests.support.contract import validate_rest, validate_ws
 from tests.support.processes import BridgeProcess, OutputLines
@@ -42,6 +37,7 @@ from tests.support.stack import (
     stop_stack,
     wait_ready,
 )
+from tests.support.stalled import StalledClient
 
 pytestmark = pytest.mark.integration
 
@@ -534,37 +530,6 @@ async def test_resume_that_cannot_be_filled_says_so_and_sends_fresh_state(stack:
         established = validate_ws(await recv(ws))
         assert established["recovered"] is False and "epoch" in established["reason"]
         assert validate_ws(await recv(ws))["type"] == "collaboration_state"
-
-
-class StalledClient:
-    """A WebSocket client that stops reading after its handshake: a blocking socket with a
-    small receive buffer (loopback autotuning would otherwise absorb tens of MB) driven
-    by the `websockets` sans-I/O protocol, read only when the test decides."""
-
-    def __init__(self, url: str, port: int) -> None:
-        self.protocol = ClientProtocol(parse_uri(url))
-        self.socket = socket.socket()
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        self.socket.connect(("127.0.0.1", port))
-        self.protocol.send_request(self.protocol.connect())
-        self.socket.sendall(b"".join(self.protocol.data_to_send()))
-
-    def read_until_closed(self, within: float = 30.0) -> tuple[int, Close]:
-        """Read everything now; the number of text frames received and the close frame."""
-        self.socket.settimeout(within)
-        texts = 0
-        while True:
-            data = self.socket.recv(1 << 20)
-            assert data, f"connection ended after {texts} messages without a close frame"
-            self.protocol.receive_data(data)
-            for event in self.protocol.events_received():
-                if isinstance(event, WebSocketFrame) and event.opcode is Opcode.CLOSE:
-                    return texts, Close.parse(event.data)
-                if isinstance(event, WebSocketFrame) and event.opcode is Opcode.TEXT:
-                    texts += 1
-
-    def close(self) -> None:
-        self.socket.close()
 
 
 async def test_stalled_client_is_cut_off_while_a_healthy_one_gets_everything(

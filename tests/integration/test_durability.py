@@ -17,33 +17,10 @@ from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import BridgeProcess, ServerProcess
-from tests.support.rpc import WRITE_KEY, Client, activity
+from tests.support.rpc import WRITE_KEY, Client, activity, all_events, head_seq
 from tests.support.stack import BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, recv_until, wait_ready
 
 pytestmark = pytest.mark.integration
-
-
-async def all_events(client: Client, epoch: str) -> list[pb.Event]:
-    """Every retained event, replayed from the start of the history."""
-    stream = client.stub.SubscribeEvents(pb.SubscribeEventsRequest(since_seq=0, epoch=epoch), metadata=client.metadata)
-    first = await stream.read()
-    assert isinstance(first, pb.SubscribeEventsResponse) and first.resume.recovered, first
-    events: list[pb.Event] = []
-    head = await head_seq(client)
-    while not events or events[-1].seq < head:
-        message = await asyncio.wait_for(stream.read(), 10)
-        assert isinstance(message, pb.SubscribeEventsResponse)
-        events.append(message.event)
-    stream.cancel()
-    return events
-
-
-async def head_seq(client: Client) -> int:
-    stream = client.stub.SubscribeEvents(pb.SubscribeEventsRequest(include_snapshot=True), metadata=client.metadata)
-    first = await stream.read()
-    stream.cancel()
-    assert isinstance(first, pb.SubscribeEventsResponse)
-    return first.snapshot.seq
 
 
 async def test_kill_9_in_the_middle_of_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:

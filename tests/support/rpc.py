@@ -12,7 +12,19 @@ import grpc
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
-__all__ = ["JWT_SECRET", "READ_KEY", "WRITE_KEY", "Client", "activity", "bearer", "drain", "take", "trailer"]
+__all__ = [
+    "JWT_SECRET",
+    "READ_KEY",
+    "WRITE_KEY",
+    "Client",
+    "activity",
+    "all_events",
+    "bearer",
+    "drain",
+    "head_seq",
+    "take",
+    "trailer",
+]
 
 EOF: object = getattr(grpc.aio, "EOF")  # noqa: B009 - the type stubs do not declare grpc.aio.EOF
 WRITE_KEY = "test-write-key"
@@ -96,3 +108,27 @@ async def drain(stream: grpc.aio.UnaryStreamCall[Any, Any], per_message_timeout:
     while await asyncio.wait_for(stream.read(), per_message_timeout) is not EOF:
         count += 1
     return count
+
+
+async def head_seq(client: Client) -> int:
+    """The seq of the newest event the server has (its snapshot's)."""
+    stream = client.stub.SubscribeEvents(pb.SubscribeEventsRequest(include_snapshot=True), metadata=client.metadata)
+    first = await stream.read()
+    stream.cancel()
+    assert isinstance(first, pb.SubscribeEventsResponse)
+    return first.snapshot.seq
+
+
+async def all_events(client: Client, epoch: str) -> list[pb.Event]:
+    """Every retained event, replayed from the start of the history."""
+    stream = client.stub.SubscribeEvents(pb.SubscribeEventsRequest(since_seq=0, epoch=epoch), metadata=client.metadata)
+    first = await stream.read()
+    assert isinstance(first, pb.SubscribeEventsResponse) and first.resume.recovered, first
+    events: list[pb.Event] = []
+    head = await head_seq(client)
+    while not events or events[-1].seq < head:
+        message = await asyncio.wait_for(stream.read(), 10)
+        assert isinstance(message, pb.SubscribeEventsResponse)
+        events.append(message.event)
+    stream.cancel()
+    return events

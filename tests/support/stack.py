@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,10 +52,20 @@ class Stack:
         return self.bridge.ws + "?" + "&".join(f"{key}={value}" for key, value in query.items())
 
 
-def start_stack(tmp: Path, server_env: dict[str, str] | None = None, port: int = 0) -> Stack:
-    server = ServerProcess(tmp / "server", env={**SERVER_ENV, **(server_env or {})}).start(port)
-    bridge = BridgeProcess(server.target, data_dir=tmp / "bridge", env=BRIDGE_ENV).start()
-    return Stack(server, bridge)
+def start_stack(
+    tmp: Path,
+    server_env: dict[str, str] | None = None,
+    port: int = 0,
+    *,
+    bridge_env: dict[str, str] | None = None,
+    capture_stderr: bool = False,
+) -> Stack:
+    """``capture_stderr``: the processes' logs are read with their output (``output.lines``)."""
+    server_env = {**SERVER_ENV, **(server_env or {})}
+    server = ServerProcess(tmp / "server", env=server_env, capture_stderr=capture_stderr).start(port)
+    bridge_env = {**BRIDGE_ENV, **(bridge_env or {})}
+    bridge = BridgeProcess(server.target, data_dir=tmp / "bridge", env=bridge_env, capture_stderr=capture_stderr)
+    return Stack(server, bridge.start())
 
 
 def stop_stack(stack: Stack) -> None:
@@ -63,10 +74,11 @@ def stop_stack(stack: Stack) -> None:
             assert process.stop() == 0
 
 
-def wait_ready(stack: Stack, timeout: float = 15.0) -> None:
+def wait_ready(stack: Stack, timeout: float = 15.0, verify: ssl.SSLContext | bool = True) -> None:
+    """Until the bridge's upstream streams are up; ``verify``: the TLS context of an HTTPS bridge."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if httpx.get(stack.bridge.http + "/readyz").status_code == 200:
+        if httpx.get(stack.bridge.http + "/readyz", verify=verify).status_code == 200:
             return
         time.sleep(0.05)
     raise AssertionError("the bridge never became ready")

@@ -27,7 +27,11 @@ _RESET = "\033[0m"
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, args.token, timeout=args.timeout)
+    try:
+        return Client(args.target, args.token, timeout=args.timeout, tls_ca=args.tls_ca)
+    except ValueError as error:  # a TLS CA file that cannot be used: a bad argument
+        print(f"collab: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _name(enum: object, number: int, prefix: str) -> str:
@@ -155,6 +159,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         parser.add_argument("--target", help="collab-server address [COLLAB_GRPC_TARGET, default 127.0.0.1:50051]")
         parser.add_argument("--token", help="credential [COLLAB_TOKEN, else the key in COLLAB_DATA_DIR]")
         parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+        parser.add_argument("--tls-ca", help="PEM CA file: connect with TLS trusting it [COLLAB_GRPC_TLS_CA]")
 
     show = commands.add_parser("status", help="the agent table")
     hub_options(show)

@@ -49,6 +49,11 @@ async def _up(args: argparse.Namespace) -> int:
     if args.bridge_addr:
         env["COLLAB_BRIDGE_ADDR"] = args.bridge_addr
     data_dir = Path(env.get("COLLAB_DATA_DIR", ".collab"))
+    tls = bool(env.get("COLLAB_TLS_CERT"))
+    if tls and not env.get("COLLAB_GRPC_TLS_CA"):
+        # Both processes serve TLS with that certificate; the bridge must be able to verify the server's.
+        print("collab: COLLAB_TLS_CERT is set: set COLLAB_GRPC_TLS_CA to the CA file that signed it", file=sys.stderr)
+        return 2
     supervisor = Supervisor(env)
     try:
         target = _address(await supervisor.start(SERVER))
@@ -59,11 +64,11 @@ async def _up(args: argparse.Namespace) -> int:
         print(f"collab: {exc}", file=sys.stderr)
         await supervisor.stop_all()
         return 1
-    ws = http.replace("http://", "ws://", 1)
+    ws = "ws" + http.removeprefix("http")  # http://... -> ws://..., https://... -> wss://...
     token = _token(env, data_dir)
     query = f"&token={token}" if token else ""
     print()
-    print(f"  gRPC:      {target}  (service collab.v1.CollaborationService, reflection on)")
+    print(f"  gRPC:      {target}  ({'TLS, ' if tls else ''}service collab.v1.CollaborationService, reflection on)")
     print(f"  Dashboard: {http}/?token={token}" if token else f"  Dashboard: {http}/")
     print(f"  REST:      {http}/api/v1/collaboration/agent-status  (API docs: {http}/docs)")
     print(f"  WebSocket: {ws}/api/v1/collaboration/ws?client_id=me{query}")

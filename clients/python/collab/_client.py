@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -38,10 +39,12 @@ class Client:
         timeout: float | None = None,
         retries: int | None = None,
         channel: grpc.Channel | None = None,
+        tls_ca: str | Path | None = None,
     ) -> None:
-        """``channel``: one to use instead of connecting to ``target`` (interceptors, TLS, tests)."""
-        self.settings = Settings.resolve(target, token, timeout=timeout, retries=retries)
-        self._channel = channel if channel is not None else grpc.insecure_channel(self.settings.target)
+        """``channel``: one to use instead of connecting to ``target`` (interceptors, tests).
+        ``tls_ca``: PEM CA file to trust; set (or COLLAB_GRPC_TLS_CA), the channel uses TLS."""
+        self.settings = Settings.resolve(target, token, timeout=timeout, retries=retries, tls_ca=tls_ca)
+        self._channel = channel if channel is not None else self.settings.channel()
         self._stub = pb_grpc.CollaborationServiceStub(self._channel)
 
     def __enter__(self) -> Client:

@@ -82,6 +82,11 @@ _BY_STATUS: dict[grpc.StatusCode, type[CollabError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    # A call the server cancelled: a server shutting down cancels the calls that reached
+    # it but no handler yet (a local cancel raises asyncio.CancelledError, not this). Its
+    # outcome is as unknown as a broken connection's, and retrying a write is as safe:
+    # every write carries an idempotency key.
+    grpc.StatusCode.CANCELLED: Unavailable,
 }
 
 

@@ -114,6 +114,15 @@ def test_unavailable_is_retried_with_the_same_idempotency_key(channel: Any, pool
     assert first.idempotency_key == second.idempotency_key != ""
 
 
+def test_a_call_the_server_cancelled_is_retried_with_the_same_idempotency_key(channel: Any, pool: Any) -> None:
+    """A server shutting down cancels calls that reached it but no handler yet."""
+    pending = run(pool, lambda: client(channel).record_activity("a", "memory_read"))
+    first = answer(channel, "RecordActivity", pb.RecordActivityResponse(), grpc.StatusCode.CANCELLED)
+    second = answer(channel, "RecordActivity", pb.RecordActivityResponse(activity_id="act_1_a_k"))
+    assert pending.result(5) == "act_1_a_k"
+    assert first.idempotency_key == second.idempotency_key != ""
+
+
 def test_retries_stop_after_the_configured_number(channel: Any, pool: Any) -> None:
     pending = run(pool, lambda: client(channel, retries=1).agent_status())
     for _ in range(2):

@@ -8,10 +8,10 @@ import sqlite3
 import threading
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 import pytest_asyncio
@@ -29,7 +29,6 @@ from collab_grpc.store import (
     open_store,
 )
 from collab_grpc.store import sqlite as sqlite_module
-from collab_grpc.store.sqlite import IdempotencyRow
 
 METHOD = "RecordActivity"
 FAULT = "disk full"
@@ -132,44 +131,44 @@ def retained(state: CollaborationState) -> list[Event]:
 
 
 class FailingWrites:
-    """Replaces a store's ``_write``: the calls listed in ``fail`` raise OSError("disk full")."""
+    """Replaces a store's ``_commit``: the calls listed in ``fail`` raise OSError("disk full")."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, fail: set[int]) -> None:
-        self.real = store._write
+        self.real = store._commit
         self.fail = fail
         self.calls = 0
-        monkeypatch.setattr(store, "_write", self)
+        monkeypatch.setattr(store, "_commit", self)
 
-    def __call__(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+    def __call__(self) -> None:
         self.calls += 1
         if self.calls in self.fail:
             raise OSError(FAULT)
-        self.real(events, answers)
+        self.real()
 
 
 class GatedWrites:
-    """Replaces a store's ``_write``: call number ``gated`` waits for ``release``
+    """Replaces a store's ``_commit``: call number ``gated`` waits for ``release``
     (``started`` is set once it is in flight); calls in ``fail`` raise OSError."""
 
     def __init__(
         self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, gated: int, fail: frozenset[int] = frozenset()
     ) -> None:
-        self.real = store._write
+        self.real = store._commit
         self.gated = gated
         self.fail = fail
         self.calls = 0
         self.started = threading.Event()
         self.release = threading.Event()
-        monkeypatch.setattr(store, "_write", self)
+        monkeypatch.setattr(store, "_commit", self)
 
-    def __call__(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
+    def __call__(self) -> None:
         self.calls += 1
         if self.calls in self.fail:
             raise OSError(FAULT)
         if self.calls == self.gated:
             self.started.set()
             self.release.wait(5.0)
-        self.real(events, answers)
+        self.real()
 
     async def in_flight(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 5.0), "the gated commit never started"
@@ -551,6 +550,79 @@ async def test_a_write_right_after_a_failure_is_kept(
     await reload_finished(store)
     assert state.get_activity(retry.activity_id) == retry
     assert state.log.last_seq == retry_seq
+
+
+async def test_a_full_database_refuses_writes_saying_so_until_there_is_room(open_hub: Opener, clock: FakeClock) -> None:
+    """SQLite's own SQLITE_FULL (``max_page_count`` makes SQLite fail exactly as on ENOSPC,
+    rolling the transaction back itself), not a simulated exception."""
+    hub = open_hub()
+    state, store = hub.state, hub.store
+    assert store._connection is not None
+    kept = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    await commit(hub)
+    (pages,) = store._connection.execute("PRAGMA page_count").fetchone()
+    store._connection.execute(f"PRAGMA max_page_count = {pages}")
+
+    clock.advance()
+    refused = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata={"b": "x" * 9000})
+    with pytest.raises(StoreUnavailable, match=r"could not write \(database or disk is full\)"):
+        await commit(hub)
+    await reload_finished(store)
+    assert state.get_activity(refused.activity_id) is None
+    assert state.get_activity(kept.activity_id) == kept
+
+    store._connection.execute(f"PRAGMA max_page_count = {pages * 100}")  # room again
+    clock.advance()
+    after = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata={"b": "x" * 9000})
+    await commit(hub)
+    assert store.failure is None
+    await hub.close()
+    again = open_hub()
+    assert [again.state.get_activity(a.activity_id) for a in (kept, after)] == [kept, after]
+    assert again.state.get_activity(refused.activity_id) is None
+
+
+class FullOnDelete:
+    """A store connection whose DELETEs fail as they do on a full disk (a delete writes
+    pages to the WAL too); everything else goes to the real connection."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self.real = real
+        self.refused = 0
+
+    def execute(self, sql: str, parameters: Sequence[object] = ()) -> sqlite3.Cursor:
+        if sql.startswith("DELETE"):
+            self.refused += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.real.execute(sql, parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def test_pruning_that_fails_refuses_no_committed_write(
+    open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention runs after a commit: its failure must neither refuse the writes just
+    committed nor leave a transaction open that would fail every later commit."""
+    hub = open_hub(retention=Retention(count=1, every=0))
+    state, store = hub.state, hub.store
+    assert store._connection is not None
+    full = FullOnDelete(store._connection)
+    monkeypatch.setattr(store, "_connection", full)
+    recorded = []
+    for index in range(3):
+        clock.advance()
+        recorded.append(state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT))
+        await commit(hub)  # acknowledged, although pruning failed after it
+    assert full.refused >= 3 and store.failure is None
+    monkeypatch.setattr(store, "_connection", full.real)
+    clock.advance()
+    recorded.append(state.record_activity(agent_id="agent-3", activity_type=ActivityType.MESSAGE_SENT))
+    await commit(hub)
+    await hub.close()
+    again = open_hub()
+    assert [again.state.get_activity(a.activity_id) for a in recorded] == recorded
 
 
 # -- close ------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""What the REST routes answer, as pydantic models: the OpenAPI spec at /openapi.json.
+
+The routes build their bodies with bridge.mapping and return them as they are; these
+models only document them (no validation on the way out, so a body is never reshaped),
+and tests/integration/test_fuzz_rest.py checks every answer against them. They allow
+extra properties: the guide's shapes are the floor, fields are added, never removed.
+
+Every error, whatever the route, is ``{"detail": "<what is wrong>", "code": "<STATUS>"}``
+except 422, which is FastAPI's list of what does not fit the route's schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "ActivityBody",
+    "ActivityFeedBody",
+    "ActivityTypeName",
+    "AgentEntry",
+    "AgentStatusBody",
+    "CollaborationBody",
+    "CollaborationsBody",
+    "DecisionBody",
+    "ErrorBody",
+    "HealthBody",
+    "OneActivityBody",
+    "ReadyBody",
+    "RecordedActivityBody",
+    "RecordedDecisionBody",
+    "SessionBody",
+    "SessionChangeBody",
+    "SuccessBody",
+    "documented",
+]
+
+ActivityTypeName = Literal[
+    "agent_started",
+    "agent_completed",
+    "memory_write",
+    "memory_read",
+    "council_debate",
+    "council_synthesis",
+    "decision_made",
+    "task_assigned",
+    "task_completed",
+    "message_sent",
+    "collaboration_started",
+    "collaboration_ended",
+]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(_Body):
+    detail: str
+    code: str
+
+
+class AgentEntry(_Body):
+    status: Literal["active", "idle"]
+    current_activity: str | None
+    last_activity: str | None
+    collaboration_count: int
+    department: str
+
+
+class AgentStatusBody(_Body):
+    total_agents: int
+    active_agents: int
+    idle_agents: int
+    active_activities: int
+    active_collaborations: int
+    agents: dict[str, AgentEntry]
+
+
+class ActivityBody(_Body):
+    activity_id: str
+    agent_id: str
+    department: str
+    activity_type: ActivityTypeName
+    timestamp: float
+    metadata: dict[str, Any]
+    related_agents: list[str]
+    status: Literal["active", "completed", "failed"]
+    session_id: str | None
+    parent_activity_id: str | None
+    # Only once completed (failure_reason only when it failed with one).
+    completed_at: float | None = None
+    failure_reason: str | None = None
+
+
+class SessionBody(_Body):
+    session_id: str
+    participants: list[str]
+    session_type: str
+    started_at: str
+    ended_at: str | None
+    activity_count: int
+    decision_count: int
+    metadata: dict[str, Any]
+
+
+class DecisionBody(_Body):
+    decision_id: str
+    session_id: str
+    agent_id: str
+    decision: str
+    rationale: str
+    votes: dict[str, str]
+    metadata: dict[str, Any]
+    timestamp: float
+
+
+class ActivityFeedBody(_Body):
+    activities: list[ActivityBody]
+    total: int
+    agent_id: str | None
+
+
+class OneActivityBody(_Body):
+    activity: ActivityBody
+
+
+class CollaborationsBody(_Body):
+    collaborations: list[SessionBody]
+    total: int
+
+
+class CollaborationBody(_Body):
+    session: SessionBody
+    activities: list[ActivityBody]
+    decisions: list[DecisionBody]
+
+
+class SuccessBody(_Body):
+    success: Literal[True]
+
+
+class RecordedActivityBody(SuccessBody):
+    activity_id: str
+
+
+class SessionChangeBody(SuccessBody):
+    session_id: str
+
+
+class RecordedDecisionBody(SuccessBody):
+    decision_id: str
+
+
+class HealthBody(_Body):
+    status: Literal["ok"]
+
+
+class ReadyBody(_Body):
+    ready: bool
+    epoch: str
+    seq: int
+    clients: int
+    error: str | None
+
+
+_ERRORS: dict[int, str] = {
+    400: "The server refused the input (INVALID_ARGUMENT): bad ids, oversize metadata, ...",
+    401: "No credential, or one the server does not accept",
+    403: "The credential may not do this (a read-only key on a write)",
+    404: "No such activity or session",
+    409: "Already completed, session already ended, idempotency key reused for another request",
+    413: "The request body is larger than the bridge accepts (COLLAB_MAX_BODY_BYTES)",
+    429: "The agent is over its rate limit; retry after Retry-After seconds",
+    502: "The server answered with an error the bridge does not map",
+    503: "The server is unreachable or its store is unavailable; retry",
+    504: "The server did not answer within the bridge's RPC timeout",
+}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
+    429: {
+        "Retry-After": {
+            "description": "whole seconds to wait",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    },
+}
+# Whatever a route does, these can happen: no or a wrong credential, a body over the cap,
+# the server away or slow (or answering with a status the bridge does not map).
+_ALWAYS = (401, 403, 413, 502, 503, 504)
+
+
+def documented(body: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses`: 200 with ``body``, the errors every route may answer and ``errors``."""
+    responses: dict[int | str, dict[str, Any]] = {200: {"model": body}}
+    for status in sorted({*_ALWAYS, *errors}):
+        responses[status] = {"model": ErrorBody, "description": _ERRORS[status]}
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
