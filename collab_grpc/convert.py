@@ -5,10 +5,11 @@ Imports the generated messages, never grpc: the bridge and clients use it too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.events import EventFilter
@@ -79,11 +80,32 @@ def seconds_from_timestamp(stamp: timestamp_pb2.Timestamp) -> float:
 
 
 def struct_to_dict(struct: struct_pb2.Struct, field: str = "metadata") -> dict[str, Any]:
-    """A request's Struct as JSON data; one JSON cannot hold (NaN, infinity) is refused."""
+    """A request's Struct as JSON data; one JSON cannot hold (NaN, infinity) is refused.
+
+    What ``json_format.MessageToDict`` gives for a Struct, at a fraction of its cost (it
+    runs for every record)."""
     try:
-        return json_format.MessageToDict(struct)
-    except ValueError as exc:  # json_format refuses non-finite numbers
+        return {key: _json_value(value) for key, value in struct.fields.items()}
+    except ValueError as exc:
         raise InvalidArgument(f"{field} is not valid JSON (numbers must be finite): {exc}") from None
+
+
+def _json_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError(f"{number} is not a JSON number")
+        return number
+    if kind == "struct_value":
+        return {key: _json_value(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_json_value(item) for item in value.list_value.values]
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or a Value with nothing set (as json_format reads it)
 
 
 def struct_from_dict(data: Mapping[str, Any]) -> struct_pb2.Struct:

@@ -159,7 +159,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         cache.store(method, key, fingerprint, response.SerializeToString(), now)
         return response
 
-    def _record_activity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:
+    def _record_activity(
+        self, request: pb.RecordActivityRequest, *, with_activity: bool = True
+    ) -> pb.RecordActivityResponse:
+        """``with_activity=False``: answer with the id only (a bulk stream reports no more),
+        unless the request has an idempotency key, whose stored answer must be whole."""
+        whole = with_activity or bool(request.idempotency_key)
+
         def run() -> pb.RecordActivityResponse:
             activity = self.state.record_activity(
                 agent_id=request.agent_id,
@@ -170,6 +176,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 session_id=request.session_id,
                 parent_activity_id=request.parent_activity_id,
             )
+            if not whole:
+                return pb.RecordActivityResponse(activity_id=activity.activity_id)
             return pb.RecordActivityResponse(
                 activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
             )
@@ -201,7 +209,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 if isinstance(item, Undecodable):  # one bad item fails alone, like any other
                     raise InvalidArgument(item.details)
                 async with self.store.writing():
-                    recorded = self._record_activity(item.activity)
+                    recorded = self._record_activity(item.activity, with_activity=False)
             except CollabError as error:
                 metrics.refused(error)
                 response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))

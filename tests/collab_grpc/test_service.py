@@ -183,6 +183,22 @@ async def test_bulk_record_acknowledges_each_in_order(client: Client) -> None:
     ]
 
 
+async def test_a_bulk_item_with_a_key_replays_whole_through_record_activity(client: Client) -> None:
+    """Bulk answers carry ids only, but a keyed item's stored answer is the whole one, so
+    a retry of the same record through RecordActivity gets the activity back."""
+    agent = unique("agent")
+    keyed = activity(agent)
+    keyed.idempotency_key = unique("key")
+
+    async def send() -> object:
+        yield pb.BulkRecordActivitiesRequest(activity=keyed)
+
+    response = await client.stub.BulkRecordActivities(send(), metadata=client.metadata)  # type: ignore[arg-type]
+    replay = await client.stub.RecordActivity(keyed, metadata=client.metadata)
+    assert replay.activity_id == response.results[0].activity_id
+    assert (replay.activity.activity_id, replay.activity.agent_id) == (replay.activity_id, agent)
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "fragment"),
     [

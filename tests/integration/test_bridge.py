@@ -10,13 +10,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -33,6 +32,7 @@ from tests.support.stack import (
     record,
     recv,
     recv_until,
+    running_stack,
     start_stack,
     stop_stack,
     wait_ready,
@@ -44,18 +44,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("stack"))
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
         yield running
-    finally:
-        stop_stack(running)
-
-
-@pytest_asyncio.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
-        yield client
 
 
 # -- the guide's examples ------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
 from tests.support.rpc import WRITE_KEY, Client
-from tests.support.stack import API, AUTH, Stack, start_stack, stop_stack, wait_ready
+from tests.support.stack import API, AUTH, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -39,12 +39,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
             pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
         pytest.skip(f"no Chromium at {CHROMIUM}")
-    running = start_stack(tmp_path_factory.mktemp("browser"))
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("browser")) as running:
         yield running
-    finally:
-        stop_stack(running)
 
 
 @pytest_asyncio.fixture
@@ -54,12 +50,6 @@ async def browser(stack: Stack) -> AsyncIterator[Browser]:
         launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched
         await launched.close()
-
-
-@pytest_asyncio.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
-        yield client
 
 
 async def dashboard(browser: Browser, stack: Stack) -> Page:

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 
 from bridge.app import create_app
 from bridge.config import BridgeConfig
-from tests.support.stack import AUTH, Stack, start_stack, stop_stack, wait_ready
+from tests.support.stack import AUTH, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -62,12 +62,8 @@ statuses: Counter[tuple[str, int]] = Counter()
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("fuzz-rest"))
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("fuzz-rest")) as running:
         yield running
-    finally:
-        stop_stack(running)
     # The counts docs/RELIABILITY.md quotes (pytest -s shows them).
     for operation, count in sorted(tried.items()):
         answers = ", ".join(f"{status}: {n}" for (op, status), n in sorted(statuses.items()) if op == operation)

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.support.fuzz import run_property, ws_texts
-from tests.support.stack import API, AUTH, Stack, start_stack, stop_stack, wait_ready
+from tests.support.stack import API, AUTH, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,8 @@ EXAMPLES = 500
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # The message rate is tested in test_limits.py; here it would drop the fuzzer's frames.
     bridge_env = {"COLLAB_WS_MESSAGES_PER_SECOND": "0"}
-    running = start_stack(tmp_path_factory.mktemp("fuzz-ws"), bridge_env=bridge_env)
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("fuzz-ws"), bridge_env=bridge_env) as running:
         yield running
-    finally:
-        stop_stack(running)
 
 
 def hub_state(stack: Stack) -> tuple[Any, ...]:

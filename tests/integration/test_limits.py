@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.rpc import READ_KEY, Client
-from tests.support.stack import API, AUTH, Stack, opened, recv, start_stack, stop_stack, wait_ready
+from tests.support.stack import API, Stack, opened, recv, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +52,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "COLLAB_MAX_CONNECTIONS_PER_TOKEN": str(CONNECTIONS_PER_TOKEN),
         "COLLAB_WS_MESSAGES_PER_SECOND": str(MESSAGES_PER_SECOND),
     }
-    running = start_stack(tmp_path_factory.mktemp("limits"), bridge_env=bridge_env)
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("limits"), bridge_env=bridge_env) as running:
         yield running
-    finally:
-        stop_stack(running)
-
-
-@pytest_asyncio.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
-        yield client
 
 
 @pytest_asyncio.fixture

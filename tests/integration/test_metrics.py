@@ -17,25 +17,13 @@ from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.support.processes import OutputLines
 from tests.support.rpc import WRITE_KEY
-from tests.support.stack import (
-    API,
-    AUTH,
-    BRIDGE_ENV,
-    Stack,
-    opened,
-    record,
-    recv_until,
-    start_stack,
-    stop_stack,
-    wait_ready,
-)
+from tests.support.stack import API, AUTH, BRIDGE_ENV, Stack, opened, record, recv_until, running_stack
 from tests.support.stalled import StalledClient
 
 pytestmark = pytest.mark.integration
@@ -50,23 +38,13 @@ HEX_ID = re.compile(r"[0-9a-f]{32}")
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(
+    with running_stack(
         tmp_path_factory.mktemp("metrics"),
         {"COLLAB_RATE_LIMIT": str(RATE_LIMIT)},
         bridge_env={"COLLAB_METRICS_TOKEN": METRICS_TOKEN},
         capture_stderr=True,
-    )
-    try:
-        wait_ready(running)
+    ) as running:
         yield running
-    finally:
-        stop_stack(running)
-
-
-@pytest_asyncio.fixture
-async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
-        yield client
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from collab_grpc.servicer import WRITE_METHODS
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import BridgeProcess, OutputLines, ServerProcess
 from tests.support.rpc import EOF, JWT_SECRET, READ_KEY, WRITE_KEY, activity, bearer
-from tests.support.stack import API, AUTH, BRIDGE_ENV, SERVER_ENV, Stack, recv, start_stack, stop_stack, wait_ready
+from tests.support.stack import API, AUTH, BRIDGE_ENV, SERVER_ENV, Stack, recv, running_stack, start_stack, wait_ready
 from tests.support.tls import TLSFiles, make_tls_files
 
 pytestmark = pytest.mark.integration
@@ -148,12 +148,8 @@ def headers_for(token: str | None) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    running = start_stack(tmp_path_factory.mktemp("security"), server_env={"COLLAB_JWT_SECRET": JWT_SECRET})
-    try:
-        wait_ready(running)
+    with running_stack(tmp_path_factory.mktemp("security"), server_env={"COLLAB_JWT_SECRET": JWT_SECRET}) as running:
         yield running
-    finally:
-        stop_stack(running)
 
 
 @pytest.fixture(scope="module")

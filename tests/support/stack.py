@@ -6,7 +6,8 @@ import asyncio
 import json
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "record",
     "recv",
     "recv_until",
+    "running_stack",
     "start_stack",
     "stop_stack",
     "wait_ready",
@@ -66,6 +68,24 @@ def start_stack(
     bridge_env = {**BRIDGE_ENV, **(bridge_env or {})}
     bridge = BridgeProcess(server.target, data_dir=tmp / "bridge", env=bridge_env, capture_stderr=capture_stderr)
     return Stack(server, bridge.start())
+
+
+@contextmanager
+def running_stack(
+    tmp: Path,
+    server_env: dict[str, str] | None = None,
+    port: int = 0,
+    *,
+    bridge_env: dict[str, str] | None = None,
+    capture_stderr: bool = False,
+) -> Iterator[Stack]:
+    """``start_stack``, ready to serve; stopped (cleanly) on exit."""
+    stack = start_stack(tmp, server_env, port, bridge_env=bridge_env, capture_stderr=capture_stderr)
+    try:
+        wait_ready(stack)
+        yield stack
+    finally:
+        stop_stack(stack)
 
 
 def stop_stack(stack: Stack) -> None:
