@@ -42,6 +42,7 @@ from bridge.sse import EventStream
 from bridge.websocket import (
     CLOSE_BAD_REQUEST,
     CLOSE_FORBIDDEN,
+    CLOSE_TOO_MANY,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     CollaborationWebSocket,
@@ -62,7 +63,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # Backlog depths, in messages: 0 (never behind) up to beyond the default bound of 1000.
 BACKLOG_BUCKETS = (0, 1, 8, 64, 256, 1000, 4096, 16384)
 # The close codes a connecting client can be refused with, shown at zero from the start.
-REFUSAL_CODES = (CLOSE_BAD_REQUEST, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_TRY_AGAIN)
+REFUSAL_CODES = (CLOSE_BAD_REQUEST, CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN, CLOSE_TOO_MANY, CLOSE_TRY_AGAIN)
 # Methods kept as labels; anything else (a fuzzer's inventions) is counted as "other".
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

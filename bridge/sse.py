@@ -71,12 +71,16 @@ class EventStream:
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
         credential = credential_from_scope(scope, query)
+        limit = self.runtime.connection_limit
+        if limit.full(token_key(credential)):
+            limit.refused += 1
+            await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)
+            return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
         except grpc.aio.AioRpcError as failure:
             await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
-        limit = self.runtime.connection_limit
         slot = limit.take(token_key(credential))
         if slot is None:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)

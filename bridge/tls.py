@@ -21,6 +21,9 @@ __all__ = ["check_tls_files", "upstream_channel"]
 def _ca_pem(path: Path) -> bytes:
     try:
         pem = path.read_bytes()
+        # An empty file loads as "no certificates" without an error; it would trust nothing.
+        if b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise ssl.SSLError("no certificate")
         ssl.create_default_context(cadata=pem.decode("ascii", errors="replace"))
     except ssl.SSLError:  # before OSError, of which it is a subclass
         raise ValueError(f"--grpc-tls-ca / COLLAB_GRPC_TLS_CA {path} holds no PEM CA certificate") from None

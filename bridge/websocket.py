@@ -149,6 +149,10 @@ class CollaborationWebSocket:
                 await refuse(CLOSE_BAD_REQUEST, "epoch is required with since")
                 return
         credential = credential_from_scope(scope, query)
+        if self.runtime.connection_limit.full(token_key(credential)):
+            self.runtime.connection_limit.refused += 1
+            await refuse(CLOSE_TOO_MANY, self.runtime.connection_limit.refusal())
+            return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
         except grpc.aio.AioRpcError as failure:

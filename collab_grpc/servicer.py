@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -37,6 +38,10 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id
 
 __all__ = ["STATUS_FOR_ERROR", "WRITE_METHODS", "CollaborationServicer", "Context", "abort_with"]
+
+# How long a write may stay pending after its subscription closed before it is cancelled
+# (a client that does not read holds it forever; any other finishes within milliseconds).
+BLOCKED_WRITE_GRACE = 0.5
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 Request = TypeVar("Request", bound=Message)
@@ -196,6 +201,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         context: Context,
     ) -> pb.BulkRecordActivitiesResponse:
         response = pb.BulkRecordActivitiesResponse()
+        # (result index, seq of its event, store failures seen when it was recorded): a
+        # store failure after an item was decided may have refused it (see below).
+        recorded_items: list[tuple[int, int, int]] = []
+        failure_marks = self.store.failure_marks
         async for item in request_iterator:
             if len(response.results) >= MAX_BULK_ITEMS:
                 await abort_with(
@@ -217,11 +226,32 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             else:
                 response.results.add(activity_id=recorded.activity_id)
                 response.recorded += 1
+                recorded_items.append((len(response.results) - 1, self.state.log.last_seq, len(failure_marks)))
         try:
             await self.store.durable(self.state.log.last_seq)
         except StoreUnavailable as error:
             await abort_with(context, error)
+        self._refuse_lost_items(response, recorded_items, failure_marks)
         return response
+
+    @staticmethod
+    def _refuse_lost_items(
+        response: pb.BulkRecordActivitiesResponse,
+        recorded_items: list[tuple[int, int, int]],
+        failure_marks: Sequence[int],
+    ) -> None:
+        """Turn into UNAVAILABLE the items a store failure refused after they were decided:
+        an item is lost when the first failure after it came before its seq was durable."""
+        if not recorded_items or len(failure_marks) == recorded_items[0][2] == recorded_items[-1][2]:
+            return  # no failure during this stream
+        for index, seq, failures_before in recorded_items:
+            if failures_before < len(failure_marks) and seq > failure_marks[failures_before]:
+                result = response.results[index]
+                result.activity_id = ""
+                result.error_code = grpc.StatusCode.UNAVAILABLE.name
+                result.error_message = "the store failed before this activity was stored; it was not recorded"
+                response.recorded -= 1
+                response.failed += 1
 
     @_write
     def CompleteActivity(self, request: pb.CompleteActivityRequest) -> pb.CompleteActivityResponse:  # noqa: N802
@@ -412,20 +442,34 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         """
         ready = asyncio.Event()
         handler = asyncio.current_task()
-        writing = False
+        loop = asyncio.get_running_loop()
+        # Which write is in flight (0: none). Cancelling a write grpc has already started
+        # but would finish at once leaves its operation pending, and the call then never
+        # gets its status; so only a write still pending after a grace period (one the
+        # client's flow control holds) is cancelled.
+        in_flight = [0]
+        writes = itertools.count(1)
+
+        def cancel_if_blocked(write: int) -> None:
+            if in_flight[0] == write and handler is not None:
+                in_flight[0] = 0  # once
+                handler.cancel()
 
         def wake() -> None:
             ready.set()
-            if subscription.closed and writing and handler is not None:
-                handler.cancel()
+            if subscription.closed and in_flight[0]:
+                loop.call_later(BLOCKED_WRITE_GRACE, cancel_if_blocked, in_flight[0])
+
+        async def write(message: pb.SubscribeEventsResponse) -> None:
+            in_flight[0] = next(writes)
+            await context.write(message)
+            in_flight[0] = 0
 
         subscription.on_ready = wake
         try:
-            writing = True
             for message in initial:
-                await context.write(message)
+                await write(message)
             while True:
-                writing = False
                 ready.clear()
                 events = subscription.take()
                 if not events:
@@ -433,9 +477,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         break
                     await ready.wait()
                     continue
-                writing = True
                 for event in events:
-                    await context.write(pb.SubscribeEventsResponse(event=convert.event_to_proto(event)))
+                    await write(pb.SubscribeEventsResponse(event=convert.event_to_proto(event)))
         except asyncio.CancelledError:
             if not subscription.closed:
                 raise  # the client went away

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from collab_grpc.errors import CollabError
@@ -24,6 +24,12 @@ class StoreUnavailable(CollabError):
 class Store(Protocol):
     @property
     def description(self) -> str: ...
+
+    @property
+    def failure_marks(self) -> Sequence[int]:
+        """For each failure that refused writes after they were decided (a failed group
+        commit), the last seq that was durable before it; empty for stores whose writes
+        fail before they are decided."""
 
     async def attach(self, state: CollaborationState) -> None:
         """Continue the stored history in ``state`` and follow its changes from now on."""
@@ -47,6 +53,10 @@ class Store(Protocol):
 
 class SingleProcessStore:
     """A store only one server process writes: no lock to take, nothing to catch up."""
+
+    @property
+    def failure_marks(self) -> Sequence[int]:
+        return ()
 
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:

@@ -23,7 +23,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from time import perf_counter  # its own name: tests stand in for the `time` module
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -66,6 +66,10 @@ def _b64(data: bytes) -> str:
 
 
 class RedisStore:
+    @property
+    def failure_marks(self) -> Sequence[int]:
+        return ()  # a write that cannot be stored fails before it is decided
+
     def __init__(self, url: str, *, retain: int = 100_000) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)

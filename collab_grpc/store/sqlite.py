@@ -19,6 +19,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ class SQLiteStore(SingleProcessStore):
         self.path = data_dir / FILE_NAME
         self.commit_spacing = commit_spacing
         self._last_commit = 0.0
+        self._failure_marks: list[int] = []
+        # Set when a failed commit could not be followed by a reload: every write refused.
+        self._broken: str | None = None
         self.synchronous = synchronous
         self.retention = retention or Retention()
         self.failure: str | None = None
@@ -124,6 +128,10 @@ class SQLiteStore(SingleProcessStore):
     @property
     def description(self) -> str:
         return f"sqlite ({self.path})"
+
+    @property
+    def failure_marks(self) -> Sequence[int]:
+        return self._failure_marks
 
     # -- opening --------------------------------------------------------------------
 
@@ -265,6 +273,8 @@ class SQLiteStore(SingleProcessStore):
         """Return once everything up to ``seq`` is committed (and published)."""
         if seq <= self._durable_seq:
             return
+        if self._broken is not None:
+            raise StoreUnavailable(self._broken)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, waiter))
         await waiter
@@ -293,20 +303,34 @@ class SQLiteStore(SingleProcessStore):
                     await loop.run_in_executor(self._executor, self._commit)
                 except Exception as error:
                     metrics.commit_failed("sqlite")
-                    self._failed(error, events)
+                    try:
+                        self._failed(error, events)
+                    except Exception as reload_error:
+                        # The reload failed too (the file cannot be read now), so the state
+                        # in memory can no longer be trusted: refuse this write and every
+                        # later one until the server is restarted, instead of leaving them
+                        # waiting or deciding them on that state.
+                        log.exception("reloading the state after a failed commit failed")
+                        self._broken = (
+                            f"the store failed ({error}) and could not be read back ({reload_error}); "
+                            "nothing more is recorded until the server is restarted"
+                        )
                 else:
                     self.failure = None
                     if events:
                         self._durable_seq = events[-1].seq
                     try:
-                        metrics.committed("sqlite", perf_counter() - started, len(events))
                         if events:
                             self._state.log.publish_through(self._durable_seq)
+                        metrics.committed("sqlite", perf_counter() - started, len(events))
                     except Exception:
                         # Committed is committed: the writers get their answers, and this
                         # loop must live on, or every later write would wait forever.
                         log.exception("after commit through seq %d", self._durable_seq)
                     self._release(lambda seq: seq <= self._durable_seq, None)
+            if self._broken is not None:
+                self._events, self._answers = [], []
+                self._release(lambda seq: True, StoreUnavailable(self._broken))
             if self._events or self._answers:
                 self._wakeup.set()
             else:
@@ -334,6 +358,7 @@ class SQLiteStore(SingleProcessStore):
         self.failure = f"the store could not write ({error}); the write was not recorded"
         log.error("commit failed; reloading the state from %s", self.path, extra={"error": str(error)})
         refused_through = self._state.log.last_seq
+        self._failure_marks.append(self._durable_seq)
         if self._connection is not None:
             self._rollback(self._connection)
         self._events, self._answers = [], []
@@ -492,7 +517,8 @@ class SQLiteStore(SingleProcessStore):
     async def close(self) -> None:
         """Commit what is staged (and any commit running), stop the writer, close the file."""
         if self._committer is not None and self._idle is not None:
-            await self._idle.wait()
+            if not self._committer.done():
+                await self._idle.wait()
             self._committer.cancel()
         if self._connection is not None:
             loop = asyncio.get_running_loop()

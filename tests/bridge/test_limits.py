@@ -119,3 +119,15 @@ def test_dropping_slowly_never_closes() -> None:
 def test_zero_means_no_message_rate() -> None:
     rate = MessageRate(0, now=0.0)
     assert all(rate.admit(0.0) is Admission.ACCEPT for _ in range(10_000))
+
+
+def test_connections_without_a_credential_are_counted_but_never_refused() -> None:
+    """With the server's auth off every connection has no token: one shared budget would
+    be a cap on the whole bridge, so none is applied to them."""
+    limit = ConnectionLimit(2)
+    slots = [limit.take(token_key(None)) for _ in range(5)]
+    assert all(slot is not None for slot in slots) and limit.open_for("") == 5
+    for slot in slots:
+        assert slot is not None
+        slot.release()
+    assert limit.open_for("") == 0 and limit.refused == 0

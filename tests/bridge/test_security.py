@@ -160,6 +160,14 @@ def test_https_needs_cert_and_key(tls: TLSFiles, capsys: pytest.CaptureFixture[s
     assert "must be set together" in capsys.readouterr().err
 
 
+def test_an_empty_ca_file_is_refused(tls: TLSFiles) -> None:
+    """ssl loads an empty file as "no certificates" without complaint; it would trust nothing."""
+    empty = tls.ca.parent / "empty.pem"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pem holds no PEM CA certificate"):
+        check_tls_files(parse_bridge_config(["--grpc-tls-ca", str(empty)], {}))
+
+
 async def test_upstream_channel_refuses_an_unusable_ca(tls: TLSFiles) -> None:
     channel = upstream_channel("127.0.0.1:1", tls.ca)
     await channel.close(None)

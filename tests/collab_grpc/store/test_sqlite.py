@@ -814,3 +814,60 @@ def test_open_store_redis_url_gives_a_redis_store_with_its_prefix(tmp_path: Path
 def test_open_store_unknown(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="must be sqlite, memory or redis"):
         open_store("bogus", tmp_path)
+
+
+# -- a bulk stream across a failed commit -------------------------------------------------
+
+
+async def test_a_bulk_stream_never_reports_a_refused_item_as_recorded(
+    make_hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails in the middle of a bulk stream refuses the items it held, though
+    they were decided already; the stream's answer must say so, item by item: every item
+    it reports recorded is stored, every one it reports UNAVAILABLE is not."""
+    from collab_grpc.v1 import collaboration_pb2 as pb
+    from tests.support.rpc import activity
+
+    running, client = await make_hub(store="sqlite")
+    FailingWrites(monkeypatch, running.store, fail={2})
+    items = [pb.BulkRecordActivitiesRequest(activity=activity(f"bulk_{n % 4}")) for n in range(400)]
+
+    async def send() -> Any:
+        for number, item in enumerate(items):
+            yield item
+            if number % 25 == 0:
+                await asyncio.sleep(0.01)  # several commits during the stream, one of them failing
+
+    answer = await client.stub.BulkRecordActivities(send(), metadata=client.metadata)
+    refused = [r for r in answer.results if r.error_code == "UNAVAILABLE"]
+    stored = [r.activity_id for r in answer.results if not r.error_code]
+    assert refused and stored, "the failing commit fell inside the stream"
+    assert (answer.recorded, answer.failed) == (len(stored), len(refused))
+    assert all(r.activity_id == "" and "not recorded" in r.error_message for r in refused)
+    for activity_id in stored:
+        found = await client.stub.GetActivity(pb.GetActivityRequest(activity_id=activity_id), metadata=client.metadata)
+        assert found.activity.activity_id == activity_id
+    assert running.store.failure_marks, "the failure was seen"
+
+
+async def test_a_failed_reload_refuses_every_later_write_and_closes(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit fails and reading the file back fails too: the state in memory can no
+    longer be trusted, so that write and every later one is refused (none left waiting),
+    and the store still closes."""
+    hub = open_hub()
+    state, store = hub.state, hub.store
+    FailingWrites(monkeypatch, store, fail={1})
+
+    def unreadable(_state: CollaborationState) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_load", unreadable)
+    state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED)
+    with pytest.raises(StoreUnavailable, match="could not be read back"):
+        await asyncio.wait_for(store.durable(state.log.last_seq), 5)
+    state.record_activity(agent_id="bob", activity_type=ActivityType.TASK_ASSIGNED)
+    with pytest.raises(StoreUnavailable, match="restarted"):
+        await asyncio.wait_for(store.durable(state.log.last_seq), 5)
+    await asyncio.wait_for(hub.close(), 5)
