@@ -29,7 +29,7 @@ WS_HARD_LIMIT = 1024 * 1024
 SHUTDOWN_MARGIN = 2.0
 
 # `?token=...` in a URL, `Bearer ...` and `x-api-key: ...` in headers, wherever a log line quotes them.
-_SECRET = re.compile(r"(?i)([?&](?:access_)?token=|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
+_SECRET = re.compile(r"(?i)([?&](?:access_)?token=[\"']?|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
 
 
 class RedactSecrets(logging.Filter):
@@ -47,6 +47,14 @@ class RedactSecrets(logging.Filter):
         for name, value in list(vars(record).items()):
             if name != "msg" and isinstance(value, str) and _SECRET.search(value):
                 setattr(record, name, _SECRET.sub(r"\1[redacted]", value))
+        if record.exc_info:
+            # A traceback can quote a URL or header too: one holding a credential is
+            # redacted and carried in the message (the formatters would print the raw one).
+            trace = logging.Formatter().formatException(record.exc_info)
+            if _SECRET.search(trace):
+                redacted_trace = _SECRET.sub(r"\1[redacted]", trace)
+                record.msg, record.args = f"{record.getMessage()}\n{redacted_trace}", None
+                record.exc_info, record.exc_text = None, None
         return True
 
 

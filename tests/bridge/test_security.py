@@ -4,6 +4,7 @@ checks and the log redaction. tests/integration/test_security.py runs them for r
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -190,6 +191,7 @@ async def test_upstream_channel_refuses_an_unusable_ca(tls: TLSFiles) -> None:
         ("< authorization: Bearer %s", ("s3cr3t",), "< authorization: Bearer [redacted]"),
         ("< x-api-key: %s", ("s3cr3t",), "< x-api-key: [redacted]"),
         ("nothing secret in %s", ("here",), "nothing secret in here"),
+        ('GET /ws?token="%s"', ("s3cr3t",), 'GET /ws?token="[redacted]"'),
     ],
 )
 def test_redact_secrets(template: str, args: tuple[str, ...], expected: str) -> None:
@@ -198,6 +200,25 @@ def test_redact_secrets(template: str, args: tuple[str, ...], expected: str) -> 
     assert RedactSecrets().filter(record) is True
     assert record.getMessage() == expected
     assert record.__dict__["url"] == "ws://h/ws?token=[redacted]"
+
+
+def test_a_traceback_quoting_a_credential_is_redacted() -> None:
+    try:
+        raise ValueError("cannot open ws://h/ws?client_id=a&token=s3cr3t")
+    except ValueError:
+        record = logging.LogRecord("bridge", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert RedactSecrets().filter(record) is True
+    text = logging.Formatter().format(record)
+    assert "s3cr3t" not in text and "token=[redacted]" in text and "ValueError" in text
+
+
+def test_a_traceback_without_secrets_is_left_to_the_formatter() -> None:
+    try:
+        raise ValueError("nothing secret")
+    except ValueError:
+        record = logging.LogRecord("bridge", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert RedactSecrets().filter(record) is True
+    assert record.exc_info is not None and record.getMessage() == "failed"
 
 
 def test_redaction_leaves_malformed_records_to_logging() -> None:
