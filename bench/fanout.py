@@ -29,8 +29,8 @@ from typing import Any
 
 import grpc
 
-from bench.eventloop import run
 from bench.wsclient import WebSocketClient
+from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import grpc
 
-from bench.eventloop import run
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
+from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from bench.eventloop import run
 from bench.fanout import TOKEN, HubTarget, _stop, start_server
 from bench.ingest import _activity
 from bench.wsclient import WebSocketClient
+from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 

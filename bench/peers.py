@@ -17,7 +17,7 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from bench.eventloop import run
+from collab_grpc.eventloop import run
 
 __all__ = ["main", "stamped"]
 

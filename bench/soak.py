@@ -41,11 +41,11 @@ from typing import Any
 
 import grpc
 
-from bench.eventloop import run
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
 from bench.memory import rss_kb
 from bench.wsclient import WebSocketClient
 from collab import AsyncClient, RateLimited
+from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 

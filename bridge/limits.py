@@ -130,19 +130,22 @@ class ConnectionLimit:
     def open_for(self, key: str) -> int:
         return self._open[key]
 
-    def full(self, key: str) -> bool:
-        """No slot left for this token: checked before the snapshot RPC a connection costs
-        the server, so a page reconnecting in a loop is refused without one (``take``
-        still decides, after the token is verified)."""
-        return bool(self.per_token and key and self._open[key] >= self.per_token)
-
-    def take(self, key: str) -> ConnectionSlot | None:
-        """A slot for one more connection with this token, or None when it has none left.
+    def refusal_for(self, key: str) -> str | None:
+        """Why a new connection with this token is refused (counted), or None while it has
+        slots left. Asked before the snapshot RPC a connection costs the server, so a page
+        reconnecting in a loop is refused without one; ``take`` still decides, after the
+        token is verified.
 
         Connections without a credential (only possible with the server's auth off) are
         counted but never refused: they would all share one budget, a bridge-wide cap."""
-        if self.full(key):
-            self.refused += 1
+        if not (self.per_token and key and self._open[key] >= self.per_token):
+            return None
+        self.refused += 1
+        return self.refusal()
+
+    def take(self, key: str) -> ConnectionSlot | None:
+        """A slot for one more connection with this token, or None when it has none left."""
+        if self.refusal_for(key) is not None:
             return None
         self._open[key] += 1
         return ConnectionSlot(self, key)

@@ -72,9 +72,8 @@ class EventStream:
                 return
         credential = credential_from_scope(scope, query)
         limit = self.runtime.connection_limit
-        if limit.full(token_key(credential)):
-            limit.refused += 1
-            await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)
+        if (too_many := limit.refusal_for(token_key(credential))) is not None:
+            await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", too_many))(scope, receive, send)
             return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)

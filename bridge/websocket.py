@@ -149,9 +149,8 @@ class CollaborationWebSocket:
                 await refuse(CLOSE_BAD_REQUEST, "epoch is required with since")
                 return
         credential = credential_from_scope(scope, query)
-        if self.runtime.connection_limit.full(token_key(credential)):
-            self.runtime.connection_limit.refused += 1
-            await refuse(CLOSE_TOO_MANY, self.runtime.connection_limit.refusal())
+        if (too_many := self.runtime.connection_limit.refusal_for(token_key(credential))) is not None:
+            await refuse(CLOSE_TOO_MANY, too_many)
             return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)

@@ -22,6 +22,10 @@ class _Entry:
     answer: bytes
     stored_at: float
 
+    @property
+    def size(self) -> int:
+        return len(self.fingerprint) + len(self.answer)
+
 
 class IdempotencyCache:
     """Remembers answers for ``ttl`` seconds: the newest ``capacity`` of them, holding at
@@ -47,7 +51,7 @@ class IdempotencyCache:
             return None
         if now - entry.stored_at > self.ttl:
             del self._entries[(method, key)]
-            self._bytes -= len(entry.fingerprint) + len(entry.answer)
+            self._bytes -= entry.size
             return None
         if entry.fingerprint != fingerprint:
             raise FailedPrecondition(f"idempotency key {key!r} was already used for a different {method} request")
@@ -71,9 +75,10 @@ class IdempotencyCache:
         """Hold an answer in memory only (as a store restores them)."""
         replaced = self._entries.pop((method, key), None)
         if replaced is not None:
-            self._bytes -= len(replaced.fingerprint) + len(replaced.answer)
-        self._entries[(method, key)] = _Entry(fingerprint, answer, stored_at)
-        self._bytes += len(fingerprint) + len(answer)
+            self._bytes -= replaced.size
+        entry = _Entry(fingerprint, answer, stored_at)
+        self._entries[(method, key)] = entry
+        self._bytes += entry.size
         while len(self._entries) > self.capacity or (self._bytes > self.max_bytes and len(self._entries) > 1):
             _, oldest = self._entries.popitem(last=False)
-            self._bytes -= len(oldest.fingerprint) + len(oldest.answer)
+            self._bytes -= oldest.size

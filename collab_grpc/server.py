@@ -7,9 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +19,7 @@ from collab_grpc.auth import Authenticator, ensure_generated_key
 from collab_grpc.config import DEFAULT_METRICS_ADDR, ServerConfig, load_roster, parse_server_config
 from collab_grpc.decoding import DecodeGuard
 from collab_grpc.errors import CollabError
+from collab_grpc.eventloop import run
 from collab_grpc.interceptors import AuthInterceptor, ObservingInterceptor
 from collab_grpc.logs import configure_logging
 from collab_grpc.metrics import MetricsEndpoint, event_recorded, serve_metrics
@@ -183,22 +183,11 @@ async def _serve(config: ServerConfig) -> None:
     log.info("stopped")
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (as uvicorn does for the bridge): grpc.aio works on
-    any asyncio loop, and uvloop's cheaper loop costs less CPU per call."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_server_config(argv)
     configure_logging(config.log_level, config.log_format)
     try:
-        _run(_serve(config))
+        run(_serve(config))
     except (OSError, ValueError, StoreError) as exc:
         sys.exit(f"collab-server: {exc}")
 

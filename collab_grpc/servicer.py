@@ -242,8 +242,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     ) -> None:
         """Turn into UNAVAILABLE the items a store failure refused after they were decided:
         an item is lost when the first failure after it came before its seq was durable."""
-        if not recorded_items or len(failure_marks) == recorded_items[0][2] == recorded_items[-1][2]:
-            return  # no failure during this stream
+        if not recorded_items or recorded_items[0][2] == len(failure_marks):
+            return  # no failure since the first item was recorded
         for index, seq, failures_before in recorded_items:
             if failures_before < len(failure_marks) and seq > failure_marks[failures_before]:
                 result = response.results[index]

@@ -304,7 +304,7 @@ class SQLiteStore(SingleProcessStore):
                 except Exception as error:
                     metrics.commit_failed("sqlite")
                     try:
-                        self._failed(error, events)
+                        self._failed(error)
                     except Exception as reload_error:
                         # The reload failed too (the file cannot be read now), so the state
                         # in memory can no longer be trusted: refuse this write and every
@@ -348,7 +348,7 @@ class SQLiteStore(SingleProcessStore):
                     waiter.set_exception(error)
         self._waiters = waiting
 
-    def _failed(self, error: Exception, events: list[Event]) -> None:
+    def _failed(self, error: Exception) -> None:
         """Refuse the writes of a failed commit, and every write decided after them, and
         reload what the file holds (exactly what was acknowledged).
 
