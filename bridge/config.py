@@ -44,6 +44,10 @@ class BridgeConfig:
     # GET /metrics is closed unless scrapers get a token of their own or it is made public.
     metrics_token: str = field(default="", repr=False)
     metrics_public: bool = False
+    # permessage-deflate for WebSocket clients that offer it (browsers do). Off: every
+    # client then gets the broadcast frame built once (bridge/wire.py), and a connection
+    # holds no compression buffers; the guide's messages are a few hundred bytes.
+    ws_compression: bool = False
 
     @property
     def host(self) -> str:
@@ -105,6 +109,13 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
     ),
     ("--metrics-token", "COLLAB_METRICS_TOKEN", "metrics_token", str, "bearer token scrapers send for GET /metrics"),
     ("--metrics-public", "COLLAB_METRICS_PUBLIC", "metrics_public", _on_off, "on: GET /metrics needs no token"),
+    (
+        "--ws-compression",
+        "COLLAB_WS_COMPRESSION",
+        "ws_compression",
+        _on_off,
+        "on: permessage-deflate for WebSocket clients that offer it (more CPU and memory per client)",
+    ),
 ]
 
 

@@ -15,8 +15,10 @@ import logging
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from bridge.wire import DirectWrite, text_frame
 
 __all__ = ["CLOSE_TOO_SLOW", "ClientFilter", "Fanout", "Frame", "Subscriber"]
 
@@ -34,6 +36,14 @@ class Frame:
     type: str
     activity_type: str | None = None
     seq: int | None = None
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    def wire(self) -> bytes:
+        """The text as an encoded WebSocket frame: built once, on first use."""
+        if self._wire is None:
+            object.__setattr__(self, "_wire", text_frame(self.text))
+        assert self._wire is not None
+        return self._wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +92,14 @@ class Subscriber:
         max_backlog: int,
         client_id: str = "",
         encode: Callable[[Frame], str] | None = None,
+        direct: DirectWrite | None = None,
     ) -> None:
         self.client_id = client_id
         # How a frame goes on this client's wire; None: its JSON text as it is (WebSocket).
         self.encode = encode
+        # Writes a frame's encoded bytes straight to the connection (bridge/wire.py); only
+        # for frames that go on the wire as they are.
+        self.direct = direct if encode is None else None
         self.filter = ClientFilter()
         # The epoch the client's position is in, and the events up to ``min_seq`` that
         # what it already has (its snapshot) covers.
@@ -134,6 +148,10 @@ class Subscriber:
 
     def send_frame(self, frame: Frame) -> None:
         """Write ``frame`` whatever the filter says (the connection's own messages)."""
+        if self.direct is not None and self._writer is None and not self.closed and self.direct(frame.wire()):
+            if frame.seq is not None:
+                self.written_seq = frame.seq
+            return
         self.write(frame.text if self.encode is None else self.encode(frame), frame.seq)
 
     def write(self, text: str, seq: int | None = None) -> None:

@@ -139,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=config.port,
         ws="websockets-sansio",
         ws_max_size=max(WS_HARD_LIMIT, config.max_ws_message_bytes),
+        ws_per_message_deflate=config.ws_compression,
         log_config=log_config(config.log_level, config.log_format),
         access_log=False,
         lifespan="on",

@@ -38,6 +38,7 @@ from bridge.mapping import iso_now
 from bridge.origins import OriginPolicy
 from bridge.protocol import error, handle_client_message
 from bridge.runtime import BridgeRuntime, Credential
+from bridge.wire import direct_writer
 
 __all__ = [
     "CLOSE_BAD_REQUEST",
@@ -177,7 +178,13 @@ class CollaborationWebSocket:
             except Exception as failure:  # already gone, or never reading again
                 log.debug("close of %s failed: %s", client_id, failure)
 
-        subscriber = Subscriber(send_text, close, max_backlog=self.runtime.config.client_backlog, client_id=client_id)
+        subscriber = Subscriber(
+            send_text,
+            close,
+            max_backlog=self.runtime.config.client_backlog,
+            client_id=client_id,
+            direct=direct_writer(send),
+        )
         established = {
             "type": "connection_established",
             "client_id": client_id,

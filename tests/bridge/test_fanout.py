@@ -488,3 +488,75 @@ async def test_close_all_closes_every_client_and_waits_a_bounded_time() -> None:
     assert not fanout.subscribers
     for task in other_tasks():
         task.cancel()
+
+
+# -- direct frame writes (bridge/wire.py) ----------------------------------------------
+
+
+class DirectWire:
+    """A fake direct writer: takes encoded frames while ``open``, else declines."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.open = True
+
+    def __call__(self, data: bytes) -> bool:
+        if not self.open:
+            return False
+        self.frames.append(data)
+        return True
+
+
+def text_of(frame: bytes) -> str:
+    """The payload of a short unmasked text frame."""
+    assert frame[0] == 0x81 and frame[1] < 126
+    return frame[2:].decode()
+
+
+async def test_a_broadcast_frame_goes_out_encoded_once_through_the_direct_writer() -> None:
+    wire, direct = Wire(), DirectWire()
+    first = Subscriber(wire.fast, wire.close, max_backlog=5, direct=direct)
+    second = Subscriber(wire.fast, wire.close, max_backlog=5, direct=direct)
+    frame = event(7)
+    first.deliver(frame)
+    second.deliver(frame)
+    assert wire.sent == []  # not through the ASGI send
+    assert [text_of(data) for data in direct.frames] == ['{"seq":7}', '{"seq":7}']
+    assert direct.frames[0] is direct.frames[1]  # the same bytes object: built once
+    assert first.written_seq == second.written_seq == 7
+
+
+async def test_a_declined_direct_write_falls_back_to_send_and_keeps_the_order() -> None:
+    wire, direct = Wire(), DirectWire()
+    subscriber = Subscriber(wire.slow, wire.close, max_backlog=10, direct=direct)
+    subscriber.deliver(event(1))
+    direct.open = False  # the transport stopped taking data (the client is not reading)
+    subscriber.deliver(event(2))
+    assert subscriber.behind
+    direct.open = True
+    subscriber.deliver(event(3))  # behind: queued after 2, not written ahead of it
+    assert [text_of(data) for data in direct.frames] == ['{"seq":1}']
+    assert subscriber.backlog == 1
+    wire.gate.set()
+    await settle(subscriber)
+    assert wire.sent == ['{"seq":2}', '{"seq":3}']
+    assert subscriber.written_seq == 3
+    subscriber.deliver(event(4))  # caught up: direct again
+    assert text_of(direct.frames[-1]) == '{"seq":4}'
+
+
+async def test_control_replies_and_encoded_frames_do_not_use_the_direct_writer() -> None:
+    wire, direct = Wire(), DirectWire()
+    subscriber = Subscriber(wire.fast, wire.close, max_backlog=5, direct=direct, encode=lambda f: f"data: {f.text}")
+    subscriber.deliver(event(1))  # encode set (SSE): the text path, encoded
+    subscriber.write('{"type":"pong"}')
+    assert direct.frames == []
+    assert wire.sent == ['data: {"seq":1}', '{"type":"pong"}']
+
+
+async def test_a_closed_subscriber_writes_nothing_directly() -> None:
+    wire, direct = Wire(), DirectWire()
+    subscriber = Subscriber(wire.fast, wire.close, max_backlog=5, direct=direct)
+    subscriber.closed = True
+    subscriber.deliver(event(1))
+    assert direct.frames == [] and wire.sent == []

@@ -556,6 +556,32 @@ async def test_stalled_client_is_cut_off_while_a_healthy_one_gets_everything(
         stalled.close()
 
 
+async def test_compression_is_declined_by_default_and_events_still_arrive(
+    stack: Stack, http: httpx.AsyncClient
+) -> None:
+    # Browsers offer permessage-deflate; declined, every client takes the broadcast frame
+    # built once, and holds no compression buffers (docs/BENCHMARKS.md, "Memory").
+    async with connect(stack.ws_url(client_id="offers-deflate"), compression="deflate") as ws:
+        assert ws.protocol.extensions == []
+        await opened(ws)
+        activity_id = await record(http, "deflate_agent", "message_sent")
+        message = validate_ws(await recv_until(ws, is_event("agent_activity")))
+        assert message["activity"]["activity_id"] == activity_id
+
+
+async def test_compression_can_be_turned_on(tmp_path: Path) -> None:
+    with running_stack(tmp_path, bridge_env={"COLLAB_WS_COMPRESSION": "on"}) as compressed:
+        async with (
+            httpx.AsyncClient(base_url=compressed.bridge.http, headers=AUTH, timeout=10) as http,
+            connect(compressed.ws_url(client_id="compressed"), compression="deflate") as ws,
+        ):
+            assert [type(extension).__name__ for extension in ws.protocol.extensions] == ["PerMessageDeflate"]
+            await opened(ws)
+            activity_id = await record(http, "deflate_agent", "message_sent", metadata={"text": "y" * 5000})
+            message = validate_ws(await recv_until(ws, is_event("agent_activity")))
+            assert message["activity"]["activity_id"] == activity_id
+
+
 async def test_two_hundred_clients_receive_every_event_of_a_burst_in_order(
     stack: Stack, http: httpx.AsyncClient
 ) -> None:
