@@ -23,7 +23,7 @@ FULL: dict[str, Any] = {
     "fanout": [(100, 300), (1000, 100), (5000, 20)],
     "paced": (1000, 20, 10.0),
     "rates": [20, 50, 100],  # the hub alone, at 1,000 clients: cost against event rate
-    "ingest": 20_000,
+    "ingest": (20_000, 3),  # calls, rounds
     "idle": [1000, 5000],
     "history": 100_000,
 }
@@ -31,7 +31,7 @@ SMOKE: dict[str, Any] = {
     "fanout": [(20, 20)],
     "paced": (20, 20, 1.0),
     "rates": [10, 20, 40],
-    "ingest": 200,
+    "ingest": (200, 1),
     "idle": [20],
     "history": 1000,
 }
@@ -81,13 +81,17 @@ def memory_table(results: list[MemoryResult]) -> str:
 
 
 def ingest_table(results: list[IngestResult]) -> str:
-    lines = ["| mode | target | calls | calls/s | vs raw grpcio |", "|---|---|---|---|---|"]
+    lines = [
+        "| mode | target | calls | calls/s (median round) | vs raw grpcio | each round's calls/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for mode in ("unary", "bulk"):
         row = [r for r in results if r.mode == mode]
         limit = next((r for r in row if "raw" in r.target), None)
         for result in row:
             ratio = f"{result.rate / limit.rate:.0%}" if limit and limit.rate else "-"
-            lines.append(f"| {mode} | {result.target} | {result.calls:,} | {result.rate:,.0f} | {ratio} |")
+            each = ", ".join(f"{result.calls / seconds:,.0f}" for seconds in result.rounds)
+            lines.append(f"| {mode} | {result.target} | {result.calls:,} | {result.rate:,.0f} | {ratio} | {each} |")
     return "\n".join(lines)
 
 
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for extra_rate in plan["rates"]:
             if extra_rate != rate:
                 paced.append(run_paced(HubTarget(Path(tmp)), clients, extra_rate, seconds))
-        ingest = run_ingest(Path(tmp), plan["ingest"])
+        ingest = run_ingest(Path(tmp), *plan["ingest"])
         memory: list[MemoryResult] = [bridge_memory(Path(tmp), clients) for clients in plan["idle"]]
         memory.append(server_memory(Path(tmp), plan["history"]))
         for item in ingest:
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "fanout": [asdict(r) | {"rate": r.rate, "cpu_us_per_delivery": r.cpu_us_per_delivery} for r in results],
                 "paced": [asdict(r) | {"cpu_us_per_delivery": r.cpu_us_per_delivery} for r in paced],
-                "ingest": [asdict(r) | {"rate": r.rate} for r in ingest],
+                "ingest": [asdict(r) | {"seconds": r.seconds, "rate": r.rate} for r in ingest],
                 "memory": [asdict(r) | {"per_item_kb": r.per_item_kb} for r in memory],
             },
             indent=2,

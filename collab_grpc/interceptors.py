@@ -1,11 +1,19 @@
-"""The server's interceptors.
+"""The server's interceptor: what every call goes through before its handler.
 
-Auth: every CollaborationService call needs a credential. Health checking and
-reflection stay open (load balancers and grpcurl-style tools use them before they hold
-a token); they reveal no state.
+In this order, for each call:
+- observing: a request id for the call and every line it logs, calls counted by
+  method and status code, latency histograms, failed and slow calls logged (refused
+  calls too);
+- auth: every CollaborationService call needs a credential, with write access for the
+  writes. Health checking and reflection stay open (load balancers and grpcurl-style
+  tools use them before they hold a token); they reveal no state;
+- decoding: a request that could not be decoded is refused with INVALID_ARGUMENT
+  (collab_grpc/decoding.py), after auth, so a call without a credential is refused as
+  such whatever its body.
 
-Observing (outermost): a request id for every call and every line it logs, calls
-counted by method and status code, latency histograms, failed and slow calls logged.
+One interceptor, and each method's handler wrapped once, on its first call: grpc.aio
+runs every interceptor on every call, and three of them, each building a new handler
+per call, cost a unary call ~70 µs of server CPU (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -14,79 +22,32 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
 from collab_grpc.auth import Authenticator, token_from_headers
+from collab_grpc.decoding import Undecodable, checked, refuse, soft_deserializer
 from collab_grpc.errors import CollabError
 from collab_grpc.logs import REQUEST_ID, request_id_from_metadata
 from collab_grpc.metrics import rpc_series
 from collab_grpc.servicer import STATUS_FOR_ERROR, WRITE_METHODS, Context
 
-__all__ = ["SLOW_RPC_SECONDS", "AuthInterceptor", "ObservingInterceptor"]
+__all__ = ["SLOW_RPC_SECONDS", "CallInterceptor"]
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Metadata: TypeAlias = "Iterable[tuple[str, str | bytes]]"
 
 log = logging.getLogger("collab_grpc.auth")
 
 SERVICE_PREFIX = "/collab.v1.CollaborationService/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-
-def _refusal(handler: Handler, code: grpc.StatusCode, details: str) -> Handler:
-    """A handler of the same shape as ``handler`` that only ends the call with ``code``."""
-
-    async def refuse(_request: Any, context: Context) -> None:
-        await context.abort(code, details)
-
-    async def refuse_stream(_request: Any, context: Context) -> Any:
-        await context.abort(code, details)
-        yield  # pragma: no cover - makes this an async generator, as streams expect
-
-    deserializer = handler.request_deserializer
-    serializer = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, deserializer, serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, deserializer, serializer)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, deserializer, serializer)
-
-
 if TYPE_CHECKING:
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # generic only in the type stubs
     _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class AuthInterceptor(_ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES) or not self.authenticator.enabled:
-            return handler
-        metadata = handler_call_details.invocation_metadata or ()
-        headers = {key: value for key, value in metadata if isinstance(value, str)}
-        name = method.removeprefix(SERVICE_PREFIX)
-        # Anything not known to be a read needs write access: deny by default.
-        write = name in WRITE_METHODS or not method.startswith(SERVICE_PREFIX)
-        try:
-            self.authenticator.require(token_from_headers(headers), write=write)
-        except CollabError as error:
-            log.warning("refused %s: %s", method, error, extra={"rpc": method, "reason": str(error)})
-            return _refusal(handler, STATUS_FOR_ERROR[type(error)], str(error))
-        return handler
-
 
 # A unary call taking longer than this is logged as slow.
 SLOW_RPC_SECONDS = 1.0
@@ -163,22 +124,119 @@ class _Call:
             rpc_log.debug("rpc: %s %s", self.method, code.name, extra=fields)
 
 
-def _asynchronous(handler: Handler) -> bool:
-    """Whether the handler's behaviour is a coroutine or async generator function (what
-    the observing wrappers await)."""
-    behaviours = (getattr(handler, kind) for kind, _ in _HANDLER_KINDS)
-    behaviour = next((b for b in behaviours if b is not None), None)
-    return inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
+class _Method:
+    """What the interceptor knows of one method: how to name it, whether it needs a
+    credential (and write access), and how its requests are checked."""
+
+    __slots__ = ("guarded", "name", "per_item", "slow_seconds", "streams_requests", "timed", "write")
+
+    def __init__(self, method: str, handler: Handler, *, guarded: bool, per_item: bool, slow_seconds: float) -> None:
+        self.name = method.removeprefix(SERVICE_PREFIX).lstrip("/")
+        self.guarded = guarded
+        # Anything not known to be a read needs write access: deny by default.
+        self.write = self.name in WRITE_METHODS or not method.startswith(SERVICE_PREFIX)
+        # A server stream's duration is how long the client stayed, not a latency.
+        self.timed = not handler.unary_stream and not handler.stream_stream
+        self.streams_requests = bool(handler.stream_unary or handler.stream_stream)
+        self.per_item = per_item
+        self.slow_seconds = slow_seconds
 
 
-def _observed(handler: Handler, call: _Call) -> Handler:
-    """``handler`` with ``call`` begun before and ended after its behaviour."""
+class CallInterceptor(_ServerInterceptor):
+    """``authenticator`` None: no credential checked (a bare server in tests).
+    ``per_item``: client-streaming methods whose handler answers each message on its
+    own (BulkRecordActivities); they get an Undecodable in place of a message that could
+    not be decoded, and the rest of the stream still counts."""
 
-    def around(behaviour: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        *,
+        per_item: frozenset[str] = frozenset(),
+        slow_seconds: float = SLOW_RPC_SECONDS,
+    ) -> None:
+        self.authenticator = authenticator
+        self.per_item = per_item
+        self.slow_seconds = slow_seconds
+        # method -> (its handler, that handler wrapped): made once, not on every call.
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # an unknown method: grpc answers UNIMPLEMENTED
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        about = _Method(
+            method,
+            handler,
+            guarded=self.authenticator is not None and not method.startswith(OPEN_PREFIXES),
+            per_item=method in self.per_item,
+            slow_seconds=self.slow_seconds,
+        )
+        deserializer = soft_deserializer(handler.request_deserializer)
+        for kind, make_handler in _HANDLER_KINDS:
+            if (behaviour := getattr(handler, kind)) is not None:
+                wrapped: Callable[[Any, Context], Any]
+                if inspect.isasyncgenfunction(behaviour):
+                    wrapped = self._around_stream(about, behaviour)
+                elif inspect.iscoroutinefunction(behaviour) or about.guarded:
+                    wrapped = self._around(about, behaviour)
+                else:  # an open synchronous handler: grpc runs it as it is
+                    return handler
+                return make_handler(wrapped, deserializer, handler.response_serializer)
+        return handler
+
+    def _admit(self, about: _Method, request: Any, metadata: Metadata) -> CollabError | Undecodable | None:
+        """Why the call is refused (no or a wrong credential, an undecodable request), if it is."""
+        if about.guarded:
+            assert self.authenticator is not None
+            if self.authenticator.enabled:
+                headers = {key: value for key, value in metadata if isinstance(value, str)}
+                try:
+                    self.authenticator.require(token_from_headers(headers), write=about.write)
+                except CollabError as error:
+                    log.warning("refused %s: %s", about.name, error, extra={"rpc": about.name, "reason": str(error)})
+                    return error
+        if isinstance(request, Undecodable):
+            return request
+        return None
+
+    def _begin(self, about: _Method, request: Any, context: Context) -> tuple[_Call, CollabError | Undecodable | None]:
+        metadata = context.invocation_metadata() or ()
+        call = _Call(about.name, request_id_from_metadata(metadata), timed=about.timed, slow_seconds=about.slow_seconds)
+        call.begin()
+        return call, self._admit(about, request, metadata)
+
+    @staticmethod
+    def _requests(about: _Method, request: Any, context: Context) -> Any:
+        """The request, or a request stream that ends the call at an undecodable message."""
+        if about.streams_requests and not about.per_item:
+            return checked(request, context)
+        return request
+
+    def _around(
+        self, about: _Method, behaviour: Callable[[Any, Context], Any]
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def run(request: Any, context: Context) -> Any:
-            call.begin()
+            call, refusal = self._begin(about, request, context)
             try:
-                result = await behaviour(request, context)
+                if refusal is not None:
+                    await _refuse(refusal, context)
+                result = behaviour(self._requests(about, request, context), context)
+                if asyncio.iscoroutine(result):
+                    result = await result
             except BaseException as error:
                 call.end(context, error)
                 raise
@@ -187,11 +245,15 @@ def _observed(handler: Handler, call: _Call) -> Handler:
 
         return run
 
-    def around_stream(behaviour: Callable[[Any, Context], AsyncIterator[Any]]) -> Callable[[Any, Context], Any]:
+    def _around_stream(
+        self, about: _Method, behaviour: Callable[[Any, Context], AsyncIterator[Any]]
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-            call.begin()
+            call, refusal = self._begin(about, request, context)
             try:
-                async for response in behaviour(request, context):
+                if refusal is not None:
+                    await _refuse(refusal, context)
+                async for response in behaviour(self._requests(about, request, context), context):
                     yield response
             except BaseException as error:
                 call.end(context, error)
@@ -200,39 +262,9 @@ def _observed(handler: Handler, call: _Call) -> Handler:
 
         return run
 
-    def wrap(behaviour: Any) -> Any:
-        if inspect.isasyncgenfunction(behaviour):
-            return around_stream(behaviour)
-        return around(behaviour)
 
-    for kind, make_handler in _HANDLER_KINDS:
-        if behaviour := getattr(handler, kind):
-            return make_handler(wrap(behaviour), handler.request_deserializer, handler.response_serializer)
-    return handler
-
-
-class ObservingInterceptor(_ServerInterceptor):
-    """Put first, so that it also sees the calls the auth interceptor refuses."""
-
-    def __init__(self, slow_seconds: float = SLOW_RPC_SECONDS) -> None:
-        self.slow_seconds = slow_seconds
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        metadata = handler_call_details.invocation_metadata or ()
-        request_id = request_id_from_metadata(metadata)
-        # The interceptors after this one, and the handler, run in this call's own task:
-        # the auth interceptor's refusals are logged with the request id too.
-        REQUEST_ID.set(request_id)
-        handler = await continuation(handler_call_details)
-        if handler is None or not _asynchronous(handler):
-            return handler  # an unknown method (UNIMPLEMENTED), or a synchronous handler
-        method: str = handler_call_details.method
-        timed = not handler.unary_stream and not handler.stream_stream
-        call = _Call(
-            method.removeprefix(SERVICE_PREFIX).lstrip("/"), request_id, timed=timed, slow_seconds=self.slow_seconds
-        )
-        return _observed(handler, call)
+async def _refuse(refusal: CollabError | Undecodable, context: Context) -> None:
+    if isinstance(refusal, Undecodable):
+        await refuse(refusal, context)
+    else:
+        await context.abort(STATUS_FOR_ERROR[type(refusal)], str(refusal))

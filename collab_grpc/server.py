@@ -17,10 +17,9 @@ from grpc_reflection.v1alpha import reflection
 
 from collab_grpc.auth import Authenticator, ensure_generated_key
 from collab_grpc.config import DEFAULT_METRICS_ADDR, ServerConfig, load_roster, parse_server_config
-from collab_grpc.decoding import DecodeGuard
 from collab_grpc.errors import CollabError
 from collab_grpc.eventloop import run
-from collab_grpc.interceptors import AuthInterceptor, ObservingInterceptor
+from collab_grpc.interceptors import CallInterceptor
 from collab_grpc.logs import configure_logging
 from collab_grpc.metrics import MetricsEndpoint, event_recorded, serve_metrics
 from collab_grpc.ratelimit import RateLimiter
@@ -112,10 +111,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         state, store=store, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
     )
     state.log.on_recorded = event_recorded
-    # Observing first, so it sees refused calls too; then auth before decoding: a call
-    # without a credential is refused as such, whatever its body.
-    decode_guard = DecodeGuard(per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))
-    server = grpc.aio.server(interceptors=[ObservingInterceptor(), AuthInterceptor(authenticator), decode_guard])
+    interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))
+    server = grpc.aio.server(interceptors=[interceptor])
     collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -28,7 +28,8 @@ class Limits:
 
 
 def _printable(value: str, *, allow_spaces: bool) -> bool:
-    return all(ch.isprintable() and (allow_spaces or not ch.isspace()) for ch in value)
+    # The ASCII space is the one white-space character str.isprintable() accepts.
+    return value.isprintable() and (allow_spaces or " " not in value)
 
 
 def check_id(field: str, value: str, limits: Limits, *, required: bool = True) -> str:

@@ -22,12 +22,33 @@ from collab_grpc.model import (
 __all__ = ["decode_activity", "decode_payload", "decode_session", "dumps", "encode"]
 
 
+# One encoder: json.dumps with any non-default option builds a new one on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def encode(payload: EventPayload) -> str:
-    return dumps(dataclasses.asdict(payload))
+    return dumps(_fields(payload))
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A payload's fields as a dict, nested payloads too: what ``dataclasses.asdict``
+    gives for JSON, without its deep copy of every list and dict (json.dumps only reads
+    them; that copy was most of the cost of encoding an activity)."""
+    fields = {name: getattr(value, name) for name in _FIELD_NAMES[type(value)]}
+    for name, item in fields.items():
+        if type(item) in _FIELD_NAMES:
+            fields[name] = _fields(item)
+    return fields
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {
+    kind: tuple(field.name for field in dataclasses.fields(kind))
+    for kind in (Activity, ActivityCompletion, Decision, MemoryUpdate, Session)
+}
 
 
 def decode_activity(data: dict[str, Any]) -> Activity:

@@ -376,8 +376,22 @@ class SQLiteStore(SingleProcessStore):
         assert connection is not None
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for event in events:
-                self._apply(connection, event)
+            bodies = [encode(event.payload) for event in events]
+            connection.executemany(
+                "INSERT INTO events (seq, time, kind, payload) VALUES (?, ?, ?, ?)",
+                [(event.seq, event.time, event.kind.value, body) for event, body in zip(events, bodies, strict=True)],
+            )
+            # The tables' rows in the events' order; a run of new activities (most of
+            # what is written) shares one statement per table.
+            recorded: list[tuple[Activity, int, str]] = []
+            for event, body in zip(events, bodies, strict=True):
+                if isinstance(event.payload, Activity):
+                    recorded.append((event.payload, event.seq, body))
+                    continue
+                self._insert_activities(connection, recorded)
+                recorded = []
+                self._apply(connection, event, body)
+            self._insert_activities(connection, recorded)
             connection.executemany(
                 "INSERT OR REPLACE INTO idempotency (method, key, fingerprint, answer, stored_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -412,30 +426,31 @@ class SQLiteStore(SingleProcessStore):
             connection.execute("ROLLBACK")
 
     @staticmethod
-    def _apply(connection: sqlite3.Connection, event: Event) -> None:
-        payload = event.payload
-        body = encode(payload)
-        connection.execute(
-            "INSERT INTO events (seq, time, kind, payload) VALUES (?, ?, ?, ?)",
-            (event.seq, event.time, event.kind.value, body),
+    def _insert_activities(connection: sqlite3.Connection, recorded: list[tuple[Activity, int, str]]) -> None:
+        """New activities (with their seq and JSON body): their rows, their agents' last
+        activity, their sessions' counts."""
+        if not recorded:
+            return
+        connection.executemany(
+            "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
+            [(activity.activity_id, seq, activity.status.value, body) for activity, seq, body in recorded],
         )
-        if isinstance(payload, Activity):
-            connection.execute(
-                "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
-                (payload.activity_id, event.seq, payload.status.value, body),
-            )
-            connection.execute(
-                "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
-                "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
-                "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END",
-                (payload.agent_id, payload.department, payload.activity_id),
-            )
-            if payload.session_id:
-                connection.execute(
-                    "UPDATE sessions SET activity_count = activity_count + 1 WHERE session_id = ?",
-                    (payload.session_id,),
-                )
-        elif isinstance(payload, ActivityCompletion):
+        connection.executemany(
+            "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
+            "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
+            "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END",
+            [(activity.agent_id, activity.department, activity.activity_id) for activity, _, _ in recorded],
+        )
+        connection.executemany(
+            "UPDATE sessions SET activity_count = activity_count + 1 WHERE session_id = ?",
+            [(activity.session_id,) for activity, _, _ in recorded if activity.session_id],
+        )
+
+    @staticmethod
+    def _apply(connection: sqlite3.Connection, event: Event, body: str) -> None:
+        """The rows of any other event (``body``: its payload's JSON)."""
+        payload = event.payload
+        if isinstance(payload, ActivityCompletion):
             done = payload.activity
             connection.execute(
                 "UPDATE activities SET status = ?, completed_at = ?, body = ? WHERE activity_id = ?",

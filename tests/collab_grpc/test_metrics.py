@@ -18,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from collab_grpc.config import DEFAULT_METRICS_ADDR, parse_server_config
 from collab_grpc.events import EventLog
-from collab_grpc.interceptors import ObservingInterceptor
+from collab_grpc.interceptors import CallInterceptor
 from collab_grpc.logs import RequestIdFilter
 from collab_grpc.metrics import MetricsEndpoint, serve_metrics
 from collab_grpc.model import ActivityType, EventKind, MemoryOperation, MemoryUpdate
@@ -156,7 +156,7 @@ async def test_calls_are_counted_by_method_and_code_and_failures_logged_with_the
 @pytest_asyncio.fixture
 async def eager_observer() -> AsyncIterator[Client]:
     """A bare server whose observer finds every call slow."""
-    server = grpc.aio.server(interceptors=[ObservingInterceptor(slow_seconds=0.0)])
+    server = grpc.aio.server(interceptors=[CallInterceptor(None, slow_seconds=0.0)])
     pb_grpc.add_CollaborationServiceServicer_to_server(CollaborationServicer(CollaborationState()), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -196,3 +196,14 @@ def test_check_limit_custom_page() -> None:
     assert check_limit("limit", 10, limits) == 10
     with pytest.raises(InvalidArgument):
         check_limit("limit", 11, limits)
+
+
+def test_printable_checks_agree_with_the_character_by_character_definition() -> None:
+    # Ids: printable and no white space; text: printable (white space allowed only where
+    # printable, i.e. the ASCII space). Checked for every code point.
+    from collab_grpc.validation import _printable
+
+    for code in range(0x110000):
+        char = chr(code)
+        assert _printable(char, allow_spaces=False) == (char.isprintable() and not char.isspace()), hex(code)
+        assert _printable(char, allow_spaces=True) == char.isprintable(), hex(code)
