@@ -120,6 +120,20 @@ def _write(
     return call
 
 
+def _bulk_items(
+    message: pb.BulkRecordActivitiesRequest | Undecodable,
+) -> Sequence[pb.RecordActivityRequest | Undecodable]:
+    """The activities one message of a bulk stream carries: ``activity`` then
+    ``activities`` (a message with neither is one empty, and so refused, activity)."""
+    if isinstance(message, Undecodable):
+        return (message,)
+    if not message.activities:
+        return (message.activity,)
+    if message.HasField("activity"):
+        return [message.activity, *message.activities]
+    return message.activities
+
+
 class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def __init__(
         self,
@@ -205,28 +219,29 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         # store failure after an item was decided may have refused it (see below).
         recorded_items: list[tuple[int, int, int]] = []
         failure_marks = self.store.failure_marks
-        async for item in request_iterator:
-            if len(response.results) >= MAX_BULK_ITEMS:
-                await abort_with(
-                    context,
-                    InvalidArgument(
-                        f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} "
-                        "were processed, send the rest on a new stream (idempotency keys make resending safe)"
-                    ),
-                )
-            try:
-                if isinstance(item, Undecodable):  # one bad item fails alone, like any other
-                    raise InvalidArgument(item.details)
-                async with self.store.writing():
-                    recorded = self._record_activity(item.activity, with_activity=False)
-            except CollabError as error:
-                metrics.refused(error)
-                response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
-                response.failed += 1
-            else:
-                response.results.add(activity_id=recorded.activity_id)
-                response.recorded += 1
-                recorded_items.append((len(response.results) - 1, self.state.log.last_seq, len(failure_marks)))
+        async for message in request_iterator:
+            for item in _bulk_items(message):
+                if len(response.results) >= MAX_BULK_ITEMS:
+                    await abort_with(
+                        context,
+                        InvalidArgument(
+                            f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} "
+                            "were processed, send the rest on a new stream (idempotency keys make resending safe)"
+                        ),
+                    )
+                try:
+                    if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
+                        raise InvalidArgument(item.details)
+                    async with self.store.writing():
+                        recorded = self._record_activity(item, with_activity=False)
+                except CollabError as error:
+                    metrics.refused(error)
+                    response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
+                    response.failed += 1
+                else:
+                    response.results.add(activity_id=recorded.activity_id)
+                    response.recorded += 1
+                    recorded_items.append((len(response.results) - 1, self.state.log.last_seq, len(failure_marks)))
         try:
             await self.store.durable(self.state.log.last_seq)
         except StoreUnavailable as error:

@@ -648,19 +648,32 @@ Global___RecordActivityResponse: _TypeAlias = RecordActivityResponse  # noqa: Y0
 
 @_typing.final
 class BulkRecordActivitiesRequest(_message.Message):
+    """One or more activities of a bulk stream: `activity`, then `activities`, in order.
+    Items are answered in the order they were sent across all messages; a message that
+    cannot be decoded is answered as one failed item.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTIVITY_FIELD_NUMBER: _builtins.int
+    ACTIVITIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def activity(self) -> Global___RecordActivityRequest: ...
+    @_builtins.property
+    def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordActivityRequest]:
+        """More activities in the same message; sending batches (up to a few hundred per
+        message) costs the hub a fraction of a message per activity.
+        """
+
     def __init__(
         self,
         *,
         activity: Global___RecordActivityRequest | None = ...,
+        activities: _abc.Iterable[Global___RecordActivityRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "activity", b"activity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

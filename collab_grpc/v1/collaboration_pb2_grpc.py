@@ -146,7 +146,8 @@ class CollaborationServiceServicer:
 
     def BulkRecordActivities(self, request_iterator, context):
         """Records many activities over one stream; each is acknowledged, in order, in the
-        single response. One item's failure does not stop the others.
+        single response. One item's failure does not stop the others. A message may carry
+        many activities (`activities`): the fastest way to record in bulk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,7 +53,8 @@ class CollaborationServiceStub:
     """Records an activity; the agent is `active` until the activity is completed."""
     BulkRecordActivities: _grpc.StreamUnaryMultiCallable[_collaboration_pb2.BulkRecordActivitiesRequest, _collaboration_pb2.BulkRecordActivitiesResponse]
     """Records many activities over one stream; each is acknowledged, in order, in the
-    single response. One item's failure does not stop the others.
+    single response. One item's failure does not stop the others. A message may carry
+    many activities (`activities`): the fastest way to record in bulk.
     """
     CompleteActivity: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CompleteActivityRequest, _collaboration_pb2.CompleteActivityResponse]
     """Completes an open activity, successfully or not."""
@@ -104,7 +105,8 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     """Records an activity; the agent is `active` until the activity is completed."""
     BulkRecordActivities: _aio.StreamUnaryMultiCallable[_collaboration_pb2.BulkRecordActivitiesRequest, _collaboration_pb2.BulkRecordActivitiesResponse]  # type: ignore[assignment]
     """Records many activities over one stream; each is acknowledged, in order, in the
-    single response. One item's failure does not stop the others.
+    single response. One item's failure does not stop the others. A message may carry
+    many activities (`activities`): the fastest way to record in bulk.
     """
     CompleteActivity: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CompleteActivityRequest, _collaboration_pb2.CompleteActivityResponse]  # type: ignore[assignment]
     """Completes an open activity, successfully or not."""
@@ -164,7 +166,8 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_collaboration_pb2.BulkRecordActivitiesResponse, _abc.Awaitable[_collaboration_pb2.BulkRecordActivitiesResponse]]:
         """Records many activities over one stream; each is acknowledged, in order, in the
-        single response. One item's failure does not stop the others.
+        single response. One item's failure does not stop the others. A message may carry
+        many activities (`activities`): the fastest way to record in bulk.
         """
 
     @_abc_1.abstractmethod

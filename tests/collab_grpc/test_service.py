@@ -183,6 +183,40 @@ async def test_bulk_record_acknowledges_each_in_order(client: Client) -> None:
     ]
 
 
+async def test_bulk_messages_carrying_many_activities_are_answered_item_by_item(client: Client) -> None:
+    agent = unique("agent")
+    messages = [
+        # activity, then activities, in order; a bad item fails alone
+        pb.BulkRecordActivitiesRequest(
+            activity=activity(agent),
+            activities=[activity(agent, pb.ACTIVITY_TYPE_UNSPECIFIED), activity(agent, pb.ACTIVITY_TYPE_TASK_ASSIGNED)],
+        ),
+        pb.BulkRecordActivitiesRequest(activity=activity(agent, pb.ACTIVITY_TYPE_MESSAGE_SENT)),
+        pb.BulkRecordActivitiesRequest(activities=[activity(agent, session_id="collab_missing"), activity(agent)]),
+        pb.BulkRecordActivitiesRequest(),  # nothing in it: one empty, refused, activity
+    ]
+
+    async def send() -> object:
+        for message in messages:
+            yield message
+
+    response = await client.stub.BulkRecordActivities(send(), metadata=client.metadata)  # type: ignore[arg-type]
+    codes = [r.error_code for r in response.results]
+    assert codes == ["", "INVALID_ARGUMENT", "", "", "NOT_FOUND", "", "INVALID_ARGUMENT"]
+    assert "is required" in response.results[-1].error_message
+    assert (response.recorded, response.failed) == (4, 3)
+    feed = await client.stub.GetActivityFeed(pb.GetActivityFeedRequest(agent_id=agent), metadata=client.metadata)
+    recorded = [r.activity_id for r in response.results if r.activity_id]
+    assert [a.activity_id for a in reversed(feed.activities)] == recorded
+    types = [a.activity_type for a in reversed(feed.activities)]
+    assert types == [
+        pb.ACTIVITY_TYPE_MEMORY_WRITE,
+        pb.ACTIVITY_TYPE_TASK_ASSIGNED,
+        pb.ACTIVITY_TYPE_MESSAGE_SENT,
+        pb.ACTIVITY_TYPE_MEMORY_WRITE,
+    ]
+
+
 async def test_a_bulk_item_with_a_key_replays_whole_through_record_activity(client: Client) -> None:
     """Bulk answers carry ids only, but a keyed item's stored answer is the whole one, so
     a retry of the same record through RecordActivity gets the activity back."""

@@ -312,7 +312,7 @@ class AsyncBatchRecorder:
             while True:
                 try:
                     reply = await self.client._stub.BulkRecordActivities(
-                        (pb.BulkRecordActivitiesRequest(activity=item) for item in batch),
+                        iter(requests.bulk_messages(batch)),
                         metadata=settings.metadata,
                         timeout=settings.timeout,
                     )

@@ -294,7 +294,7 @@ class BatchRecorder:
             while True:
                 try:
                     reply = self.client._stub.BulkRecordActivities(
-                        iter([pb.BulkRecordActivitiesRequest(activity=item) for item in batch]),
+                        iter(requests.bulk_messages(batch)),
                         metadata=settings.metadata,
                         timeout=settings.timeout,
                     )

@@ -11,15 +11,21 @@ from google.protobuf import struct_pb2
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
+    "ACTIVITIES_PER_MESSAGE",
     "ACTIVITY_TYPES",
     "EVENT_KINDS",
     "MEMORY_OPERATIONS",
     "activity_type",
+    "bulk_messages",
     "new_key",
     "record_activity",
     "struct",
     "subscribe",
 ]
+
+# Activities per message of a bulk stream: one message each would cost the hub a gRPC
+# message per activity, several times the cost of recording it (docs/BENCHMARKS.md).
+ACTIVITIES_PER_MESSAGE = 100
 
 ACTIVITY_TYPES = {
     name.removeprefix("ACTIVITY_TYPE_").lower(): number
@@ -161,3 +167,11 @@ def record_memory_update(
 
 def activity_feed(agent_id: str | None, limit: int, session_id: str | None) -> pb.GetActivityFeedRequest:
     return pb.GetActivityFeedRequest(agent_id=agent_id or "", limit=limit, session_id=session_id or "")
+
+
+def bulk_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
+    """``batch`` as the messages of one bulk stream, ACTIVITIES_PER_MESSAGE in each."""
+    return [
+        pb.BulkRecordActivitiesRequest(activities=batch[start : start + ACTIVITIES_PER_MESSAGE])
+        for start in range(0, len(batch), ACTIVITIES_PER_MESSAGE)
+    ]

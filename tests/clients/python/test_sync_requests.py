@@ -130,3 +130,14 @@ def test_retries_stop_after_the_configured_number(channel: Any, pool: Any) -> No
         rpc.terminate(pb.GetAgentStatusResponse(), (), grpc.StatusCode.UNAVAILABLE, "still gone")
     with pytest.raises(Unavailable, match="still gone"):
         pending.result(5)
+
+
+def test_a_batch_goes_out_as_messages_of_a_hundred_activities_in_order() -> None:
+    from collab import _requests as requests
+
+    batch = [requests.record_activity(f"agent_{n}", "message_sent") for n in range(250)]
+    messages = requests.bulk_messages(batch)
+    assert [len(m.activities) for m in messages] == [100, 100, 50]
+    assert not any(m.HasField("activity") for m in messages)
+    assert [a.agent_id for m in messages for a in m.activities] == [f"agent_{n}" for n in range(250)]
+    assert requests.bulk_messages([]) == []
