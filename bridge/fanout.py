@@ -45,6 +45,10 @@ class Frame:
         assert self._wire is not None
         return self._wire
 
+    def release_wire(self) -> None:
+        """Forget the encoded frame (a frame kept for resuming clients keeps its text only)."""
+        object.__setattr__(self, "_wire", None)
+
 
 @dataclass(frozen=True, slots=True)
 class ClientFilter:

@@ -101,6 +101,7 @@ class StreamHub:
             return  # skipping it keeps every other client served
         self._recent.append(frame)
         self.fanout.broadcast(frame)
+        frame.release_wire()  # the buffer of recent frames would hold every event twice
 
     @property
     def first_buffered_seq(self) -> int:

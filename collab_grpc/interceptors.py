@@ -128,9 +128,10 @@ class _Method:
     """What the interceptor knows of one method: how to name it, whether it needs a
     credential (and write access), and how its requests are checked."""
 
-    __slots__ = ("guarded", "name", "per_item", "slow_seconds", "streams_requests", "timed", "write")
+    __slots__ = ("guarded", "method", "name", "per_item", "slow_seconds", "streams_requests", "timed", "write")
 
     def __init__(self, method: str, handler: Handler, *, guarded: bool, per_item: bool, slow_seconds: float) -> None:
+        self.method = method
         self.name = method.removeprefix(SERVICE_PREFIX).lstrip("/")
         self.guarded = guarded
         # Anything not known to be a read needs write access: deny by default.
@@ -207,17 +208,25 @@ class CallInterceptor(_ServerInterceptor):
                 try:
                     self.authenticator.require(token_from_headers(headers), write=about.write)
                 except CollabError as error:
-                    log.warning("refused %s: %s", about.name, error, extra={"rpc": about.name, "reason": str(error)})
+                    extra = {"rpc": about.method, "reason": str(error)}
+                    log.warning("refused %s: %s", about.method, error, extra=extra)
                     return error
         if isinstance(request, Undecodable):
             return request
         return None
 
-    def _begin(self, about: _Method, request: Any, context: Context) -> tuple[_Call, CollabError | Undecodable | None]:
+    def _begin(self, about: _Method, context: Context) -> tuple[_Call, Metadata]:
         metadata = context.invocation_metadata() or ()
         call = _Call(about.name, request_id_from_metadata(metadata), timed=about.timed, slow_seconds=about.slow_seconds)
         call.begin()
-        return call, self._admit(about, request, metadata)
+        return call, metadata
+
+    async def _enter(self, about: _Method, request: Any, metadata: Metadata, context: Context) -> Any:
+        """The request the behaviour gets; the call ends here if it is refused."""
+        refusal = self._admit(about, request, metadata)
+        if refusal is not None:
+            await _refuse(refusal, context)
+        return self._requests(about, request, context)
 
     @staticmethod
     def _requests(about: _Method, request: Any, context: Context) -> Any:
@@ -230,12 +239,10 @@ class CallInterceptor(_ServerInterceptor):
         self, about: _Method, behaviour: Callable[[Any, Context], Any]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def run(request: Any, context: Context) -> Any:
-            call, refusal = self._begin(about, request, context)
+            call, metadata = self._begin(about, context)
             try:
-                if refusal is not None:
-                    await _refuse(refusal, context)
-                result = behaviour(self._requests(about, request, context), context)
-                if asyncio.iscoroutine(result):
+                result = behaviour(await self._enter(about, request, metadata, context), context)
+                if inspect.isawaitable(result):
                     result = await result
             except BaseException as error:
                 call.end(context, error)
@@ -249,11 +256,9 @@ class CallInterceptor(_ServerInterceptor):
         self, about: _Method, behaviour: Callable[[Any, Context], AsyncIterator[Any]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-            call, refusal = self._begin(about, request, context)
+            call, metadata = self._begin(about, context)
             try:
-                if refusal is not None:
-                    await _refuse(refusal, context)
-                async for response in behaviour(self._requests(about, request, context), context):
+                async for response in behaviour(await self._enter(about, request, metadata, context), context):
                     yield response
             except BaseException as error:
                 call.end(context, error)

@@ -560,3 +560,11 @@ async def test_a_closed_subscriber_writes_nothing_directly() -> None:
     subscriber.closed = True
     subscriber.deliver(event(1))
     assert direct.frames == [] and wire.sent == []
+
+
+def test_a_released_frame_keeps_its_text_and_encodes_again_on_demand() -> None:
+    frame = event(3)
+    encoded = frame.wire()
+    assert frame.wire() is encoded  # built once
+    frame.release_wire()
+    assert frame.wire() == encoded and frame.text == '{"seq":3}'

@@ -308,15 +308,15 @@ class AsyncBatchRecorder:
             if not batch:
                 return
             settings = self.client.settings
+            messages = requests.bulk_messages(batch)
             attempt = 0
             while True:
                 try:
                     reply = await self.client._stub.BulkRecordActivities(
-                        iter(requests.bulk_messages(batch)),
+                        iter(messages),
                         metadata=settings.metadata,
                         timeout=settings.timeout,
                     )
-                    break
                 except grpc.RpcError as error:
                     failure = error_from_rpc(error)
                     attempt += 1
@@ -324,6 +324,19 @@ class AsyncBatchRecorder:
                         self._buffer[:0] = batch  # kept for the next flush, not lost
                         raise failure from None
                     await asyncio.sleep(settings.backoff(attempt))
+                    continue
+                if len(reply.results) == len(batch):
+                    break
+                if len(messages) == len(batch):
+                    self._buffer[:0] = batch
+                    raise CollabError(
+                        f"the hub answered {len(reply.results)} results for {len(batch)} activities; "
+                        "they are kept for the next flush"
+                    )
+                # A message the hub could not decode is answered as one item, and a hub
+                # older than batched messages answers each as one: send the batch again one
+                # activity a message (its idempotency keys make that safe).
+                messages = requests.single_messages(batch)
             for item, result in zip(batch, reply.results, strict=True):
                 if result.activity_id:
                     self.recorded.append(result.activity_id)

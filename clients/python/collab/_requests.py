@@ -13,12 +13,14 @@ from collab_grpc.v1 import collaboration_pb2 as pb
 __all__ = [
     "ACTIVITIES_PER_MESSAGE",
     "ACTIVITY_TYPES",
+    "BYTES_PER_MESSAGE",
     "EVENT_KINDS",
     "MEMORY_OPERATIONS",
     "activity_type",
     "bulk_messages",
     "new_key",
     "record_activity",
+    "single_messages",
     "struct",
     "subscribe",
 ]
@@ -26,6 +28,9 @@ __all__ = [
 # Activities per message of a bulk stream: one message each would cost the hub a gRPC
 # message per activity, several times the cost of recording it (docs/BENCHMARKS.md).
 ACTIVITIES_PER_MESSAGE = 100
+# ...and bytes per message, well under gRPC's 4 MiB default (an activity's metadata may
+# be 64 KiB); a larger single activity still goes alone.
+BYTES_PER_MESSAGE = 1024 * 1024
 
 ACTIVITY_TYPES = {
     name.removeprefix("ACTIVITY_TYPE_").lower(): number
@@ -170,8 +175,25 @@ def activity_feed(agent_id: str | None, limit: int, session_id: str | None) -> p
 
 
 def bulk_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
-    """``batch`` as the messages of one bulk stream, ACTIVITIES_PER_MESSAGE in each."""
-    return [
-        pb.BulkRecordActivitiesRequest(activities=batch[start : start + ACTIVITIES_PER_MESSAGE])
-        for start in range(0, len(batch), ACTIVITIES_PER_MESSAGE)
-    ]
+    """``batch`` as the messages of one bulk stream, in order: up to ACTIVITIES_PER_MESSAGE
+    and BYTES_PER_MESSAGE in each (at least one activity)."""
+    messages: list[pb.BulkRecordActivitiesRequest] = []
+    current: list[pb.RecordActivityRequest] = []
+    size = 0
+    for item in batch:
+        item_size = item.ByteSize()
+        if current and (len(current) >= ACTIVITIES_PER_MESSAGE or size + item_size > BYTES_PER_MESSAGE):
+            messages.append(pb.BulkRecordActivitiesRequest(activities=current))
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        messages.append(pb.BulkRecordActivitiesRequest(activities=current))
+    return messages
+
+
+def single_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
+    """``batch`` one activity a message: answered item by item by any hub, whatever it
+    could not decode (a message that cannot be decoded is answered as one failed item),
+    and by hubs that predate ``activities``."""
+    return [pb.BulkRecordActivitiesRequest(activity=item) for item in batch]

@@ -108,6 +108,41 @@ async def test_batching_recorder_under_load(make_hub: HubFactory) -> None:
         assert (await hub.agent_status()).active_activities == 2_000
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """Metadata ``depth`` levels deep."""
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"next": value}
+    return value
+
+
+async def test_a_batch_with_an_activity_the_hub_cannot_decode_is_sent_again_one_a_message(
+    make_hub: HubFactory,
+) -> None:
+    # 33 levels of metadata: the SDK can build it, the hub's protobuf decoder cannot read
+    # it, so the whole message of 100 around it is answered as one failed item.
+    _, hub = await connect(make_hub)
+    async with hub:
+        async with hub.recorder(max_batch=1_000, max_delay=10) as recorder:
+            for n in range(150):
+                metadata = nested(33) if n == 5 else {"n": n}
+                await recorder.record(f"agent_{n % 10}", "message_sent", metadata=metadata)
+        assert len(recorder.recorded) == 149 and len(set(recorder.recorded)) == 149
+        (failure,) = recorder.failures
+        assert failure.code == "INVALID_ARGUMENT" and "nest" in failure.message
+        assert failure.request.metadata["next"]  # the activity that failed, not another
+        assert (await hub.agent_status()).active_activities == 149
+
+
+async def test_large_activities_are_split_over_messages_under_the_grpc_limit(make_hub: HubFactory) -> None:
+    _, hub = await connect(make_hub)
+    async with hub:
+        async with hub.recorder(max_batch=1_000, max_delay=10) as recorder:
+            for n in range(100):  # ~5 MB in all: over gRPC's 4 MiB as one message
+                await recorder.record(f"agent_{n % 10}", "message_sent", metadata={"blob": "x" * 50_000})
+        assert len(recorder.recorded) == 100 and not recorder.failures
+
+
 class LoseFirstResponse(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """The first RecordActivity reaches the server, but its answer is lost on the way
     back (as when a connection breaks): the caller sees UNAVAILABLE."""

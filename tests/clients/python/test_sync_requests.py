@@ -141,3 +141,14 @@ def test_a_batch_goes_out_as_messages_of_a_hundred_activities_in_order() -> None
     assert not any(m.HasField("activity") for m in messages)
     assert [a.agent_id for m in messages for a in m.activities] == [f"agent_{n}" for n in range(250)]
     assert requests.bulk_messages([]) == []
+
+
+def test_messages_stay_under_a_mebibyte_and_a_large_activity_goes_alone() -> None:
+    from collab import _requests as requests
+
+    batch = [requests.record_activity("agent", "message_sent", metadata={"blob": "x" * 50_000}) for _ in range(100)]
+    batch.insert(3, requests.record_activity("agent", "message_sent", metadata={"blob": "y" * 2_000_000}))
+    messages = requests.bulk_messages(batch)
+    assert [a for m in messages for a in m.activities] == batch
+    assert all(m.ByteSize() <= requests.BYTES_PER_MESSAGE for m in messages if len(m.activities) > 1)
+    assert any(len(m.activities) == 1 and m.ByteSize() > requests.BYTES_PER_MESSAGE for m in messages)
