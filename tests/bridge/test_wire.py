@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from websockets.frames import Frame as WireFrame
 from websockets.frames import Opcode
 
 from bridge.wire import direct_writer, text_frame
+from tests.support.services import free_port
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -37,13 +37,6 @@ def test_no_direct_writer_for_a_send_that_is_not_uvicorns() -> None:
     assert direct_writer(print) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextlib.asynccontextmanager
 async def served(*, deflate: bool) -> AsyncIterator[tuple[int, list[bool]]]:
     """uvicorn (websockets-sansio, permessage-deflate as asked) serving an app that
@@ -62,7 +55,7 @@ async def served(*, deflate: bool) -> AsyncIterator[tuple[int, list[bool]]]:
         await send({"type": "websocket.send", "text": "asgi"})
         await receive()  # until the client goes
 
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, ws="websockets-sansio", ws_per_message_deflate=deflate, log_level="error"
     )

@@ -292,33 +292,27 @@ class BatchRecorder:
             settings = self.client.settings
             messages = requests.bulk_messages(batch)
             attempt = 0
-            while True:
-                try:
-                    reply = self.client._stub.BulkRecordActivities(
-                        iter(messages),
-                        metadata=settings.metadata,
-                        timeout=settings.timeout,
-                    )
-                except grpc.RpcError as error:
-                    failure = error_from_rpc(error)
-                    attempt += 1
-                    if not isinstance(failure, Unavailable) or attempt > settings.retries:
-                        self._buffer[:0] = batch  # kept for the next flush, not lost
-                        raise failure from None
-                    time.sleep(settings.backoff(attempt))
-                    continue
-                if len(reply.results) == len(batch):
-                    break
-                if len(messages) == len(batch):
-                    self._buffer[:0] = batch
-                    raise CollabError(
-                        f"the hub answered {len(reply.results)} results for {len(batch)} activities; "
-                        "they are kept for the next flush"
-                    )
-                # A message the hub could not decode is answered as one item, and a hub
-                # older than batched messages answers each as one: send the batch again one
-                # activity a message (its idempotency keys make that safe).
-                messages = requests.single_messages(batch)
+            try:
+                while True:
+                    try:
+                        reply = self.client._stub.BulkRecordActivities(
+                            iter(messages),
+                            metadata=settings.metadata,
+                            timeout=settings.timeout,
+                        )
+                    except grpc.RpcError as error:
+                        failure = error_from_rpc(error)
+                        attempt += 1
+                        if not isinstance(failure, Unavailable) or attempt > settings.retries:
+                            raise failure from None
+                        time.sleep(settings.backoff(attempt))
+                        continue
+                    if len(reply.results) == len(batch):
+                        break
+                    messages = requests.messages_to_resend(batch, messages, len(reply.results))
+            except CollabError:
+                self._buffer[:0] = batch  # kept for the next flush, not lost
+                raise
             for item, result in zip(batch, reply.results, strict=True):
                 if result.activity_id:
                     self.recorded.append(result.activity_id)

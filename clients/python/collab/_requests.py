@@ -8,6 +8,7 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from collab._errors import CollabError
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
@@ -18,9 +19,9 @@ __all__ = [
     "MEMORY_OPERATIONS",
     "activity_type",
     "bulk_messages",
+    "messages_to_resend",
     "new_key",
     "record_activity",
-    "single_messages",
     "struct",
     "subscribe",
 ]
@@ -192,8 +193,14 @@ def bulk_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordAc
     return messages
 
 
-def single_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
-    """``batch`` one activity a message: answered item by item by any hub, whatever it
-    could not decode (a message that cannot be decoded is answered as one failed item),
-    and by hubs that predate ``activities``."""
+def messages_to_resend(
+    batch: list[pb.RecordActivityRequest], sent: list[pb.BulkRecordActivitiesRequest], answered: int
+) -> list[pb.BulkRecordActivitiesRequest]:
+    """When the hub answered ``answered`` items for ``batch`` sent as ``sent``: the batch
+    one activity a message, which any hub answers item by item (a message it cannot decode
+    is answered as one failed item, and a hub older than ``activities`` answers each message
+    as one); its idempotency keys make sending it again safe. CollabError when it already
+    went one a message."""
+    if len(sent) == len(batch):
+        raise CollabError(f"the hub answered {answered} results for {len(batch)} activities")
     return [pb.BulkRecordActivitiesRequest(activity=item) for item in batch]

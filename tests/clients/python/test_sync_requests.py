@@ -152,3 +152,14 @@ def test_messages_stay_under_a_mebibyte_and_a_large_activity_goes_alone() -> Non
     assert [a for m in messages for a in m.activities] == batch
     assert all(m.ByteSize() <= requests.BYTES_PER_MESSAGE for m in messages if len(m.activities) > 1)
     assert any(len(m.activities) == 1 and m.ByteSize() > requests.BYTES_PER_MESSAGE for m in messages)
+
+
+def test_a_batch_answered_unpaired_goes_again_one_a_message_and_then_no_more() -> None:
+    from collab import CollabError
+    from collab import _requests as requests
+
+    batch = [requests.record_activity(f"agent_{n}", "message_sent") for n in range(150)]
+    again = requests.messages_to_resend(batch, requests.bulk_messages(batch), answered=51)
+    assert [m.activity for m in again] == batch and not any(m.activities for m in again)
+    with pytest.raises(CollabError, match="answered 149 results for 150 activities"):
+        requests.messages_to_resend(batch, again, answered=149)
