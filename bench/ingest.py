@@ -1,9 +1,9 @@
 """Ingest: how fast agents can record, beside raw grpcio on the same machine.
 
-- unary: `RecordActivity` with 64 calls in flight, against raw grpc.aio unary calls of a
-  16-byte message (the limit);
+- unary: `RecordActivity` with 64 calls in flight, against raw grpc.aio unary calls
+  carrying the same request bytes and answering as many bytes as the hub does (the limit);
 - bulk: `BulkRecordActivities`, one client stream with one activity a message, against a
-  raw client-streaming call;
+  raw client-streaming call of the same messages;
 - bulk, 100 a message: the same stream with 100 activities in each message (as the
   Python SDK's recorders send), against the same raw client-streaming limit.
 
@@ -28,7 +28,6 @@ import grpc
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
 from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
-from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["IngestResult", "run_ingest"]
 
@@ -62,8 +61,10 @@ class IngestResult:
 
 
 async def _serve_raw(port: int) -> None:
+    answer = _answer()
+
     async def unary(request: bytes, context: Any) -> bytes:
-        return b"ok"
+        return answer
 
     async def streaming(requests: Any, context: Any) -> bytes:
         count = 0
@@ -83,6 +84,22 @@ async def _serve_raw(port: int) -> None:
     await server.wait_for_termination()
 
 
+def _answer() -> bytes:
+    """As many bytes as the hub's answer to ``_activity(0)``, for the raw peer to send."""
+    request = _activity(0)
+    activity = pb.Activity(
+        activity_id="act_1795660000_agent_0_0123abcd",
+        agent_id=request.agent_id,
+        department=request.department,
+        activity_type=request.activity_type,
+        metadata=request.metadata,
+        related_agents=request.related_agents,
+        status=pb.ACTIVITY_STATUS_ACTIVE,
+    )
+    activity.timestamp.GetCurrentTime()
+    return pb.RecordActivityResponse(activity_id=activity.activity_id, activity=activity).SerializeToString()
+
+
 # -- load ------------------------------------------------------------------------------------
 
 
@@ -97,37 +114,40 @@ def _activity(n: int) -> pb.RecordActivityRequest:
     return request
 
 
+def _unary_method(kind: str) -> str:
+    return f"/{RAW_SERVICE}/Unary" if kind == "raw" else "/collab.v1.CollaborationService/RecordActivity"
+
+
+def _stream_method(kind: str) -> str:
+    return f"/{RAW_SERVICE}/Stream" if kind == "raw" else "/collab.v1.CollaborationService/BulkRecordActivities"
+
+
 async def _load(target: str, kind: str, mode: str, calls: int) -> float:
+    """The same client for the limit and the hub: it sends the hub's requests, serialised
+    up front, as bytes (the raw peer moves the same bytes without decoding them), so the
+    two differ only in the server."""
     metadata = (("authorization", f"Bearer {TOKEN}"),)
+    activities = [_activity(n) for n in range(calls)]
+    if mode == BATCHED:
+        messages = [
+            pb.BulkRecordActivitiesRequest(activities=activities[start : start + PER_MESSAGE]).SerializeToString()
+            for start in range(0, calls, PER_MESSAGE)
+        ]
+    else:
+        messages = [pb.BulkRecordActivitiesRequest(activity=a).SerializeToString() for a in activities]
+    requests = [a.SerializeToString() for a in activities]
     async with grpc.aio.insecure_channel(target) as channel:
-        if kind == "raw":
-            # No serializers: the raw peer moves bytes as they are.
-            unary = channel.unary_unary(f"/{RAW_SERVICE}/Unary", None, None)
-            stream = channel.stream_unary(f"/{RAW_SERVICE}/Stream", None, None)
-            payload = b"x" * 16
+        unary = channel.unary_unary(_unary_method(kind), None, None)
+        stream = channel.stream_unary(_stream_method(kind), None, None)
 
-            async def one(n: int) -> None:
-                await unary(payload)
+        async def one(n: int) -> None:
+            await unary(requests[n], metadata=metadata)
 
-            async def bulk() -> None:
-                await stream(iter([payload] * calls))
-        else:
-            stub = pb_grpc.CollaborationServiceStub(channel)
-            requests = [_activity(n) for n in range(calls)]
-
-            async def one(n: int) -> None:
-                await stub.RecordActivity(requests[n], metadata=metadata)
-
-            async def bulk() -> None:
-                if mode == BATCHED:  # as the SDK's recorders send: many activities a message
-                    messages = (
-                        pb.BulkRecordActivitiesRequest(activities=requests[start : start + PER_MESSAGE])
-                        for start in range(0, calls, PER_MESSAGE)
-                    )
-                else:
-                    messages = (pb.BulkRecordActivitiesRequest(activity=r) for r in requests)
-                reply = await stub.BulkRecordActivities(messages, metadata=metadata)
-                assert reply.recorded == calls, reply.failed
+        async def bulk() -> None:
+            reply = await stream(iter(messages), metadata=metadata)
+            if kind == "hub":
+                summary = pb.BulkRecordActivitiesResponse.FromString(reply)
+                assert summary.recorded == calls, summary.failed
 
         started = time.perf_counter()
         if mode == "unary":

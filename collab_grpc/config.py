@@ -34,6 +34,8 @@ class ServerConfig:
     data_dir: Path = Path(".collab")
     store: str = "sqlite"
     sqlite_synchronous: str = "full"
+    # Seconds a busy server holds a commit open for more writes (group commit); 0: never.
+    sqlite_commit_delay: float = 0.010
     retain_count: int = 100_000
     retain_seconds: float = 7 * 24 * 3600.0
     auth: bool = True
@@ -65,6 +67,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key (and later, data) live"),
     ("--store", "COLLAB_STORE", "store", str, "sqlite (default: a file in the data dir) or memory"),
     ("--sqlite-synchronous", "COLLAB_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str, "full (fsync) or normal"),
+    (
+        "--sqlite-commit-delay",
+        "COLLAB_SQLITE_COMMIT_DELAY",
+        "sqlite_commit_delay",
+        float,
+        "seconds a busy server gathers writes into one commit (0 = commit each batch at once)",
+    ),
     ("--retain-count", "COLLAB_RETAIN_COUNT", "retain_count", int, "events and completed activities kept"),
     ("--retain-seconds", "COLLAB_RETAIN_SECONDS", "retain_seconds", float, "age after which they are dropped"),
     ("--auth", "COLLAB_AUTH", "auth", str, "`on` (default) or `off` to accept calls without credentials"),
@@ -138,6 +147,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
             )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
+    if not 0 <= config.sqlite_commit_delay <= 1:  # also refuses NaN
+        parser.error(f"sqlite-commit-delay must be between 0 and 1 (seconds), got {config.sqlite_commit_delay}")
     if config.sqlite_synchronous.lower() not in {"full", "normal"}:
         parser.error(f"sqlite-synchronous must be full or normal, got {config.sqlite_synchronous!r}")
     if config.log_format not in {"json", "text"}:

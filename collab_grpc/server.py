@@ -103,6 +103,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.store,
         config.data_dir,
         synchronous=config.sqlite_synchronous,
+        commit_delay=config.sqlite_commit_delay,
         retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
     )
     await store.attach(state)

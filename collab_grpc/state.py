@@ -7,7 +7,6 @@ asyncio server each one is atomic with respect to every other caller.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from collab_grpc.model import (
     MemoryUpdate,
     Session,
     Snapshot,
+    copied,
 )
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.validation import Limits, check_id, check_id_list, check_limit, check_metadata, check_text
@@ -150,7 +150,7 @@ class CollaborationState:
             parent_activity_id=parent_activity_id,
         )
         self._apply_recorded(activity)
-        self.log.append(EventKind.ACTIVITY_RECORDED, dataclasses.replace(activity), now)
+        self.log.append(EventKind.ACTIVITY_RECORDED, copied(activity), now)
         return activity
 
     def complete_activity(self, activity_id: str, *, success: bool = True, failure_reason: str = "") -> Activity:
@@ -185,7 +185,7 @@ class CollaborationState:
             metadata=meta,
         )
         self._apply_started(session)
-        self.log.append(EventKind.COLLABORATION_STARTED, dataclasses.replace(session), now)
+        self.log.append(EventKind.COLLABORATION_STARTED, copied(session), now)
         return session
 
     def end_collaboration(self, session_id: str) -> Session:
@@ -193,7 +193,7 @@ class CollaborationState:
         now = self.clock()
         session.ended_at = now
         self._apply_ended(session)
-        self.log.append(EventKind.COLLABORATION_ENDED, dataclasses.replace(session), now)
+        self.log.append(EventKind.COLLABORATION_ENDED, copied(session), now)
         return session
 
     def record_decision(
@@ -359,7 +359,7 @@ class CollaborationState:
             epoch=self.epoch,
             seq=self.log.last_seq,
             agent_status=self.agent_status(),
-            active_collaborations=[dataclasses.replace(s) for s in self._active_sessions.values()],
+            active_collaborations=[copied(s) for s in self._active_sessions.values()],
         )
 
     # -- persistence ----------------------------------------------------------------
@@ -473,7 +473,7 @@ class CollaborationState:
         activity.completed_at = now
         activity.failure_reason = failure_reason
         self._apply_completed(activity)
-        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(dataclasses.replace(activity), success), now)
+        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(copied(activity), success), now)
         return activity
 
     # -- applying changes (here, or decided by another replica) -----------------------
@@ -526,9 +526,9 @@ class CollaborationState:
         state changes as if it had been decided here, and the event is published."""
         payload = event.payload
         if isinstance(payload, Activity):
-            self._apply_recorded(dataclasses.replace(payload))
+            self._apply_recorded(copied(payload))
         elif isinstance(payload, ActivityCompletion):
-            done = dataclasses.replace(payload.activity)
+            done = copied(payload.activity)
             known = self._open.get(done.activity_id) or self._history.get(done.activity_id)
             if known is not None:
                 known.status, known.completed_at = done.status, done.completed_at
@@ -536,9 +536,9 @@ class CollaborationState:
                 done = known
             self._apply_completed(done)
         elif isinstance(payload, Session) and event.kind is EventKind.COLLABORATION_STARTED:
-            self._apply_started(dataclasses.replace(payload))
+            self._apply_started(copied(payload))
         elif isinstance(payload, Session):
-            ended = self._active_sessions.get(payload.session_id) or dataclasses.replace(payload)
+            ended = self._active_sessions.get(payload.session_id) or copied(payload)
             ended.ended_at = payload.ended_at
             ended.activity_count, ended.decision_count = payload.activity_count, payload.decision_count
             self._apply_ended(ended)

@@ -75,7 +75,7 @@ def check_id_list(field: str, values: Iterable[str], limits: Limits, *, min_leng
 
 def _deeper_than(value: Any, limit: int) -> bool:
     """Whether containers nest more than ``limit`` levels; iterative, so any depth is safe."""
-    level = [value] if isinstance(value, Mapping | list) else []
+    level = [value] if _is_container(value) else []
     depth = 0
     while level:
         depth += 1
@@ -84,9 +84,18 @@ def _deeper_than(value: Any, limit: int) -> bool:
         children: list[Any] = []
         for container in level:
             items = container.values() if isinstance(container, Mapping) else container
-            children.extend(item for item in items if isinstance(item, Mapping | list))
+            children.extend(item for item in items if _is_container(item))
         level = children
     return False
+
+
+def _is_container(value: Any) -> bool:
+    # Plain JSON values first: an ABC check (Mapping) on every scalar costs more.
+    return type(value) in _CONTAINERS or (type(value) not in _SCALARS and isinstance(value, Mapping | list))
+
+
+_CONTAINERS = frozenset({dict, list})
+_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict[str, Any]:

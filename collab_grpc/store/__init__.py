@@ -7,7 +7,7 @@ from pathlib import Path
 
 from collab_grpc.store.base import MemoryStore, Store, StoreError, StoreUnavailable
 from collab_grpc.store.redis_store import RedisStore
-from collab_grpc.store.sqlite import Retention, SQLiteStore
+from collab_grpc.store.sqlite import COMMIT_DELAY, Retention, SQLiteStore
 
 __all__ = [
     "MemoryStore",
@@ -21,12 +21,19 @@ __all__ = [
 ]
 
 
-def open_store(spec: str, data_dir: Path, *, synchronous: str = "full", retention: Retention | None = None) -> Store:
+def open_store(
+    spec: str,
+    data_dir: Path,
+    *,
+    synchronous: str = "full",
+    retention: Retention | None = None,
+    commit_delay: float = COMMIT_DELAY,
+) -> Store:
     """The store ``spec`` names (the value of COLLAB_STORE)."""
     if spec == "memory":
         return MemoryStore()
     if spec == "sqlite":
-        return SQLiteStore(data_dir, synchronous=synchronous, retention=retention)
+        return SQLiteStore(data_dir, synchronous=synchronous, retention=retention, commit_delay=commit_delay)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(spec, retain=retention.count if retention else 100_000)
     raise StoreError(f"COLLAB_STORE must be sqlite, memory or redis://..., got {spec!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from collab_grpc.errors import CollabError
@@ -51,6 +51,10 @@ class Store(Protocol):
         """Store what is pending and release the store."""
 
 
+# Reusable, and cheaper than a generator-based context manager on every write.
+_NO_LOCK: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
 class SingleProcessStore:
     """A store only one server process writes: no lock to take, nothing to catch up."""
 
@@ -58,9 +62,8 @@ class SingleProcessStore:
     def failure_marks(self) -> Sequence[int]:
         return ()
 
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        yield
+    def writing(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _NO_LOCK
 
     async def fresh(self) -> None:
         pass

@@ -90,8 +90,12 @@ class Retention:
 
 IdempotencyRow = tuple[str, str, bytes, bytes, float]
 
-# The least time between the starts of two commits while writes keep coming (seconds).
-COMMIT_SPACING = 0.002
+# Group commit while writes keep coming (seconds): a commit is held open for more writes
+# at most COMMIT_DELAY after the previous one began, and only while they keep arriving
+# (no gap of COMMIT_QUIET); MAX_BATCH events close it early.
+COMMIT_DELAY = 0.010
+COMMIT_QUIET = 0.004
+MAX_BATCH = 1_000
 
 
 class SQLiteStore(SingleProcessStore):
@@ -101,11 +105,17 @@ class SQLiteStore(SingleProcessStore):
         *,
         synchronous: str = "full",
         retention: Retention | None = None,
-        commit_spacing: float = COMMIT_SPACING,
+        commit_delay: float = COMMIT_DELAY,
+        commit_quiet: float = COMMIT_QUIET,
     ) -> None:
         self.path = data_dir / FILE_NAME
-        self.commit_spacing = commit_spacing
+        self.commit_delay = commit_delay
+        self.commit_quiet = commit_quiet
         self._last_commit = 0.0
+        # Writes were staged while the last commit ran: the server is busy, and the next
+        # commit waits for more (see _gather).
+        self._busy = False
+        self.commits = 0
         self._failure_marks: list[int] = []
         # Set when a failed commit could not be followed by a reload: every write refused.
         self._broken: str | None = None
@@ -285,12 +295,7 @@ class SQLiteStore(SingleProcessStore):
         assert self._idle is not None
         while True:
             await self._wakeup.wait()
-            # Group commit: under a steady stream of writes, start commits at most every
-            # `commit_spacing` seconds, so more writes share each fsync (whose cost, not the
-            # rows', dominates). A write after a quiet spell commits at once.
-            wait = self._last_commit + self.commit_spacing - perf_counter()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await self._gather()
             self._last_commit = perf_counter()
             self._wakeup.clear()
             events, answers = self._events, self._answers
@@ -316,6 +321,7 @@ class SQLiteStore(SingleProcessStore):
                             "nothing more is recorded until the server is restarted"
                         )
                 else:
+                    self.commits += 1
                     self.failure = None
                     if events:
                         self._durable_seq = events[-1].seq
@@ -331,10 +337,30 @@ class SQLiteStore(SingleProcessStore):
             if self._broken is not None:
                 self._events, self._answers = [], []
                 self._release(lambda seq: True, StoreUnavailable(self._broken))
-            if self._events or self._answers:
+            self._busy = bool(self._events or self._answers)
+            if self._busy:
                 self._wakeup.set()
             else:
                 self._idle.set()
+
+    async def _gather(self) -> None:
+        """Group commit: what a commit costs (the fsync, and SQLite writing each page the
+        transaction touched to the WAL) is much the same for one write as for a hundred,
+        so under load the store waits for more writes before it commits; that, not the
+        rows, is what its throughput depends on (docs/BENCHMARKS.md). A write after a
+        quiet spell commits at once: only when writes were staged while the last commit
+        ran does the next one wait, while more keep arriving (none for ``commit_quiet``:
+        commit), until ``commit_delay`` after the last commit began or MAX_BATCH events."""
+        if not self._busy or self.commit_delay <= 0:
+            return
+        deadline = self._last_commit + self.commit_delay
+        staged = len(self._events) + len(self._answers)
+        while len(self._events) < MAX_BATCH and (left := deadline - perf_counter()) > 0:
+            await asyncio.sleep(min(self.commit_quiet, left))
+            now_staged = len(self._events) + len(self._answers)
+            if now_staged == staged:
+                return
+            staged = now_staged
 
     def _release(self, ready: Any, error: BaseException | None) -> None:
         waiting = []

@@ -41,6 +41,7 @@ def test_every_option_from_environment() -> None:
         "COLLAB_SHUTDOWN_GRACE": "0",
         "COLLAB_LOG_LEVEL": "debug",
         "COLLAB_LOG_FORMAT": "text",
+        "COLLAB_SQLITE_COMMIT_DELAY": "0.05",
     }
     assert parse_server_config([], env) == ServerConfig(
         grpc_addr="0.0.0.0:6000",
@@ -60,6 +61,7 @@ def test_every_option_from_environment() -> None:
         shutdown_grace=0.0,
         log_level="debug",
         log_format="text",
+        sqlite_commit_delay=0.05,
     )
 
 
@@ -98,6 +100,8 @@ def test_every_option_from_flags() -> None:
         "warning",
         "--log-format",
         "json",
+        "--sqlite-commit-delay",
+        "0",
     ]
     assert parse_server_config(argv, {}) == ServerConfig(
         grpc_addr="127.0.0.1:0",
@@ -117,6 +121,7 @@ def test_every_option_from_flags() -> None:
         shutdown_grace=11.0,
         log_level="warning",
         log_format="json",
+        sqlite_commit_delay=0.0,
     )
 
 
@@ -178,6 +183,9 @@ def test_secret_not_in_repr() -> None:
         (["--status-interval", "0"], {}),
         ([], {"COLLAB_SHUTDOWN_GRACE": "-0.1"}),
         (["--log-format", "xml"], {}),
+        (["--sqlite-commit-delay", "-0.01"], {}),
+        ([], {"COLLAB_SQLITE_COMMIT_DELAY": "2"}),
+        (["--sqlite-commit-delay", "soon"], {}),
         (["--no-such-flag"], {}),
         (["--history-limit"], {}),
     ],
@@ -201,7 +209,9 @@ def test_valid_flag_overrides_invalid_env() -> None:
     assert parse_server_config(["--history-limit", "5"], {"COLLAB_HISTORY_LIMIT": "lots"}).history_limit == 5
 
 
-@pytest.mark.parametrize("flag", ["--activity-ttl", "--status-interval", "--shutdown-grace", "--rate-limit"])
+@pytest.mark.parametrize(
+    "flag", ["--activity-ttl", "--status-interval", "--shutdown-grace", "--rate-limit", "--sqlite-commit-delay"]
+)
 def test_nan_is_invalid(flag: str) -> None:
     with pytest.raises(SystemExit):
         parse_server_config([flag, "nan"], {})

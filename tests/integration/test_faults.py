@@ -262,7 +262,7 @@ async def _flap(kind: int, url: str, port: int) -> None:
             pass
     elif kind == 2:
         client = await WebSocketClient.connect("127.0.0.1", port, url.split(str(port), 1)[1])
-        client.writer.transport.abort()
+        client.abort()
     else:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         if kind == 3:

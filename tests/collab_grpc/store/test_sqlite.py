@@ -70,6 +70,8 @@ class Opener(Protocol):
         settings: StateSettings | None = None,
         retention: Retention | None = None,
         start: bool = True,
+        commit_delay: float = sqlite_module.COMMIT_DELAY,
+        commit_quiet: float = sqlite_module.COMMIT_QUIET,
     ) -> Hub: ...
 
 
@@ -93,9 +95,11 @@ async def open_hub(data_dir: Path, clock: FakeClock) -> AsyncIterator[Opener]:
         settings: StateSettings | None = None,
         retention: Retention | None = None,
         start: bool = True,
+        commit_delay: float = sqlite_module.COMMIT_DELAY,
+        commit_quiet: float = sqlite_module.COMMIT_QUIET,
     ) -> Hub:
         state = CollaborationState(settings, clock=clock)
-        store = SQLiteStore(data_dir, retention=retention)
+        store = SQLiteStore(data_dir, retention=retention, commit_delay=commit_delay, commit_quiet=commit_quiet)
         store.open(state)
         hub = Hub(state, store)
         hubs.append(hub)
@@ -789,6 +793,76 @@ async def test_group_commit(open_hub: Opener, monkeypatch: pytest.MonkeyPatch, d
     assert again.state.log.last_seq == 200
     assert again.state.agent_status().active_activities == 200
     assert all(again.state.get_activity(a.activity_id) == a for a in recorded)
+
+
+def record(hub: Hub, index: int = 0) -> int:
+    """Record an activity; the seq of its event."""
+    hub.state.record_activity(agent_id=f"agent-{index % 7}", activity_type=ActivityType.MESSAGE_SENT)
+    return hub.state.log.last_seq
+
+
+async def test_a_write_after_a_quiet_spell_commits_at_once(open_hub: Opener) -> None:
+    """A lone writer never waits for company: each of its writes commits as soon as it is
+    made, however long a busy server would hold a commit open."""
+    hub = open_hub(commit_delay=60.0, commit_quiet=60.0)
+    for index in range(5):
+        await asyncio.wait_for(hub.store.durable(record(hub, index)), 10)
+    assert hub.store.commits == 5
+
+
+async def test_writes_that_keep_coming_share_a_commit(open_hub: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write staged while a commit runs means the server is busy: the next commit waits
+    for the writes that keep arriving, each gap shorter than ``commit_quiet`` though they
+    go on for much longer, carries them all, and goes once they stop."""
+    hub = open_hub(commit_delay=30.0, commit_quiet=0.3)
+    writes = GatedWrites(monkeypatch, hub.store, gated=1)
+    first = asyncio.ensure_future(hub.store.durable(record(hub)))
+    await writes.in_flight()
+    waiting = [asyncio.ensure_future(hub.store.durable(record(hub, 1)))]  # staged during commit 1
+    writes.release.set()
+    await asyncio.wait_for(first, 10)
+    for index in range(2, 14):  # 1.2 s of writes, 0.1 s apart
+        await asyncio.sleep(0.1)
+        assert not any(write.done() for write in waiting), "committed while writes kept coming"
+        waiting.append(asyncio.ensure_future(hub.store.durable(record(hub, index))))
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)  # committed once they stopped coming
+    assert hub.store.commits == 2
+    assert writes.calls == 2
+
+
+async def test_a_busy_store_commits_by_the_delay_even_if_writes_never_stop(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub(commit_delay=1.0, commit_quiet=60.0)
+    writes = GatedWrites(monkeypatch, hub.store, gated=1)
+    first = asyncio.ensure_future(hub.store.durable(record(hub)))
+    await writes.in_flight()
+    second = asyncio.ensure_future(hub.store.durable(record(hub, 1)))
+    writes.release.set()
+    await asyncio.wait_for(first, 10)
+    written = 0
+    for index in range(2, 1000):  # a write every 10 ms, for up to 10 s
+        if second.done():
+            break
+        record(hub, index)
+        written += 1
+        await asyncio.sleep(0.01)
+    assert second.done(), "the commit waited for the writes to stop, past commit_delay"
+    await second
+    # It did wait for company (up to 1 s after commit 1 began), then went while writes went on.
+    assert written >= 10
+    assert hub.store.commits == 2
+
+
+async def test_commit_delay_zero_commits_each_batch_at_once(open_hub: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = open_hub(commit_delay=0.0, commit_quiet=60.0)
+    writes = GatedWrites(monkeypatch, hub.store, gated=1)
+    first = asyncio.ensure_future(hub.store.durable(record(hub)))
+    await writes.in_flight()
+    second = asyncio.ensure_future(hub.store.durable(record(hub, 1)))
+    writes.release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert hub.store.commits == 2
 
 
 # -- open_store -------------------------------------------------------------------------
