@@ -26,7 +26,9 @@ from typing import Any
 import grpc
 
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
+from collab_grpc import convert
 from collab_grpc.eventloop import run
+from collab_grpc.model import Activity
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = ["IngestResult", "run_ingest"]
@@ -87,17 +89,17 @@ async def _serve_raw(port: int) -> None:
 def _answer() -> bytes:
     """As many bytes as the hub's answer to ``_activity(0)``, for the raw peer to send."""
     request = _activity(0)
-    activity = pb.Activity(
+    activity = Activity(
         activity_id="act_1795660000_agent_0_0123abcd",
         agent_id=request.agent_id,
         department=request.department,
-        activity_type=request.activity_type,
-        metadata=request.metadata,
-        related_agents=request.related_agents,
-        status=pb.ACTIVITY_STATUS_ACTIVE,
+        activity_type=convert.activity_type_from_proto(request.activity_type),
+        timestamp=time.time(),
+        metadata=convert.struct_to_dict(request.metadata),
+        related_agents=list(request.related_agents),
     )
-    activity.timestamp.GetCurrentTime()
-    return pb.RecordActivityResponse(activity_id=activity.activity_id, activity=activity).SerializeToString()
+    answer = pb.RecordActivityResponse(activity_id=activity.activity_id, activity=convert.activity_to_proto(activity))
+    return answer.SerializeToString()
 
 
 # -- load ------------------------------------------------------------------------------------

@@ -801,6 +801,18 @@ def record(hub: Hub, index: int = 0) -> int:
     return hub.state.log.last_seq
 
 
+async def made_busy(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> tuple[GatedWrites, asyncio.Future[None]]:
+    """Commit a first write with a second one staged while that commit runs (what makes the
+    store busy); the commits, and the second write's wait to be durable."""
+    writes = GatedWrites(monkeypatch, hub.store, gated=1)
+    first = asyncio.ensure_future(hub.store.durable(record(hub)))
+    await writes.in_flight()
+    second = asyncio.ensure_future(hub.store.durable(record(hub, 1)))
+    writes.release.set()
+    await asyncio.wait_for(first, 10)
+    return writes, second
+
+
 async def test_a_write_after_a_quiet_spell_commits_at_once(open_hub: Opener) -> None:
     """A lone writer never waits for company: each of its writes commits as soon as it is
     made, however long a busy server would hold a commit open."""
@@ -815,12 +827,8 @@ async def test_writes_that_keep_coming_share_a_commit(open_hub: Opener, monkeypa
     for the writes that keep arriving, each gap shorter than ``commit_quiet`` though they
     go on for much longer, carries them all, and goes once they stop."""
     hub = open_hub(commit_delay=30.0, commit_quiet=0.3)
-    writes = GatedWrites(monkeypatch, hub.store, gated=1)
-    first = asyncio.ensure_future(hub.store.durable(record(hub)))
-    await writes.in_flight()
-    waiting = [asyncio.ensure_future(hub.store.durable(record(hub, 1)))]  # staged during commit 1
-    writes.release.set()
-    await asyncio.wait_for(first, 10)
+    writes, second = await made_busy(hub, monkeypatch)
+    waiting = [second]
     for index in range(2, 14):  # 1.2 s of writes, 0.1 s apart
         await asyncio.sleep(0.1)
         assert not any(write.done() for write in waiting), "committed while writes kept coming"
@@ -834,12 +842,7 @@ async def test_a_busy_store_commits_by_the_delay_even_if_writes_never_stop(
     open_hub: Opener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = open_hub(commit_delay=1.0, commit_quiet=60.0)
-    writes = GatedWrites(monkeypatch, hub.store, gated=1)
-    first = asyncio.ensure_future(hub.store.durable(record(hub)))
-    await writes.in_flight()
-    second = asyncio.ensure_future(hub.store.durable(record(hub, 1)))
-    writes.release.set()
-    await asyncio.wait_for(first, 10)
+    _, second = await made_busy(hub, monkeypatch)
     written = 0
     for index in range(2, 1000):  # a write every 10 ms, for up to 10 s
         if second.done():
@@ -856,12 +859,8 @@ async def test_a_busy_store_commits_by_the_delay_even_if_writes_never_stop(
 
 async def test_commit_delay_zero_commits_each_batch_at_once(open_hub: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = open_hub(commit_delay=0.0, commit_quiet=60.0)
-    writes = GatedWrites(monkeypatch, hub.store, gated=1)
-    first = asyncio.ensure_future(hub.store.durable(record(hub)))
-    await writes.in_flight()
-    second = asyncio.ensure_future(hub.store.durable(record(hub, 1)))
-    writes.release.set()
-    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    _, second = await made_busy(hub, monkeypatch)
+    await asyncio.wait_for(second, 10)
     assert hub.store.commits == 2
 
 
