@@ -558,9 +558,14 @@ class SQLiteStore(SingleProcessStore):
     async def close(self) -> None:
         """Commit what is staged (and any commit running), stop the writer, close the file."""
         if self._committer is not None and self._idle is not None:
-            if not self._committer.done():
+            # Idle when this resumes, not only when the event was set: a write staged in
+            # between is committed first.
+            while not self._committer.done() and not self._idle.is_set():
                 await self._idle.wait()
             self._committer.cancel()
+            # A write after this is refused, not left waiting for a commit that never comes.
+            self._broken = self._broken or "the store is closed (the server is shutting down)"
+            self._release(lambda seq: True, StoreUnavailable(self._broken))
         if self._connection is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._connection.close)
