@@ -116,37 +116,43 @@ def _activity(n: int) -> pb.RecordActivityRequest:
     return request
 
 
-def _unary_method(kind: str) -> str:
-    return f"/{RAW_SERVICE}/Unary" if kind == "raw" else "/collab.v1.CollaborationService/RecordActivity"
+# Each target's (unary, client-streaming) method.
+_METHODS = {
+    "raw": (f"/{RAW_SERVICE}/Unary", f"/{RAW_SERVICE}/Stream"),
+    "hub": ("/collab.v1.CollaborationService/RecordActivity", "/collab.v1.CollaborationService/BulkRecordActivities"),
+}
 
 
-def _stream_method(kind: str) -> str:
-    return f"/{RAW_SERVICE}/Stream" if kind == "raw" else "/collab.v1.CollaborationService/BulkRecordActivities"
-
-
-async def _load(target: str, kind: str, mode: str, calls: int) -> float:
-    """The same client for the limit and the hub: it sends the hub's requests, serialised
-    up front, as bytes (the raw peer moves the same bytes without decoding them), so the
-    two differ only in the server."""
-    metadata = (("authorization", f"Bearer {TOKEN}"),)
+def _payloads(mode: str, calls: int) -> list[bytes]:
+    """What the load sends in ``mode``, serialised up front: the unary requests, or the
+    stream's messages (one activity each, or PER_MESSAGE)."""
     activities = [_activity(n) for n in range(calls)]
+    if mode == "unary":
+        return [a.SerializeToString() for a in activities]
     if mode == BATCHED:
-        messages = [
+        return [
             pb.BulkRecordActivitiesRequest(activities=activities[start : start + PER_MESSAGE]).SerializeToString()
             for start in range(0, calls, PER_MESSAGE)
         ]
-    else:
-        messages = [pb.BulkRecordActivitiesRequest(activity=a).SerializeToString() for a in activities]
-    requests = [a.SerializeToString() for a in activities]
+    return [pb.BulkRecordActivitiesRequest(activity=a).SerializeToString() for a in activities]
+
+
+async def _load(target: str, kind: str, mode: str, calls: int) -> float:
+    """The same client for the limit and the hub: it sends the hub's requests as bytes
+    (the raw peer moves the same bytes without decoding them), so the two differ only in
+    the server."""
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    payloads = _payloads(mode, calls)
+    unary_method, stream_method = _METHODS[kind]
     async with grpc.aio.insecure_channel(target) as channel:
-        unary = channel.unary_unary(_unary_method(kind), None, None)
-        stream = channel.stream_unary(_stream_method(kind), None, None)
+        unary = channel.unary_unary(unary_method, None, None)
+        stream = channel.stream_unary(stream_method, None, None)
 
         async def one(n: int) -> None:
-            await unary(requests[n], metadata=metadata)
+            await unary(payloads[n], metadata=metadata)
 
         async def bulk() -> None:
-            reply = await stream(iter(messages), metadata=metadata)
+            reply = await stream(iter(payloads), metadata=metadata)
             if kind == "hub":
                 summary = pb.BulkRecordActivitiesResponse.FromString(reply)
                 assert summary.recorded == calls, summary.failed

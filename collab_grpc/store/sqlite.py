@@ -117,7 +117,8 @@ class SQLiteStore(SingleProcessStore):
         self._busy = False
         self.commits = 0
         self._failure_marks: list[int] = []
-        # Set when a failed commit could not be followed by a reload: every write refused.
+        # Set when a failed commit could not be followed by a reload, or once closed: every
+        # write refused.
         self._broken: str | None = None
         self.synchronous = synchronous
         self.retention = retention or Retention()
@@ -354,13 +355,15 @@ class SQLiteStore(SingleProcessStore):
         if not self._busy or self.commit_delay <= 0:
             return
         deadline = self._last_commit + self.commit_delay
-        staged = len(self._events) + len(self._answers)
+        staged = self._staged_count()
         while len(self._events) < MAX_BATCH and (left := deadline - perf_counter()) > 0:
             await asyncio.sleep(min(self.commit_quiet, left))
-            now_staged = len(self._events) + len(self._answers)
-            if now_staged == staged:
+            if self._staged_count() == staged:
                 return
-            staged = now_staged
+            staged = self._staged_count()
+
+    def _staged_count(self) -> int:
+        return len(self._events) + len(self._answers)
 
     def _release(self, ready: Any, error: BaseException | None) -> None:
         waiting = []

@@ -261,6 +261,20 @@ class RecordFailure:
     message: str
 
 
+def sort_results(
+    batch: list[pb.RecordActivityRequest], reply: pb.BulkRecordActivitiesResponse
+) -> tuple[list[str], list[RecordFailure]]:
+    """A bulk answer, item by item in the batch's order: the recorded ids, the refusals."""
+    recorded: list[str] = []
+    failures: list[RecordFailure] = []
+    for item, result in zip(batch, reply.results, strict=True):
+        if result.activity_id:
+            recorded.append(result.activity_id)
+        else:
+            failures.append(RecordFailure(item, result.error_code, result.error_message))
+    return recorded, failures
+
+
 class AsyncBatchRecorder:
     """Buffers activities and sends them in batches over BulkRecordActivities: when
     ``max_batch`` are waiting, every ``max_delay`` seconds, and on close. At most
@@ -331,11 +345,9 @@ class AsyncBatchRecorder:
             except CollabError:
                 self._buffer[:0] = batch  # kept for the next flush, not lost
                 raise
-            for item, result in zip(batch, reply.results, strict=True):
-                if result.activity_id:
-                    self.recorded.append(result.activity_id)
-                else:
-                    self.failures.append(RecordFailure(item, result.error_code, result.error_message))
+            recorded, failures = sort_results(batch, reply)
+            self.recorded += recorded
+            self.failures += failures
 
     async def close(self) -> None:
         if self._ticker is not None:

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collab import _requests as requests
-from collab._async_client import RESUMABLE, ActivityHandle, RecordFailure
+from collab._async_client import RESUMABLE, ActivityHandle, RecordFailure, sort_results
 from collab._errors import CollabError, ResumeFailed, Unavailable, error_from_rpc
 from collab._settings import Settings
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -313,11 +313,9 @@ class BatchRecorder:
             except CollabError:
                 self._buffer[:0] = batch  # kept for the next flush, not lost
                 raise
-            for item, result in zip(batch, reply.results, strict=True):
-                if result.activity_id:
-                    self.recorded.append(result.activity_id)
-                else:
-                    self.failures.append(RecordFailure(item, result.error_code, result.error_message))
+            recorded, failures = sort_results(batch, reply)
+            self.recorded += recorded
+            self.failures += failures
 
     def close(self) -> None:
         self._stop.set()
