@@ -85,9 +85,14 @@ def struct_to_dict(struct: struct_pb2.Struct, field: str = "metadata") -> dict[s
     What ``json_format.MessageToDict`` gives for a Struct, at a fraction of its cost (it
     runs for every record)."""
     try:
-        return {key: _json_value(value) for key, value in struct.fields.items()}
+        return _json_object(struct)
     except ValueError as exc:
         raise InvalidArgument(f"{field} is not valid JSON (numbers must be finite): {exc}") from None
+
+
+def _json_object(struct: struct_pb2.Struct) -> dict[str, Any]:
+    fields = struct.fields  # by key: a protobuf map's items() is a slow Python view
+    return {key: _json_value(fields[key]) for key in fields}
 
 
 def _json_value(value: struct_pb2.Value) -> Any:
@@ -100,7 +105,7 @@ def _json_value(value: struct_pb2.Value) -> Any:
             raise ValueError(f"{number} is not a JSON number")
         return number
     if kind == "struct_value":
-        return {key: _json_value(item) for key, item in value.struct_value.fields.items()}
+        return _json_object(value.struct_value)
     if kind == "list_value":
         return [_json_value(item) for item in value.list_value.values]
     if kind == "bool_value":
@@ -146,14 +151,16 @@ def event_filter_from_proto(request: pb.SubscribeEventsRequest) -> EventFilter:
     )
 
 
-def activity_to_proto(activity: Activity) -> pb.Activity:
+def activity_to_proto(activity: Activity, metadata: struct_pb2.Struct | None = None) -> pb.Activity:
+    """``metadata``: the activity's metadata as the Struct it came in (a request's), copied
+    rather than converted back from the dict (Struct.update is Python, per key)."""
     message = pb.Activity(
         activity_id=activity.activity_id,
         agent_id=activity.agent_id,
         department=activity.department,
         activity_type=ACTIVITY_TYPE_TO_PROTO[activity.activity_type],
         timestamp=timestamp_from_seconds(activity.timestamp),
-        metadata=struct_from_dict(activity.metadata),
+        metadata=struct_from_dict(activity.metadata) if metadata is None else metadata,
         related_agents=activity.related_agents,
         status=_ACTIVITY_STATUS_TO_PROTO[activity.status],
         session_id=activity.session_id,

@@ -31,6 +31,7 @@ from collab_grpc.errors import (
     Unauthenticated,
 )
 from collab_grpc.events import Subscription
+from collab_grpc.model import Activity
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -178,30 +179,33 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         cache.store(method, key, fingerprint, response.SerializeToString(), now)
         return response
 
-    def _record_activity(
-        self, request: pb.RecordActivityRequest, *, with_activity: bool = True
-    ) -> pb.RecordActivityResponse:
-        """``with_activity=False``: answer with the id only (a bulk stream reports no more),
-        unless the request has an idempotency key, whose stored answer must be whole."""
-        whole = with_activity or bool(request.idempotency_key)
+    def _record(self, request: pb.RecordActivityRequest) -> Activity:
+        return self.state.record_activity(
+            agent_id=request.agent_id,
+            activity_type=convert.activity_type_from_proto(request.activity_type),
+            department=request.department,
+            metadata=convert.struct_to_dict(request.metadata),
+            related_agents=request.related_agents,
+            session_id=request.session_id,
+            parent_activity_id=request.parent_activity_id,
+        )
 
+    def _record_activity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:
         def run() -> pb.RecordActivityResponse:
-            activity = self.state.record_activity(
-                agent_id=request.agent_id,
-                activity_type=convert.activity_type_from_proto(request.activity_type),
-                department=request.department,
-                metadata=convert.struct_to_dict(request.metadata),
-                related_agents=request.related_agents,
-                session_id=request.session_id,
-                parent_activity_id=request.parent_activity_id,
-            )
-            if not whole:
-                return pb.RecordActivityResponse(activity_id=activity.activity_id)
+            activity = self._record(request)
             return pb.RecordActivityResponse(
-                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
+                activity_id=activity.activity_id,
+                activity=convert.activity_to_proto(activity, metadata=request.metadata),
             )
 
         return self._idempotent("RecordActivity", request, pb.RecordActivityResponse, run)
+
+    def _record_bulk_item(self, request: pb.RecordActivityRequest) -> str:
+        """One activity of a bulk stream, which reports its id only; with an idempotency
+        key, the whole answer is made (and kept, for a retry of RecordActivity too)."""
+        if request.idempotency_key:
+            return self._record_activity(request).activity_id
+        return self._record(request).activity_id
 
     # -- writes ---------------------------------------------------------------------
 
@@ -233,13 +237,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
                         raise InvalidArgument(item.details)
                     async with self.store.writing():
-                        recorded = self._record_activity(item, with_activity=False)
+                        activity_id = self._record_bulk_item(item)
                 except CollabError as error:
                     metrics.refused(error)
                     response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
                     response.failed += 1
                 else:
-                    response.results.add(activity_id=recorded.activity_id)
+                    response.results.add(activity_id=activity_id)
                     response.recorded += 1
                     recorded_items.append((len(response.results) - 1, self.state.log.last_seq, len(failure_marks)))
         try:

@@ -446,6 +446,8 @@ class CollaborationState:
     # -- helpers --------------------------------------------------------------------
 
     def _activity_type(self, value: ActivityType | str) -> ActivityType:
+        if type(value) is ActivityType:
+            return value
         try:
             return ActivityType(value)
         except ValueError:

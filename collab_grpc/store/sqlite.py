@@ -205,7 +205,9 @@ class SQLiteStore(SingleProcessStore):
         self._stage()
 
     def _stage(self) -> None:
-        if self._wakeup is not None and self._idle is not None:
+        # The first write staged since the commit loop took the last ones wakes it; the
+        # rest of a batch finds it woken already.
+        if self._staged_count() == 1 and self._wakeup is not None and self._idle is not None:
             self._idle.clear()
             self._wakeup.set()
 
@@ -277,7 +279,10 @@ class SQLiteStore(SingleProcessStore):
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
-        self._idle.set()
+        if self._staged_count():  # writes staged before the loop ran
+            self._wakeup.set()
+        else:
+            self._idle.set()
         self._committer = asyncio.create_task(self._commit_loop())
 
     async def durable(self, seq: int) -> None:
@@ -464,11 +469,18 @@ class SQLiteStore(SingleProcessStore):
             "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
             [(activity.activity_id, seq, activity.status.value, body) for activity, seq, body in recorded],
         )
+        # One row per agent, as the run's rows one after another would leave it: its last
+        # activity, its last department given (a batch has many activities per agent).
+        agents: dict[str, tuple[str, str, str]] = {}
+        for activity, _, _ in recorded:
+            known = agents.get(activity.agent_id)
+            department = activity.department or (known[1] if known else "")
+            agents[activity.agent_id] = (activity.agent_id, department, activity.activity_id)
         connection.executemany(
             "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
             "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
             "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END",
-            [(activity.agent_id, activity.department, activity.activity_id) for activity, _, _ in recorded],
+            agents.values(),
         )
         connection.executemany(
             "UPDATE sessions SET activity_count = activity_count + 1 WHERE session_id = ?",

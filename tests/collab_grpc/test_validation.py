@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collab_grpc.errors import InvalidArgument
-from collab_grpc.validation import Limits, check_id, check_id_list, check_limit, check_metadata, check_text
+from collab_grpc.validation import (
+    Limits,
+    _fast_measure,
+    check_id,
+    check_id_list,
+    check_limit,
+    check_metadata,
+    check_text,
+)
 
 LIMITS = Limits()
 
@@ -174,6 +185,72 @@ def test_check_metadata_rejects_non_json_numbers(value: float) -> None:
 def test_check_metadata_rejects_non_json_values(value: object) -> None:
     with pytest.raises(InvalidArgument, match="metadata"):
         check_metadata("metadata", {"v": value}, LIMITS)
+
+
+# What metadata can hold, with the values where orjson and the json module differ made
+# likely: tiny and huge numbers, integers beyond 64 bits, DEL and other control
+# characters, non-ASCII text, NaN and infinities, nesting.
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=1e-12, max_value=1e-3),
+    st.sampled_from([1e-05, 1e-06, 1.5e-05, 1e16, 1e22, -0.0, 5e-324]),
+    st.text(max_size=12),
+    st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=12),
+)
+_JSON_VALUES = st.recursive(
+    _SCALARS,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+_METADATA = st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5)
+
+
+def _exact_size(metadata: dict[str, Any]) -> int | None:
+    """What check_metadata measured before its orjson fast path: the json module's size."""
+    try:
+        return len(json.dumps(metadata, separators=(",", ":"), allow_nan=False).encode())
+    except ValueError:
+        return None  # NaN or an infinity
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(_METADATA)
+def test_fast_size_is_the_json_modules_size_or_defers_to_it(metadata: dict[str, Any]) -> None:
+    fast = _fast_measure(metadata, LIMITS.max_metadata_depth)
+    if fast is not None:
+        assert fast == _exact_size(metadata)
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(_METADATA, st.integers(min_value=2, max_value=200))
+def test_check_metadata_decides_as_the_json_module_measures(metadata: dict[str, Any], limit: int) -> None:
+    limits = Limits(max_metadata_bytes=limit, max_metadata_depth=3)
+    size = _exact_size(metadata)
+    deep = _depth(metadata) > 3
+    if size is None or deep or size > limit:
+        with pytest.raises(InvalidArgument):
+            check_metadata("metadata", metadata, limits)
+    else:
+        assert check_metadata("metadata", metadata, limits) == metadata
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(item) for item in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(item) for item in value), default=0)
+    return 0
+
+
+def test_fast_size_defers_where_orjson_writes_otherwise() -> None:
+    for metadata in ({"n": 1e-05}, {"n": 2e-06}, {"s": "\x7f"}, {"s": "é"}, {"n": 2**64}, {"n": None}):
+        assert _fast_measure(metadata, 32) is None, metadata
+    assert _fast_measure({"a": [1, {"b": 2.5}], "c": "x"}, 32) == len('{"a":[1,{"b":2.5}],"c":"x"}')
+    assert _fast_measure(nested(3), 2) is None  # three containers: the exact depth check decides
 
 
 # -- check_limit ----------------------------------------------------------------------------

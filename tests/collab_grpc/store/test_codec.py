@@ -1,12 +1,16 @@
-"""The store's JSON codec: the same text as ``dataclasses.asdict`` + json would give, and
-back to equal objects, for every kind of event payload."""
+"""The store's JSON codec: the same JSON as ``dataclasses.asdict`` + json would give (orjson
+writes it; what orjson refuses takes the json module's path), and back to equal objects,
+for every kind of event payload."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from collab_grpc.model import (
     Activity,
@@ -71,3 +75,33 @@ def test_encoding_does_not_share_or_change_the_payload() -> None:
     before = dataclasses.asdict(ACTIVITY)
     encode(ACTIVITY)
     assert dataclasses.asdict(ACTIVITY) == before
+
+
+_METADATA = st.dictionaries(
+    st.text(max_size=6),
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=10),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+        max_leaves=12,
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(_METADATA)
+def test_any_metadata_is_stored_as_the_json_module_reads_it(metadata: dict[str, Any]) -> None:
+    activity = dataclasses.replace(ACTIVITY, metadata=metadata)
+    text = encode(activity)
+    assert json.loads(text) == dataclasses.asdict(activity)
+    assert decode_payload(EventKind.ACTIVITY_RECORDED, text) == activity
+
+
+@pytest.mark.parametrize("metadata", [{"big": 2**64}, {"lone": "\ud800"}, {1: "int key"}])
+def test_what_orjson_refuses_is_written_by_the_json_module(metadata: dict[Any, Any]) -> None:
+    activity = dataclasses.replace(ACTIVITY, metadata=metadata)
+    assert encode(activity) == json.dumps(dataclasses.asdict(activity), separators=(",", ":"), ensure_ascii=False)

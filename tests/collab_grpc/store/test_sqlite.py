@@ -802,6 +802,44 @@ async def test_group_commit(open_hub: Opener, monkeypatch: pytest.MonkeyPatch, d
     assert all(again.state.get_activity(a.activity_id) == a for a in recorded)
 
 
+async def test_a_batch_leaves_each_agent_row_as_its_writes_in_turn_would(open_hub: Opener, data_dir: Path) -> None:
+    """One row per agent is written for a batch: its last activity, and the last
+    department it was given (an activity without one keeps the agent's)."""
+    hub = open_hub()
+    writes = [
+        ("agent-a", "research"),
+        ("agent-b", ""),
+        ("agent-a", ""),
+        ("agent-b", "ops"),
+        ("agent-c", ""),
+        ("agent-b", ""),
+    ]
+    last: dict[str, str] = {}
+    for agent_id, department in writes:
+        activity = hub.state.record_activity(
+            agent_id=agent_id, activity_type=ActivityType.MESSAGE_SENT, department=department
+        )
+        last[agent_id] = activity.activity_id
+    await commit(hub)
+    assert hub.store.commits == 1  # one batch
+    assert sorted(query(data_dir, "SELECT agent_id, department, last_activity_id FROM agents")) == [
+        ("agent-a", "research", last["agent-a"]),
+        ("agent-b", "ops", last["agent-b"]),
+        ("agent-c", "", last["agent-c"]),
+    ]
+
+
+async def test_writes_staged_before_the_commit_loop_starts_are_committed(open_hub: Opener, data_dir: Path) -> None:
+    hub = open_hub(start=False)
+    seqs = [record(hub, index) for index in range(3)]
+    hub.store.start()
+    await asyncio.wait_for(hub.store.durable(seqs[-1]), 10)
+    assert query(data_dir, "SELECT count(*) FROM activities") == [(3,)]
+    # and the next write, which no longer is the first one staged, still wakes the loop
+    await asyncio.wait_for(hub.store.durable(record(hub, 3)), 10)
+    assert query(data_dir, "SELECT count(*) FROM activities") == [(4,)]
+
+
 def record(hub: Hub, index: int = 0) -> int:
     """Record an activity; the seq of its event."""
     hub.state.record_activity(agent_id=f"agent-{index % 7}", activity_type=ActivityType.MESSAGE_SENT)
