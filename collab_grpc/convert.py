@@ -151,16 +151,14 @@ def event_filter_from_proto(request: pb.SubscribeEventsRequest) -> EventFilter:
     )
 
 
-def activity_to_proto(activity: Activity, metadata: struct_pb2.Struct | None = None) -> pb.Activity:
-    """``metadata``: the activity's metadata as the Struct it came in (a request's), copied
-    rather than converted back from the dict (Struct.update is Python, per key)."""
+def activity_to_proto(activity: Activity) -> pb.Activity:
     message = pb.Activity(
         activity_id=activity.activity_id,
         agent_id=activity.agent_id,
         department=activity.department,
         activity_type=ACTIVITY_TYPE_TO_PROTO[activity.activity_type],
         timestamp=timestamp_from_seconds(activity.timestamp),
-        metadata=struct_from_dict(activity.metadata) if metadata is None else metadata,
+        metadata=struct_from_dict(activity.metadata),
         related_agents=activity.related_agents,
         status=_ACTIVITY_STATUS_TO_PROTO[activity.status],
         session_id=activity.session_id,

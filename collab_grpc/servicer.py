@@ -194,8 +194,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         def run() -> pb.RecordActivityResponse:
             activity = self._record(request)
             return pb.RecordActivityResponse(
-                activity_id=activity.activity_id,
-                activity=convert.activity_to_proto(activity, metadata=request.metadata),
+                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
             )
 
         return self._idempotent("RecordActivity", request, pb.RecordActivityResponse, run)

@@ -470,7 +470,7 @@ class SQLiteStore(SingleProcessStore):
             [(activity.activity_id, seq, activity.status.value, body) for activity, seq, body in recorded],
         )
         # One row per agent, as the run's rows one after another would leave it: its last
-        # activity, its last department given (a batch has many activities per agent).
+        # activity, its last department given (a run has many activities per agent).
         agents: dict[str, tuple[str, str, str]] = {}
         for activity, _, _ in recorded:
             known = agents.get(activity.agent_id)

@@ -1,5 +1,4 @@
-"""convert.struct_to_dict against protobuf's own json_format, on random Structs; an
-activity's proto made with the request's Struct against the one converted back."""
+"""convert.struct_to_dict against protobuf's own json_format, on random Structs."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ from google.protobuf import json_format, struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collab_grpc.convert import activity_to_proto, struct_to_dict
+from collab_grpc.convert import struct_to_dict
 from collab_grpc.errors import InvalidArgument
-from collab_grpc.model import Activity, ActivityType
 
 json_values: st.SearchStrategy[Any] = st.recursive(
     st.none()
@@ -48,22 +46,3 @@ def test_an_unset_value_reads_as_null_as_json_format_has_it() -> None:
     struct = struct_pb2.Struct()
     struct.fields["empty"].Clear()
     assert struct_to_dict(struct) == json_format.MessageToDict(struct) == {"empty": None}
-
-
-@settings(max_examples=200, derandomize=True, database=None)
-@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
-def test_an_activity_answered_with_its_requests_struct_is_the_one_converted_back(data: dict[str, Any]) -> None:
-    """RecordActivity answers with the request's metadata Struct copied, not converted back
-    from the recorded dict: the same message."""
-    struct = struct_pb2.Struct()
-    struct.update(data)
-    activity = Activity(
-        activity_id="act_1",
-        agent_id="agent_1",
-        department="",
-        activity_type=ActivityType.DECISION_MADE,
-        timestamp=1_764_000_000.5,
-        metadata=struct_to_dict(struct),
-        related_agents=["agent_2"],
-    )
-    assert activity_to_proto(activity, metadata=struct) == activity_to_proto(activity)

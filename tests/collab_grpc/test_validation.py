@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
+import enum
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -12,7 +15,8 @@ from hypothesis import strategies as st
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.validation import (
     Limits,
-    _fast_measure,
+    _plain_depth,
+    _plain_size,
     check_id,
     check_id_list,
     check_limit,
@@ -217,10 +221,15 @@ def _exact_size(metadata: dict[str, Any]) -> int | None:
         return None  # NaN or an infinity
 
 
+def _fast_size(metadata: dict[str, Any]) -> int | None:
+    """The size check_metadata takes from orjson, or None where it asks the json module."""
+    return _plain_size(metadata) if _plain_depth(metadata, LIMITS.max_metadata_depth) is not None else None
+
+
 @settings(max_examples=300, derandomize=True, database=None)
 @given(_METADATA)
 def test_fast_size_is_the_json_modules_size_or_defers_to_it(metadata: dict[str, Any]) -> None:
-    fast = _fast_measure(metadata, LIMITS.max_metadata_depth)
+    fast = _fast_size(metadata)
     if fast is not None:
         assert fast == _exact_size(metadata)
 
@@ -246,11 +255,49 @@ def _depth(value: Any) -> int:
     return 0
 
 
-def test_fast_size_defers_where_orjson_writes_otherwise() -> None:
-    for metadata in ({"n": 1e-05}, {"n": 2e-06}, {"s": "\x7f"}, {"s": "é"}, {"n": 2**64}, {"n": None}):
-        assert _fast_measure(metadata, 32) is None, metadata
-    assert _fast_measure({"a": [1, {"b": 2.5}], "c": "x"}, 32) == len('{"a":[1,{"b":2.5}],"c":"x"}')
-    assert _fast_measure(nested(3), 2) is None  # three containers: the exact depth check decides
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+class _Sizes(dict[str, Any]):
+    """A dict whose items() the json module uses and orjson does not."""
+
+    def items(self) -> Any:
+        return [("zz", 1)]
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"n": 1e-05},
+        {"n": 2e-06},
+        {"n": -3e-05},
+        {"s": "\x7f"},
+        {"s": "é"},
+        {"n": 2**64},
+        {"n": float("nan")},
+        {"v": _Colour.RED},
+        {"v": datetime.datetime(2026, 1, 1)},
+        {"v": uuid.UUID(int=1)},
+        {"v": _Sizes(b=1)},
+        {"v": (1, 2)},
+        {1: "int key"},
+    ],
+)
+def test_fast_size_defers_where_orjson_writes_otherwise_or_accepts_more(metadata: dict[Any, Any]) -> None:
+    assert _fast_size(metadata) is None
+
+
+def test_fast_size_of_plain_metadata() -> None:
+    metadata = {"a": [1, {"b": 2.5, "z": 0.0, "t": True, "n": None}], "c": "x-e-1e-05"}
+    assert _fast_size(metadata) == _exact_size(metadata) == len(json.dumps(metadata, separators=(",", ":")))
+    assert _plain_depth(nested(3), 2) == 3  # deeper than the limit: limit + 1
+
+
+@pytest.mark.parametrize("value", [_Colour.RED, datetime.datetime(2026, 1, 1), uuid.UUID(int=1), datetime.date.today()])
+def test_check_metadata_refuses_what_the_json_module_cannot_write(value: object) -> None:
+    with pytest.raises(InvalidArgument, match="metadata is not valid JSON"):
+        check_metadata("metadata", {"v": value}, LIMITS)
 
 
 # -- check_limit ----------------------------------------------------------------------------
