@@ -86,40 +86,15 @@ def check_id_list(field: str, values: Iterable[str], limits: Limits, *, min_leng
     return result
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether containers nest more than ``limit`` levels; iterative, so any depth is safe."""
-    level = [value] if _is_container(value) else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return True
-        children: list[Any] = []
-        for container in level:
-            items = container.values() if isinstance(container, Mapping) else container
-            children.extend(item for item in items if _is_container(item))
-        level = children
-    return False
-
-
-def _is_container(value: Any) -> bool:
-    # Plain JSON values first: an ABC check (Mapping) on every scalar costs more.
-    return type(value) in _CONTAINERS or (type(value) not in _SCALARS and isinstance(value, Mapping | list))
-
-
-_CONTAINERS = frozenset({dict, list})
-_SCALARS = frozenset({str, int, float, bool, type(None)})
-
-
 def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """A JSON object no larger than ``max_metadata_bytes`` serialised (compact, with
     non-ASCII characters escaped), nor deeper than allowed."""
     metadata = dict(value)
     limit = limits.max_metadata_depth
-    depth = _plain_depth(metadata, limit)
-    if (depth > limit) if depth is not None else _deeper_than(metadata, limit):
+    depth, plain = _nesting(metadata, limit)
+    if depth > limit:
         raise InvalidArgument(f"{field} is nested deeper than {limit} levels")
-    size = _plain_size(metadata) if depth is not None else None
+    size = _plain_size(metadata) if plain else None
     if size is None:
         try:
             size = len(_STRICT_JSON.encode(metadata).encode())
@@ -135,37 +110,40 @@ def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict
 _STRICT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-def _plain_depth(metadata: dict[str, Any], limit: int) -> int | None:
-    """How deep plain JSON data nests (``limit + 1`` for anything deeper); None unless
-    every value is exactly a dict, a list, a string, an int, a bool, None or a float
-    that orjson writes as the json module does: finite, and 0 or at least 1e-4 in size
-    (orjson writes ``0.00001`` and ``1e-6`` for ``1e-05`` and ``1e-06``). What is not
-    plain (a subclass, an Enum, a NaN) goes to the exact checks; keys that are not
-    exactly strings, orjson refuses (see _plain_size)."""
+def _nesting(metadata: dict[str, Any], limit: int) -> tuple[int, bool]:
+    """How many levels mappings and lists nest (``limit + 1`` for anything deeper;
+    iterative, so any depth is safe), and whether the data is plain: every value exactly
+    a dict, a list, a string, an int, a bool, None or a float that orjson writes as the
+    json module does: finite, and 0 or at least 1e-4 in size (orjson writes ``0.00001``
+    and ``1e-6`` for ``1e-05`` and ``1e-06``). Only plain data is measured with orjson
+    (_plain_size); anything else (a subclass, an Enum, a NaN) by the json module."""
+    plain = True
     level: list[Any] = [metadata]
     depth = 0
     while level and depth <= limit:
         depth += 1
         children: list[Any] = []
         for container in level:
-            for item in container.values() if type(container) is dict else container:
+            mapping = type(container) is dict or isinstance(container, Mapping)  # the ABC check costs more
+            for item in container.values() if mapping else container:
                 kind = type(item)
                 if kind is dict or kind is list:
                     children.append(item)
                 elif kind is float:
-                    if not (math.isfinite(item) and (item == 0 or abs(item) >= 1e-4)):
-                        return None
+                    plain = plain and math.isfinite(item) and (item == 0 or abs(item) >= 1e-4)
                 elif kind not in _PLAIN_SCALARS:
-                    return None
+                    plain = False
+                    if isinstance(item, Mapping | list):
+                        children.append(item)
         level = children
-    return depth if not level else limit + 1
+    return (depth if not level else limit + 1), plain
 
 
 _PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def _plain_size(metadata: dict[str, Any]) -> int | None:
-    """The json module's serialised size of plain data (see _plain_depth), from orjson's
+    """The json module's serialised size of plain data (see _nesting), from orjson's
     output, a few times faster; None where the two differ: non-ASCII and DEL, which the
     json module escapes, and what orjson refuses (integers beyond 64 bits, keys that
     are not exactly strings, which the json module converts).

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.validation import (
     Limits,
-    _plain_depth,
+    _nesting,
     _plain_size,
     check_id,
     check_id_list,
@@ -223,7 +223,8 @@ def _exact_size(metadata: dict[str, Any]) -> int | None:
 
 def _fast_size(metadata: dict[str, Any]) -> int | None:
     """The size check_metadata takes from orjson, or None where it asks the json module."""
-    return _plain_size(metadata) if _plain_depth(metadata, LIMITS.max_metadata_depth) is not None else None
+    depth, plain = _nesting(metadata, LIMITS.max_metadata_depth)
+    return _plain_size(metadata) if plain and depth <= LIMITS.max_metadata_depth else None
 
 
 @settings(max_examples=300, derandomize=True, database=None)
@@ -291,7 +292,15 @@ def test_fast_size_defers_where_orjson_writes_otherwise_or_accepts_more(metadata
 def test_fast_size_of_plain_metadata() -> None:
     metadata = {"a": [1, {"b": 2.5, "z": 0.0, "t": True, "n": None}], "c": "x-e-1e-05"}
     assert _fast_size(metadata) == _exact_size(metadata) == len(json.dumps(metadata, separators=(",", ":")))
-    assert _plain_depth(nested(3), 2) == 3  # deeper than the limit: limit + 1
+    assert _nesting(nested(3), 2) == (3, True)  # deeper than the limit: limit + 1
+    assert _nesting(nested(9), 2) == (3, True)
+
+
+def test_mappings_that_are_not_dicts_are_levels_too() -> None:
+    # not plain (the json module measures it), but nested all the same
+    assert _nesting({"a": _Sizes(b={"c": [1]})}, 32) == (4, False)
+    with pytest.raises(InvalidArgument, match="deeper than 3"):
+        check_metadata("m", {"a": _Sizes(b={"c": [1]})}, Limits(max_metadata_depth=3))
 
 
 @pytest.mark.parametrize("value", [_Colour.RED, datetime.datetime(2026, 1, 1), uuid.UUID(int=1), datetime.date.today()])
