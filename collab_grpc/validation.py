@@ -97,9 +97,14 @@ def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict
     size = _plain_size(metadata) if plain else None
     if size is None:
         try:
-            size = len(_STRICT_JSON.encode(metadata).encode())
+            text = _STRICT_JSON.encode(metadata)  # ASCII: a character is a byte
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"{field} is not valid JSON: {exc}") from None
+        # Escaped as \udXXXX here, a lone surrogate could not be stored (it is not text);
+        # only a string beyond the BMP is escaped that way too, so this rarely looks further.
+        if "\\ud" in text and _has_lone_surrogate(metadata):
+            raise InvalidArgument(f"{field} is not valid JSON: a string holds a lone surrogate, which is not text")
+        size = len(text)
     if size > limits.max_metadata_bytes:
         raise InvalidArgument(f"{field} is {size} bytes serialised; the limit is {limits.max_metadata_bytes}")
     return metadata
@@ -108,6 +113,15 @@ def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict
 # What json.dumps(separators=(",", ":"), allow_nan=False) does, without building an
 # encoder on every call.
 _STRICT_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_UNESCAPED_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def _has_lone_surrogate(metadata: dict[str, Any]) -> bool:
+    try:
+        _UNESCAPED_JSON.encode(metadata).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _nesting(metadata: dict[str, Any], limit: int) -> tuple[int, bool]:

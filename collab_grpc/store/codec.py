@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ from collab_grpc.model import (
     Session,
 )
 
-__all__ = ["decode_activity", "decode_payload", "decode_session", "dumps", "encode"]
+__all__ = ["decode_activity", "decode_payload", "decode_session", "dumps", "encode", "encode_rows"]
 
 
 # One encoder: json.dumps with any non-default option builds a new one on every call.
@@ -43,6 +44,16 @@ def encode(payload: EventPayload) -> str:
         return orjson.dumps(payload).decode()
     except orjson.JSONEncodeError:
         return dumps(_fields(payload))
+
+
+def encode_rows(rows: Sequence[Sequence[Any]]) -> str:
+    """Rows of plain values, enums and payloads as one JSON array, each payload an
+    object in it (as ``encode`` writes it); the json module's path for what orjson
+    refuses, as in ``encode``."""
+    try:
+        return orjson.dumps(rows).decode()
+    except orjson.JSONEncodeError:
+        return dumps([[_fields(item) if type(item) in _FIELD_NAMES else item for item in row] for row in rows])
 
 
 def _fields(value: Any) -> dict[str, Any]:

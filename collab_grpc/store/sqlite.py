@@ -38,7 +38,7 @@ from collab_grpc.model import (
 )
 from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable
-from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode
+from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode, encode_rows
 
 __all__ = ["Retention", "SQLiteStore"]
 
@@ -73,6 +73,29 @@ CREATE TABLE idempotency (
 );
 """
 
+# What the writer thread writes from a commit's events, given as one JSON array (see
+# _Batch): each event's row, then the rows of new activities, then the completed ones.
+_FROM_BATCH = "FROM json_each(?)"
+
+
+def _field(index: int) -> str:
+    return f"json_extract(value, '$[{index}]')"
+
+
+_INSERT_EVENTS = (
+    f"INSERT INTO events (seq, time, kind, payload) SELECT {_field(0)}, {_field(1)}, {_field(2)}, {_field(3)} "
+    f"{_FROM_BATCH} ORDER BY key"
+)
+_INSERT_ACTIVITIES = (
+    f"INSERT INTO activities (activity_id, seq, status, body) SELECT {_field(4)}, {_field(0)}, {_field(5)}, "
+    f"{_field(3)} {_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}' ORDER BY key"
+)
+_COMPLETE_ACTIVITIES = (
+    "UPDATE activities SET status = done.status, completed_at = done.completed_at, body = done.body FROM "
+    f"(SELECT {_field(4)} AS activity_id, {_field(5)} AS status, {_field(6)} AS completed_at, {_field(7)} AS body "
+    f"{_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_COMPLETED.value}') AS done "
+    "WHERE activities.activity_id = done.activity_id"
+)
 _AGENT_SEEN = "INSERT INTO agents (agent_id, department) VALUES (?, '') ON CONFLICT (agent_id) DO NOTHING"
 
 
@@ -89,6 +112,19 @@ class Retention:
 
 
 IdempotencyRow = tuple[str, str, bytes, bytes, float]
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A commit's events for the writer thread: one JSON array with a row per event,
+    ``[seq, time, kind, payload]``, where a new activity adds ``activity_id, status``
+    and a completion ``activity_id, status, completed_at, activity``. Payloads are JSON
+    objects in it: SQLite keeps their text as written, and each is encoded only once."""
+
+    document: str
+    recorded: int
+    completed: int
+
 
 # Group commit while writes keep coming (seconds): a commit is held open for more writes
 # at most COMMIT_DELAY after the previous one began, and only while they keep arriving
@@ -148,6 +184,7 @@ class SQLiteStore(SingleProcessStore):
 
     def _open(self) -> sqlite3.Connection:
         """Open the file, or make a new one; refuse anything that is not a collab store."""
+        _check_sqlite()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -310,8 +347,8 @@ class SQLiteStore(SingleProcessStore):
                 # As the writes waiting on it see it: the hand-over to the writer thread too.
                 started = perf_counter()
                 try:
-                    self._write_rows(events, answers)
-                    await loop.run_in_executor(self._executor, self._commit)
+                    batch = self._write_rows(events, answers)
+                    await loop.run_in_executor(self._executor, self._commit, batch)
                 except Exception as error:
                     metrics.commit_failed("sqlite")
                     try:
@@ -400,32 +437,43 @@ class SQLiteStore(SingleProcessStore):
         self._load(self._state)
         self._release(lambda seq: seq <= refused_through, StoreUnavailable(self.failure))
 
-    def _write_rows(self, events: list[Event], answers: list[IdempotencyRow]) -> None:
-        """Begin the transaction and write its rows, on the event loop.
+    def _write_rows(self, events: list[Event], answers: list[IdempotencyRow]) -> _Batch | None:
+        """Begin the transaction and write, on the event loop, every table's rows but
+        the events' and the activities'; those (one or two per event) are left to the
+        writer thread, as the batch returned.
 
-        Without the COMMIT this touches only SQLite's page cache, so it is quick; run in
-        the writer thread instead, every statement would wait for the loop to hand over
-        the GIL, and a batch would take many times longer than its fsync."""
+        Without the COMMIT this touches only SQLite's page cache, so it is quick; but the
+        rows of every event, written one statement each, cost the loop about as much as
+        deciding the events. In the writer thread they go in as three statements reading
+        one JSON array: each statement hands the GIL back to that thread once, where
+        ``executemany`` would once a row."""
         connection = self._connection
         assert connection is not None
         connection.execute("BEGIN IMMEDIATE")
         try:
-            bodies = [encode(event.payload) for event in events]
-            connection.executemany(
-                "INSERT INTO events (seq, time, kind, payload) VALUES (?, ?, ?, ?)",
-                [(event.seq, event.time, event.kind.value, body) for event, body in zip(events, bodies, strict=True)],
-            )
-            # The tables' rows in the events' order; a run of new activities (most of
-            # what is written) shares one statement per table.
-            recorded: list[tuple[Activity, int, str]] = []
-            for event, body in zip(events, bodies, strict=True):
-                if isinstance(event.payload, Activity):
-                    recorded.append((event.payload, event.seq, body))
+            rows: list[tuple[Any, ...]] = []
+            recorded = completed = 0
+            # The other tables' rows in the events' order; a run of new activities (most
+            # of what is written) shares one statement per table.
+            run: list[Activity] = []
+            for event in events:
+                payload = event.payload
+                if isinstance(payload, Activity):
+                    rows.append((event.seq, event.time, event.kind, payload, payload.activity_id, payload.status))
+                    recorded += 1
+                    run.append(payload)
                     continue
-                self._insert_activities(connection, recorded)
-                recorded = []
-                self._apply(connection, event, body)
-            self._insert_activities(connection, recorded)
+                self._activity_run(connection, run)
+                run = []
+                if isinstance(payload, ActivityCompletion):
+                    done = payload.activity
+                    row = (event.seq, event.time, event.kind, payload)
+                    rows.append((*row, done.activity_id, done.status, done.completed_at, done))
+                    completed += 1
+                else:
+                    rows.append((event.seq, event.time, event.kind, payload))
+                    self._apply(connection, event, encode(payload))
+            self._activity_run(connection, run)
             connection.executemany(
                 "INSERT OR REPLACE INTO idempotency (method, key, fingerprint, answer, stored_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -436,13 +484,22 @@ class SQLiteStore(SingleProcessStore):
         except BaseException:
             self._rollback(connection)
             raise
+        return _Batch(encode_rows(rows), recorded, completed) if rows else None
 
-    def _commit(self) -> None:
-        """COMMIT (the fsync) and, now and then, retention: in the writer thread, so the
-        loop keeps deciding the next batch meanwhile."""
+    def _commit(self, batch: _Batch | None) -> None:
+        """The batch's rows, COMMIT (the fsync) and, now and then, retention: in the
+        writer thread, so the loop keeps deciding the next batch meanwhile. New
+        activities before completions: a completion may end an activity recorded in the
+        same commit."""
         connection = self._connection
         assert connection is not None
         try:
+            if batch is not None:
+                connection.execute(_INSERT_EVENTS, (batch.document,))
+                if batch.recorded:
+                    connection.execute(_INSERT_ACTIVITIES, (batch.document,))
+                if batch.completed:
+                    connection.execute(_COMPLETE_ACTIVITIES, (batch.document,))
             connection.execute("COMMIT")
         except BaseException:
             self._rollback(connection)
@@ -460,22 +517,21 @@ class SQLiteStore(SingleProcessStore):
             connection.execute("ROLLBACK")
 
     @staticmethod
-    def _insert_activities(connection: sqlite3.Connection, recorded: list[tuple[Activity, int, str]]) -> None:
-        """New activities (with their seq and JSON body): their rows, their agents' last
-        activity, their sessions' counts."""
-        if not recorded:
+    def _activity_run(connection: sqlite3.Connection, run: list[Activity]) -> None:
+        """A run of new activities: their agents' last activity and department, their
+        sessions' counts (the activities' own rows go in from the writer thread)."""
+        if not run:
             return
-        connection.executemany(
-            "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, ?, ?, ?)",
-            [(activity.activity_id, seq, activity.status.value, body) for activity, seq, body in recorded],
-        )
         # One row per agent, as the run's rows one after another would leave it: its last
         # activity, its last department given (a run has many activities per agent).
         agents: dict[str, tuple[str, str, str]] = {}
-        for activity, _, _ in recorded:
+        sessions: dict[str, int] = {}
+        for activity in run:
             known = agents.get(activity.agent_id)
             department = activity.department or (known[1] if known else "")
             agents[activity.agent_id] = (activity.agent_id, department, activity.activity_id)
+            if activity.session_id:
+                sessions[activity.session_id] = sessions.get(activity.session_id, 0) + 1
         connection.executemany(
             "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
             "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
@@ -483,21 +539,15 @@ class SQLiteStore(SingleProcessStore):
             agents.values(),
         )
         connection.executemany(
-            "UPDATE sessions SET activity_count = activity_count + 1 WHERE session_id = ?",
-            [(activity.session_id,) for activity, _, _ in recorded if activity.session_id],
+            "UPDATE sessions SET activity_count = activity_count + ? WHERE session_id = ?",
+            [(count, session_id) for session_id, count in sessions.items()],
         )
 
     @staticmethod
     def _apply(connection: sqlite3.Connection, event: Event, body: str) -> None:
-        """The rows of any other event (``body``: its payload's JSON)."""
+        """The rows of a session, decision or memory event (``body``: its payload's JSON)."""
         payload = event.payload
-        if isinstance(payload, ActivityCompletion):
-            done = payload.activity
-            connection.execute(
-                "UPDATE activities SET status = ?, completed_at = ?, body = ? WHERE activity_id = ?",
-                (done.status.value, done.completed_at, encode(done), done.activity_id),
-            )
-        elif isinstance(payload, Session):
+        if isinstance(payload, Session):
             connection.execute(
                 "INSERT INTO sessions (session_id, seq, ended_at, activity_count, decision_count, body) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id) DO UPDATE SET ended_at = excluded.ended_at, "
@@ -585,6 +635,27 @@ class SQLiteStore(SingleProcessStore):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._connection.close)
         self._executor.shutdown(wait=True)
+
+
+# UPDATE ... FROM (the completions of a commit) came in SQLite 3.33.
+MIN_SQLITE = (3, 33, 0)
+
+
+def _check_sqlite() -> None:
+    """Refuse an SQLite library this store cannot write with, saying which it needs."""
+    version = sqlite3.sqlite_version
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        needed = ".".join(map(str, MIN_SQLITE))
+        raise StoreError(f"the SQLite store needs SQLite {needed} or newer; this Python links SQLite {version}")
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute("SELECT json_extract('[1]', '$[0]')")
+    except sqlite3.OperationalError:
+        raise StoreError(
+            f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"
+        ) from None
+    finally:
+        probe.close()
 
 
 def _json(text: str) -> dict[str, Any]:

@@ -191,6 +191,21 @@ def test_check_metadata_rejects_non_json_values(value: object) -> None:
         check_metadata("metadata", {"v": value}, LIMITS)
 
 
+@pytest.mark.parametrize(
+    "metadata", [{"v": "a\ud800"}, {"\udfff": 1}, {"v": ["ok", {"w": "\ud83d\ude00"}]}], ids=["value", "key", "pair"]
+)
+def test_check_metadata_rejects_lone_surrogates(metadata: dict[str, Any]) -> None:
+    """A str of lone surrogates (the Python API allows one) is not text: it could not be
+    stored, and would fail the commit of every write that shares it."""
+    with pytest.raises(InvalidArgument, match="metadata is not valid JSON: a string holds a lone surrogate"):
+        check_metadata("metadata", metadata, LIMITS)
+
+
+def test_check_metadata_accepts_text_beyond_the_bmp() -> None:
+    metadata = {"emoji": "\U0001f600", "escaped": "\\ud800 is six characters"}
+    assert check_metadata("metadata", metadata, LIMITS) == metadata
+
+
 # What metadata can hold, with the values where orjson and the json module differ made
 # likely: tiny and huge numbers, integers beyond 64 bits, DEL and other control
 # characters, non-ASCII text, NaN and infinities, nesting.

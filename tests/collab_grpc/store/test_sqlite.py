@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import threading
@@ -29,6 +30,7 @@ from collab_grpc.store import (
     open_store,
 )
 from collab_grpc.store import sqlite as sqlite_module
+from collab_grpc.store.codec import encode
 
 METHOD = "RecordActivity"
 FAULT = "disk full"
@@ -143,11 +145,11 @@ class FailingWrites:
         self.calls = 0
         monkeypatch.setattr(store, "_commit", self)
 
-    def __call__(self) -> None:
+    def __call__(self, *args: Any) -> None:
         self.calls += 1
         if self.calls in self.fail:
             raise OSError(FAULT)
-        self.real()
+        self.real(*args)
 
 
 class GatedWrites:
@@ -165,14 +167,14 @@ class GatedWrites:
         self.release = threading.Event()
         monkeypatch.setattr(store, "_commit", self)
 
-    def __call__(self) -> None:
+    def __call__(self, *args: Any) -> None:
         self.calls += 1
         if self.calls in self.fail:
             raise OSError(FAULT)
         if self.calls == self.gated:
             self.started.set()
             self.release.wait(5.0)
-        self.real()
+        self.real(*args)
 
     async def in_flight(self) -> None:
         assert await asyncio.to_thread(self.started.wait, 5.0), "the gated commit never started"
@@ -279,6 +281,39 @@ async def test_round_trip_restores_everything(open_hub: Opener, clock: FakeClock
     assert third.state.get_activity(later.activity_id) == later
     reopened_open = third.state.get_activity(open_one.activity_id)
     assert reopened_open is not None and reopened_open.status is ActivityStatus.COMPLETED
+
+
+async def test_rows_hold_each_payload_as_the_codec_writes_it(
+    open_hub: Opener, clock: FakeClock, data_dir: Path
+) -> None:
+    """The writer thread takes each payload as an object inside one JSON array; SQLite
+    must store its text as ``encode`` writes it. A batch orjson refuses (an integer
+    beyond 64 bits, given through the Python API) is written by the json module, whose
+    text may differ (``1e-07`` for ``1e-7``) but whose JSON is the same."""
+    hub = open_hub()
+    state = hub.state
+    metadata = {"é": 'ü \\ " \n', "f": 1e-7, "n": -3, "t": 1795660000.123456}
+    plain = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED, metadata=metadata)
+    clock.advance()
+    state.complete_activity(plain.activity_id, success=False, failure_reason="timeout")
+    session = state.start_collaboration(participants=["alice", "bob"], metadata={"t": [1, {"u": None}]})
+    state.record_decision(session_id=session.session_id, agent_id="alice", decision="ship", votes={"bob": "yes"})
+    state.record_memory_update(operation=MemoryOperation.WRITE, item_id="item-1", agent_id="carol")
+    await commit(hub)
+    assert query(data_dir, "SELECT payload FROM events ORDER BY seq") == [
+        (encode(event.payload),) for event in retained(state)
+    ]
+    assert query(data_dir, "SELECT body FROM activities") == [(encode(plain),)]
+
+    huge = state.record_activity(
+        agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata={**metadata, "n": 2**70}
+    )
+    await commit(hub)
+    (payload,) = query(data_dir, f"SELECT payload FROM events WHERE seq = {state.log.last_seq}")[0]
+    (body,) = query(data_dir, f"SELECT body FROM activities WHERE activity_id = '{huge.activity_id}'")[0]
+    assert isinstance(payload, str) and isinstance(body, str)
+    assert json.loads(payload) == json.loads(body) == json.loads(encode(huge))
+    assert '"n":1180591620717411303424' in body
 
 
 async def test_a_new_directory_gets_a_new_epoch(open_hub: Opener, tmp_path: Path, clock: FakeClock) -> None:
@@ -802,18 +837,22 @@ async def test_group_commit(open_hub: Opener, monkeypatch: pytest.MonkeyPatch, d
     assert all(again.state.get_activity(a.activity_id) == a for a in recorded)
 
 
-def test_a_run_of_activities_leaves_each_agent_row_as_its_rows_in_turn_would(data_dir: Path) -> None:
+def test_a_run_of_activities_leaves_agent_and_session_rows_as_its_rows_in_turn_would(data_dir: Path) -> None:
     """One agents row per agent is written for a run of new activities: its last
-    activity, and the last department given in the run, else the one it had."""
+    activity, and the last department given in the run, else the one it had; and one
+    sessions row update per session, by the run's activities in it."""
     store = SQLiteStore(data_dir)
     connection = store._open()
     try:
         connection.executemany(
             "INSERT INTO agents VALUES (?, ?, 'act_old')", [("agent-x", "research"), ("agent-y", "ops")]
         )
+        connection.executemany(
+            "INSERT INTO sessions VALUES (?, 1, NULL, ?, 0, '{}')", [("collab_a", 5), ("collab_b", 0), ("collab_c", 2)]
+        )
 
-        def activity(number: int, agent_id: str, department: str) -> tuple[Activity, int, str]:
-            made = Activity(
+        def activity(number: int, agent_id: str, department: str, session_id: str = "") -> Activity:
+            return Activity(
                 activity_id=f"act_{number}",
                 agent_id=agent_id,
                 department=department,
@@ -821,22 +860,24 @@ def test_a_run_of_activities_leaves_each_agent_row_as_its_rows_in_turn_would(dat
                 timestamp=1_764_000_000.0 + number,
                 metadata={},
                 related_agents=[],
+                session_id=session_id,
             )
-            return made, number, "{}"
 
         run = [
-            activity(1, "agent-x", "sales"),
-            activity(2, "agent-x", ""),  # no department given: "sales" stays
+            activity(1, "agent-x", "sales", "collab_a"),
+            activity(2, "agent-x", "", "collab_b"),  # no department given: "sales" stays
             activity(3, "agent-y", ""),  # none in the whole run: the row's "ops" stays
-            activity(4, "agent-z", ""),
-            activity(5, "agent-z", "support"),
+            activity(4, "agent-z", "", "collab_a"),
+            activity(5, "agent-z", "support", "collab_a"),
             activity(6, "agent-z", ""),
         ]
-        SQLiteStore._insert_activities(connection, run)
-        rows = sorted(connection.execute("SELECT agent_id, department, last_activity_id FROM agents").fetchall())
+        SQLiteStore._activity_run(connection, run)
+        agents = sorted(connection.execute("SELECT agent_id, department, last_activity_id FROM agents").fetchall())
+        sessions = sorted(connection.execute("SELECT session_id, activity_count FROM sessions").fetchall())
     finally:
         connection.close()
-    assert rows == [("agent-x", "sales", "act_2"), ("agent-y", "ops", "act_3"), ("agent-z", "support", "act_6")]
+    assert agents == [("agent-x", "sales", "act_2"), ("agent-y", "ops", "act_3"), ("agent-z", "support", "act_6")]
+    assert sessions == [("collab_a", 8), ("collab_b", 1), ("collab_c", 2)]
 
 
 async def test_writes_staged_before_the_commit_loop_starts_are_committed(open_hub: Opener, data_dir: Path) -> None:
@@ -996,3 +1037,13 @@ async def test_a_failed_reload_refuses_every_later_write_and_closes(
     with pytest.raises(StoreUnavailable, match="restarted"):
         await asyncio.wait_for(store.durable(state.log.last_seq), 5)
     await asyncio.wait_for(hub.close(), 5)
+
+
+def test_an_sqlite_library_too_old_is_refused_saying_which_is_needed(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    with pytest.raises(StoreError, match=r"needs SQLite 3\.33\.0 or newer; this Python links SQLite 3\.31\.1"):
+        SQLiteStore(data_dir).open(CollaborationState())
+    assert not (data_dir / sqlite_module.FILE_NAME).exists()
