@@ -193,9 +193,9 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def _record_activity(self, request: pb.RecordActivityRequest) -> pb.RecordActivityResponse:
         def run() -> pb.RecordActivityResponse:
             activity = self._record(request)
-            return pb.RecordActivityResponse(
-                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
-            )
+            response = pb.RecordActivityResponse(activity_id=activity.activity_id)
+            convert.fill_activity(response.activity, activity)
+            return response
 
         return self._idempotent("RecordActivity", request, pb.RecordActivityResponse, run)
 
@@ -218,13 +218,15 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         context: Context,
     ) -> pb.BulkRecordActivitiesResponse:
         response = pb.BulkRecordActivitiesResponse()
+        results = response.results
         # (result index, seq of its event, store failures seen when it was recorded): a
         # store failure after an item was decided may have refused it (see below).
         recorded_items: list[tuple[int, int, int]] = []
         failure_marks = self.store.failure_marks
         async for message in request_iterator:
             for item in _bulk_items(message):
-                if len(response.results) >= MAX_BULK_ITEMS:
+                index = len(results)
+                if index >= MAX_BULK_ITEMS:
                     await abort_with(
                         context,
                         InvalidArgument(
@@ -239,12 +241,12 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         activity_id = self._record_bulk_item(item)
                 except CollabError as error:
                     metrics.refused(error)
-                    response.results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
-                    response.failed += 1
+                    results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
                 else:
-                    response.results.add(activity_id=activity_id)
-                    response.recorded += 1
-                    recorded_items.append((len(response.results) - 1, self.state.log.last_seq, len(failure_marks)))
+                    results.add(activity_id=activity_id)
+                    recorded_items.append((index, self.state.log.last_seq, len(failure_marks)))
+        response.recorded = len(recorded_items)
+        response.failed = len(results) - len(recorded_items)
         try:
             await self.store.durable(self.state.log.last_seq)
         except StoreUnavailable as error:
@@ -277,9 +279,9 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             activity = self.state.complete_activity(
                 request.activity_id, success=request.success, failure_reason=request.failure_reason
             )
-            return pb.CompleteActivityResponse(
-                activity_id=activity.activity_id, activity=convert.activity_to_proto(activity)
-            )
+            response = pb.CompleteActivityResponse(activity_id=activity.activity_id)
+            convert.fill_activity(response.activity, activity)
+            return response
 
         return self._idempotent("CompleteActivity", request, pb.CompleteActivityResponse, run)
 

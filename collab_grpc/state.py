@@ -7,6 +7,7 @@ asyncio server each one is atomic with respect to every other caller.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -70,6 +71,12 @@ class Resume:
 
 def new_epoch() -> str:
     return secrets.token_hex(8)
+
+
+def _random_suffix() -> str:
+    """What makes a new id unique: 32 random bits in hex (``secrets.token_hex(4)``
+    without its wrapper; one is made for every record)."""
+    return os.urandom(4).hex()
 
 
 class CollaborationState:
@@ -564,6 +571,6 @@ class CollaborationState:
     def _new_id(prefix: str, now: float | None, taken: Callable[[str], bool]) -> str:
         stem = prefix if now is None else f"{prefix}_{int(now)}"
         while True:
-            candidate = f"{stem}_{secrets.token_hex(4)}"
+            candidate = f"{stem}_{_random_suffix()}"
             if not taken(candidate):
                 return candidate

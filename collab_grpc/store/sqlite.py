@@ -184,11 +184,11 @@ class SQLiteStore(SingleProcessStore):
 
     def _open(self) -> sqlite3.Connection:
         """Open the file, or make a new one; refuse anything that is not a collab store."""
-        _check_sqlite()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            _check_sqlite(connection)
             application_id = connection.execute("PRAGMA application_id").fetchone()[0]
             tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if application_id != APPLICATION_ID and (tables or not fresh):
@@ -641,21 +641,18 @@ class SQLiteStore(SingleProcessStore):
 MIN_SQLITE = (3, 33, 0)
 
 
-def _check_sqlite() -> None:
-    """Refuse an SQLite library this store cannot write with, saying which it needs."""
+def _check_sqlite(connection: sqlite3.Connection) -> None:
+    """Refuse an SQLite library this store cannot write with, saying what it needs."""
     version = sqlite3.sqlite_version
     if sqlite3.sqlite_version_info < MIN_SQLITE:
         needed = ".".join(map(str, MIN_SQLITE))
         raise StoreError(f"the SQLite store needs SQLite {needed} or newer; this Python links SQLite {version}")
-    probe = sqlite3.connect(":memory:")
     try:
-        probe.execute("SELECT json_extract('[1]', '$[0]')")
+        connection.execute("SELECT json_extract('[1]', '$[0]')")
     except sqlite3.OperationalError:
         raise StoreError(
             f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"
         ) from None
-    finally:
-        probe.close()
 
 
 def _json(text: str) -> dict[str, Any]:

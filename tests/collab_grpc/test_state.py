@@ -143,7 +143,7 @@ def test_activity_ids_unique_within_one_second(state: CollaborationState) -> Non
 
 def test_activity_id_retries_on_collision(state: CollaborationState, monkeypatch: pytest.MonkeyPatch) -> None:
     suffixes: Iterator[str] = iter(["aaaa", "aaaa", "aaaa", "bbbb"])
-    monkeypatch.setattr("collab_grpc.state.secrets.token_hex", lambda _n: next(suffixes))
+    monkeypatch.setattr("collab_grpc.state._random_suffix", lambda: next(suffixes))
     first = record(state)
     second = record(state)
     assert first.activity_id == f"act_{int(T0)}_agent_1_aaaa"

@@ -1046,4 +1046,4 @@ def test_an_sqlite_library_too_old_is_refused_saying_which_is_needed(
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
     with pytest.raises(StoreError, match=r"needs SQLite 3\.33\.0 or newer; this Python links SQLite 3\.31\.1"):
         SQLiteStore(data_dir).open(CollaborationState())
-    assert not (data_dir / sqlite_module.FILE_NAME).exists()
+    assert query(data_dir, "SELECT count(*) FROM sqlite_master") == [(0,)]  # nothing written
