@@ -162,8 +162,8 @@ def activity_to_proto(activity: Activity) -> pb.Activity:
 
 
 def fill_activity(message: pb.Activity, activity: Activity) -> pb.Activity:
-    """Write ``activity`` into ``message`` (a field of the answer or event being built:
-    filled in place, it is not built apart and then copied in)."""
+    """Write ``activity`` into ``message``, an empty one (a field of the answer or event
+    being built: filled in place, it is not built apart and then copied in)."""
     message.activity_id = activity.activity_id
     message.agent_id = activity.agent_id
     message.department = activity.department

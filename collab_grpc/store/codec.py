@@ -48,12 +48,19 @@ def encode(payload: EventPayload) -> str:
 
 def encode_rows(rows: Sequence[Sequence[Any]]) -> str:
     """Rows of plain values, enums and payloads as one JSON array, each payload an
-    object in it (as ``encode`` writes it); the json module's path for what orjson
-    refuses, as in ``encode``."""
+    object in it written as ``encode`` writes it: a row orjson refuses takes the json
+    module's path (the rest of the array is not rewritten for it)."""
     try:
         return orjson.dumps(rows).decode()
     except orjson.JSONEncodeError:
-        return dumps([[_fields(item) if type(item) in _FIELD_NAMES else item for item in row] for row in rows])
+        return f"[{','.join(_encode_row(row) for row in rows)}]"
+
+
+def _encode_row(row: Sequence[Any]) -> str:
+    try:
+        return orjson.dumps(row).decode()
+    except orjson.JSONEncodeError:
+        return dumps([_fields(item) if type(item) in _FIELD_NAMES else item for item in row])
 
 
 def _fields(value: Any) -> dict[str, Any]:

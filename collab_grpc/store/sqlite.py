@@ -73,9 +73,14 @@ CREATE TABLE idempotency (
 );
 """
 
-# What the writer thread writes from a commit's events, given as one JSON array (see
-# _Batch): each event's row, then the rows of new activities, then the completed ones.
+# What the writer thread writes from a commit's events, given as JSON arrays (see
+# _Chunk): each event's row, then the rows of new activities, then the completed ones.
+# (json_each reads an array in order. Ids, kinds and statuses are printable text, so
+# json_extract, which ends a string at \u0000, reads them whole.)
 _FROM_BATCH = "FROM json_each(?)"
+# Events per JSON array: at most 64 KB of metadata an event (twice for a completion),
+# so an array stays far below SQLite's and Python's 1 GB and 2 GB limits on one value.
+ROWS_PER_STATEMENT = 1_000
 
 
 def _field(index: int) -> str:
@@ -84,11 +89,11 @@ def _field(index: int) -> str:
 
 _INSERT_EVENTS = (
     f"INSERT INTO events (seq, time, kind, payload) SELECT {_field(0)}, {_field(1)}, {_field(2)}, {_field(3)} "
-    f"{_FROM_BATCH} ORDER BY key"
+    f"{_FROM_BATCH}"
 )
 _INSERT_ACTIVITIES = (
     f"INSERT INTO activities (activity_id, seq, status, body) SELECT {_field(4)}, {_field(0)}, {_field(5)}, "
-    f"{_field(3)} {_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}' ORDER BY key"
+    f"{_field(3)} {_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
 )
 _COMPLETE_ACTIVITIES = (
     "UPDATE activities SET status = done.status, completed_at = done.completed_at, body = done.body FROM "
@@ -115,8 +120,8 @@ IdempotencyRow = tuple[str, str, bytes, bytes, float]
 
 
 @dataclass(frozen=True, slots=True)
-class _Batch:
-    """A commit's events for the writer thread: one JSON array with a row per event,
+class _Chunk:
+    """Events of a commit for the writer thread: one JSON array with a row per event,
     ``[seq, time, kind, payload]``, where a new activity adds ``activity_id, status``
     and a completion ``activity_id, status, completed_at, activity``. Payloads are JSON
     objects in it: SQLite keeps their text as written, and each is encoded only once."""
@@ -124,6 +129,15 @@ class _Batch:
     document: str
     recorded: int
     completed: int
+
+    @classmethod
+    def of(cls, rows: list[tuple[Any, ...]]) -> _Chunk:
+        kinds = [row[2] for row in rows]
+        return cls(
+            encode_rows(rows),
+            kinds.count(EventKind.ACTIVITY_RECORDED),
+            kinds.count(EventKind.ACTIVITY_COMPLETED),
+        )
 
 
 # Group commit while writes keep coming (seconds): a commit is held open for more writes
@@ -347,8 +361,8 @@ class SQLiteStore(SingleProcessStore):
                 # As the writes waiting on it see it: the hand-over to the writer thread too.
                 started = perf_counter()
                 try:
-                    batch = self._write_rows(events, answers)
-                    await loop.run_in_executor(self._executor, self._commit, batch)
+                    chunks = self._write_rows(events, answers)
+                    await loop.run_in_executor(self._executor, self._commit, chunks)
                 except Exception as error:
                     metrics.commit_failed("sqlite")
                     try:
@@ -437,22 +451,21 @@ class SQLiteStore(SingleProcessStore):
         self._load(self._state)
         self._release(lambda seq: seq <= refused_through, StoreUnavailable(self.failure))
 
-    def _write_rows(self, events: list[Event], answers: list[IdempotencyRow]) -> _Batch | None:
+    def _write_rows(self, events: list[Event], answers: list[IdempotencyRow]) -> list[_Chunk]:
         """Begin the transaction and write, on the event loop, every table's rows but
         the events' and the activities'; those (one or two per event) are left to the
-        writer thread, as the batch returned.
+        writer thread, as the chunks returned.
 
         Without the COMMIT this touches only SQLite's page cache, so it is quick; but the
         rows of every event, written one statement each, cost the loop about as much as
         deciding the events. In the writer thread they go in as three statements reading
-        one JSON array: each statement hands the GIL back to that thread once, where
-        ``executemany`` would once a row."""
+        a JSON array (per ROWS_PER_STATEMENT events): each statement hands the GIL back to
+        that thread once, where ``executemany`` would once a row."""
         connection = self._connection
         assert connection is not None
         connection.execute("BEGIN IMMEDIATE")
         try:
             rows: list[tuple[Any, ...]] = []
-            recorded = completed = 0
             # The other tables' rows in the events' order; a run of new activities (most
             # of what is written) shares one statement per table.
             run: list[Activity] = []
@@ -460,7 +473,6 @@ class SQLiteStore(SingleProcessStore):
                 payload = event.payload
                 if isinstance(payload, Activity):
                     rows.append((event.seq, event.time, event.kind, payload, payload.activity_id, payload.status))
-                    recorded += 1
                     run.append(payload)
                     continue
                 self._activity_run(connection, run)
@@ -469,7 +481,6 @@ class SQLiteStore(SingleProcessStore):
                     done = payload.activity
                     row = (event.seq, event.time, event.kind, payload)
                     rows.append((*row, done.activity_id, done.status, done.completed_at, done))
-                    completed += 1
                 else:
                     rows.append((event.seq, event.time, event.kind, payload))
                     self._apply(connection, event, encode(payload))
@@ -481,25 +492,27 @@ class SQLiteStore(SingleProcessStore):
             )
             if events:
                 connection.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(events[-1].seq),))
+            return [
+                _Chunk.of(rows[start : start + ROWS_PER_STATEMENT]) for start in range(0, len(rows), ROWS_PER_STATEMENT)
+            ]
         except BaseException:
             self._rollback(connection)
             raise
-        return _Batch(encode_rows(rows), recorded, completed) if rows else None
 
-    def _commit(self, batch: _Batch | None) -> None:
-        """The batch's rows, COMMIT (the fsync) and, now and then, retention: in the
-        writer thread, so the loop keeps deciding the next batch meanwhile. New
-        activities before completions: a completion may end an activity recorded in the
-        same commit."""
+    def _commit(self, chunks: list[_Chunk]) -> None:
+        """The chunks' rows, COMMIT (the fsync) and, now and then, retention: in the
+        writer thread, so the loop keeps deciding the next batch meanwhile. Chunk by chunk,
+        new activities before completions: a completion may end an activity recorded in
+        the same chunk."""
         connection = self._connection
         assert connection is not None
         try:
-            if batch is not None:
-                connection.execute(_INSERT_EVENTS, (batch.document,))
-                if batch.recorded:
-                    connection.execute(_INSERT_ACTIVITIES, (batch.document,))
-                if batch.completed:
-                    connection.execute(_COMPLETE_ACTIVITIES, (batch.document,))
+            for chunk in chunks:
+                connection.execute(_INSERT_EVENTS, (chunk.document,))
+                if chunk.recorded:
+                    connection.execute(_INSERT_ACTIVITIES, (chunk.document,))
+                if chunk.completed:
+                    connection.execute(_COMPLETE_ACTIVITIES, (chunk.document,))
             connection.execute("COMMIT")
         except BaseException:
             self._rollback(connection)
@@ -639,6 +652,7 @@ class SQLiteStore(SingleProcessStore):
 
 # UPDATE ... FROM (the completions of a commit) came in SQLite 3.33.
 MIN_SQLITE = (3, 33, 0)
+_JSON_PROBE = "SELECT json_extract('[1]', '$[0]')"
 
 
 def _check_sqlite(connection: sqlite3.Connection) -> None:
@@ -648,7 +662,7 @@ def _check_sqlite(connection: sqlite3.Connection) -> None:
         needed = ".".join(map(str, MIN_SQLITE))
         raise StoreError(f"the SQLite store needs SQLite {needed} or newer; this Python links SQLite {version}")
     try:
-        connection.execute("SELECT json_extract('[1]', '$[0]')")
+        connection.execute(_JSON_PROBE)
     except sqlite3.OperationalError:
         raise StoreError(
             f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"

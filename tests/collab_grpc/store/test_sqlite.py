@@ -283,36 +283,49 @@ async def test_round_trip_restores_everything(open_hub: Opener, clock: FakeClock
     assert reopened_open is not None and reopened_open.status is ActivityStatus.COMPLETED
 
 
-async def test_rows_hold_each_payload_as_the_codec_writes_it(
-    open_hub: Opener, clock: FakeClock, data_dir: Path
-) -> None:
-    """The writer thread takes each payload as an object inside one JSON array; SQLite
-    must store its text as ``encode`` writes it. A batch orjson refuses (an integer
-    beyond 64 bits, given through the Python API) is written by the json module, whose
-    text may differ (``1e-07`` for ``1e-7``) but whose JSON is the same."""
+async def test_rows_hold_each_event_as_the_state_has_it(open_hub: Opener, clock: FakeClock, data_dir: Path) -> None:
+    """The writer thread takes a commit's events as one JSON array, each payload an
+    object in it: SQLite must store the payload text as ``encode`` writes it, and the
+    seq, time, kind and status exactly. A row orjson refuses (an integer beyond 64 bits,
+    given through the Python API) is written by the json module, whose text may differ
+    (``1e-07`` for ``1e-7``) with the same JSON; the other rows of its commit are not."""
     hub = open_hub()
     state = hub.state
-    metadata = {"é": 'ü \\ " \n', "f": 1e-7, "n": -3, "t": 1795660000.123456}
+    metadata = {"é": 'ü \\ " \n \u0000', "f": 1e-7, "n": -3, "t": 1795660000.123456, "z": -0.0}
+    clock.advance(0.1234567891234)
     plain = state.record_activity(agent_id="alice", activity_type=ActivityType.TASK_ASSIGNED, metadata=metadata)
-    clock.advance()
+    clock.advance(0.3333333333333)
     state.complete_activity(plain.activity_id, success=False, failure_reason="timeout")
     session = state.start_collaboration(participants=["alice", "bob"], metadata={"t": [1, {"u": None}]})
     state.record_decision(session_id=session.session_id, agent_id="alice", decision="ship", votes={"bob": "yes"})
     state.record_memory_update(operation=MemoryOperation.WRITE, item_id="item-1", agent_id="carol")
     await commit(hub)
-    assert query(data_dir, "SELECT payload FROM events ORDER BY seq") == [
-        (encode(event.payload),) for event in retained(state)
+    events = retained(state)
+    assert query(data_dir, "SELECT seq, time, kind, payload FROM events ORDER BY seq") == [
+        (event.seq, event.time, event.kind.value, encode(event.payload)) for event in events
     ]
-    assert query(data_dir, "SELECT body FROM activities") == [(encode(plain),)]
+    done = state.get_activity(plain.activity_id)
+    assert done is not None and done.completed_at is not None
+    assert query(data_dir, "SELECT activity_id, seq, status, completed_at, body FROM activities") == [
+        (done.activity_id, events[0].seq, "failed", done.completed_at, encode(done))
+    ]
 
-    huge = state.record_activity(
-        agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata={**metadata, "n": 2**70}
-    )
+    # One row orjson refuses, in a commit with others.
+    before = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata=metadata)
+    huge_metadata = {**metadata, "n": 2**70}
+    huge = state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT, metadata=huge_metadata)
+    state.complete_activity(before.activity_id)
     await commit(hub)
-    (payload,) = query(data_dir, f"SELECT payload FROM events WHERE seq = {state.log.last_seq}")[0]
+    recorded_before, recorded_huge, completed_before = retained(state)[-3:]
+    stored = {
+        row[0]: row[1] for row in query(data_dir, f"SELECT seq, payload FROM events WHERE seq > {events[-1].seq}")
+    }
+    assert stored[recorded_before.seq] == encode(recorded_before.payload)
+    assert stored[completed_before.seq] == encode(completed_before.payload)
+    huge_payload = stored[recorded_huge.seq]
     (body,) = query(data_dir, f"SELECT body FROM activities WHERE activity_id = '{huge.activity_id}'")[0]
-    assert isinstance(payload, str) and isinstance(body, str)
-    assert json.loads(payload) == json.loads(body) == json.loads(encode(huge))
+    assert isinstance(huge_payload, str) and isinstance(body, str)
+    assert json.loads(huge_payload) == json.loads(body) == json.loads(encode(huge))
     assert '"n":1180591620717411303424' in body
 
 
@@ -1047,3 +1060,62 @@ def test_an_sqlite_library_too_old_is_refused_saying_which_is_needed(
     with pytest.raises(StoreError, match=r"needs SQLite 3\.33\.0 or newer; this Python links SQLite 3\.31\.1"):
         SQLiteStore(data_dir).open(CollaborationState())
     assert query(data_dir, "SELECT count(*) FROM sqlite_master") == [(0,)]  # nothing written
+
+
+def test_an_sqlite_library_without_json_functions_is_refused(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_module, "_JSON_PROBE", "SELECT no_such_json_function('[1]')")
+    with pytest.raises(StoreError, match=r"needs SQLite's JSON functions; this Python's SQLite \S+ lacks them"):
+        SQLiteStore(data_dir).open(CollaborationState())
+
+
+async def test_a_statement_failing_in_the_writer_thread_refuses_the_whole_commit(
+    open_hub: Opener, data_dir: Path
+) -> None:
+    """The events' rows go in first; when a later statement of the commit fails (here the
+    new activity's row, whose id a row the store did not write has taken), the events'
+    rows go too, the writes are refused, and the state is what the file holds."""
+    hub = open_hub()
+    kept = hub.state.record_activity(agent_id="alice", activity_type=ActivityType.MESSAGE_SENT)
+    await commit(hub)
+    refused = hub.state.record_activity(agent_id="bob", activity_type=ActivityType.MESSAGE_SENT)
+    seq = hub.state.log.last_seq
+    intruder = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
+    try:
+        intruder.execute(
+            "INSERT INTO activities (activity_id, seq, status, body) VALUES (?, 0, 'active', ?)",
+            (refused.activity_id, encode(refused)),
+        )
+        intruder.commit()
+    finally:
+        intruder.close()
+    with pytest.raises(StoreUnavailable, match=r"UNIQUE constraint failed: activities\.activity_id"):
+        await hub.store.durable(seq)
+    await reload_finished(hub.store)
+    assert query(data_dir, "SELECT seq FROM events") == [(seq - 1,)]
+    assert query(data_dir, "SELECT value FROM meta WHERE key = 'last_seq'") == [(str(seq - 1),)]
+    assert hub.state.log.last_seq == seq - 1
+    assert hub.state.get_activity(kept.activity_id) == kept
+
+
+async def test_a_commit_larger_than_one_statement_goes_in_chunk_by_chunk(
+    open_hub: Opener, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each JSON array holds ROWS_PER_STATEMENT events (so a value never nears SQLite's
+    size limit); an activity recorded in one chunk may be completed in the next."""
+    monkeypatch.setattr(sqlite_module, "ROWS_PER_STATEMENT", 2)
+    hub = open_hub()
+    recorded = [
+        hub.state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT)
+        for index in range(3)
+    ]
+    for activity in recorded[:2]:
+        hub.state.complete_activity(activity.activity_id)
+    await commit(hub)
+    assert query(data_dir, "SELECT count(*) FROM events") == [(5,)]
+    assert sorted(query(data_dir, "SELECT activity_id, status FROM activities")) == sorted(
+        [
+            (recorded[0].activity_id, "completed"),
+            (recorded[1].activity_id, "completed"),
+            (recorded[2].activity_id, "active"),
+        ]
+    )
