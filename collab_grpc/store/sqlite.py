@@ -77,7 +77,7 @@ CREATE TABLE idempotency (
 # _Chunk): each event's row, then the rows of new activities, then the completed ones.
 # (json_each reads an array in order. Ids, kinds and statuses are printable text, so
 # json_extract, which ends a string at \u0000, reads them whole.)
-_FROM_BATCH = "FROM json_each(?)"
+_FROM_CHUNK = "FROM json_each(?)"
 # Events per JSON array: at most 64 KB of metadata an event (twice for a completion),
 # so an array stays far below SQLite's and Python's 1 GB and 2 GB limits on one value.
 ROWS_PER_STATEMENT = 1_000
@@ -89,16 +89,16 @@ def _field(index: int) -> str:
 
 _INSERT_EVENTS = (
     f"INSERT INTO events (seq, time, kind, payload) SELECT {_field(0)}, {_field(1)}, {_field(2)}, {_field(3)} "
-    f"{_FROM_BATCH}"
+    f"{_FROM_CHUNK}"
 )
 _INSERT_ACTIVITIES = (
     f"INSERT INTO activities (activity_id, seq, status, body) SELECT {_field(4)}, {_field(0)}, {_field(5)}, "
-    f"{_field(3)} {_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
+    f"{_field(3)} {_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
 )
 _COMPLETE_ACTIVITIES = (
     "UPDATE activities SET status = done.status, completed_at = done.completed_at, body = done.body FROM "
     f"(SELECT {_field(4)} AS activity_id, {_field(5)} AS status, {_field(6)} AS completed_at, {_field(7)} AS body "
-    f"{_FROM_BATCH} WHERE {_field(2)} = '{EventKind.ACTIVITY_COMPLETED.value}') AS done "
+    f"{_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_COMPLETED.value}') AS done "
     "WHERE activities.activity_id = done.activity_id"
 )
 _AGENT_SEEN = "INSERT INTO agents (agent_id, department) VALUES (?, '') ON CONFLICT (agent_id) DO NOTHING"
