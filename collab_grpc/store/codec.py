@@ -36,8 +36,9 @@ def dumps(value: Any) -> str:
 def encode(payload: EventPayload) -> str:
     """A payload as JSON text. orjson writes the dataclass directly (an activity costs a
     seventh of the json module's time, and one is encoded for every event stored); what
-    it refuses (in metadata given through the Python API: a lone surrogate, an integer
-    beyond 64 bits, a key that is not a string) takes the json module's path, as before.
+    it refuses (in metadata given through the Python API: an integer beyond 64 bits, a
+    key that is not a string; validation refuses a lone surrogate, which neither could
+    store) takes the json module's path, as before.
     The text may differ from the json module's (``0.00001`` for ``1e-05``); the JSON is
     the same."""
     try:
