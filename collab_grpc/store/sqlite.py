@@ -483,7 +483,7 @@ class SQLiteStore(SingleProcessStore):
                     rows.append((*row, done.activity_id, done.status, done.completed_at, done))
                 else:
                     rows.append((event.seq, event.time, event.kind, payload))
-                    self._apply(connection, event, encode(payload))
+                    self._apply(connection, event)
             self._activity_run(connection, run)
             connection.executemany(
                 "INSERT OR REPLACE INTO idempotency (method, key, fingerprint, answer, stored_at) "
@@ -557,8 +557,9 @@ class SQLiteStore(SingleProcessStore):
         )
 
     @staticmethod
-    def _apply(connection: sqlite3.Connection, event: Event, body: str) -> None:
-        """The rows of a session, decision or memory event (``body``: its payload's JSON)."""
+    def _apply(connection: sqlite3.Connection, event: Event) -> None:
+        """The rows of a session, decision or memory event. (A session's or decision's
+        row keeps its JSON too; a memory event's row needs none, so it is not encoded.)"""
         payload = event.payload
         if isinstance(payload, Session):
             connection.execute(
@@ -571,14 +572,14 @@ class SQLiteStore(SingleProcessStore):
                     payload.ended_at,
                     payload.activity_count,
                     payload.decision_count,
-                    body,
+                    encode(payload),
                 ),
             )
             connection.executemany(_AGENT_SEEN, [(member,) for member in payload.participants])
         elif isinstance(payload, Decision):
             connection.execute(
                 "INSERT INTO decisions (decision_id, session_id, seq, body) VALUES (?, ?, ?, ?)",
-                (payload.decision_id, payload.session_id, event.seq, body),
+                (payload.decision_id, payload.session_id, event.seq, encode(payload)),
             )
             connection.execute(
                 "UPDATE sessions SET decision_count = decision_count + 1 WHERE session_id = ?",
