@@ -32,6 +32,7 @@ from collab_grpc.errors import (
 )
 from collab_grpc.events import Subscription
 from collab_grpc.model import Activity
+from collab_grpc.readahead import ReadAhead
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -72,6 +73,10 @@ WRITE_METHODS = frozenset(
 )
 
 MAX_BULK_ITEMS = 100_000
+TOO_MANY_BULK_ITEMS = (
+    f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} were processed, "
+    "send the rest on a new stream (idempotency keys make resending safe)"
+)
 MIN_STATUS_INTERVAL = 0.1
 MAX_STATUS_INTERVAL = 3600.0
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
@@ -223,28 +228,24 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         # store failure after an item was decided may have refused it (see below).
         recorded_items: list[tuple[int, int, int]] = []
         failure_marks = self.store.failure_marks
-        async for message in request_iterator:
-            for item in _bulk_items(message):
-                index = len(results)
-                if index >= MAX_BULK_ITEMS:
-                    await abort_with(
-                        context,
-                        InvalidArgument(
-                            f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} "
-                            "were processed, send the rest on a new stream (idempotency keys make resending safe)"
-                        ),
-                    )
-                try:
-                    if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
-                        raise InvalidArgument(item.details)
-                    async with self.store.writing():
-                        activity_id = self._record_bulk_item(item)
-                except CollabError as error:
-                    metrics.refused(error)
-                    results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
-                else:
-                    results.add(activity_id=activity_id)
-                    recorded_items.append((index, self.state.log.last_seq, len(failure_marks)))
+        # The next message is read while this one is recorded (collab_grpc/readahead.py).
+        async with ReadAhead(request_iterator) as messages:
+            async for message in messages:
+                for item in _bulk_items(message):
+                    index = len(results)
+                    if index >= MAX_BULK_ITEMS:
+                        await abort_with(context, InvalidArgument(TOO_MANY_BULK_ITEMS))
+                    try:
+                        if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
+                            raise InvalidArgument(item.details)
+                        async with self.store.writing():
+                            activity_id = self._record_bulk_item(item)
+                    except CollabError as error:
+                        metrics.refused(error)
+                        results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
+                    else:
+                        results.add(activity_id=activity_id)
+                        recorded_items.append((index, self.state.log.last_seq, len(failure_marks)))
         response.recorded = len(recorded_items)
         response.failed = len(results) - len(recorded_items)
         try:

@@ -15,6 +15,8 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from collab_grpc import servicer
+from collab_grpc.server import RunningServer
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.rpc import READ_KEY, Client, activity, drain, take
 
@@ -215,6 +217,56 @@ async def test_bulk_messages_carrying_many_activities_are_answered_item_by_item(
         pb.ACTIVITY_TYPE_MESSAGE_SENT,
         pb.ACTIVITY_TYPE_MEMORY_WRITE,
     ]
+
+
+def reading_tasks() -> list[asyncio.Task[Any]]:
+    """The tasks reading a bulk stream ahead (collab_grpc/readahead.py) in this loop."""
+    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "_read"]  # type: ignore[union-attr]
+
+
+async def test_a_bulk_stream_over_the_limit_ends_after_recording_the_first_items(
+    hub: tuple[RunningServer, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(servicer, "MAX_BULK_ITEMS", 5)
+    _, client = hub
+    agent = unique("agent")
+
+    async def send() -> object:
+        for _ in range(40):
+            yield pb.BulkRecordActivitiesRequest(activity=activity(agent))
+
+    call = client.stub.BulkRecordActivities(send(), metadata=client.metadata)  # type: ignore[arg-type]
+    await expect_status(call, StatusCode.INVALID_ARGUMENT, "send the rest on a new stream")
+    feed = await client.stub.GetActivityFeed(pb.GetActivityFeedRequest(agent_id=agent), metadata=client.metadata)
+    assert len(feed.activities) == 5
+    await asyncio.sleep(0.1)
+    assert reading_tasks() == []
+
+
+async def test_a_bulk_stream_the_client_cancels_leaves_no_reading_behind(hub: tuple[RunningServer, Client]) -> None:
+    _, client = hub
+    agent = unique("agent")
+    sent = asyncio.Event()
+
+    async def send() -> object:
+        yield pb.BulkRecordActivitiesRequest(activity=activity(agent))
+        sent.set()
+        await asyncio.sleep(3600)  # the stream stays open until the client gives up
+
+    call = client.stub.BulkRecordActivities(send(), metadata=client.metadata)  # type: ignore[arg-type]
+    await sent.wait()
+    for _ in range(100):  # until the server has the message and waits for the next
+        feed = await client.stub.GetActivityFeed(pb.GetActivityFeedRequest(agent_id=agent), metadata=client.metadata)
+        if feed.activities:
+            break
+        await asyncio.sleep(0.01)
+    assert len(reading_tasks()) == 1
+    call.cancel()
+    for _ in range(100):
+        if not reading_tasks():
+            break
+        await asyncio.sleep(0.01)
+    assert reading_tasks() == []
 
 
 async def test_a_bulk_item_with_a_key_replays_whole_through_record_activity(client: Client) -> None:
