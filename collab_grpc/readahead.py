@@ -6,15 +6,18 @@ handler that reads, handles and reads again waits out that round trip (30-40 µs
 2-core machine) once a message, on top of its own work. ``ReadAhead`` keeps the next
 read in flight, in a task of its own, while the handler works on the last message; on a
 bulk stream of one activity a message this took the hub from 8-10k to 12-15k activities
-a second (docs/BENCHMARKS.md). At most ``depth`` messages wait in the queue (and one more
-in the reading task): a handler that falls behind stops the reading, and so, by HTTP/2
-flow control, its client.
+a second (docs/BENCHMARKS.md). At most ``depth`` messages wait, read and not yet handed
+over: a handler that falls behind stops the reading, and so, by HTTP/2 flow control, its
+client.
+
+One producer and one consumer on one event loop, so a deque and at most one waiting
+future a side do what asyncio.Queue does, at a fraction of its cost a message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
@@ -27,25 +30,6 @@ T = TypeVar("T")
 READ_AHEAD_DEPTH = 4
 
 
-class _End:
-    """What ends the stream in the queue: its end, or the error that ended it."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException | None = None) -> None:
-        self.error = error
-
-
-async def _read(messages: AsyncIterator[T], queue: asyncio.Queue[T | _End]) -> None:
-    try:
-        async for message in messages:
-            await queue.put(message)
-    except Exception as error:  # handed to the reader of the queue, who raises it
-        await queue.put(_End(error))
-    else:
-        await queue.put(_End())
-
-
 class ReadAhead(Generic[T]):
     """``messages``, read by a task of their own at most ``depth`` messages ahead; the
     task runs inside ``async with``, which cancels it on the way out (a break, an error,
@@ -56,21 +40,30 @@ class ReadAhead(Generic[T]):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, not {depth}")
         self._messages = messages
-        self._queue: asyncio.Queue[T | _End] = asyncio.Queue(depth)
+        self._depth = depth
+        self._buffer: collections.deque[T] = collections.deque()
+        self._ended = False
+        self._error: Exception | None = None
+        self._arrived: asyncio.Future[None] | None = None  # the handler waits for a message
+        self._room: asyncio.Future[None] | None = None  # the reader waits for room
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ReadAhead[T]:
         if self._reader is not None:
             raise RuntimeError("a ReadAhead is entered once")
-        self._reader = asyncio.create_task(_read(self._messages, self._queue))
+        self._reader = asyncio.create_task(self._read())
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._reader is not None
         if not self._reader.done():
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._reader
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the handler itself is being cancelled, not only its reader
 
     def __aiter__(self) -> ReadAhead[T]:
         return self
@@ -78,10 +71,40 @@ class ReadAhead(Generic[T]):
     async def __anext__(self) -> T:
         if self._reader is None:
             raise RuntimeError("a ReadAhead is read inside its async with")
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._queue.put_nowait(item)  # the end again for a later __anext__
-            if item.error is not None:
-                raise item.error
-            raise StopAsyncIteration
-        return item
+        buffer = self._buffer
+        while not buffer:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._arrived = asyncio.get_running_loop().create_future()
+            try:
+                await self._arrived
+            finally:
+                self._arrived = None
+        message = buffer.popleft()
+        _wake(self._room)
+        return message
+
+    async def _read(self) -> None:
+        buffer = self._buffer
+        try:
+            async for message in self._messages:
+                buffer.append(message)
+                _wake(self._arrived)
+                while len(buffer) >= self._depth:
+                    self._room = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._room
+                    finally:
+                        self._room = None
+        except Exception as error:  # raised to the handler, after the messages before it
+            self._error = error
+        finally:
+            self._ended = True
+            _wake(self._arrived)
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -221,7 +221,7 @@ async def test_bulk_messages_carrying_many_activities_are_answered_item_by_item(
 
 def reading_tasks() -> list[asyncio.Task[Any]]:
     """The tasks reading a bulk stream ahead (collab_grpc/readahead.py) in this loop."""
-    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "_read"]  # type: ignore[union-attr]
+    return [task for task in asyncio.all_tasks() if task.get_coro().__qualname__ == "ReadAhead._read"]  # type: ignore[union-attr]
 
 
 async def test_a_bulk_stream_over_the_limit_ends_after_recording_the_first_items(
