@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Generic, TypeVar
 
 __all__ = ["READ_AHEAD_DEPTH", "ReadAhead"]
 
 T = TypeVar("T")
 
-# Two keep one read in flight while one message is handled; a few more absorb the
-# handler's pauses. Small, because each may be a whole (up to 4 MB) message.
-READ_AHEAD_DEPTH = 4
+# Two keep one read in flight while one message is handled. Small, because each may be
+# a whole (up to 4 MB) message: a stream holds at most this many, plus the one handled.
+READ_AHEAD_DEPTH = 2
 
 
 class ReadAhead(Generic[T]):
@@ -47,23 +47,29 @@ class ReadAhead(Generic[T]):
         self._arrived: asyncio.Future[None] | None = None  # the handler waits for a message
         self._room: asyncio.Future[None] | None = None  # the reader waits for room
         self._reader: asyncio.Task[None] | None = None
+        self._closing = False  # __aexit__ is cancelling the reader
 
     async def __aenter__(self) -> ReadAhead[T]:
         if self._reader is not None:
             raise RuntimeError("a ReadAhead is entered once")
-        self._reader = asyncio.create_task(self._read())
+        self._reader = asyncio.create_task(self._read(), name="collab-read-ahead")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._reader is not None
-        if not self._reader.done():
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the handler itself is being cancelled, not only its reader
+        reader = self._reader
+        assert reader is not None
+        if reader.done():
+            if not reader.cancelled():
+                reader.exception()  # retrieved: the handler was told (see _read)
+            return
+        self._closing = True
+        reader.cancel()
+        try:
+            await reader
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the handler itself is being cancelled, not only its reader
 
     def __aiter__(self) -> ReadAhead[T]:
         return self
@@ -71,6 +77,8 @@ class ReadAhead(Generic[T]):
     async def __anext__(self) -> T:
         if self._reader is None:
             raise RuntimeError("a ReadAhead is read inside its async with")
+        if self._arrived is not None:
+            raise RuntimeError("a ReadAhead has one reader at a time")
         buffer = self._buffer
         while not buffer:
             if self._ended:
@@ -88,8 +96,9 @@ class ReadAhead(Generic[T]):
 
     async def _read(self) -> None:
         buffer = self._buffer
+        messages = aiter(self._messages)
         try:
-            async for message in self._messages:
+            async for message in messages:
                 buffer.append(message)
                 _wake(self._arrived)
                 while len(buffer) >= self._depth:
@@ -100,9 +109,19 @@ class ReadAhead(Generic[T]):
                         self._room = None
         except Exception as error:  # raised to the handler, after the messages before it
             self._error = error
+        except BaseException as error:
+            if self._closing:
+                raise
+            # A stream stopped by anything else (a cancellation from inside it, an
+            # interrupt) must not read as one that ended: the handler would answer OK.
+            self._error = RuntimeError(f"reading the stream stopped: {error!r}")
+            self._error.__cause__ = error
+            raise
         finally:
             self._ended = True
             _wake(self._arrived)
+            if isinstance(messages, AsyncGenerator):
+                await messages.aclose()  # left waiting for room: its own clean-up runs now
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:

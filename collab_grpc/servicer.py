@@ -73,10 +73,6 @@ WRITE_METHODS = frozenset(
 )
 
 MAX_BULK_ITEMS = 100_000
-TOO_MANY_BULK_ITEMS = (
-    f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} were processed, "
-    "send the rest on a new stream (idempotency keys make resending safe)"
-)
 MIN_STATUS_INTERVAL = 0.1
 MAX_STATUS_INTERVAL = 3600.0
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
@@ -124,6 +120,13 @@ def _write(
             raise AssertionError("unreachable: abort raises") from error
 
     return call
+
+
+def _too_many_bulk_items() -> str:
+    return (
+        f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} were processed, "
+        "send the rest on a new stream (idempotency keys make resending safe)"
+    )
 
 
 def _bulk_items(
@@ -234,7 +237,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 for item in _bulk_items(message):
                     index = len(results)
                     if index >= MAX_BULK_ITEMS:
-                        await abort_with(context, InvalidArgument(TOO_MANY_BULK_ITEMS))
+                        await abort_with(context, InvalidArgument(_too_many_bulk_items()))
                     try:
                         if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
                             raise InvalidArgument(item.details)

@@ -14,9 +14,12 @@ from collab_grpc.readahead import ReadAhead
 class Source:
     """An async stream of 0..count-1 that says which reads were asked for and how it ended."""
 
-    def __init__(self, count: int, *, fail_after: int | None = None, endless: bool = False) -> None:
+    def __init__(
+        self, count: int, *, fail_after: int | None = None, failure: BaseException | None = None, endless: bool = False
+    ) -> None:
         self.count = count
         self.fail_after = fail_after
+        self.failure = failure or ConnectionError(f"stream broke after {fail_after}")
         self.endless = endless
         self.asked = 0  # reads started
         self.closed = asyncio.Event()
@@ -28,7 +31,7 @@ class Source:
                 self.asked += 1
                 await asyncio.sleep(0)  # a read that goes through the loop, as grpc's does
                 if self.fail_after is not None and n == self.fail_after:
-                    raise ConnectionError(f"stream broke after {n}")
+                    raise self.failure
                 yield n
                 n += 1
         finally:
@@ -77,6 +80,29 @@ async def test_reading_stops_depth_messages_ahead_of_a_handler_that_falls_behind
         assert source.asked == 5
 
 
+async def test_a_stream_stopped_by_a_cancellation_from_inside_it_does_not_read_as_ended() -> None:
+    """A BaseException that is not the reader's own cancellation must not look like the
+    stream's end, or a bulk stream cut short would be answered as complete."""
+    source = Source(10, fail_after=2, failure=asyncio.CancelledError())
+    received: list[int] = []
+    with pytest.raises(RuntimeError, match="reading the stream stopped") as caught:
+        async with ReadAhead(source.stream()) as messages:
+            async for message in messages:
+                received.append(message)
+    assert received == [0, 1]
+    assert isinstance(caught.value.__cause__, asyncio.CancelledError)
+
+
+async def test_a_source_left_waiting_for_room_is_closed_on_the_way_out() -> None:
+    source = Source(0, endless=True)
+    async with ReadAhead(source.stream(), depth=2) as messages:
+        await messages.__anext__()
+        for _ in range(20):  # the reading task fills the buffer and waits for room
+            await asyncio.sleep(0)
+        assert not source.closed.is_set()
+    assert source.closed.is_set()
+
+
 @pytest.mark.parametrize("leave", ["break", "error"])
 async def test_leaving_early_cancels_the_reading(leave: str) -> None:
     source = Source(0, endless=True)
@@ -117,6 +143,32 @@ async def test_cancelling_the_handler_cancels_the_reading() -> None:
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_a_handler_cancelled_while_its_reader_winds_down_stays_cancelled() -> None:
+    """__aexit__ swallows the reader's cancellation, not the handler's own."""
+    winding_down = asyncio.Event()
+
+    async def slow_to_close() -> AsyncIterator[int]:
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield 0
+        finally:
+            winding_down.set()
+            await asyncio.sleep(0.05)  # clean-up that takes a while
+
+    async def consume() -> str:
+        async with ReadAhead(slow_to_close()) as messages:
+            async for _ in messages:
+                break
+        return "returned"
+
+    task = asyncio.create_task(consume())
+    await winding_down.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_misuse_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ReadAhead(Source(1).stream(), depth=0)
@@ -126,3 +178,8 @@ async def test_misuse_is_refused() -> None:
     async with ahead:
         with pytest.raises(RuntimeError, match="entered once"):
             await ahead.__aenter__()
+        first = asyncio.create_task(ahead.__anext__())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="one reader at a time"):
+            await ahead.__anext__()
+        assert await first == 0
