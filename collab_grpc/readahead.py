@@ -5,10 +5,10 @@ core and finished through its completion-queue thread, which wakes the event loo
 handler that reads, handles and reads again waits out that round trip (30-40 µs on a
 2-core machine) once a message, on top of its own work. ``ReadAhead`` keeps the next
 read in flight, in a task of its own, while the handler works on the last message; on a
-bulk stream of one activity a message this took the hub from 8-10k to 12-15k activities
-a second (docs/BENCHMARKS.md). At most ``depth`` messages wait, read and not yet handed
-over: a handler that falls behind stops the reading, and so, by HTTP/2 flow control, its
-client.
+bulk stream of one activity a message this took the hub with SQLite from 7.8-8.2k to
+9.3-11.8k activities a second (docs/BENCHMARKS.md). At most ``depth`` messages wait, read
+and not yet handed over: a handler that falls behind stops the reading, and so, by HTTP/2
+flow control, its client.
 
 One producer and one consumer on one event loop, so a deque and at most one waiting
 future a side do what asyncio.Queue does, at a fraction of its cost a message.
