@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -114,7 +114,9 @@ async def test_health_and_reflection_work_without_a_token(tmp_path: Path) -> Non
             method = service.methods_by_name["RecordActivity"]
             request_class = message_factory.GetMessageClass(method.input_type)
             response_class = message_factory.GetMessageClass(method.output_type)
-            request = request_class(agent_id="agent_1", activity_type=5)  # council_debate
+            # Filled from JSON, as grpcurl does: the class is only known at run time.
+            fields = {"agent_id": "agent_1", "activity_type": 5}  # 5: council_debate
+            request = json_format.ParseDict(fields, request_class())
             call = channel.unary_unary(
                 "/collab.v1.CollaborationService/RecordActivity",
                 request_serializer=lambda message: message.SerializeToString(),
