@@ -108,18 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the processes' log lines on stderr [COLLAB_LOG_FORMAT, default text on a terminal, else json]",
     )
     commands.add_commands(subcommands)
-    subcommands.add_parser("bench", help="run the benchmarks (bench/; --smoke for a tiny run)", add_help=False)
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["bench"]:
-        try:
-            from bench.__main__ import main as bench
-        except ModuleNotFoundError as exc:
-            if exc.name != "bench":
-                raise
-            # bench/ is not installed with the package: it needs the repository's other files.
-            sys.exit("collab bench: the benchmarks run from a checkout of the repository (python -m bench there)")
-        sys.exit(bench(arguments[1:]))
-    args = parser.parse_args(arguments)
+    args = parser.parse_args(argv)
     if args.command == "up":
         sys.exit(asyncio.run(_up(args)))
     sys.exit(commands.run(args))
