@@ -150,7 +150,10 @@ def test_ctrl_c_while_starting_leaves_no_process_behind(terminal: Terminal) -> N
             pass
 
 
-def test_not_on_a_terminal_logs_are_json_lines_and_sigterm_stops_the_bridge_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP (terminal closed)"])
+def test_not_on_a_terminal_logs_are_json_lines_and_a_stop_signal_stops_the_bridge_first(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
     up = subprocess.Popen(
         [COLLAB, "up", "--grpc-addr", "127.0.0.1:0", "--bridge-addr", "127.0.0.1:0"],
         env=up_env(tmp_path),
@@ -162,7 +165,7 @@ def test_not_on_a_terminal_logs_are_json_lines_and_sigterm_stops_the_bridge_firs
     output = OutputLines(up.stdout)
     try:
         output.wait_for("upstream event stream connected")
-        up.send_signal(signal.SIGTERM)
+        up.send_signal(stop)
         assert up.wait(TIMEOUT) == 0
         lines = output.until_closed().splitlines()
     finally:
