@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from collab_cli.main import _log_format
+from collab_cli.main import choose_log_format
 from tests.support.processes import OutputLines
 
 pytestmark = pytest.mark.integration
@@ -201,4 +201,4 @@ def test_the_log_format_is_the_flag_else_the_environment_else_text_on_a_terminal
     monkeypatch: pytest.MonkeyPatch, flag: str | None, env: dict[str, str], stderr_is_terminal: bool, chosen: str
 ) -> None:
     monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_is_terminal)
-    assert _log_format(flag, env) == chosen
+    assert choose_log_format(flag, env) == chosen

@@ -18,7 +18,7 @@ from pathlib import Path
 from collab_cli import commands
 from collab_cli.supervisor import Child, StopRequested, Supervisor
 
-__all__ = ["main"]
+__all__ = ["choose_log_format", "main"]
 
 
 SERVER = Child("collab-server", [sys.executable, "-m", "collab_grpc.server"], "collab-server listening on")
@@ -41,7 +41,7 @@ def _token(env: dict[str, str], data_dir: Path) -> str | None:
     return key_file.read_text().strip() if key_file.exists() else None
 
 
-def _log_format(requested: str | None, env: Mapping[str, str]) -> str:
+def choose_log_format(requested: str | None, env: Mapping[str, str]) -> str:
     """--log-format, else COLLAB_LOG_FORMAT, else text for a person reading a terminal
     and JSON lines for anything else (a file, a pipe, a log collector)."""
     if requested:
@@ -54,7 +54,7 @@ def _log_format(requested: str | None, env: Mapping[str, str]) -> str:
 
 async def _up(args: argparse.Namespace) -> int:
     env = dict(os.environ)
-    env["COLLAB_LOG_FORMAT"] = _log_format(args.log_format, env)
+    env["COLLAB_LOG_FORMAT"] = choose_log_format(args.log_format, env)
     if args.grpc_addr:
         env["COLLAB_GRPC_ADDR"] = args.grpc_addr
     if args.data_dir:
