@@ -1,6 +1,8 @@
-"""Conversions between the domain model and the collab.v1 protobuf messages.
+"""Conversions between the domain model and the collab.v1 protobuf messages, for the
+servicer (requests in, replies and events out).
 
-Imports the generated messages, never grpc: the bridge and clients use it too.
+Imports the generated messages and the domain model, never grpc: the conversions are
+tested, and the ingest benchmark builds replies, without a server.
 """
 
 from __future__ import annotations
