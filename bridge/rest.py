@@ -294,7 +294,7 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         "/active-collaborations",
         summary="Collaboration sessions not yet ended",
         response_model=None,
-        responses=documented(CollaborationsBody),
+        responses=documented(CollaborationsBody, 400),
     )
     async def active_collaborations(
         request: Request, limit: OptionalLimit = None, cursor: Cursor = None
