@@ -139,7 +139,7 @@ async def test_seventy_large_sessions_leave_every_client_served(
     assert first.snapshot.active_collaborations_omitted == 70 - kept
     assert first.snapshot.agent_status.active_collaborations == 70
 
-    async with connect(stack.ws_url(), max_size=None) as ws:
+    async with connect(stack.ws_url()) as ws:  # its default: frames up to 1 MiB
         _, state = await opened(ws)
     assert len(state["active_collaborations"]) == kept
     assert state["active_collaborations_omitted"] == 70 - kept
@@ -207,7 +207,7 @@ async def test_thirty_five_thousand_agents(stack: Stack, rpc: Client, http: http
     assert (await first_status(rpc)).agent_status.agents_omitted == status["agents_omitted"]
     assert (await snapshot(rpc)).snapshot.agent_status.agents_omitted == status["agents_omitted"]
 
-    async with connect(stack.ws_url(), max_size=None) as ws:
+    async with connect(stack.ws_url()) as ws:  # its default: frames up to 1 MiB
         _, state = await opened(ws)
         assert state["agent_status"]["agents_omitted"] == status["agents_omitted"]
         update = validate_ws(await recv_until(ws, lambda m: m["type"] == "agent_status_update"))
