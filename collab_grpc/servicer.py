@@ -169,13 +169,9 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         self.max_reply_bytes = max_reply_bytes
         # What a list in a reply may take: the budget less room for the rest of the reply.
         self.list_budget = max_reply_bytes - REPLY_RESERVE
-        # The most one bulk result can take (an activity id, or an error code and message);
-        # a recorded one is counted as at least the size it takes if later refused as lost.
+        # The most one bulk result can take (an activity id, or an error code and message).
         longest_id = 4 * state.limits.max_hub_id_length
         self._bulk_result_bound = convert.entry_size(max(longest_id, 4 * MAX_BULK_ERROR_CHARS + 64) + 8)
-        self._lost_result_size = convert.entry_size(
-            pb.BulkRecordResult(error_code=grpc.StatusCode.UNAVAILABLE.name, error_message=LOST_ITEM).ByteSize()
-        )
         self._stopping = asyncio.Event()
 
     def begin_shutdown(self) -> None:
@@ -279,7 +275,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     else:
                         result = results.add(activity_id=activity_id)
                         recorded_items.append((index, self.state.log.last_seq, len(failure_marks)))
-                    answer_bytes += max(convert.entry_size(result.ByteSize()), self._lost_result_size)
+                    answer_bytes += convert.entry_size(result.ByteSize())
                 if response.incomplete:
                     break
         response.recorded = len(recorded_items)
@@ -288,7 +284,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             await self.store.durable(self.state.log.last_seq)
         except StoreUnavailable as error:
             await abort_with(context, error)
-        self._refuse_lost_items(response, recorded_items, failure_marks)
+        self._refuse_lost_items(response, recorded_items, failure_marks, answer_room - answer_bytes)
         return response
 
     @staticmethod
@@ -296,17 +292,28 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         response: pb.BulkRecordActivitiesResponse,
         recorded_items: list[tuple[int, int, int]],
         failure_marks: Sequence[int],
+        room: int,
     ) -> None:
         """Turn into UNAVAILABLE the items a store failure refused after they were decided:
-        an item is lost when the first failure after it came before its seq was durable."""
+        an item is lost when the first failure after it came before its seq was durable.
+
+        Refused, a result carries the code, and the message while the answer has ``room``
+        for it: the code alone is smaller than any activity id, so the answer never grows
+        past its budget."""
         if not recorded_items or recorded_items[0][2] == len(failure_marks):
             return  # no failure since the first item was recorded
         for index, seq, failures_before in recorded_items:
             if failures_before < len(failure_marks) and seq > failure_marks[failures_before]:
                 result = response.results[index]
+                before = convert.entry_size(result.ByteSize())
                 result.activity_id = ""
                 result.error_code = grpc.StatusCode.UNAVAILABLE.name
                 result.error_message = LOST_ITEM
+                after = convert.entry_size(result.ByteSize())
+                if after - before > room:
+                    result.error_message = ""
+                    after = convert.entry_size(result.ByteSize())
+                room -= after - before
                 response.recorded -= 1
                 response.failed += 1
 

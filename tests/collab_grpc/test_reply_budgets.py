@@ -13,7 +13,7 @@ from collab_grpc import convert
 from collab_grpc.config import MAX_REPLY_BYTES_CEILING, ServerConfig, parse_server_config
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.model import ActivityType, MemoryOperation
-from collab_grpc.servicer import DEFAULT_MAX_REPLY_BYTES
+from collab_grpc.servicer import DEFAULT_MAX_REPLY_BYTES, LOST_ITEM, CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.validation import Limits, decode_cursor, encode_cursor, largest_item_bytes
@@ -314,3 +314,20 @@ def test_struct_of_the_worst_metadata_is_within_six_times_its_json() -> None:
     struct = struct_pb2.Struct()
     struct.update(metadata)
     assert struct.ByteSize() <= 6 * LIMITS.max_metadata_bytes
+
+
+def test_items_a_store_failure_refused_never_grow_the_answer_past_its_room() -> None:
+    """A recorded item later lost (the store failed before it was durable) is answered
+    UNAVAILABLE: with the message while there is room, with the code alone after."""
+    response = pb.BulkRecordActivitiesResponse()
+    for n in range(100):
+        response.results.add(activity_id=f"act_1_a_{n:08x}")
+    response.recorded = 100
+    before = response.ByteSize()
+    room = 500
+    recorded_items = [(index, index + 1, 0) for index in range(100)]
+    CollaborationServicer._refuse_lost_items(response, recorded_items, [0], room)
+    assert (response.recorded, response.failed) == (0, 100)
+    assert all(result.error_code == "UNAVAILABLE" and not result.activity_id for result in response.results)
+    assert response.results[0].error_message == LOST_ITEM and not response.results[-1].error_message
+    assert response.ByteSize() <= before + room
