@@ -458,17 +458,15 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             started_at, session_id = decode_cursor("cursor", request.cursor, "active", float, str)
             after = (float(started_at), session_id)
         response = pb.ListActiveCollaborationsResponse(total=len(self.state.active_collaborations()))
+        sessions = list(self.state.active_collaborations_after(after))
         added, _, left = convert.fill_within(
-            response.collaborations,
-            (convert.session_to_proto(s) for s in self.state.active_collaborations_after(after)),
-            self.list_budget,
-            count,
+            response.collaborations, (convert.session_to_proto(s) for s in sessions), self.list_budget, count
         )
         if left is not None and added:
-            last = response.collaborations[-1]
-            response.next_cursor = encode_cursor(
-                "active", convert.seconds_from_timestamp(last.started_at), last.session_id
-            )
+            # The key as the state holds it: a start time read back from the message's
+            # Timestamp may differ from it in its last digit.
+            last = sessions[added - 1]
+            response.next_cursor = encode_cursor("active", last.started_at, last.session_id)
         return response
 
     @_unary
