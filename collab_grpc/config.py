@@ -49,9 +49,19 @@ class ServerConfig:
     history_limit: int = 1000
     event_retain: int = 10_000
     activity_ttl: float = 3600.0
+    # Seconds an agent stays in the live status once idle, in no active session and not
+    # in the roster; then it leaves it (an agent_retired event). An hour, as activity_ttl:
+    # the status shows who worked in the last hour, and an ephemeral id per task costs
+    # the live status an hour, not forever.
+    agent_idle_ttl: float = 3600.0
+    # Agents the idle sweep looks at per pass (a pass that used it all is followed at once
+    # by the next, after the event loop served others).
+    agent_retire_batch: int = 256
     rate_limit: float = 10.0
     max_metadata_bytes: int = 64 * 1024
     status_interval: float = 2.0
+    # The shortest StreamAgentStatus interval a read-only credential may ask for.
+    status_read_min_interval: float = 1.0
     subscriber_queue: int = 10_000
     shutdown_grace: float = 5.0
     log_level: str = "info"
@@ -86,9 +96,30 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--history-limit", "COLLAB_HISTORY_LIMIT", "history_limit", int, "newest activities kept for the feed"),
     ("--event-retain", "COLLAB_EVENT_RETAIN", "event_retain", int, "newest events kept for resuming subscribers"),
     ("--activity-ttl", "COLLAB_ACTIVITY_TTL", "activity_ttl", float, "seconds before an open activity expires"),
+    (
+        "--agent-idle-ttl",
+        "COLLAB_AGENT_IDLE_TTL",
+        "agent_idle_ttl",
+        float,
+        "seconds an idle agent (no open activity, no active session, not in the roster) stays in the live status",
+    ),
+    (
+        "--agent-retire-batch",
+        "COLLAB_AGENT_RETIRE_BATCH",
+        "agent_retire_batch",
+        int,
+        "agents the idle sweep looks at per pass",
+    ),
     ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
     ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
     ("--status-interval", "COLLAB_STATUS_INTERVAL", "status_interval", float, "seconds between status updates"),
+    (
+        "--status-read-min-interval",
+        "COLLAB_STATUS_READ_MIN_INTERVAL",
+        "status_read_min_interval",
+        float,
+        "shortest StreamAgentStatus interval a read-only credential may ask for (seconds, 0.1 to 3600)",
+    ),
     ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
@@ -135,16 +166,28 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
-    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue", "retain_count"):
+    for name in (
+        "history_limit",
+        "event_retain",
+        "max_metadata_bytes",
+        "subscriber_queue",
+        "retain_count",
+        "agent_retire_batch",
+    ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
+    positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}
+    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds", "agent_idle_ttl"):
         value = getattr(config, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
             parser.error(
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
             )
+    if not 0.1 <= config.status_read_min_interval <= 3600:  # also refuses NaN
+        parser.error(
+            f"status-read-min-interval must be between 0.1 and 3600 (seconds), got {config.status_read_min_interval}"
+        )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if not 0 <= config.sqlite_commit_delay <= 1:  # also refuses NaN

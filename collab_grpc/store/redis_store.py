@@ -32,7 +32,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from collab_grpc import metrics
-from collab_grpc.model import Activity, ActivityCompletion, Decision, Event, EventKind, MemoryUpdate, Session
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    ActivityStatus,
+    AgentRetirement,
+    Decision,
+    Event,
+    EventKind,
+    Session,
+)
 from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import StoreError, StoreUnavailable
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, dumps, encode
@@ -145,10 +154,7 @@ class RedisStore:
                 if decision_ids:
                     found = await client.hmget(self._key("decision"), decision_ids)
                     decisions.extend(Decision(**json.loads(b)) for b in found if b)
-            agents = [
-                (agent_id.decode(), *_agent_fields(body))
-                for agent_id, body in (await client.hgetall(self._key("agent"))).items()
-            ]
+            agents = await self._live_agents(client, activities, sessions)
             entries = await client.xrevrange(self._key("events"), count=settings.event_log_retain)
             events = [_decode_entry(epoch, entry_id, fields) for entry_id, fields in reversed(entries)]
             answers = await client.hgetall(self._key("idempotency"))
@@ -177,6 +183,34 @@ class RedisStore:
         self._answers.clear()
         self._stale = False
         log.info("state loaded from redis", extra={"epoch": epoch, "seq": last_seq, "prefix": self.prefix})
+
+    async def _live_agents(
+        self, client: Any, activities: list[Activity], sessions: list[Session]
+    ) -> list[tuple[str, str, str | None, float]]:
+        """The agents still live (not every id ever seen): seen within the idle TTL (the
+        ``agent_seen`` sorted set, scored by when each was last seen), or with an open
+        activity, in an active session or in the roster."""
+        state = self._state
+        assert state is not None
+        seen_key = self._key("agent_seen")
+        if not await client.exists(seen_key) and await client.hlen(self._key("agent")):
+            # Written before agents had a lifecycle: every agent kept is taken as seen
+            # now (once), so each is retired with its event after one idle TTL.
+            now = state.clock()
+            await client.zadd(seen_key, {agent_id: now for agent_id in await client.hkeys(self._key("agent"))})
+        cutoff = state.clock() - state.settings.agent_idle_ttl
+        recent = dict(await client.zrangebyscore(seen_key, f"({cutoff}", "+inf", withscores=True))
+        needed = {a.agent_id.encode() for a in activities if a.status is ActivityStatus.ACTIVE}
+        needed.update(member.encode() for s in sessions if s.ended_at is None for member in s.participants)
+        needed.update(agent_id.encode() for agent_id in state.roster_ids)
+        ids = list(dict.fromkeys([*recent, *needed]))
+        bodies = await client.hmget(self._key("agent"), ids) if ids else []
+        agents = []
+        for agent_id, body in zip(ids, bodies, strict=True):
+            if body:
+                department, last_activity_id, last_seen = _agent_fields(body)
+                agents.append((agent_id.decode(), department, last_activity_id, recent.get(agent_id, last_seen)))
+        return agents
 
     # -- following other replicas -----------------------------------------------------
 
@@ -318,7 +352,9 @@ class RedisStore:
         def agent(agent_id: str) -> None:
             known = state.find_agent(agent_id)
             if known is not None:
-                ops.append(["HSET", key("agent"), agent_id, dumps([known.department, known.last_activity_id])])
+                body = dumps([known.department, known.last_activity_id, known.last_seen])
+                ops.append(["HSET", key("agent"), agent_id, body])
+                ops.append(["ZADD", key("agent_seen"), known.last_seen, agent_id])
 
         def session(session_id: str) -> None:
             found = state.find_session(session_id)
@@ -331,7 +367,6 @@ class RedisStore:
                 ["ZADD", key("activity_seq"), event.seq, payload.activity_id],
                 ["SADD", key("open"), payload.activity_id],
             ]
-            agent(payload.agent_id)
             if payload.session_id:
                 session(payload.session_id)
         elif isinstance(payload, ActivityCompletion):
@@ -344,8 +379,6 @@ class RedisStore:
                 ["HSET", key("session"), payload.session_id, encode(payload)],
                 ["SADD", key("active_sessions"), payload.session_id],
             ]
-            for member in payload.participants:
-                agent(member)
         elif isinstance(payload, Session):
             ops += [
                 ["HSET", key("session"), payload.session_id, encode(payload)],
@@ -358,9 +391,12 @@ class RedisStore:
                 ["RPUSH", key(f"session_decisions:{payload.session_id}"), payload.decision_id],
             ]
             session(payload.session_id)
-            agent(payload.agent_id)
-        elif isinstance(payload, MemoryUpdate):
-            agent(payload.agent_id)
+        if isinstance(payload, AgentRetirement):
+            # The agents hash holds the live agents; the retired one's history stays.
+            ops += [["HDEL", key("agent"), payload.agent_id], ["ZREM", key("agent_seen"), payload.agent_id]]
+        else:
+            for agent_id in event.agent_ids:  # each marked seen (a completion, a session's end too)
+                agent(agent_id)
         for method, idem_key, *rest in answers:
             ops.append(["HSET", key("idempotency"), f"{method}\x00{idem_key}", dumps([method, idem_key, *rest])])
         ops.append(["XTRIM", key("events"), "MAXLEN", "~", self.retain])
@@ -380,9 +416,11 @@ class RedisStore:
             await self._client.aclose()
 
 
-def _agent_fields(body: bytes) -> tuple[str, str | None]:
-    department, last_activity_id = json.loads(body)
-    return department, last_activity_id
+def _agent_fields(body: bytes) -> tuple[str, str | None, float]:
+    # [department, last_activity_id, last_seen]; without last_seen when written before
+    # agents had a lifecycle.
+    department, last_activity_id, *rest = json.loads(body)
+    return department, last_activity_id, float(rest[0]) if rest else 0.0
 
 
 def _decode_entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
