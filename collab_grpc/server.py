@@ -129,7 +129,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await store.attach(state)
     store.start()
     servicer = CollaborationServicer(
-        state, store=store, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
+        state,
+        store=store,
+        status_interval=config.status_interval,
+        status_read_min_interval=config.status_read_min_interval,
+        subscriber_queue=config.subscriber_queue,
     )
     state.log.on_recorded = event_recorded
     interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))

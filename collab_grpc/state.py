@@ -116,6 +116,7 @@ class CollaborationState:
         self._decisions: dict[str, list[Decision]] = {}
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
+        self._restores = 0  # part of `version`: a restore may go back to an earlier seq
         for entry in roster:
             check_id("roster agent_id", entry.agent_id, self.limits)
             check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
@@ -125,6 +126,12 @@ class CollaborationState:
     @property
     def epoch(self) -> str:
         return self.log.epoch
+
+    @property
+    def version(self) -> tuple[str, int, int]:
+        """Changes whenever the state does: every change appends an event (the seq), and
+        a restore replaces the state (it may continue from an earlier seq)."""
+        return self.log.epoch, self.log.last_seq, self._restores
 
     # -- writes ---------------------------------------------------------------------
 
@@ -446,6 +453,7 @@ class CollaborationState:
         """
         roster = self._roster
         now = self.clock()
+        self._restores += 1
         self._agents = OrderedDict()
         for agent_id, department, last_activity_id, last_seen in sorted(agents, key=lambda row: row[3]):
             self._agents[agent_id] = Agent(
