@@ -312,7 +312,7 @@ class CollaborationState:
             if not agents:
                 break
             agent = agents[next(iter(agents))]  # the least recently seen (O(1) on an OrderedDict)
-            if agent.last_seen > cutoff:
+            if agent.last_seen >= cutoff:
                 break  # every agent after it was seen later still
             if self._is_live(agent):
                 # Live whatever its age: looked at again a TTL from now. Becoming idle (a
@@ -376,7 +376,7 @@ class CollaborationState:
         if not self._agents:
             return False
         front = self._agents[next(iter(self._agents))]
-        return front.last_seen <= self.clock() - self.settings.agent_idle_ttl
+        return front.last_seen < self.clock() - self.settings.agent_idle_ttl
 
     @property
     def roster_ids(self) -> Iterable[str]:
@@ -490,7 +490,7 @@ class CollaborationState:
         # the next status says it). Live ones found old start their idle time now.
         cutoff = now - self.settings.agent_idle_ttl
         for agent in list(self._agents.values()):
-            if agent.last_seen > cutoff:
+            if agent.last_seen >= cutoff:
                 continue
             if self._is_live(agent):
                 agent.last_seen = now

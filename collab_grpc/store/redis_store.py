@@ -199,7 +199,7 @@ class RedisStore:
             now = state.clock()
             await client.zadd(seen_key, {agent_id: now for agent_id in await client.hkeys(self._key("agent"))})
         cutoff = state.clock() - state.settings.agent_idle_ttl
-        recent = dict(await client.zrangebyscore(seen_key, f"({cutoff}", "+inf", withscores=True))
+        recent = dict(await client.zrangebyscore(seen_key, cutoff, "+inf", withscores=True))
         needed = {a.agent_id.encode() for a in activities if a.status is ActivityStatus.ACTIVE}
         needed.update(member.encode() for s in sessions if s.ended_at is None for member in s.participants)
         needed.update(agent_id.encode() for agent_id in state.roster_ids)

@@ -332,7 +332,7 @@ class SQLiteStore(SingleProcessStore):
         needed.update(member for s in sessions if s.ended_at is None for member in s.participants)
         needed.update(state.roster_ids)
         agents = connection.execute(
-            "SELECT agent_id, department, last_activity_id, seen_at FROM agents WHERE seen_at > ? UNION "
+            "SELECT agent_id, department, last_activity_id, seen_at FROM agents WHERE seen_at >= ? UNION "
             "SELECT agent_id, department, last_activity_id, seen_at FROM agents "
             "WHERE agent_id IN (SELECT value FROM json_each(?))",
             (state.clock() - settings.agent_idle_ttl, json.dumps(sorted(needed))),
