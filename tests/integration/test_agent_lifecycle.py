@@ -143,7 +143,7 @@ async def test_a_sqlite_restart_over_many_historic_agents_reads_back_only_the_li
             await client.stub.EndCollaboration(
                 pb.EndCollaborationRequest(session_id=started.session_id), metadata=client.metadata
             )
-            retired = set()
+            retired: set[str] = set()
             while len(retired) < 2:
                 message = await asyncio.wait_for(events.read(), 30)
                 assert isinstance(message, pb.SubscribeEventsResponse)
