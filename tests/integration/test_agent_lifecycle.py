@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -98,13 +99,15 @@ async def bulk_record(client: Client, agent_ids: list[str], per_message: int = 5
     assert (answer.recorded, answer.failed) == (len(agent_ids), 0)
 
 
-async def wait_for(client: Client, done: object, within: float = 60.0) -> pb.AgentStatusSummary:
+async def wait_for(
+    client: Client, done: Callable[[pb.AgentStatusSummary], bool], within: float = 60.0
+) -> pb.AgentStatusSummary:
     """Poll the status until ``done(status)``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while True:
         status = await agent_status(client)
-        if done(status):  # type: ignore[operator]
+        if done(status):
             return status
         assert loop.time() < deadline, f"the status never got there: {status.total_agents} agents"
         await asyncio.sleep(0.1)
