@@ -51,6 +51,8 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("collab_grpc.store.redis")
 
 LOCK_TTL_MS = 5_000
+# Entries of agents never retired (idle past the TTL while no replica ran) removed per load.
+STALE_AGENTS_PER_LOAD = 10_000
 LOCK_WAIT = 5.0  # seconds a write waits for the lock before UNAVAILABLE
 
 # KEYS: lock, seq, events. ARGV: lock token, expected seq, new seq, event (JSON),
@@ -61,6 +63,19 @@ if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[2] then return redis.error_reply(
 redis.call('XADD', KEYS[3], ARGV[3] .. '-0', 'e', ARGV[4], 'a', ARGV[5])
 for _, op in ipairs(cjson.decode(ARGV[6])) do redis.call(unpack(op)) end
 redis.call('SET', KEYS[2], ARGV[3])
+return 1
+"""
+# KEYS: agent hash, agent_seen. ARGV: cutoff, agent ids. Each id still unseen since the
+# cutoff (checked here: a replica may have just written it) is removed.
+FORGET_STALE_AGENTS = """
+local cutoff = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local seen = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if seen and tonumber(seen) < cutoff then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+  end
+end
 return 1
 """
 # KEYS: lock. ARGV: token.
@@ -203,6 +218,12 @@ class RedisStore:
         needed = {a.agent_id.encode() for a in activities if a.status is ActivityStatus.ACTIVE}
         needed.update(member.encode() for s in sessions if s.ended_at is None for member in s.participants)
         needed.update(agent_id.encode() for agent_id in state.roster_ids)
+        # Agents that went idle while every replica was down were never retired: their
+        # entries go now, a bounded number per start.
+        stale = await client.zrangebyscore(seen_key, "-inf", f"({cutoff}", start=0, num=STALE_AGENTS_PER_LOAD)
+        stale = [agent_id for agent_id in stale if agent_id not in needed]
+        if stale:
+            await client.eval(FORGET_STALE_AGENTS, 2, self._key("agent"), seen_key, repr(cutoff), *stale)
         ids = list(dict.fromkeys([*recent, *needed]))
         bodies = await client.hmget(self._key("agent"), ids) if ids else []
         agents = []
