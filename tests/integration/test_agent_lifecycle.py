@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from playwright.async_api import async_playwright
 from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.integration.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.contract import validate_rest
 from tests.support.processes import ServerProcess
-from tests.support.rpc import Client
+from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, SERVER_ENV, is_event, opened, record, recv_until, running_stack
 
 pytestmark = pytest.mark.integration
@@ -175,3 +178,41 @@ async def test_the_ttl_setting_is_checked_at_start(tmp_path: Path) -> None:
                 server.start()
         finally:
             server.__exit__()
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's Chromium, as test_browser.py drives it (skipped without it, unless required)."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    return CHROMIUM
+
+
+async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, chromium: str) -> None:
+    """In a real headless Chromium: the card goes on `agent_retired`; the other stays."""
+    server_env = {"COLLAB_STORE": "memory", "COLLAB_AGENT_IDLE_TTL": IDLE_TTL}
+    with running_stack(tmp_path, server_env) as stack:
+        async with (
+            httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as http,
+            async_playwright() as playwright,
+        ):
+            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                errors: list[str] = []
+                page.on("pageerror", lambda error: errors.append(str(error)))
+                await page.goto(f"{stack.bridge.http}/?token={WRITE_KEY}")
+                await page.wait_for_selector('#state[data-state="live"]', timeout=10_000)
+                started = await http.post(f"{API}/start-collaboration", json={"participants": ["staying"]})
+                assert started.status_code == 200, started.text
+                activity_id = await record(http, "leaving")
+                await page.wait_for_selector('#agents [data-agent="leaving"]', timeout=10_000)
+                done = await http.post(f"{API}/complete-activity", json={"activity_id": activity_id})
+                assert done.status_code == 200, done.text
+                await page.wait_for_selector('#agents [data-agent="leaving"]', state="detached", timeout=30_000)
+                assert await page.locator('#agents [data-agent="staying"]').count() == 1
+                assert not errors, errors
+            finally:
+                await browser.close()
