@@ -91,6 +91,9 @@ MAX_BULK_ITEMS = 100_000
 MIN_STATUS_INTERVAL = 0.1
 MAX_STATUS_INTERVAL = 3600.0
 DEFAULT_STATUS_READ_MIN_INTERVAL = 1.0
+# At most this share of the event loop's time goes to building the shared status: a
+# build that took 50 ms is not followed by another for 500 ms.
+STATUS_LOOP_SHARE = 0.1
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
 
 
@@ -112,10 +115,11 @@ CALLER: ContextVar[Caller] = ContextVar("collab_caller", default=_READ_ONLY_CALL
 
 class SharedStatus:
     """The agent status every StreamAgentStatus stream sends, built and serialised once
-    and shared: it is rebuilt only when the state changed since and the last build is at
-    least ``min_age`` seconds old. However many streams there are and whatever their
-    intervals, the event loop builds the status at most once per ``min_age``, and not at
-    all while nothing changes."""
+    and shared: it is rebuilt only when the state changed since and the last build is old
+    enough: ``min_age`` seconds, or longer when building takes long, so that building
+    takes no more than ``loop_share`` of the event loop's time. However many streams there
+    are and whatever their intervals, the status is built at most once per that gap, and
+    not at all while nothing changes."""
 
     def __init__(
         self,
@@ -124,6 +128,7 @@ class SharedStatus:
         clock: Callable[[], float],
         *,
         min_age: float = MIN_STATUS_INTERVAL,
+        loop_share: float = STATUS_LOOP_SHARE,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._build = build
@@ -131,9 +136,11 @@ class SharedStatus:
         self._clock = clock
         self._monotonic = monotonic
         self.min_age = min_age
+        self.loop_share = loop_share
         self.builds = 0  # how many times the status was built (tests, metrics)
         self._built_version: object = None
         self._built_at = -math.inf
+        self._gap = min_age  # the least time between two builds
         self._taken_at = 0.0
         # `agent_status` (field 2 of StreamAgentStatusResponse) serialised: a response is
         # its `time` serialised followed by these bytes (protobuf fields concatenate).
@@ -144,10 +151,11 @@ class SharedStatus:
         carries was true: now if nothing changed since it was built, else when built."""
         version = self._version()
         now = self._monotonic()
-        if version != self._built_version and now - self._built_at >= self.min_age:
+        if version != self._built_version and now - self._built_at >= self._gap:
             self._taken_at = self._clock()
             self._summary = pb.StreamAgentStatusResponse(agent_status=self._build()).SerializeToString()
             self._built_version, self._built_at = version, now
+            self._gap = max(self.min_age, (self._monotonic() - now) / self.loop_share)
             self.builds += 1
         taken_at = self._clock() if version == self._built_version else self._taken_at
         return pb.StreamAgentStatusResponse(time=convert.timestamp_from_seconds(taken_at)).SerializeToString() + (

@@ -85,6 +85,28 @@ def test_the_status_is_built_once_per_change_and_at_most_once_per_min_age() -> N
     assert built == [0, 1, 2]
 
 
+def test_a_slow_build_is_followed_by_a_longer_gap() -> None:
+    """Building may take at most loop_share of the time: a build of 0.5 s is not followed
+    by another for 5 s, whatever changes."""
+    version = Counter()
+    now = [0.0]
+
+    def build() -> pb.AgentStatusSummary:
+        now[0] += 0.5  # the build takes half a second of the loop
+        return pb.AgentStatusSummary(total_agents=version.value)
+
+    shared = SharedStatus(
+        build, version, lambda: 1_764_000_000.0, min_age=0.1, loop_share=0.1, monotonic=lambda: now[0]
+    )
+    shared.response()
+    version.value = 1
+    now[0] += 4.4  # 4.9 s after the build began
+    assert pb.StreamAgentStatusResponse.FromString(shared.response()).agent_status.total_agents == 0
+    now[0] += 0.1
+    assert pb.StreamAgentStatusResponse.FromString(shared.response()).agent_status.total_agents == 1
+    assert shared.builds == 2
+
+
 # -- streams on a real server ------------------------------------------------------------------
 
 
