@@ -237,11 +237,13 @@ def test_the_sweep_runs_at_least_every_tenth_of_the_shorter_ttl() -> None:
 
 
 def test_the_rate_limiter_forgets_agents_whose_bucket_refilled() -> None:
-    limiter = RateLimiter(10)  # burst 10: a bucket refills within a second
+    limiter = RateLimiter(10)  # burst 10: one record leaves a bucket that refills in 0.1 s
     for n in range(50_000):  # one new agent id a record, 10,000 a second
         limiter.acquire(f"agent_{n}", n / 10_000)
-    # Only the agents of the last second are remembered, not every id ever seen.
-    assert limiter.tracked <= 10_001
+    # Only the agents of the last 0.1 s are remembered, not every id ever seen.
+    assert limiter.tracked <= 1_001
+    limiter.acquire("later", 100.0)
+    assert limiter.tracked == 1
 
 
 # -- the wire: proto, store codec, bridge --------------------------------------------------
