@@ -12,6 +12,7 @@ import jwt
 import pytest
 import pytest_asyncio
 
+from collab_grpc.config import parse_server_config
 from collab_grpc.servicer import CollaborationServicer, SharedStatus
 from collab_grpc.state import CollaborationState
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -225,3 +226,12 @@ async def test_a_bare_servicer_sends_messages_and_counts_callers_as_read_only(ba
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await bare_server.stub.StreamAgentStatus(status_request(100)).read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_read_floor_setting_is_checked() -> None:
+    assert parse_server_config([], env={}).status_read_min_interval == 1.0
+    assert parse_server_config([], env={"COLLAB_STATUS_READ_MIN_INTERVAL": "5"}).status_read_min_interval == 5.0
+    assert parse_server_config(["--status-read-min-interval", "0.1"], env={}).status_read_min_interval == 0.1
+    for bad in ("0.05", "4000", "nan"):
+        with pytest.raises(SystemExit):
+            parse_server_config(["--status-read-min-interval", bad], env={})
