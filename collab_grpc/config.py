@@ -55,6 +55,14 @@ class ServerConfig:
     history_limit: int = 1000
     event_retain: int = 10_000
     activity_ttl: float = 3600.0
+    # Seconds an agent stays in the live status once idle, in no active session and not
+    # in the roster; then it leaves it (an agent_retired event). An hour, as activity_ttl:
+    # the status shows who worked in the last hour, and an ephemeral id per task costs
+    # the live status an hour, not forever.
+    agent_idle_ttl: float = 3600.0
+    # Agents the idle sweep looks at per pass (a pass that used it all is followed at once
+    # by the next, after the event loop served others).
+    agent_retire_batch: int = 256
     rate_limit: float = 10.0
     max_metadata_bytes: int = 64 * 1024
     # Every message the server sends stays within this many bytes serialised.
@@ -63,6 +71,8 @@ class ServerConfig:
     max_status_agents: int = 1000
     max_snapshot_sessions: int = 1000
     status_interval: float = 2.0
+    # The shortest StreamAgentStatus interval a read-only credential may ask for.
+    status_read_min_interval: float = 1.0
     subscriber_queue: int = 10_000
     shutdown_grace: float = 5.0
     log_level: str = "info"
@@ -97,6 +107,20 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--history-limit", "COLLAB_HISTORY_LIMIT", "history_limit", int, "newest activities kept for the feed"),
     ("--event-retain", "COLLAB_EVENT_RETAIN", "event_retain", int, "newest events kept for resuming subscribers"),
     ("--activity-ttl", "COLLAB_ACTIVITY_TTL", "activity_ttl", float, "seconds before an open activity expires"),
+    (
+        "--agent-idle-ttl",
+        "COLLAB_AGENT_IDLE_TTL",
+        "agent_idle_ttl",
+        float,
+        "seconds an idle agent (no open activity, no active session, not in the roster) stays in the live status",
+    ),
+    (
+        "--agent-retire-batch",
+        "COLLAB_AGENT_RETIRE_BATCH",
+        "agent_retire_batch",
+        int,
+        "agents the idle sweep looks at per pass",
+    ),
     ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
     ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
     (
@@ -121,6 +145,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "active sessions listed in a snapshot (oldest first; ListActiveCollaborations pages the rest)",
     ),
     ("--status-interval", "COLLAB_STATUS_INTERVAL", "status_interval", float, "seconds between status updates"),
+    (
+        "--status-read-min-interval",
+        "COLLAB_STATUS_READ_MIN_INTERVAL",
+        "status_read_min_interval",
+        float,
+        "shortest StreamAgentStatus interval a read-only credential may ask for (seconds, 0.1 to 3600)",
+    ),
     ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
@@ -175,12 +206,14 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "retain_count",
         "max_status_agents",
         "max_snapshot_sessions",
+        "agent_retire_batch",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
+    positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}
+    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds", "agent_idle_ttl"):
         value = getattr(config, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
             parser.error(
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
@@ -191,6 +224,10 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
             f"max-reply-bytes must be between {needed} (the largest item max-metadata-bytes "
             f"{config.max_metadata_bytes} lets in, with room around it) and {MAX_REPLY_BYTES_CEILING} "
             f"(what a gRPC receiver accepts by default), got {config.max_reply_bytes}"
+        )
+    if not 0.1 <= config.status_read_min_interval <= 3600:  # also refuses NaN
+        parser.error(
+            f"status-read-min-interval must be between 0.1 and 3600 (seconds), got {config.status_read_min_interval}"
         )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
