@@ -59,6 +59,8 @@ class ServerConfig:
     # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
     # "off": no metrics port; else host:port, which must be free.
     metrics_addr: str | None = None
+    # Spans one OTLP Export may carry (collab_grpc/otlp_servicer.py); more: INVALID_ARGUMENT.
+    otlp_max_spans: int = 10_000
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -100,6 +102,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         str,
         f"host:port serving Prometheus /metrics (port 0 picks a free one), or off; default {DEFAULT_METRICS_ADDR}",
     ),
+    (
+        "--otlp-max-spans",
+        "COLLAB_OTLP_MAX_SPANS",
+        "otlp_max_spans",
+        int,
+        "spans one OTLP trace export may carry (more: the export is refused)",
+    ),
 ]
 
 
@@ -135,7 +144,14 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
-    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue", "retain_count"):
+    for name in (
+        "history_limit",
+        "event_retain",
+        "max_metadata_bytes",
+        "subscriber_queue",
+        "retain_count",
+        "otlp_max_spans",
+    ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
