@@ -32,6 +32,7 @@ request with more spans than ``max_spans`` is refused whole with INVALID_ARGUMEN
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -219,10 +220,8 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
             await self.store.durable(self.state.log.last_seq)
         except (RateLimited, StoreUnavailable) as error:
             # Whatever was recorded stays; the exporter's retry records only the rest.
-            try:
+            with contextlib.suppress(StoreUnavailable):
                 await self.store.durable(self.state.log.last_seq)
-            except StoreUnavailable:
-                pass
             await abort_with(context, error)
             raise AssertionError("unreachable: abort raises") from error
         rejected += len(failed)
@@ -333,4 +332,4 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
 def add_trace_servicer(servicer: OtlpTraceServicer, server: Any) -> None:
     """Serve ``servicer`` on ``server`` (a grpc.aio.Server), beside the CollaborationService;
     the server's interceptor treats Export as a write (it is not a known read)."""
-    otlp_grpc.add_TraceServiceServicer_to_server(servicer, server)
+    otlp_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]

@@ -24,7 +24,9 @@ from collab_grpc.store.base import MemoryStore
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 
-def span(span_id: str, operation: str | None, parent: str = "", *, end: int = 2_000_000_000, **attributes: Any) -> SpanView:
+def span(
+    span_id: str, operation: str | None, parent: str = "", *, end: int = 2_000_000_000, **attributes: Any
+) -> SpanView:
     if operation is not None:
         attributes["gen_ai.operation.name"] = operation
     return SpanView(
@@ -251,8 +253,9 @@ def test_start_then_end_records_once_and_memory_on_success() -> None:
     assert activity.status is ActivityStatus.ACTIVE
     assert not [e for e in state.log.events_after(0) if e.kind is EventKind.MEMORY_UPDATED]
     _apply(servicer, [span("0000000000000001", "update_memory", gen_ai__agent__name="keeper", gen_ai__memory__id="m1")])
-    assert [a.activity_id for a in state.activity_feed()] == [activity.activity_id]
-    assert activity.status is ActivityStatus.COMPLETED
+    (again,) = state.activity_feed()
+    assert again.activity_id == activity.activity_id
+    assert again.status is ActivityStatus.COMPLETED
     (update,) = [e.payload for e in state.log.events_after(0) if e.kind is EventKind.MEMORY_UPDATED]
     assert update.item_id == "m1" and update.operation is MemoryOperation.WRITE  # type: ignore[union-attr]
 
