@@ -61,6 +61,8 @@ class ServerConfig:
     metrics_addr: str | None = None
     # Spans one OTLP Export may carry (collab_grpc/otlp_servicer.py); more: INVALID_ARGUMENT.
     otlp_max_spans: int = 10_000
+    # Spans whose records the OTLP ingest remembers, so a re-exported span records nothing.
+    otlp_span_index: int = 100_000
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -109,6 +111,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         int,
         "spans one OTLP trace export may carry (more: the export is refused)",
     ),
+    (
+        "--otlp-span-index",
+        "COLLAB_OTLP_SPAN_INDEX",
+        "otlp_span_index",
+        int,
+        "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice",
+    ),
 ]
 
 
@@ -151,6 +160,7 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "subscriber_queue",
         "retain_count",
         "otlp_max_spans",
+        "otlp_span_index",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")

@@ -7,11 +7,15 @@ is applied:
   recorded top down; a span whose parent is not a GenAI span hangs from its nearest
   GenAI ancestor in the batch. A parent that arrives in a later batch than its child
   is not linked (the child keeps ``otel.parent_span_id`` in its metadata).
-- ``(trace id, span id)`` is the idempotency key of a span's records: the hub keeps,
-  in its idempotency cache (collab_grpc/idempotency.py, persisted by the store like any
-  write's answer), which activity a span became. A span seen again (an exporter's retry,
-  or the in-process processor's start followed by the span's end) records nothing new;
-  an ended span whose activity is still open completes it.
+- ``(trace id, span id)`` is the idempotency key of a span's records: the hub keeps
+  which activity a span became in a span index, an IdempotencyCache of its own
+  (collab_grpc/idempotency.py: the newest ``span_index`` spans, for 24 hours), so that
+  spans never crowd out the idempotency keys of other writes. Its entries are stored by
+  the store like any write's answer, and come back after a restart (in the hub's main
+  idempotency cache, where they are looked up too). A span seen again (an exporter's
+  retry, or the in-process processor's start followed by the span's end) records
+  nothing new; an ended span whose activity is still open completes it. A span seen
+  again once out of the index (over ``span_index`` spans later) is recorded again.
 - ``gen_ai.conversation.id`` is a collaboration session: started when a conversation
   is first seen (participants: that span's agent, type ``conversation``), and ended
   when the span that started it ends. A later span of the same conversation after that
@@ -47,16 +51,26 @@ from prometheus_client import Counter
 
 from collab_grpc import metrics
 from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
+from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import ActivityStatus
 from collab_grpc.otlp import SpanPlan, SpanView, fit_metadata, plan_span
 from collab_grpc.servicer import Context, abort_with
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import Store, StoreUnavailable
 
-__all__ = ["DEFAULT_MAX_SPANS", "TRACE_SERVICE", "OtlpTraceServicer", "add_trace_servicer", "span_views"]
+__all__ = [
+    "DEFAULT_MAX_SPANS",
+    "DEFAULT_SPAN_INDEX",
+    "TRACE_SERVICE",
+    "OtlpTraceServicer",
+    "add_trace_servicer",
+    "span_views",
+]
 
 TRACE_SERVICE = otlp.DESCRIPTOR.services_by_name["TraceService"].full_name
 DEFAULT_MAX_SPANS = 10_000
+# Spans (and conversations) whose records the hub remembers; an entry holds ~100 bytes.
+DEFAULT_SPAN_INDEX = 100_000
 # Reasons quoted in a partial success's error_message; the count says how many more.
 MAX_REASONS = 5
 # Nesting of an attribute value kept (kvlist in array in ...); deeper is cut.
@@ -171,10 +185,18 @@ def parents_first(spans: Sequence[SpanView]) -> list[SpanView]:
 
 
 class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
-    def __init__(self, state: CollaborationState, store: Store, *, max_spans: int = DEFAULT_MAX_SPANS) -> None:
+    def __init__(
+        self,
+        state: CollaborationState,
+        store: Store,
+        *,
+        max_spans: int = DEFAULT_MAX_SPANS,
+        span_index: int = DEFAULT_SPAN_INDEX,
+    ) -> None:
         self.state = state
         self.store = store
         self.max_spans = max_spans
+        self.index = IdempotencyCache(capacity=span_index)
 
     async def Export(  # noqa: N802
         self, request: otlp.ExportTraceServiceRequest, context: Context
@@ -235,8 +257,23 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
 
     # -- the span index ---------------------------------------------------------------
 
+    def _lookup(self, method: str, key: str) -> bytes | None:
+        """What the index holds for ``key``; after a restart, the store's copy (restored
+        into the main idempotency cache)."""
+        now = self.state.clock()
+        answer = self.index.lookup(method, key, _IDENTITY, now)
+        return answer if answer is not None else self.state.idempotency.lookup(method, key, _IDENTITY, now)
+
+    def _keep(self, method: str, key: str, answer: bytes) -> None:
+        """Into the index, and to the store (with the write under way) as any answer goes."""
+        now = self.state.clock()
+        self.index.remember(method, key, _IDENTITY, answer, now)
+        sink = self.state.idempotency.sink
+        if sink is not None:
+            sink(method, key, _IDENTITY, answer, now)
+
     def _span_record(self, key: str) -> _SpanRecord | None:
-        answer = self.state.idempotency.lookup(SPAN_METHOD, key, _IDENTITY, self.state.clock())
+        answer = self._lookup(SPAN_METHOD, key)
         return None if answer is None else _SpanRecord.decode(answer)
 
     def _ancestor(self, plan: SpanPlan, skipped: dict[str, str]) -> _SpanRecord | None:
@@ -258,8 +295,7 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
     def _session_for(self, plan: SpanPlan, agent_id: str, parent: _SpanRecord | None) -> tuple[str, bool]:
         """The session the span's activity joins, and whether this span started it."""
         if plan.conversation_id:
-            now = self.state.clock()
-            answer = self.state.idempotency.lookup(CONVERSATION_METHOD, plan.conversation_id, _IDENTITY, now)
+            answer = self._lookup(CONVERSATION_METHOD, plan.conversation_id)
             if answer is not None and self._active_session(session_id := answer.decode()):
                 session = self.state.find_session(session_id)
                 # This span started it when a call that started it was cut short before the record.
@@ -270,9 +306,7 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                 session_type="conversation",
                 metadata={"source": "otel", "gen_ai.conversation.id": plan.conversation_id, "otel.span": plan.key},
             )
-            self.state.idempotency.store(
-                CONVERSATION_METHOD, plan.conversation_id, _IDENTITY, session.session_id.encode(), now
-            )
+            self._keep(CONVERSATION_METHOD, plan.conversation_id, session.session_id.encode())
             return session.session_id, True
         if parent is not None and self._active_session(parent.session_id):
             return parent.session_id, False
@@ -305,7 +339,7 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
             parent_activity_id=parent_activity_id,
         )
         record = _SpanRecord(activity.activity_id, agent_id, session_id, opened)
-        self.state.idempotency.store(SPAN_METHOD, plan.key, _IDENTITY, record.encode(), self.state.clock())
+        self._keep(SPAN_METHOD, plan.key, record.encode())
         SPANS.labels("recorded").inc()
 
     def _end(self, plan: SpanPlan) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,7 +38,7 @@ from opentelemetry.trace import Status, StatusCode
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.support.rpc import READ_KEY, WRITE_KEY
-from tests.support.stack import Stack, opened, recv_until, running_stack
+from tests.support.stack import AUTH, Stack, opened, recv_until, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -353,3 +355,52 @@ async def test_grpc_too_many_spans_and_undecodable(stack: Stack, http: httpx.Asy
             await raw(b"\xff\xff\xff\xff", metadata=metadata)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await seq(http) == before
+
+
+# -- rate limits, restarts and an unreachable server -------------------------------------
+
+
+def post_until_taken(base: str, body: bytes) -> list[int]:
+    """POST ``body`` as an exporter does: again after each 429/503, waiting Retry-After."""
+    statuses: list[int] = []
+    headers = {"Content-Type": PROTOBUF, "Authorization": f"Bearer {WRITE_KEY}"}
+    for _ in range(20):
+        response = httpx.post(base + "/v1/traces", content=body, headers=headers)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            return statuses
+        assert response.status_code in (429, 503), response.text
+        assert status_of(response).message
+        time.sleep(float(response.headers["Retry-After"]))
+    raise AssertionError(f"never taken: {statuses}")
+
+
+def test_rate_limited_exports_are_retried_restarts_remember_spans(tmp_path: Path) -> None:
+    agent = unique("limited-agent")
+    spans = run_tree(InMemorySpanExporter(), agent, unique("conversation"))
+    body = encode_spans(spans).SerializeToString()
+    with running_stack(tmp_path, server_env={"COLLAB_RATE_LIMIT": "1"}) as stack:
+        base = stack.bridge.http
+        feed_url = f"{base}/api/v1/collaboration/activity-feed?agent_id={agent}"
+
+        def feed() -> list[dict[str, Any]]:
+            activities: list[dict[str, Any]] = httpx.get(feed_url, headers=AUTH).json()["activities"]
+            return activities
+
+        # One record a second for the agent: the tree's three activities take retries.
+        statuses = post_until_taken(base, body)
+        assert statuses[0] == 429 and statuses[-1] == 200
+        recorded = feed()
+        assert sorted(a["activity_type"] for a in recorded) == ["agent_started", "message_sent", "task_assigned"]
+        assert sorted(a["status"] for a in recorded) == ["completed", "completed", "failed"]
+        # The span index outlives a restart: the same export again records nothing.
+        port = stack.server.port
+        assert stack.server.stop() == 0
+        stack.server.start(port)
+        post_until_taken(base, body)
+        assert sorted(a["activity_id"] for a in feed()) == sorted(a["activity_id"] for a in recorded)
+        # The server gone: 503 with Retry-After, which exporters retry.
+        assert stack.server.stop() == 0
+        response = httpx.post(base + "/v1/traces", content=body, headers={"Content-Type": PROTOBUF, **AUTH}, timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "1"
