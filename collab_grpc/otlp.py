@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from collab_grpc.model import ActivityType, MemoryOperation
 
 __all__ = [
@@ -186,6 +188,8 @@ def agent_id_from(name: object) -> str:
     dropped, at most 128 characters (the hub's id rules); empty when nothing is left."""
     if not isinstance(name, str):
         return ""
+    if name.isprintable() and " " not in name:  # already an id (the common case): no rebuilding
+        return name[:MAX_AGENT_ID_CHARS]
     cleaned = "".join("_" if ch.isspace() else ch for ch in name if ch.isprintable() or ch.isspace())
     return cleaned[:MAX_AGENT_ID_CHARS]
 
@@ -276,6 +280,12 @@ def fit_metadata(metadata: dict[str, Any], max_bytes: int) -> dict[str, Any] | N
     """``metadata`` within ``max_bytes`` serialised (as the hub measures it): optional
     keys are given up, newest in KEPT_ATTRIBUTES order first, then the span's name and
     times; None when even the essential keys do not fit."""
+    # orjson's UTF-8 is at most three times shorter than the escaped text the hub measures.
+    try:
+        if 3 * len(orjson.dumps(metadata)) <= max_bytes:
+            return dict(metadata)
+    except orjson.JSONEncodeError:  # what orjson refuses (an integer beyond 64 bits) is measured below
+        pass
     fitted = dict(metadata)
     optional = [key for key in reversed(fitted) if key not in ESSENTIAL_KEYS]
     while len(json.dumps(fitted, separators=(",", ":"))) > max_bytes:

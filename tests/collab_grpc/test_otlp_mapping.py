@@ -268,3 +268,10 @@ def test_a_later_turn_of_an_ended_conversation_starts_a_new_session() -> None:
     ended = state.ended_collaborations()
     assert len(ended) == 2 and ended[0].session_id != ended[1].session_id
     assert all(s.metadata["gen_ai.conversation.id"] == "c" for s in ended)
+
+
+def test_fit_metadata_measures_what_orjson_refuses() -> None:
+    metadata = {"source": "otel", "otel.trace_id": TRACE, "otel.span_id": "b7ad6b7169203331", "big": 2**70}
+    assert fit_metadata(metadata, 1000) == metadata
+    fitted = fit_metadata(metadata, 110)
+    assert fitted is not None and "big" not in fitted

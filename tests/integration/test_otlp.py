@@ -174,10 +174,26 @@ async def test_grpc_exporter_tree_and_retry(stack: Stack, http: httpx.AsyncClien
         spans = run_tree(exporter, agent, unique("conversation"))
         await assert_tree_on_websocket(ws, agent, spans)
     before = await seq(http)
+    counted = otlp_spans(stack)
     retry = GrpcExporter(endpoint=stack.server.target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"})
     assert retry.export(spans) is SpanExportResult.SUCCESS
     retry.shutdown()
     assert await seq(http) == before, "a re-exported batch recorded something"
+    # Counted on the server's /metrics: the three GenAI spans seen again, the other one dropped.
+    after = otlp_spans(stack)
+    assert after["duplicate"] - counted.get("duplicate", 0) == 3
+    assert after["dropped"] - counted.get("dropped", 0) == 1
+
+
+def otlp_spans(stack: Stack) -> dict[str, float]:
+    """collab_otlp_spans_total by outcome, from the server's /metrics."""
+    text = httpx.get(stack.server.metrics_url).text
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("collab_otlp_spans_total{"):
+            labels, value = line.rsplit(" ", 1)
+            found[labels.split('outcome="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
 
 
 async def test_http_exporter_from_the_standard_environment(
