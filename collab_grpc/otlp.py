@@ -57,6 +57,7 @@ MAX_ATTRIBUTE_ITEMS = 16
 # agent_id when a span names no agent and has no GenAI ancestor or service name.
 DEFAULT_AGENT = "otel-agent"
 MAX_AGENT_ID_CHARS = 128
+MAX_FAILURE_CHARS = 1024
 
 OPERATION = "gen_ai.operation.name"
 AGENT_NAME = "gen_ai.agent.name"
@@ -258,7 +259,8 @@ def plan_span(span: SpanView) -> SpanPlan | None:
     if span.ended and span.error:
         error_type = attributes.get("error.type")
         failure = span.status_message or (error_type if isinstance(error_type, str) else "") or "error"
-        failure = failure[:1024]
+        # The hub's failure_reason: one line of printable text, at most 1,024 characters.
+        failure = "".join(ch if ch.isprintable() else " " for ch in failure[:MAX_FAILURE_CHARS]).strip() or "error"
     conversation = attributes.get(CONVERSATION_ID)
     return SpanPlan(
         key=span.key,

@@ -237,8 +237,15 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                     reasons.append(f"span {plan.key}: {error}")
             for plan in reversed(plans):
                 if plan.ended and plan.key not in failed:
-                    async with self.store.writing():
-                        self._end(plan)
+                    try:
+                        async with self.store.writing():
+                            self._end(plan)
+                    except CollabError as error:
+                        if isinstance(error, RateLimited | StoreUnavailable):
+                            raise
+                        metrics.refused(error)
+                        failed.add(plan.key)
+                        reasons.append(f"span {plan.key}: {error}")
             await self.store.durable(self.state.log.last_seq)
         except (RateLimited, StoreUnavailable) as error:
             # Whatever was recorded stays; the exporter's retry records only the rest.

@@ -142,6 +142,9 @@ def test_error_status_is_the_failure_reason() -> None:
     assert plan is not None and plan.failure_reason == "tool timed out"
     without_message = plan_span(SpanView(**{**_fields(failed), "status_message": ""}))
     assert without_message is not None and without_message.failure_reason == "TimeoutError"
+    traceback = plan_span(SpanView(**{**_fields(failed), "status_message": "Traceback:\n\tboom" + "x" * 5000}))
+    assert traceback is not None
+    assert traceback.failure_reason.startswith("Traceback:  boom") and len(traceback.failure_reason) == 1024
     running = plan_span(SpanView(**{**_fields(failed), "end_ns": 0}))
     assert running is not None and not running.ended and running.failure_reason == ""
 
