@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode, Tracer
 
 from collab import Client
 from collab.integrations.otel import CollabSpanProcessor
+from collab.integrations.spans import SpanSender
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import ServerProcess
 from tests.support.rpc import WRITE_KEY
@@ -128,3 +131,53 @@ def test_a_hub_that_is_down_costs_a_bounded_buffer_then_gets_what_was_kept(tmp_p
                 assert all(a.status == pb.ACTIVITY_STATUS_COMPLETED for a in kept)
         finally:
             assert server.stop() == 0
+
+
+def _span(trace: int, span: int, parent: int, end: bool, **attributes: str) -> otlp.ExportTraceServiceRequest:
+    now = time.time_ns()
+    request = otlp.ExportTraceServiceRequest()
+    scope = request.resource_spans.add().scope_spans.add()
+    scope.spans.add(
+        trace_id=trace.to_bytes(16, "big"),
+        span_id=span.to_bytes(8, "big"),
+        parent_span_id=parent.to_bytes(8, "big") if parent else b"",
+        name=attributes["gen_ai.operation.name"],
+        start_time_unix_nano=now,
+        end_time_unix_nano=now + 1000 if end else 0,
+        attributes=[
+            common_pb2.KeyValue(key=key, value=common_pb2.AnyValue(string_value=value))
+            for key, value in attributes.items()
+        ],
+    )
+    return request
+
+
+def test_span_sender_without_the_sdk_handoff_and_memory(tmp_path: Path) -> None:
+    """What a framework integration does: OTLP spans built from its own events."""
+    triage, billing = f"triage-{uuid.uuid4().hex[:6]}", f"billing-{uuid.uuid4().hex[:6]}"
+    trace = int(uuid.uuid4().hex, 16)
+    with ServerProcess(tmp_path, env=ENV) as server, Client(server.target, WRITE_KEY) as hub:
+        sender = SpanSender(Client(server.target, WRITE_KEY))
+        run = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": triage}
+        sender.submit((trace, 1), _span(trace, 1, 0, False, **run))
+        handoff = {
+            "gen_ai.operation.name": "handoff",
+            "gen_ai.handoff.from_agent": triage,
+            "gen_ai.handoff.to_agent": billing,
+        }
+        sender.submit((trace, 2), _span(trace, 2, 1, True, **handoff))
+        memory = {"gen_ai.operation.name": "update_memory", "gen_ai.memory.id": "invoice-7"}
+        sender.submit((trace, 3), _span(trace, 3, 1, True, **memory))
+        sender.submit((trace, 1), _span(trace, 1, 0, True, **run))
+        sender.shutdown()
+        assert (sender.dropped, sender.rejected) == (0, 0)
+        root, message, write = feed(hub, triage)
+        assert root.activity_type == pb.ACTIVITY_TYPE_AGENT_STARTED
+        assert message.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT
+        assert list(message.related_agents) == [billing]
+        assert write.activity_type == pb.ACTIVITY_TYPE_MEMORY_WRITE
+        assert {message.parent_activity_id, write.parent_activity_id} == {root.activity_id}
+        assert all(a.status == pb.ACTIVITY_STATUS_COMPLETED for a in (root, message, write))
+        # The memory operation's update, recorded when its span ended well.
+        update = next(iter(hub.events(types=["memory_updated"], agent_ids=[triage], since=0))).memory_updated
+        assert (update.item_id, update.operation) == ("invoice-7", pb.MEMORY_OPERATION_WRITE)
