@@ -169,13 +169,14 @@ def span_views(request: otlp.ExportTraceServiceRequest) -> tuple[list[SpanView],
 
 def parents_first(spans: Sequence[SpanView]) -> list[SpanView]:
     """``spans`` ordered so that a span's parent in the batch comes before it (otherwise
-    in the order given); iterative, and safe with cycles a malformed batch may hold."""
-    by_key = {span.key: span for span in spans}
+    in the order given), each span once; iterative, and safe with cycles a malformed
+    batch may hold."""
+    by_key = {span.key: span for span in spans}  # a span sent twice: its last state
     placed: set[str] = set()
     ordered: list[SpanView] = []
     for span in spans:
         chain: list[SpanView] = []
-        current: SpanView | None = span
+        current: SpanView | None = by_key[span.key]
         while current is not None and current.key not in placed:
             placed.add(current.key)
             chain.append(current)

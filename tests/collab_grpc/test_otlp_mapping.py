@@ -191,6 +191,8 @@ def test_parents_first_and_cycles() -> None:
     middle = span("0000000000000002", None, parent="0000000000000001")
     root = span("0000000000000001", "invoke_agent")
     assert [s.span_id for s in parents_first([child, middle, root])] == [root.span_id, middle.span_id, child.span_id]
+    started = span("0000000000000001", "invoke_agent", end=0)
+    assert parents_first([started, root]) == [root]  # a span sent twice: its last state, once
     loop_a = span("000000000000000a", "chat", parent="000000000000000b")
     loop_b = span("000000000000000b", "chat", parent="000000000000000a")
     assert len(parents_first([loop_a, loop_b])) == 2
