@@ -24,6 +24,8 @@ class BridgeConfig:
     event_buffer: int = 10_000
     max_ws_message_bytes: int = 64 * 1024
     max_body_bytes: int = 1024 * 1024
+    # An OTLP/HTTP trace export once inflated (gzip); the server takes 4 MiB messages.
+    otlp_max_bytes: int = 4 * 1024 * 1024
     # Open WebSocket + SSE connections one token may hold (0: no limit). A team's pages
     # share a token; 1,000 leaves them room while no one token can take a bridge (which
     # serves a few thousand connections) from everyone else.
@@ -80,6 +82,13 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
     ("--event-buffer", "COLLAB_EVENT_BUFFER", "event_buffer", int, "recent events kept to resume clients"),
     ("--max-ws-message-bytes", "COLLAB_MAX_WS_MESSAGE_BYTES", "max_ws_message_bytes", int, "inbound WS cap"),
     ("--max-body-bytes", "COLLAB_MAX_BODY_BYTES", "max_body_bytes", int, "REST request body cap"),
+    (
+        "--otlp-max-bytes",
+        "COLLAB_OTLP_MAX_BYTES",
+        "otlp_max_bytes",
+        int,
+        "POST /v1/traces body cap once inflated (gzip); the body as sent is capped by --max-body-bytes",
+    ),
     (
         "--max-connections-per-token",
         "COLLAB_MAX_CONNECTIONS_PER_TOKEN",
@@ -145,7 +154,7 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         config.port  # noqa: B018 - validates the address
     except (IndexError, ValueError):
         parser.error(f"--bridge-addr / COLLAB_BRIDGE_ADDR: expected host:port, got {config.bridge_addr!r}")
-    for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes"):
+    for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes", "otlp_max_bytes"):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     for name in ("max_connections_per_token", "ws_messages_per_second"):

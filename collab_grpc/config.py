@@ -80,6 +80,10 @@ class ServerConfig:
     # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
     # "off": no metrics port; else host:port, which must be free.
     metrics_addr: str | None = None
+    # Spans one OTLP Export may carry (collab_grpc/otlp_servicer.py); more: INVALID_ARGUMENT.
+    otlp_max_spans: int = 10_000
+    # Spans whose records the OTLP ingest remembers, so a re-exported span records nothing.
+    otlp_span_index: int = 100_000
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -163,6 +167,20 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         str,
         f"host:port serving Prometheus /metrics (port 0 picks a free one), or off; default {DEFAULT_METRICS_ADDR}",
     ),
+    (
+        "--otlp-max-spans",
+        "COLLAB_OTLP_MAX_SPANS",
+        "otlp_max_spans",
+        int,
+        "spans one OTLP trace export may carry (more: the export is refused)",
+    ),
+    (
+        "--otlp-span-index",
+        "COLLAB_OTLP_SPAN_INDEX",
+        "otlp_span_index",
+        int,
+        "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice",
+    ),
 ]
 
 
@@ -207,6 +225,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "max_status_agents",
         "max_snapshot_sessions",
         "agent_retire_batch",
+        "otlp_max_spans",
+        "otlp_span_index",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")

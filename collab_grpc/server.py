@@ -22,6 +22,7 @@ from collab_grpc.eventloop import run
 from collab_grpc.interceptors import CallInterceptor
 from collab_grpc.logs import configure_logging
 from collab_grpc.metrics import MetricsEndpoint, event_recorded, serve_metrics
+from collab_grpc.otlp_servicer import TRACE_SERVICE, OtlpTraceServicer, add_trace_servicer
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.servicer import CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
@@ -142,10 +143,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))
     server = grpc.aio.server(interceptors=[interceptor])
     collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
+    otlp_servicer = OtlpTraceServicer(state, store, max_spans=config.otlp_max_spans, span_index=config.otlp_span_index)
+    add_trace_servicer(otlp_servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            TRACE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     try:
