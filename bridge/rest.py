@@ -7,6 +7,7 @@ HTTP statuses with a JSON body ``{"detail": "<what is wrong>", "code": "<STATUS>
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
@@ -21,6 +22,8 @@ from google.protobuf.message import Message as ProtoMessage
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge import mapping
+from bridge.credentials import InvalidCredential, credential_from_headers
+from bridge.limits import ThrottledLog
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
@@ -37,7 +40,16 @@ from bridge.schemas import (
 )
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["HTTP_STATUS", "HubError", "build_router", "hub_error_response"]
+__all__ = [
+    "HTTP_STATUS",
+    "HubError",
+    "build_router",
+    "credential_from_request",
+    "hub_error_response",
+    "unavailable_detail",
+]
+
+log = logging.getLogger("bridge.rest")
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -68,15 +80,28 @@ class HubError(Exception):
     @classmethod
     def from_rpc(cls, failure: grpc.aio.AioRpcError) -> HubError:
         code = failure.code()
-        detail = failure.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE:
-            detail = f"the collab server is unavailable: {detail}"
+        detail = unavailable_detail(failure) or failure.details() or code.name
         retry_after = None
         # The type stubs mistype metadata entries; they are (key, value) pairs.
         for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
             if key == "retry-after":
                 retry_after = str(value)
         return cls(HTTP_STATUS.get(code, 502), code.name, detail, retry_after)
+
+
+UNAVAILABLE_DETAIL = "the collab server is unavailable; retry later"
+# Why the server could not be reached names internal addresses (the server's, Redis's):
+# for the operator's log, not for whoever calls.
+_unreachable = ThrottledLog(log, "calls to the collab server failed with UNAVAILABLE")
+
+
+def unavailable_detail(failure: grpc.aio.AioRpcError) -> str | None:
+    """What a caller is told of an UNAVAILABLE failure (its details are logged); None
+    for any other status, whose details are the server's answer to the caller."""
+    if failure.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    _unreachable.record(detail=failure.details() or "")
+    return UNAVAILABLE_DETAIL
 
 
 def hub_error_response(error: HubError) -> JSONResponse:
@@ -88,12 +113,13 @@ def hub_error_response(error: HubError) -> JSONResponse:
     return JSONResponse({"detail": error.detail, "code": error.code}, status_code=error.status, headers=headers)
 
 
-def credential_from_request(request: Request) -> Credential:
-    if authorization := request.headers.get("authorization"):
-        return ("authorization", authorization)
-    if api_key := request.headers.get("x-api-key"):
-        return ("x-api-key", api_key)
-    return None
+def credential_from_request(request: Request, max_bytes: int) -> Credential:
+    """The caller's credential (bridge/credentials.py); a malformed one is a 401."""
+    try:
+        return credential_from_headers(request.scope["headers"], max_bytes=max_bytes)
+    except InvalidCredential as refused:
+        log.info("credential refused", extra={"path": request.url.path, "reason": str(refused)})
+        raise HubError(401, "UNAUTHENTICATED", f"invalid credential: {refused}") from None
 
 
 # The server's limit (collab_grpc.validation.Limits.max_metadata_depth). Checked here
@@ -213,7 +239,7 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
 
     async def call(request: Request, method: str, message: Any) -> Any:
         """``method`` of the server, with the caller's credential; failures as HubError."""
-        metadata = credential_metadata(credential_from_request(request))
+        metadata = credential_metadata(credential_from_request(request, runtime.config.max_credential_bytes))
         try:
             return await getattr(runtime.stub, method)(message, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as failure:
