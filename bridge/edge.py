@@ -296,15 +296,26 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         return f"{self.client[0]}:{self.client[1]}" if self.client else ""
 
     def _cut_off(self, code: int, reason: str) -> None:
-        """Close with ``code`` now, and drop the socket if the close is not taken in time."""
+        """Send the close with ``code`` now; drop the socket CUT_OFF_GRACE seconds later.
+
+        Until then what the client sends is read and discarded (websockets discards
+        after failing a connection): closing a socket with unread data resets it at once,
+        and a client still sending would lose the close frame that says why."""
         self.conn.fail(code, reason[:120])
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-        self.transport.close()
-        self.loop.call_later(CUT_OFF_GRACE, self._drop)
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        # As uvicorn's close_timer, it also keeps uvicorn from closing the socket (unread
+        # data and all) as soon as the app returns.
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(CUT_OFF_GRACE, self._drop)
 
     def _drop(self) -> None:
+        self.close_timer = None
         if not self.disconnected:
             self.transport.abort()
 
