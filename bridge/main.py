@@ -34,8 +34,8 @@ WS_HARD_LIMIT_FACTOR = 2
 # Seconds a graceful stop waits for REST calls in flight beyond the RPC timeout.
 SHUTDOWN_MARGIN = 2.0
 
-# `Bearer ...` and `x-api-key: ...` wherever a log line quotes them.
-_SECRET = re.compile(r"(?i)(\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
+# `?token=...` (quoted too), `Bearer ...` and `x-api-key: ...` wherever a log line quotes them.
+_SECRET = re.compile(r"(?i)([?&;](?:access_)?token=[\"']?|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
 # A URL's query string, wherever a log line quotes one (uvicorn's WebSocket lines do).
 _QUERY = re.compile(r"\?([^\s\"'<>]*)")
 # Query parameters that carry a credential, compared once percent-decoded and lower-cased,
@@ -47,8 +47,8 @@ REDACTED = "[redacted]"
 def _redact_query(match: re.Match[str]) -> str:
     pairs = []
     for pair in re.split(r"([&;])", match.group(1)):
-        name, equals, _value = pair.partition("=")
-        if equals and unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+        name, _, value = pair.partition("=")
+        if value and unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
             pair = f"{name}={REDACTED}"
         pairs.append(pair)
     return "?" + "".join(pairs)
