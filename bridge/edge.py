@@ -252,6 +252,7 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.frame_rate = MessageRate(self.edge.frames_per_second, time.monotonic(), unit="frames", fate="sent")
+        self.unread_pong_bytes = 0  # written while the socket's buffer was full
 
     def _admit(self) -> bool:
         """Whether to handle the frame just parsed; counts it against the frame budget."""
@@ -282,15 +283,24 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_ping(self) -> None:
         if not self._admit():
             return
+        before = self.transport.get_write_buffer_size()
         super().handle_ping()  # writes the pong websockets queued on parsing the ping
-        # Pongs only add to the socket's buffer while the client reads nothing: a client
-        # that pings without reading would grow it without end.
-        if self.transport.get_write_buffer_size() > self.edge.max_unread_pong_bytes and not self.writable.is_set():
+        if self.writable.is_set():
+            return
+        # Pongs written while the client reads nothing (its socket's buffer is full) pile
+        # up here: a client that pings without reading would grow them without end. A
+        # client slow to take a large message but sending few pings is not cut off.
+        self.unread_pong_bytes += self.transport.get_write_buffer_size() - before
+        if self.unread_pong_bytes > self.edge.max_unread_pong_bytes:
             self.edge.pong_cutoffs.record(client=self._client_text())
             self._cut_off(
                 CLOSE_TOO_SLOW,
-                f"too slow: more than {self.edge.max_unread_pong_bytes} bytes waiting unread; reconnect",
+                f"too slow: more than {self.edge.max_unread_pong_bytes} bytes of pongs left unread; reconnect",
             )
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.unread_pong_bytes = 0
 
     def _client_text(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else ""

@@ -301,6 +301,23 @@ async def _send_until_closed(writer: asyncio.StreamWriter, data: bytes, chunk: i
         pass  # the bridge closed it
 
 
+async def test_a_message_over_twice_the_limit_is_refused_by_the_protocol(stack: Stack) -> None:
+    """Just over the 64 KiB limit: an `error`, the connection stays (the guide's contract);
+    over twice it, the WebSocket protocol closes with 1009 without assembling it."""
+    limit = 64 * 1024
+    async with connect(stack.ws_url(token=READ_KEY, client_id="big"), max_size=None) as ws:
+        await opened(ws)
+        await ws.send("x" * (limit + 1))
+        assert (await recv_until(ws, lambda message: message["type"] == "error"))["error"]
+        await ws.send(json.dumps({"type": "ping"}))
+        await recv_until(ws, lambda message: message["type"] == "pong")
+        await ws.send("x" * (2 * limit + 1))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
 async def test_a_ping_flood_is_cut_with_1008_while_others_are_answered(stack: Stack) -> None:
     async with connect(stack.ws_url(token=READ_KEY, client_id="bystander")) as bystander:
         await opened(bystander)
