@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import socket
 import struct
 import subprocess
@@ -446,6 +447,44 @@ async def test_no_credential_and_no_forged_line_in_the_logs(stack: Stack) -> Non
     assert not any(line.startswith(forged) for line in stack.server.output.lines)  # type: ignore[union-attr]
     for secret in (READ_KEY, WRITE_KEY, crit):
         assert not any(secret in line for line in lines), secret
+
+
+def test_a_redis_password_is_never_logged(tmp_path: Path) -> None:
+    """Neither at start (the store's description) nor in the start-up error."""
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.skip("no redis-server on this machine")
+    password = f"pw-{secrets.token_hex(8)}"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password]
+    redis = subprocess.Popen([*argv, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        env = {"COLLAB_API_KEYS": WRITE_KEY, "COLLAB_STORE": f"redis://:{password}@127.0.0.1:{port}/0"}
+        with ServerProcess(tmp_path / "up", env=env, capture_stderr=True) as server:
+            line = logged(server, '"serving"')
+            assert f"127.0.0.1:{port}" in line and password not in line
+            server.stop()
+            assert server.output is not None
+            assert password not in server.output.until_closed()
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    # Nothing listens there now: the server cannot start, and says why without the password.
+    env = {"COLLAB_API_KEYS": WRITE_KEY, "COLLAB_STORE": f"redis://user:{password}@127.0.0.1:{port}/0"}
+    server = ServerProcess(tmp_path / "down", env=env, capture_stderr=True)
+    failed = subprocess.run(server.argv(0), env=server.env, capture_output=True, text=True, timeout=60)
+    assert failed.returncode != 0 and f"user:[redacted]@127.0.0.1:{port}" in failed.stderr
+    assert password not in failed.stdout + failed.stderr
 
 
 # -- item 11: Host, proxies, what unauthenticated callers learn -----------------------------------------
