@@ -4,7 +4,7 @@ REST and gRPC where both lead there.
 
 | limit | default | knob | over it |
 |---|---|---|---|
-| inbound WebSocket message | 64 KiB | COLLAB_MAX_WS_MESSAGE_BYTES | `error`, connection stays; over twice that: close 1009 |
+| inbound WebSocket message | 64 KiB | COLLAB_MAX_WS_MESSAGE_BYTES | `error`, stays; over twice that: close 1009 |
 | REST body | 1 MiB | COLLAB_MAX_BODY_BYTES | 413 PAYLOAD_TOO_LARGE |
 | metadata, serialised | 64 KiB | COLLAB_MAX_METADATA_BYTES (server) | 400 / INVALID_ARGUMENT |
 | metadata nesting | 32 levels | | 400 / INVALID_ARGUMENT |
