@@ -93,6 +93,9 @@ class EdgeLimits:
     floods: ThrottledLog = field(
         default_factory=lambda: ThrottledLog(log, "WebSocket clients closed for flooding frames (1008)")
     )
+    early_data: ThrottledLog = field(
+        default_factory=lambda: ThrottledLog(log, "WebSocket clients dropped for sending before the handshake's answer")
+    )
     pong_cutoffs: ThrottledLog = field(
         default_factory=lambda: ThrottledLog(log, "WebSocket clients cut off for leaving their pongs unread (4008)")
     )
@@ -199,6 +202,11 @@ class BoundedH11Protocol(H11Protocol):
         self._cancel_deadline()
         self._waiting_for = None
         super().handle_websocket_upgrade(event)
+        # uvicorn hands the WebSocket protocol the request's head only; whatever the
+        # client sent after it goes there too (and is refused: see data_received there).
+        early, _ = self.conn.trailing_data
+        if early:
+            self.transport.get_protocol().data_received(early)  # type: ignore[attr-defined]
 
     def _follow(self) -> None:
         """Run the deadline of what the connection is waiting for from the client: a
@@ -253,6 +261,17 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.frame_rate = MessageRate(self.edge.frames_per_second, time.monotonic(), unit="frames", fate="sent")
         self.unread_pong_bytes = 0  # written while the socket's buffer was full
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake_initiated and not self.handshake_complete:
+            # RFC 6455 (4.1): a client sends nothing after its opening handshake until it
+            # has the server's answer. Frames parsed now would be answered before the
+            # handshake (pongs ahead of the 101), or fail the parser in a state uvicorn
+            # does not expect.
+            self.edge.early_data.record(client=self._client_text())
+            self.transport.abort()
+            return
+        super().data_received(data)
 
     def _admit(self) -> bool:
         """Whether to handle the frame just parsed; counts it against the frame budget."""
