@@ -348,6 +348,11 @@ async def test_unread_pongs_are_cut_off_like_a_slow_reader(stack: Stack, tmp_pat
             "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             "Sec-WebSocket-Version: 13\r\n\r\n".encode()
         )
+        sock.settimeout(10.0)
+        head = b""
+        while b"\r\n\r\n" not in head:  # the handshake's answer first (RFC 6455 4.1)
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
         sock.settimeout(2.0)
         pings = client_frame(0x9, b"p" * 120) * 1000
         deadline = time.monotonic() + 60
@@ -358,6 +363,26 @@ async def test_unread_pongs_are_cut_off_like_a_slow_reader(stack: Stack, tmp_pat
             pass  # the bridge stopped reading (it closed the connection), or reset it
         assert "cut off for leaving their pongs unread" in logged(bridge, "cut off for leaving their pongs unread")
         sock.close()
+
+
+async def test_frames_before_the_handshakes_answer_drop_the_connection(stack: Stack) -> None:
+    """A client sends nothing after its opening handshake until it has the answer
+    (RFC 6455 4.1); one that does is dropped, and others are served."""
+    reader, writer = await raw_connection(stack)
+    writer.write(
+        f"GET /api/v1/collaboration/ws?client_id=eager&token={READ_KEY} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        + client_frame(0x9, b"early") * 100
+    )
+    assert await read_to_end(reader) == b"", "dropped before any answer: the frames came with the request"
+    writer.close()
+    assert "dropped for sending before the handshake's answer" in logged(
+        stack.bridge, "dropped for sending before the handshake's answer"
+    )
+    async with connect(stack.ws_url(token=READ_KEY, client_id="after_eager")) as ws:
+        await opened(ws)
+        await answered(ws)
 
 
 # -- item 9: malformed credentials ---------------------------------------------------------------------
