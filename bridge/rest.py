@@ -22,7 +22,7 @@ from google.protobuf.message import Message as ProtoMessage
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge import mapping
-from bridge.credentials import InvalidCredential, credential_from_headers
+from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
 from bridge.limits import ThrottledLog
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
@@ -113,7 +113,7 @@ def hub_error_response(error: HubError) -> JSONResponse:
     return JSONResponse({"detail": error.detail, "code": error.code}, status_code=error.status, headers=headers)
 
 
-def credential_from_request(request: Request, max_bytes: int) -> Credential:
+def credential_from_request(request: Request, max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES) -> Credential:
     """The caller's credential (bridge/credentials.py); a malformed one is a 401."""
     try:
         return credential_from_headers(request.scope["headers"], max_bytes=max_bytes)

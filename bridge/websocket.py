@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 
 import grpc
 
-from bridge.credentials import InvalidCredential, credential_from_headers
+from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
 from bridge.fanout import Subscriber
 from bridge.hub import dumps
 from bridge.limits import Admission, MessageRate, token_key
@@ -93,7 +93,9 @@ def _query(scope: Scope) -> dict[str, str]:
     return {key: values[-1] for key, values in parsed.items()}
 
 
-def credential_from_scope(scope: Scope, query: dict[str, str], max_bytes: int) -> Credential:
+def credential_from_scope(
+    scope: Scope, query: dict[str, str], max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
+) -> Credential:
     """``?token=`` (browsers cannot set headers), else the Authorization/X-API-Key header
     (bridge/credentials.py). Raises InvalidCredential for a malformed one."""
     return credential_from_headers(scope.get("headers", ()), query, max_bytes=max_bytes)
