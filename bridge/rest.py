@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
@@ -47,6 +48,7 @@ __all__ = [
     "credential_from_request",
     "hub_error_response",
     "unavailable_detail",
+    "without_addresses",
 ]
 
 log = logging.getLogger("bridge.rest")
@@ -89,19 +91,33 @@ class HubError(Exception):
         return cls(HTTP_STATUS.get(code, 502), code.name, detail, retry_after)
 
 
-UNAVAILABLE_DETAIL = "the collab server is unavailable; retry later"
 # Why the server could not be reached names internal addresses (the server's, Redis's):
-# for the operator's log, not for whoever calls.
+# for the operator's log, not for whoever calls. What else the server said (the disk is
+# full, say) is the caller's to know.
 _unreachable = ThrottledLog(log, "calls to the collab server failed with UNAVAILABLE")
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix-abstract|unix|dns|vsock):(?:\[[^\]]*\]|[^\s,;\[\]])+?(?=:?(?:\s|$|[,;]))"  # gRPC's
+    r"|\[[0-9a-fA-F:.%]+\](?::\d+)?"  # [IPv6]:port
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"  # IPv4:port
+    r"|\b[\w.-]+:\d{2,5}\b"  # name:port
+)
+
+
+def without_addresses(text: str) -> str:
+    """``text`` with every network address in it (IPs, host:port, gRPC's ipv4:/unix:
+    forms) replaced by ``[address]``."""
+    return _ADDRESS.sub("[address]", text)
 
 
 def unavailable_detail(failure: grpc.aio.AioRpcError) -> str | None:
-    """What a caller is told of an UNAVAILABLE failure (its details are logged); None
-    for any other status, whose details are the server's answer to the caller."""
+    """What a caller is told of an UNAVAILABLE failure: the details without addresses
+    (they are logged whole); None for any other status, whose details are the server's
+    answer to the caller."""
     if failure.code() != grpc.StatusCode.UNAVAILABLE:
         return None
-    _unreachable.record(detail=failure.details() or "")
-    return UNAVAILABLE_DETAIL
+    details = failure.details() or ""
+    _unreachable.record(detail=details)
+    return f"the collab server is unavailable: {without_addresses(details) or 'retry later'}"
 
 
 def hub_error_response(error: HubError) -> JSONResponse:

@@ -1,5 +1,6 @@
-"""The one credential parser every endpoint uses (bridge/credentials.py), and the log
-redaction and Host policy that go with it."""
+"""The one credential parser every endpoint uses (bridge/credentials.py), and what goes
+with it: log redaction (query credentials, a Redis password), the Host policy, and what
+a caller is told when the server is unreachable."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from bridge.credentials import InvalidCredential, credential_from_headers, token
 from bridge.limits import token_key
 from bridge.main import RedactSecrets, redact
 from bridge.origins import HostPolicy, parse_hosts
+from bridge.rest import without_addresses
 from collab_grpc.logs import TEXT_FORMAT, SafeTextFormatter, escape_controls
+from collab_grpc.store.redis_store import redacted_netloc
 
 MAX = 64
 
@@ -153,3 +156,36 @@ def test_allowed_hosts_setting() -> None:
     for bad in ("hub.example:8000", "http://hub.example", "a b"):
         with pytest.raises(ValueError):
             parse_hosts(bad)
+
+
+@pytest.mark.parametrize(
+    ("details", "told"),
+    [
+        (
+            "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.1.2.3:50051: Connection refused",
+            "failed to connect to all addresses; last error: UNKNOWN: [address]: Connection refused",
+        ),
+        ("ipv6:[fd00::7]:50051: reset", "[address]: reset"),
+        ("unix:/run/collab.sock: gone", "[address]: gone"),
+        (
+            "the Redis store is unavailable: Error 111 connecting to redis.internal:6379.",
+            "the Redis store is unavailable: Error 111 connecting to [address].",
+        ),
+        ("database or disk is full", "database or disk is full"),
+    ],
+)
+def test_unavailable_details_lose_their_addresses(details: str, told: str) -> None:
+    assert without_addresses(details) == told
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cr3t@cache:6379/0", ":[redacted]@cache:6379"),
+        ("rediss://user:s3cr3t@cache:6380", "user:[redacted]@cache:6380"),
+        ("redis://user@cache", "user@cache"),
+        ("redis://cache:6379/2", "cache:6379"),
+    ],
+)
+def test_a_redis_url_is_logged_without_its_password(url: str, shown: str) -> None:
+    assert redacted_netloc(url) == shown
