@@ -59,6 +59,10 @@ class BridgeConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     idle_timeout: float = 5.0
+    # Seconds a client may leave what it is sent unread (its socket full, nothing taken)
+    # before its connection is dropped: a connection that never reads can never be
+    # closed otherwise, and would hold its place under max_connections for good.
+    send_timeout: float = 30.0
     # Open connections of every kind the bridge holds at once; one more is answered 503
     # and closed. Checked at start against the open-file limit (bridge/edge.py).
     max_connections: int = 4096
@@ -176,6 +180,13 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         "seconds a keep-alive HTTP connection may wait for its next request",
     ),
     (
+        "--send-timeout",
+        "COLLAB_SEND_TIMEOUT",
+        "send_timeout",
+        float,
+        "seconds a client may leave what it is sent unread (reading nothing) before it is dropped",
+    ),
+    (
         "--max-connections",
         "COLLAB_MAX_CONNECTIONS",
         "max_connections",
@@ -244,7 +255,7 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     if not 1 <= config.max_credential_bytes <= MAX_CREDENTIAL_BYTES_LIMIT:
         parser.error(f"max-credential-bytes must be 1 to {MAX_CREDENTIAL_BYTES_LIMIT}")
-    for name in ("header_timeout", "body_timeout", "idle_timeout"):
+    for name in ("header_timeout", "body_timeout", "idle_timeout", "send_timeout"):
         if not 0 < getattr(config, name) < float("inf"):
             parser.error(f"{name.replace('_', '-')} must be more than 0 seconds")
     for name in ("max_connections", "ws_max_unread_pong_bytes"):

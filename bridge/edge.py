@@ -16,7 +16,10 @@ protocols add that, configured by EdgeLimits (from the bridge's settings):
   connection's frame budget (bridge/limits.MessageRate); a client that floods far over it
   is closed with 1008, as for messages;
 - a client whose pongs pile up unread (its socket is not draining) is cut off with
-  4008, as a slow reader is (bridge/fanout.py).
+  4008, as a slow reader is (bridge/fanout.py);
+- a connection that takes nothing it is sent for ``send_timeout`` seconds (writing stays
+  paused) is dropped: asyncio's close waits for a full buffer to drain, so one that
+  never reads would otherwise stay open, and count against the cap, for good.
 
 Each of these logs a line (ThrottledLog: at most one every few seconds, with a count).
 """
@@ -80,12 +83,16 @@ class EdgeLimits:
 
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    send_timeout: float = 30.0
     max_connections: int = 4096
     frames_per_second: float = 100.0
     max_unread_pong_bytes: int = 64 * 1024
     refused_lingering: int = 0
     timeouts: ThrottledLog = field(
         default_factory=lambda: ThrottledLog(log, "connections closed for sending a request too slowly")
+    )
+    stalls: ThrottledLog = field(
+        default_factory=lambda: ThrottledLog(log, "connections dropped for reading nothing they were sent")
     )
     refusals: ThrottledLog = field(
         default_factory=lambda: ThrottledLog(log, "connections refused: the bridge holds its most open connections")
@@ -105,6 +112,7 @@ class EdgeLimits:
         return cls(
             header_timeout=config.header_timeout,
             body_timeout=config.body_timeout,
+            send_timeout=config.send_timeout,
             max_connections=max_connections,
             frames_per_second=config.ws_frames_per_second,
             max_unread_pong_bytes=config.ws_max_unread_pong_bytes,
@@ -138,7 +146,37 @@ def check_open_file_limit(wanted: int) -> tuple[int, str | None]:
     )
 
 
-class BoundedH11Protocol(H11Protocol):
+class _SendWatchdog:
+    """Drops a connection whose writing stays paused (the client reads nothing) for
+    ``send_timeout`` seconds; mixed into both protocols, before uvicorn's class."""
+
+    edge: ClassVar[EdgeLimits]
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
+    _stalled: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._stalled is None:
+            self._stalled = self.loop.call_later(self.edge.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._cancel_stall()
+
+    def _cancel_stall(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+
+    def _send_timed_out(self) -> None:
+        self._stalled = None
+        self.edge.stalls.record(client=f"{self.client[0]}:{self.client[1]}" if self.client else "")
+        self.transport.abort()
+
+
+class BoundedH11Protocol(_SendWatchdog, H11Protocol):
     """uvicorn's HTTP/1.1 protocol with header and body timeouts and the connection cap."""
 
     edge: ClassVar[EdgeLimits]
@@ -187,6 +225,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._cancel_stall()
         if self._refused:
             if self._lingering:
                 self._lingering = False
@@ -252,7 +291,7 @@ class BoundedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
+class BoundedWebSocketProtocol(_SendWatchdog, WebSocketsSansIOProtocol):
     """uvicorn's websockets-sansio protocol with a frame budget and a bound on unread pongs."""
 
     edge: ClassVar[EdgeLimits]
@@ -320,6 +359,10 @@ class BoundedWebSocketProtocol(WebSocketsSansIOProtocol):
     def resume_writing(self) -> None:
         super().resume_writing()
         self.unread_pong_bytes = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_stall()
+        super().connection_lost(exc)
 
     def _client_text(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else ""

@@ -61,6 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "COLLAB_HEADER_TIMEOUT": str(TIMEOUT),
         "COLLAB_BODY_TIMEOUT": str(TIMEOUT),
         "COLLAB_IDLE_TIMEOUT": str(TIMEOUT),
+        "COLLAB_SEND_TIMEOUT": str(TIMEOUT),
         "COLLAB_WS_FRAMES_PER_SECOND": str(FRAMES_PER_SECOND),
         "COLLAB_LOG_FORMAT": "text",
     }
@@ -161,6 +162,32 @@ async def test_silent_and_half_sent_requests_are_closed_while_others_are_served(
         writer.close()
     line = logged(stack.bridge, "connections closed for sending a request too slowly")
     assert "WARNING" in line
+
+
+async def test_a_client_that_reads_nothing_it_is_sent_is_dropped(stack: Stack) -> None:
+    """Many pipelined requests whose answers are never read: once writing has stayed
+    blocked for the send timeout, the connection is dropped (closing would wait for the
+    client to read, for ever)."""
+    async with httpx.AsyncClient(base_url=stack.bridge.http, timeout=10) as http:
+        one_answer = len((await http.get("/openapi.json")).content)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.bridge.port))
+    requests = 300
+    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * requests)
+    assert "WARNING" in logged(stack.bridge, "connections dropped for reading nothing they were sent")
+    async with httpx.AsyncClient(base_url=stack.bridge.http, timeout=10) as http:
+        assert (await http.get("/healthz")).status_code == 200
+    received = 0
+    sock.settimeout(CLOSED_WITHIN)
+    try:
+        while chunk := sock.recv(65536):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    assert received < requests * one_answer / 2, "cut off long before every answer was taken"
 
 
 # -- item 6: the connection cap ---------------------------------------------------------------------
