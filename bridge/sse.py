@@ -9,11 +9,13 @@ WebSocket: `id:` is the event's seq, and a reconnecting client sends it back as
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
 from typing import Any
 
 import grpc
 
+from bridge.credentials import InvalidCredential
 from bridge.fanout import ClientFilter, Frame, Subscriber
 from bridge.limits import token_key
 from bridge.mapping import iso_now
@@ -24,6 +26,8 @@ from bridge.runtime import BridgeRuntime
 from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
 
 __all__ = ["EventStream", "sse_encode"]
+
+log = logging.getLogger("bridge.sse")
 
 
 def sse_encode(frame: Frame) -> str:
@@ -70,7 +74,13 @@ class EventStream:
                 detail = f"Last-Event-ID must be an integer seq (0 or more), got {last_event_id!r}"
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
-        credential = credential_from_scope(scope, query)
+        try:
+            credential = credential_from_scope(scope, query, self.runtime.config.max_credential_bytes)
+        except InvalidCredential as refused:
+            log.info("event stream refused", extra={"code": 401, "reason": str(refused)})
+            detail = f"invalid credential: {refused}"
+            await hub_error_response(HubError(401, "UNAUTHENTICATED", detail))(scope, receive, send)
+            return
         limit = self.runtime.connection_limit
         if (too_many := limit.refusal_for(token_key(credential))) is not None:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", too_many))(scope, receive, send)
