@@ -59,6 +59,14 @@ class ServerConfig:
     # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
     # "off": no metrics port; else host:port, which must be free.
     metrics_addr: str | None = None
+    # Memory budgets, in bytes as events.record_size counts them (serialised metadata and
+    # text, plus 512 per record); see StateSettings.
+    max_open_activities: int = 100_000
+    max_open_activity_bytes: int = 64 * 1024 * 1024
+    history_bytes: int = 32 * 1024 * 1024
+    ended_sessions_bytes: int = 32 * 1024 * 1024
+    event_retain_bytes: int = 64 * 1024 * 1024
+    idempotency_bytes: int = 64 * 1024 * 1024
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -100,6 +108,42 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         str,
         f"host:port serving Prometheus /metrics (port 0 picks a free one), or off; default {DEFAULT_METRICS_ADDR}",
     ),
+    (
+        "--max-open-activities",
+        "COLLAB_MAX_OPEN_ACTIVITIES",
+        "max_open_activities",
+        int,
+        "open activities held at once; beyond it a new one is refused (RESOURCE_EXHAUSTED)",
+    ),
+    (
+        "--max-open-activity-bytes",
+        "COLLAB_MAX_OPEN_ACTIVITY_BYTES",
+        "max_open_activity_bytes",
+        int,
+        "bytes (serialised metadata + 512 each) open activities may hold; beyond it a new one is refused",
+    ),
+    ("--history-bytes", "COLLAB_HISTORY_BYTES", "history_bytes", int, "bytes of newest activities kept in memory"),
+    (
+        "--ended-sessions-bytes",
+        "COLLAB_ENDED_SESSIONS_BYTES",
+        "ended_sessions_bytes",
+        int,
+        "bytes of ended sessions (with their decisions) kept in memory",
+    ),
+    (
+        "--event-retain-bytes",
+        "COLLAB_EVENT_RETAIN_BYTES",
+        "event_retain_bytes",
+        int,
+        "bytes of newest events kept in memory for resuming subscribers (and a subscriber's most lag)",
+    ),
+    (
+        "--idempotency-bytes",
+        "COLLAB_IDEMPOTENCY_BYTES",
+        "idempotency_bytes",
+        int,
+        "bytes of answers kept in memory for retried writes (idempotency keys)",
+    ),
 ]
 
 
@@ -135,7 +179,19 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
-    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue", "retain_count"):
+    for name in (
+        "history_limit",
+        "event_retain",
+        "max_metadata_bytes",
+        "subscriber_queue",
+        "retain_count",
+        "max_open_activities",
+        "max_open_activity_bytes",
+        "history_bytes",
+        "ended_sessions_bytes",
+        "event_retain_bytes",
+        "idempotency_bytes",
+    ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):

@@ -96,6 +96,12 @@ async def start_server(config: ServerConfig) -> RunningServer:
         history_limit=config.history_limit,
         event_log_retain=config.event_retain,
         activity_ttl=config.activity_ttl,
+        history_bytes=config.history_bytes,
+        ended_sessions_bytes=config.ended_sessions_bytes,
+        event_log_retain_bytes=config.event_retain_bytes,
+        max_open_activities=config.max_open_activities,
+        max_open_activity_bytes=config.max_open_activity_bytes,
+        idempotency_bytes=config.idempotency_bytes,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))

@@ -22,6 +22,8 @@ from google.protobuf.message import Message
 from collab_grpc import convert, metrics
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
+    BUDGET_TRAILER,
+    BudgetExhausted,
     CollabError,
     FailedPrecondition,
     InvalidArgument,
@@ -54,6 +56,7 @@ STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -84,6 +87,8 @@ async def abort_with(context: Context, error: CollabError) -> None:
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(error, RateLimited):
         trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+    elif isinstance(error, BudgetExhausted):  # full until something is freed: no retry-after
+        trailers = ((BUDGET_TRAILER, error.budget),)
     await context.abort(STATUS_FOR_ERROR[type(error)], str(error), trailing_metadata=trailers)
 
 
