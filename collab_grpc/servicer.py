@@ -416,9 +416,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse]]:
+    ) -> tuple[Subscription, Iterable[pb.SubscribeEventsResponse]]:
         """The subscription a SubscribeEvents request asks for, and its first messages."""
         initial: list[pb.SubscribeEventsResponse] = []
+        replay: Iterable[pb.SubscribeEventsResponse] = ()
         await self.store.fresh()
         event_filter = convert.event_filter_from_proto(request)
         for agent_id in request.agent_ids:
@@ -443,7 +444,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             )
             if resume.snapshot is not None:
                 initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot)))
-            initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+            # Converted as they are written, not all at once: a replay can be the whole retained log.
+            replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
@@ -455,7 +457,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         except BaseException:
             self.state.log.unsubscribe(subscription)
             raise
-        return subscription, initial
+        return subscription, itertools.chain(initial, replay)
 
     async def _pump(
         self,
