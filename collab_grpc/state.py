@@ -536,7 +536,7 @@ class CollaborationState:
         """Refuse (changing nothing) an activity that would take the open ones past a budget."""
         settings = self.settings
         how_to_free = (
-            "complete open activities (CompleteActivity; POST /api/v1/complete-activity) or wait "
+            "complete open activities (CompleteActivity; POST /api/v1/collaboration/complete-activity) or wait "
             f"for those open longer than {settings.activity_ttl:g} s to expire"
         )
         if len(self._open) >= settings.max_open_activities:
