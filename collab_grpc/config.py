@@ -67,6 +67,7 @@ class ServerConfig:
     ended_sessions_bytes: int = 32 * 1024 * 1024
     event_retain_bytes: int = 64 * 1024 * 1024
     idempotency_bytes: int = 64 * 1024 * 1024
+    max_db_bytes: int = 4 * 1024 * 1024 * 1024  # 0: no budget
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -144,6 +145,14 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         int,
         "bytes of answers kept in memory for retried writes (idempotency keys)",
     ),
+    (
+        "--max-db-bytes",
+        "COLLAB_MAX_DB_BYTES",
+        "max_db_bytes",
+        int,
+        "bytes the SQLite file may use; past it, when retention cannot free enough, new records are refused "
+        "(RESOURCE_EXHAUSTED / 507); 0: no budget",
+    ),
 ]
 
 
@@ -194,6 +203,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
+    if config.max_db_bytes < 0:
+        parser.error(f"max-db-bytes must be 0 (no budget) or more, got {config.max_db_bytes}")
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
         value = getattr(config, name)
         if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):

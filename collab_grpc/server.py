@@ -110,7 +110,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.data_dir,
         synchronous=config.sqlite_synchronous,
         commit_delay=config.sqlite_commit_delay,
-        retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
+        retention=Retention(count=config.retain_count, seconds=config.retain_seconds, max_bytes=config.max_db_bytes),
     )
     await store.attach(state)
     store.start()

@@ -112,6 +112,8 @@ class CollaborationState:
             retain_bytes=self.settings.event_log_retain_bytes,
         )
         self.idempotency = IdempotencyCache(max_bytes=self.settings.idempotency_bytes)
+        # Set by a store with a byte budget: why a new record cannot be stored now, or None.
+        self.storage_refusal: Callable[[], str | None] | None = None
         # Per-agent allowance for records; checked after validation, so bad input costs none.
         self.rate_limiter = rate_limiter or RateLimiter(0)
         self._agents: dict[str, Agent] = {}
@@ -180,6 +182,7 @@ class CollaborationState:
             parent_activity_id=parent_activity_id,
         )
         size = record_size(activity, meta_size)
+        self._check_storage()
         self._check_open_budget(size)
         self.rate_limiter.acquire(agent_id, now)
         if not department:  # known (or made) only once the write is certain
@@ -211,6 +214,7 @@ class CollaborationState:
         members = check_id_list("participants", participants, limits, min_length=1)
         check_id("session_type", session_type, limits, required=False)
         meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
+        self._check_storage()
         now = self.clock()
         session = Session(
             session_id=self._new_id("collab", now, self._session_id_taken),
@@ -261,6 +265,7 @@ class CollaborationState:
             raise FailedPrecondition(
                 f"session {session_id!r} already has {len(decisions)} decisions, the most one session may hold"
             )
+        self._check_storage()
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         record = Decision(
@@ -296,6 +301,7 @@ class CollaborationState:
         check_id("item_id", item_id, limits)
         check_id("agent_id", agent_id, limits)
         meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
+        self._check_storage()
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         update = MemoryUpdate(op, item_id, agent_id, now, meta)
@@ -531,6 +537,11 @@ class CollaborationState:
         self._apply_completed(activity)
         self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(copied(activity), success), now, size)
         return activity
+
+    def _check_storage(self) -> None:
+        """Refuse a new record while the store is over its byte budget."""
+        if self.storage_refusal is not None and (reason := self.storage_refusal()) is not None:
+            raise BudgetExhausted(reason, "max-db-bytes")
 
     def _check_open_budget(self, size: int) -> None:
         """Refuse (changing nothing) an activity that would take the open ones past a budget."""

@@ -4,6 +4,8 @@ subscriber bounded in bytes, each record measured once."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from collab_grpc.errors import BudgetExhausted
 from collab_grpc.events import RECORD_OVERHEAD, EventFilter, EventLog, payload_size
 from collab_grpc.model import ActivityType, EventKind, MemoryOperation, MemoryUpdate
 from collab_grpc.state import CollaborationState, StateSettings
+from collab_grpc.store import Retention, SQLiteStore
 
 BLOB = 10_000  # characters of metadata per record in these tests
 # What a record with BLOB characters of metadata counts: {"blob":"..."} plus the overhead.
@@ -208,3 +211,54 @@ def test_the_budgets_are_settings_with_flags_and_environment_variables() -> None
     assert (config.max_open_activities, config.history_bytes, config.idempotency_bytes) == (5, 3000, 4000)
     with pytest.raises(SystemExit):
         parse_server_config(["--ended-sessions-bytes", "0"], env={})
+
+
+# -- the SQLite file's byte budget ------------------------------------------------------------
+
+
+async def test_sqlite_over_its_byte_budget_refuses_new_records_until_retention_frees_room(tmp_path: Path) -> None:
+    """Open activities are never pruned: once they fill the file's budget, new records
+    are refused with the budget named; completing them lets retention (here: the
+    newest 3) free the room, and records are accepted again."""
+    budget = 600_000
+    state = CollaborationState(StateSettings(), clock=time.time)
+    store = SQLiteStore(tmp_path, retention=Retention(count=3, max_bytes=budget))
+    await store.attach(state)
+    store.start()
+    try:
+        opened: list[str] = []
+        refused: BudgetExhausted | None = None
+        for n in range(200):
+            try:
+                opened.append(record(state, f"agent_{n}", metadata=blob()))
+            except BudgetExhausted as error:
+                refused = error
+                break
+            await store.durable(state.log.last_seq)
+        assert refused is not None and refused.budget == "max-db-bytes"
+        assert store.used_bytes > budget and 20 < len(opened) < 200
+        message = str(refused)
+        assert f"over its budget of {budget} bytes" in message and "COLLAB_MAX_DB_BYTES" in message
+        assert "--retain-count" in message and "complete open activities" in message
+        seq = state.log.last_seq
+        with pytest.raises(BudgetExhausted):
+            state.start_collaboration(participants=["a"])
+        with pytest.raises(BudgetExhausted):
+            state.record_memory_update(operation="write", item_id="i", agent_id="a")
+        assert state.log.last_seq == seq  # nothing was recorded
+
+        for activity_id in opened:  # completions still pass, and free room as retention runs
+            state.complete_activity(activity_id)
+            await store.durable(state.log.last_seq)
+        assert store.used_bytes <= budget
+        record(state, "after", metadata=blob())
+        await store.durable(state.log.last_seq)
+    finally:
+        await store.close()
+
+
+def test_the_database_budget_is_a_setting() -> None:
+    assert parse_server_config([], env={}).max_db_bytes == 4 * 1024 * 1024 * 1024
+    assert parse_server_config([], env={"COLLAB_MAX_DB_BYTES": "0"}).max_db_bytes == 0
+    with pytest.raises(SystemExit):
+        parse_server_config(["--max-db-bytes", "-1"], env={})
