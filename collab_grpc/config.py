@@ -63,6 +63,7 @@ class ServerConfig:
     # text, plus 512 per record); see StateSettings.
     max_open_activities: int = 100_000
     max_open_activity_bytes: int = 64 * 1024 * 1024
+    max_active_session_bytes: int = 64 * 1024 * 1024
     history_bytes: int = 32 * 1024 * 1024
     ended_sessions_bytes: int = 32 * 1024 * 1024
     event_retain_bytes: int = 64 * 1024 * 1024
@@ -122,6 +123,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "max_open_activity_bytes",
         int,
         "bytes (serialised metadata + 512 each) open activities may hold; beyond it a new one is refused",
+    ),
+    (
+        "--max-active-session-bytes",
+        "COLLAB_MAX_ACTIVE_SESSION_BYTES",
+        "max_active_session_bytes",
+        int,
+        "bytes active sessions with their decisions may hold; beyond it a new one is refused",
     ),
     ("--history-bytes", "COLLAB_HISTORY_BYTES", "history_bytes", int, "bytes of newest activities kept in memory"),
     (
@@ -196,6 +204,7 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "retain_count",
         "max_open_activities",
         "max_open_activity_bytes",
+        "max_active_session_bytes",
         "history_bytes",
         "ended_sessions_bytes",
         "event_retain_bytes",

@@ -101,6 +101,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         event_log_retain_bytes=config.event_retain_bytes,
         max_open_activities=config.max_open_activities,
         max_open_activity_bytes=config.max_open_activity_bytes,
+        max_active_session_bytes=config.max_active_session_bytes,
         idempotency_bytes=config.idempotency_bytes,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )

@@ -61,6 +61,8 @@ class StateSettings:
     event_log_retain_bytes: int = DEFAULT_RETAIN_BYTES
     max_open_activities: int = 100_000
     max_open_activity_bytes: int = 64 * MiB
+    # Active sessions with their decisions are live state too: beyond it, new ones refused.
+    max_active_session_bytes: int = 64 * MiB
     idempotency_bytes: int = 64 * MiB  # answers kept for retried writes
     limits: Limits = field(default_factory=Limits)
 
@@ -131,6 +133,7 @@ class CollaborationState:
         self._session_sizes: dict[str, int] = {}
         self._decision_bytes: dict[str, int] = {}
         self._ended_bytes = 0
+        self._active_bytes = 0  # active sessions and their decisions
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
         for entry in roster:
@@ -224,6 +227,7 @@ class CollaborationState:
             metadata=meta,
         )
         size = record_size(session, meta_size)
+        self._check_session_budget(size, "session")
         self._apply_started(session, size)
         self.log.append(EventKind.COLLABORATION_STARTED, copied(session), now, size)
         return session
@@ -267,7 +271,6 @@ class CollaborationState:
             )
         self._check_storage()
         now = self.clock()
-        self.rate_limiter.acquire(agent_id, now)
         record = Decision(
             decision_id=self._new_id("dec", now, lambda candidate: any(d.decision_id == candidate for d in decisions)),
             session_id=session_id,
@@ -279,6 +282,8 @@ class CollaborationState:
             timestamp=now,
         )
         size = record_size(record, meta_size)
+        self._check_session_budget(size, "decision")
+        self.rate_limiter.acquire(agent_id, now)
         self._apply_decision(record, size)
         self.log.append(EventKind.DECISION_RECORDED, record, now, size)
         return record
@@ -453,7 +458,7 @@ class CollaborationState:
         self._decisions = {}
         self._session_sizes = {}
         self._decision_bytes = {}
-        self._ended_bytes = 0
+        self._ended_bytes = self._active_bytes = 0
         for session in sessions:
             self._decisions[session.session_id] = []
             self._session_sizes[session.session_id] = payload_size(session)
@@ -470,6 +475,8 @@ class CollaborationState:
             self._decision_bytes[decision.session_id] = self._decision_bytes.get(decision.session_id, 0) + size
         for session_id in self._ended_sessions:
             self._ended_bytes += self._session_sizes[session_id] + self._decision_bytes.get(session_id, 0)
+        for session_id in self._active_sessions:
+            self._active_bytes += self._session_sizes[session_id] + self._decision_bytes.get(session_id, 0)
         self._trim_ended()
         self.log.epoch = epoch
         self.log.restore(events, last_seq)
@@ -542,6 +549,24 @@ class CollaborationState:
         """Refuse a new record while the store is over its byte budget."""
         if self.storage_refusal is not None and (reason := self.storage_refusal()) is not None:
             raise BudgetExhausted(reason, "max-db-bytes")
+
+    def _check_session_budget(self, size: int, what: str) -> None:
+        """Refuse (changing nothing) a session or decision that would take the active
+        sessions with their decisions past their budget."""
+        budget = self.settings.max_active_session_bytes
+        if self._active_bytes + size > budget:
+            raise BudgetExhausted(
+                f"active sessions and their decisions hold {self._active_bytes} bytes; this {what} ({size} bytes) "
+                f"would take them past their budget of {budget} bytes "
+                "(--max-active-session-bytes / COLLAB_MAX_ACTIVE_SESSION_BYTES); end finished sessions "
+                "(EndCollaboration; POST /api/v1/collaboration/end-collaboration)",
+                "max-active-session-bytes",
+            )
+
+    @property
+    def active_session_bytes(self) -> int:
+        """What active sessions and their decisions count against ``max_active_session_bytes``."""
+        return self._active_bytes
 
     def _check_open_budget(self, size: int) -> None:
         """Refuse (changing nothing) an activity that would take the open ones past a budget."""
@@ -629,18 +654,21 @@ class CollaborationState:
     def _apply_started(self, session: Session, size: int | None = None) -> None:
         self._active_sessions[session.session_id] = session
         self._decisions[session.session_id] = []
-        self._session_sizes[session.session_id] = payload_size(session) if size is None else size
+        size = self._session_sizes[session.session_id] = payload_size(session) if size is None else size
         self._decision_bytes[session.session_id] = 0
+        self._active_bytes += size
         for member in session.participants:
             self._agent(member).sessions.add(session.session_id)
 
     def _apply_ended(self, session: Session) -> None:
-        self._active_sessions.pop(session.session_id, None)
+        was_active = self._active_sessions.pop(session.session_id, None) is not None
         self._ended_sessions[session.session_id] = session
         if session.session_id not in self._session_sizes:  # ended by a replica before this one knew it
             self._session_sizes[session.session_id] = payload_size(session)
-        self._ended_bytes += self._session_sizes[session.session_id]
-        self._ended_bytes += self._decision_bytes.get(session.session_id, 0)
+        held = self._session_sizes[session.session_id] + self._decision_bytes.get(session.session_id, 0)
+        self._ended_bytes += held
+        if was_active:
+            self._active_bytes -= held
         self._trim_ended()
         for member in session.participants:
             agent = self._agents.get(member)
@@ -653,6 +681,8 @@ class CollaborationState:
         self._decision_bytes[decision.session_id] = self._decision_bytes.get(decision.session_id, 0) + size
         if decision.session_id in self._ended_sessions:
             self._ended_bytes += size
+        elif decision.session_id in self._active_sessions:
+            self._active_bytes += size
         session = self._active_sessions.get(decision.session_id)
         if session is not None:
             session.decision_count += 1

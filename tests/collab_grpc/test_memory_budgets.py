@@ -200,7 +200,7 @@ def test_a_restored_state_counts_what_it_holds_as_the_original_did() -> None:
 def test_the_budgets_are_settings_with_flags_and_environment_variables() -> None:
     defaults = parse_server_config([], env={})
     assert defaults.max_open_activities == 100_000
-    assert defaults.max_open_activity_bytes == 64 * 1024 * 1024
+    assert defaults.max_open_activity_bytes == defaults.max_active_session_bytes == 64 * 1024 * 1024
     assert defaults.history_bytes == defaults.ended_sessions_bytes == 32 * 1024 * 1024
     assert defaults.event_retain_bytes == defaults.idempotency_bytes == 64 * 1024 * 1024
     config = parse_server_config(
@@ -262,3 +262,22 @@ def test_the_database_budget_is_a_setting() -> None:
     assert parse_server_config([], env={"COLLAB_MAX_DB_BYTES": "0"}).max_db_bytes == 0
     with pytest.raises(SystemExit):
         parse_server_config(["--max-db-bytes", "-1"], env={})
+
+
+def test_active_sessions_with_their_decisions_past_their_bytes_are_refused_until_one_ends() -> None:
+    state = make(max_active_session_bytes=3 * RECORD + 600)
+    first = state.start_collaboration(participants=["a"], metadata=blob())
+    state.record_decision(session_id=first.session_id, agent_id="a", decision="d", metadata=blob())
+    second = state.start_collaboration(participants=["b"], metadata=blob())
+    seq, held = state.log.last_seq, state.active_session_bytes
+    with pytest.raises(BudgetExhausted) as refused:
+        state.record_decision(session_id=second.session_id, agent_id="b", decision="d", metadata=blob())
+    assert refused.value.budget == "max-active-session-bytes"
+    assert "COLLAB_MAX_ACTIVE_SESSION_BYTES" in str(refused.value) and "end-collaboration" in str(refused.value)
+    with pytest.raises(BudgetExhausted):
+        state.start_collaboration(participants=["c"], metadata=blob())
+    assert (state.log.last_seq, state.active_session_bytes) == (seq, held)
+    assert len(state.active_collaborations()) == 2
+    state.end_collaboration(first.session_id)  # frees its own bytes and its decision's
+    assert state.active_session_bytes == held - 2 * (RECORD + 1)  # "a" and "d": one character each
+    state.record_decision(session_id=second.session_id, agent_id="b", decision="d", metadata=blob())
