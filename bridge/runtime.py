@@ -25,14 +25,18 @@ __all__ = ["BridgeRuntime", "Credential", "credential_metadata"]
 log = logging.getLogger("bridge.runtime")
 
 SNAPSHOT_ATTEMPTS = 3
+# Seconds a client refused a turn to resume is told to wait before it retries.
+RESUME_RETRY_AFTER = 1
 
 # (header name, value) as the caller sent it: ("authorization", "Bearer x") or ("x-api-key", "x").
 Credential = tuple[str, str] | None
 
 
-def _unavailable(details: str) -> grpc.aio.AioRpcError:
-    """A refusal the endpoints turn into "retry later" (WebSocket 1013, HTTP 503)."""
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+def _unavailable(details: str, retry_after: int | None = None) -> grpc.aio.AioRpcError:
+    """A refusal the endpoints turn into "retry later" (WebSocket 1013, HTTP 503 with
+    ``Retry-After`` when given)."""
+    trailers = grpc.aio.Metadata(("retry-after", str(retry_after))) if retry_after else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailers, details, None)
 
 
 def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
@@ -145,8 +149,9 @@ class BridgeRuntime:
             limit = self.config.max_concurrent_resumes
             log.info("resume refused: %d resumes from the server's log already under way", limit)
             raise _unavailable(
-                f"{limit} clients are already being resumed from the server's log "
-                "(COLLAB_MAX_CONCURRENT_RESUMES); retry with the same since/epoch"
+                f"too many clients resuming from the server's log at once (the most is {limit}: "
+                "COLLAB_MAX_CONCURRENT_RESUMES); retry with the same since/epoch",
+                RESUME_RETRY_AFTER,
             ) from None
         try:
             yield

@@ -17,6 +17,7 @@ from bridge.fanout import CLOSE_TOO_SLOW, Subscriber
 from bridge.hub import StreamHub
 from bridge.rest import HubError
 from bridge.runtime import BridgeRuntime
+from bridge.sse import EventStream
 from collab_grpc.errors import BUDGET_TRAILER
 from collab_grpc.v1 import collaboration_pb2 as pb
 
@@ -197,9 +198,19 @@ class ReplayStub:
         self.calls: list[ReplayCall] = []
 
     def SubscribeEvents(self, request: pb.SubscribeEventsRequest, **_: Any) -> ReplayCall:  # noqa: N802
+        if request.include_snapshot:  # the snapshot a connecting client's credential is checked with
+            return SnapshotCall()
         call = ReplayCall([e for e in self.events if e.seq > request.since_seq], self.hold, self.recovered)
         self.calls.append(call)
         return call
+
+
+class SnapshotCall:
+    async def read(self) -> pb.SubscribeEventsResponse:
+        return pb.SubscribeEventsResponse(snapshot=snapshot(30))
+
+    def cancel(self) -> None:
+        pass
 
 
 def runtime_with(stub: ReplayStub, **config: Any) -> BridgeRuntime:
@@ -278,3 +289,40 @@ async def test_a_resuming_client_that_takes_nothing_is_closed_as_too_slow() -> N
     assert subscriber.closed and wire.closes[0][0] == CLOSE_TOO_SLOW
     assert subscriber not in runtime.hub.fanout.subscribers
     assert stub.calls[0].reads < 16  # it stopped reading the replay
+
+
+async def test_an_sse_resume_refused_a_turn_is_503_with_retry_after_before_any_200() -> None:
+    hold = asyncio.Event()
+    stub = ReplayStub([big_event(seq) for seq in range(1, 31)], hold)
+    runtime = runtime_with(stub, max_concurrent_resumes=1, rpc_timeout=0.2)
+    busy = asyncio.create_task(
+        runtime.open_client(
+            Subscriber(Wire().fast, Wire().close, max_backlog=100), snapshot(30), None, OPENING, 5, EPOCH
+        )
+    )
+    await asyncio.sleep(0)  # it holds the one turn, waiting on the server
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/api/v1/collaboration/events",
+        "query_string": f"epoch={EPOCH}".encode(),
+        "headers": [(b"last-event-id", b"5")],
+    }
+    await asyncio.wait_for(EventStream(runtime)(scope, receive, send), 5)
+    start = sent[0]
+    assert start["type"] == "http.response.start" and start["status"] == 503
+    headers = {key.decode(): value.decode() for key, value in start["headers"]}
+    assert headers["retry-after"] == "1"
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["code"] == "UNAVAILABLE" and "COLLAB_MAX_CONCURRENT_RESUMES" in body["detail"]
+    hold.set()
+    await asyncio.wait_for(busy, 5)
