@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import MutableMapping
 from typing import Any
 
 import grpc
@@ -197,7 +198,7 @@ class ReplayStub:
         self.events, self.hold, self.recovered = events, hold, recovered
         self.calls: list[ReplayCall] = []
 
-    def SubscribeEvents(self, request: pb.SubscribeEventsRequest, **_: Any) -> ReplayCall:  # noqa: N802
+    def SubscribeEvents(self, request: pb.SubscribeEventsRequest, **_: Any) -> ReplayCall | SnapshotCall:  # noqa: N802
         if request.include_snapshot:  # the snapshot a connecting client's credential is checked with
             return SnapshotCall()
         call = ReplayCall([e for e in self.events if e.seq > request.since_seq], self.hold, self.recovered)
@@ -307,7 +308,7 @@ async def test_an_sse_resume_refused_a_turn_is_503_with_retry_after_before_any_2
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(dict(message))
 
     scope = {
