@@ -104,13 +104,15 @@ class Followed:
 
 async def follow_sse(http: str, token: str, epoch: str, since: int, until: int, *, within: float = 120.0) -> Followed:
     """Resume the SSE stream from ``since`` and read until event ``until``, reconnecting
-    as a browser's EventSource does (with the last id received) when the stream ends."""
+    as a browser's EventSource does (with the last id received) when the stream ends or
+    is refused. Gives up at ``within`` seconds, or when the bridge could not resume it
+    (``recovered`` false: the events are no longer kept; it was sent a snapshot)."""
     followed = Followed()
     last = since
     deadline = time.monotonic() + within
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
-        while last < until and time.monotonic() < deadline:
+        while last < until and time.monotonic() < deadline and all(followed.recovered):
             url = f"{http}/api/v1/collaboration/events?epoch={epoch}"
             try:
                 async with client.stream("GET", url, headers={**headers, "Last-Event-ID": str(last)}) as response:
@@ -128,11 +130,12 @@ async def follow_sse(http: str, token: str, epoch: str, since: int, until: int, 
                         elif line.startswith("id: "):
                             last = int(line[4:])
                             followed.seqs.append(last)
-                            if last >= until:
-                                break
+                        # Status updates arrive every few seconds, so this is checked.
+                        if last >= until or not all(followed.recovered) or time.monotonic() > deadline:
+                            break
             except httpx.HTTPError:
                 pass
-            if last < until:
+            if last < until and all(followed.recovered):
                 followed.reconnects += 1
                 await asyncio.sleep(0.5)
     return followed
