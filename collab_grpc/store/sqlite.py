@@ -539,11 +539,12 @@ class SQLiteStore(SingleProcessStore):
             self._rollback(connection)
             raise
         now = time.monotonic()
-        over_budget = 0 < self.retention.max_bytes < _used_bytes(connection)
-        if over_budget or now - self._last_prune >= self.retention.every:
+        used = _used_bytes(connection)
+        if 0 < self.retention.max_bytes < used or now - self._last_prune >= self.retention.every:
             self._last_prune = now
             self._prune(connection)
-        self.used_bytes = _used_bytes(connection)
+            used = _used_bytes(connection)
+        self.used_bytes = used
 
     @staticmethod
     def _rollback(connection: sqlite3.Connection) -> None:
