@@ -79,6 +79,12 @@ class BridgeConfig:
     allowed_hosts: tuple[str, ...] = ()
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or networks; "*": any).
     trusted_proxies: tuple[str, ...] = ()
+    # Memory budgets: characters of JSON text held by the resume buffer and by one slow
+    # client's backlog (besides their counts above), and resumes streamed from the server
+    # at once (each holds a server stream; more wait up to rpc_timeout for a turn).
+    event_buffer_bytes: int = 32 * 1024 * 1024
+    client_backlog_bytes: int = 4 * 1024 * 1024
+    max_concurrent_resumes: int = 4
 
     @property
     def host(self) -> str:
@@ -230,6 +236,28 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         _addresses,
         "comma-separated proxy IPs/networks whose X-Forwarded-For is believed (default: none; * for any)",
     ),
+    (
+        "--event-buffer-bytes",
+        "COLLAB_EVENT_BUFFER_BYTES",
+        "event_buffer_bytes",
+        int,
+        "characters of recent events kept to resume clients (the oldest go first)",
+    ),
+    (
+        "--client-backlog-bytes",
+        "COLLAB_CLIENT_BACKLOG_BYTES",
+        "client_backlog_bytes",
+        int,
+        "characters of messages a slow client may have waiting before it is closed (4008)",
+    ),
+    (
+        "--max-concurrent-resumes",
+        "COLLAB_MAX_CONCURRENT_RESUMES",
+        "max_concurrent_resumes",
+        int,
+        "clients resumed from the server's log at once (older than the buffer); others wait up to "
+        "--rpc-timeout, then WebSocket 1013 / SSE stream ended, to retry",
+    ),
 ]
 
 
@@ -259,7 +287,16 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         config.port  # noqa: B018 - validates the address
     except (IndexError, ValueError):
         parser.error(f"--bridge-addr / COLLAB_BRIDGE_ADDR: expected host:port, got {config.bridge_addr!r}")
-    for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes", "otlp_max_bytes"):
+    for name in (
+        "client_backlog",
+        "event_buffer",
+        "max_ws_message_bytes",
+        "max_body_bytes",
+        "otlp_max_bytes",
+        "event_buffer_bytes",
+        "client_backlog_bytes",
+        "max_concurrent_resumes",
+    ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     if not 1 <= config.max_credential_bytes <= MAX_CREDENTIAL_BYTES_LIMIT:

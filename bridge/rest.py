@@ -41,6 +41,7 @@ from bridge.schemas import (
     SuccessBody,
     documented,
 )
+from collab_grpc.errors import BUDGET_TRAILER
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
@@ -86,11 +87,16 @@ class HubError(Exception):
         code = failure.code()
         detail = unavailable_detail(failure) or failure.details() or code.name
         retry_after = None
+        status = HTTP_STATUS.get(code, 502)
         # The type stubs mistype metadata entries; they are (key, value) pairs.
         for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
             if key == "retry-after":
                 retry_after = str(value)
-        return cls(HTTP_STATUS.get(code, 502), code.name, detail, retry_after)
+            elif key == BUDGET_TRAILER and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # A memory budget is full, not a rate: 507, and retrying soon does not help
+                # (429 with Retry-After stays the rate limit's).
+                status = 507
+        return cls(status, code.name, detail, retry_after)
 
 
 # Why the server could not be reached names internal addresses (the server's, Redis's):

@@ -95,23 +95,32 @@ class EventStream:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)
             return
         held.callback(slot.release)
+        # The 200 goes out with the first message: until then a refusal (a resume that
+        # must wait for its turn, say) can still be an HTTP status with Retry-After.
+        started = False
 
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                        ],
+                    }
+                )
 
-        def send_text(text: str) -> Any:
-            return send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        async def send_text(text: str) -> None:
+            await start()
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
         async def close(_code: int, _reason: str) -> None:
+            await start()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         subscriber = Subscriber(
@@ -123,8 +132,11 @@ class EventStream:
             await self.runtime.open_client(
                 subscriber, snapshot, credential, established, since, query.get("epoch") or hub.epoch
             )
-        except grpc.aio.AioRpcError:
-            await close(0, "")
+        except grpc.aio.AioRpcError as failure:
+            if started:
+                await close(0, "")
+            else:
+                await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
         await self._wait_for_disconnect(receive, subscriber)
 

@@ -84,6 +84,16 @@ class ServerConfig:
     otlp_max_spans: int = 10_000
     # Spans whose records the OTLP ingest remembers, so a re-exported span records nothing.
     otlp_span_index: int = 100_000
+    # Memory budgets, in bytes as events.record_size counts them (serialised metadata and
+    # text, plus 512 per record); see StateSettings.
+    max_open_activities: int = 100_000
+    max_open_activity_bytes: int = 64 * 1024 * 1024
+    max_active_session_bytes: int = 64 * 1024 * 1024
+    history_bytes: int = 32 * 1024 * 1024
+    ended_sessions_bytes: int = 32 * 1024 * 1024
+    event_retain_bytes: int = 64 * 1024 * 1024
+    idempotency_bytes: int = 64 * 1024 * 1024
+    max_db_bytes: int = 4 * 1024 * 1024 * 1024  # 0: no budget
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -181,6 +191,57 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         int,
         "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice",
     ),
+    (
+        "--max-open-activities",
+        "COLLAB_MAX_OPEN_ACTIVITIES",
+        "max_open_activities",
+        int,
+        "open activities held at once; beyond it a new one is refused (RESOURCE_EXHAUSTED)",
+    ),
+    (
+        "--max-open-activity-bytes",
+        "COLLAB_MAX_OPEN_ACTIVITY_BYTES",
+        "max_open_activity_bytes",
+        int,
+        "bytes (serialised metadata + 512 each) open activities may hold; beyond it a new one is refused",
+    ),
+    (
+        "--max-active-session-bytes",
+        "COLLAB_MAX_ACTIVE_SESSION_BYTES",
+        "max_active_session_bytes",
+        int,
+        "bytes active sessions with their decisions may hold; beyond it a new one is refused",
+    ),
+    ("--history-bytes", "COLLAB_HISTORY_BYTES", "history_bytes", int, "bytes of newest activities kept in memory"),
+    (
+        "--ended-sessions-bytes",
+        "COLLAB_ENDED_SESSIONS_BYTES",
+        "ended_sessions_bytes",
+        int,
+        "bytes of ended sessions (with their decisions) kept in memory",
+    ),
+    (
+        "--event-retain-bytes",
+        "COLLAB_EVENT_RETAIN_BYTES",
+        "event_retain_bytes",
+        int,
+        "bytes of newest events kept in memory for resuming subscribers (and a subscriber's most lag)",
+    ),
+    (
+        "--idempotency-bytes",
+        "COLLAB_IDEMPOTENCY_BYTES",
+        "idempotency_bytes",
+        int,
+        "bytes of answers kept in memory for retried writes (idempotency keys)",
+    ),
+    (
+        "--max-db-bytes",
+        "COLLAB_MAX_DB_BYTES",
+        "max_db_bytes",
+        int,
+        "bytes the SQLite file may use; past it, when retention cannot free enough, new records are refused "
+        "(RESOURCE_EXHAUSTED / 507); 0: no budget",
+    ),
 ]
 
 
@@ -227,9 +288,18 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "agent_retire_batch",
         "otlp_max_spans",
         "otlp_span_index",
+        "max_open_activities",
+        "max_open_activity_bytes",
+        "max_active_session_bytes",
+        "history_bytes",
+        "ended_sessions_bytes",
+        "event_retain_bytes",
+        "idempotency_bytes",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
+    if config.max_db_bytes < 0:
+        parser.error(f"max-db-bytes must be 0 (no budget) or more, got {config.max_db_bytes}")
     positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds", "agent_idle_ttl"):
         value = getattr(config, name)

@@ -119,6 +119,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         snapshot_sessions_limit=config.max_snapshot_sessions,
         agent_idle_ttl=config.agent_idle_ttl,
         agent_retire_batch=config.agent_retire_batch,
+        history_bytes=config.history_bytes,
+        ended_sessions_bytes=config.ended_sessions_bytes,
+        event_log_retain_bytes=config.event_retain_bytes,
+        max_open_activities=config.max_open_activities,
+        max_open_activity_bytes=config.max_open_activity_bytes,
+        max_active_session_bytes=config.max_active_session_bytes,
+        idempotency_bytes=config.idempotency_bytes,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
@@ -127,7 +134,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.data_dir,
         synchronous=config.sqlite_synchronous,
         commit_delay=config.sqlite_commit_delay,
-        retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
+        retention=Retention(count=config.retain_count, seconds=config.retain_seconds, max_bytes=config.max_db_bytes),
     )
     await store.attach(state)
     store.start()

@@ -26,6 +26,8 @@ from collab_grpc import convert, metrics
 from collab_grpc.auth import Access
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
+    BUDGET_TRAILER,
+    BudgetExhausted,
     CollabError,
     FailedPrecondition,
     InvalidArgument,
@@ -67,6 +69,7 @@ STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -178,6 +181,8 @@ async def abort_with(context: Context, error: CollabError) -> None:
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(error, RateLimited):
         trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+    elif isinstance(error, BudgetExhausted):  # full until something is freed: no retry-after
+        trailers = ((BUDGET_TRAILER, error.budget),)
     await context.abort(STATUS_FOR_ERROR[type(error)], str(error), trailing_metadata=trailers)
 
 
@@ -614,9 +619,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse]]:
+    ) -> tuple[Subscription, Iterable[pb.SubscribeEventsResponse]]:
         """The subscription a SubscribeEvents request asks for, and its first messages."""
         initial: list[pb.SubscribeEventsResponse] = []
+        replay: Iterable[pb.SubscribeEventsResponse] = ()
         await self.store.fresh()
         event_filter = convert.event_filter_from_proto(request)
         for agent_id in request.agent_ids:
@@ -643,7 +649,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 initial.append(
                     pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot, self.list_budget))
                 )
-            initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+            # Converted as they are written, not all at once: a replay can be the whole retained log.
+            replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.list_budget)))
@@ -655,7 +662,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         except BaseException:
             self.state.log.unsubscribe(subscription)
             raise
-        return subscription, initial
+        return subscription, itertools.chain(initial, replay)
 
     async def _pump(
         self,

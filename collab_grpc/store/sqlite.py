@@ -126,10 +126,14 @@ CREATE INDEX agents_seen ON agents (seen_at);
 class Retention:
     """What the file keeps beyond the live state: the newest ``count`` events and
     completed activities, none older than ``seconds``; ended sessions likewise by age.
-    Open activities and active sessions are always kept."""
+    Open activities and active sessions are always kept. Past ``max_bytes`` of pages in
+    use (0: no budget), retention runs after every commit, and while that cannot bring
+    the file under it, new records are refused (completions and ends still pass: they
+    are what lets retention free room)."""
 
     count: int = 100_000
     seconds: float = 7 * 24 * 3600.0
+    max_bytes: int = 4 * 1024 * 1024 * 1024
     every: float = 10.0  # how often pruning runs, in seconds
     chunk: int = 2_000  # rows per pruning transaction, so writes never wait long
 
@@ -204,6 +208,9 @@ class SQLiteStore(SingleProcessStore):
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
+        # Bytes of the file's pages in use (free pages left by retention excluded), as
+        # of the last commit: read by the loop, written by the writer thread.
+        self.used_bytes = 0
 
     @property
     def description(self) -> str:
@@ -270,6 +277,20 @@ class SQLiteStore(SingleProcessStore):
         self._load(state)
         state.log.sink = self._stage_event
         state.idempotency.sink = self._stage_answer
+        self.used_bytes = _used_bytes(self._connection)
+        state.storage_refusal = self._storage_refusal
+
+    def _storage_refusal(self) -> str | None:
+        """Why a new record cannot be stored now (the file is over its budget), or None."""
+        budget = self.retention.max_bytes
+        if not budget or self.used_bytes <= budget:
+            return None
+        return (
+            f"the database uses {self.used_bytes} bytes, over its budget of {budget} bytes "
+            "(--max-db-bytes / COLLAB_MAX_DB_BYTES), and retention cannot free enough: lower "
+            "--retain-count or --retain-seconds, complete open activities and end sessions (kept until then), "
+            "or raise the budget"
+        )
 
     def _stage_event(self, event: Event) -> None:
         self._events.append(event)
@@ -560,9 +581,12 @@ class SQLiteStore(SingleProcessStore):
             self._rollback(connection)
             raise
         now = time.monotonic()
-        if now - self._last_prune >= self.retention.every:
+        used = _used_bytes(connection)
+        if 0 < self.retention.max_bytes < used or now - self._last_prune >= self.retention.every:
             self._last_prune = now
             self._prune(connection)
+            used = _used_bytes(connection)
+        self.used_bytes = used
 
     @staticmethod
     def _rollback(connection: sqlite3.Connection) -> None:
@@ -724,6 +748,14 @@ def _check_sqlite(connection: sqlite3.Connection) -> None:
         raise StoreError(
             f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"
         ) from None
+
+
+def _used_bytes(connection: sqlite3.Connection) -> int:
+    """Bytes of the file's pages that hold data (pages freed by deletes are reused)."""
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+    size = connection.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
 
 
 def _json(text: str) -> dict[str, Any]:
