@@ -4,9 +4,13 @@ In this order, for each call:
 - observing: a request id for the call and every line it logs, calls counted by
   method and status code, latency histograms, failed and slow calls logged (refused
   calls too);
-- auth: every CollaborationService call needs a credential, with write access for the
-  writes. Health checking and reflection stay open (load balancers and grpcurl-style
-  tools use them before they hold a token); they reveal no state;
+- auth: every call needs a credential; a method the contract marks as a read
+  (``idempotency_level = NO_SIDE_EFFECTS``, collab_grpc/servicer.py READ_METHODS) needs
+  read access, every other one write access, including any method nobody marked and
+  other services' (deny by default). Health checking and reflection stay open (load
+  balancers and grpcurl-style tools use them before they hold a token); they reveal no
+  state. What the credential grants, and until when, is handed to the handler in
+  collab_grpc.auth.CALLER (streams end when it expires; idempotency keys are scoped to it);
 - decoding: a request that could not be decoded is refused with INVALID_ARGUMENT
   (collab_grpc/decoding.py), after auth, so a call without a credential is refused as
   such whatever its body.
@@ -27,12 +31,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from collab_grpc.auth import Authenticator, token_from_headers
+from collab_grpc.auth import CALLER, Authenticator, token_from_headers
 from collab_grpc.decoding import Undecodable, checked, refuse, soft_deserializer
 from collab_grpc.errors import CollabError
 from collab_grpc.logs import REQUEST_ID, request_id_from_metadata
 from collab_grpc.metrics import rpc_series
-from collab_grpc.servicer import STATUS_FOR_ERROR, WRITE_METHODS, Context
+from collab_grpc.servicer import READ_METHODS, STATUS_FOR_ERROR, Context
 
 __all__ = ["SLOW_RPC_SECONDS", "CallInterceptor"]
 
@@ -130,12 +134,13 @@ class _Method:
 
     __slots__ = ("guarded", "method", "name", "per_item", "slow_seconds", "streams_requests", "timed", "write")
 
-    def __init__(self, method: str, handler: Handler, *, guarded: bool, per_item: bool, slow_seconds: float) -> None:
+    def __init__(
+        self, method: str, handler: Handler, *, guarded: bool, write: bool, per_item: bool, slow_seconds: float
+    ) -> None:
         self.method = method
         self.name = method.removeprefix(SERVICE_PREFIX).lstrip("/")
         self.guarded = guarded
-        # Anything not known to be a read needs write access: deny by default.
-        self.write = self.name in WRITE_METHODS or not method.startswith(SERVICE_PREFIX)
+        self.write = write
         # A server stream's duration is how long the client stayed, not a latency.
         self.timed = not handler.unary_stream and not handler.stream_stream
         self.streams_requests = bool(handler.stream_unary or handler.stream_stream)
@@ -147,7 +152,8 @@ class CallInterceptor(_ServerInterceptor):
     """``authenticator`` None: no credential checked (a bare server in tests).
     ``per_item``: client-streaming methods whose handler answers each message on its
     own (BulkRecordActivities); they get an Undecodable in place of a message that could
-    not be decoded, and the rest of the stream still counts."""
+    not be decoded, and the rest of the stream still counts.
+    ``read_methods``: the paths that need read access only; any other needs write."""
 
     def __init__(
         self,
@@ -155,8 +161,10 @@ class CallInterceptor(_ServerInterceptor):
         *,
         per_item: frozenset[str] = frozenset(),
         slow_seconds: float = SLOW_RPC_SECONDS,
+        read_methods: frozenset[str] = READ_METHODS,
     ) -> None:
         self.authenticator = authenticator
+        self.read_methods = read_methods
         self.per_item = per_item
         self.slow_seconds = slow_seconds
         # method -> (its handler, that handler wrapped): made once, not on every call.
@@ -183,6 +191,7 @@ class CallInterceptor(_ServerInterceptor):
             method,
             handler,
             guarded=self.authenticator is not None and not method.startswith(OPEN_PREFIXES),
+            write=method not in self.read_methods,
             per_item=method in self.per_item,
             slow_seconds=self.slow_seconds,
         )
@@ -206,7 +215,8 @@ class CallInterceptor(_ServerInterceptor):
             if self.authenticator.enabled:
                 headers = {key: value for key, value in metadata if isinstance(value, str)}
                 try:
-                    self.authenticator.require(token_from_headers(headers), write=about.write)
+                    # The call's own task runs the handler: it sees this, no other call does.
+                    CALLER.set(self.authenticator.admit(token_from_headers(headers), write=about.write))
                 except CollabError as error:
                     extra = {"rpc": about.method, "reason": str(error)}
                     log.warning("refused %s: %s", about.method, error, extra=extra)

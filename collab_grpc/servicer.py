@@ -13,13 +13,17 @@ import functools
 import hashlib
 import itertools
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor_pb2 import MethodOptions
 from google.protobuf.message import Message
 
 from collab_grpc import convert, metrics
+from collab_grpc.auth import CALLER, TOKEN_EXPIRED, Access
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
     CollabError,
@@ -39,7 +43,15 @@ from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id
 
-__all__ = ["STATUS_FOR_ERROR", "WRITE_METHODS", "CollaborationServicer", "Context", "abort_with"]
+__all__ = [
+    "READ_METHODS",
+    "STATUS_FOR_ERROR",
+    "WRITE_METHODS",
+    "CollaborationServicer",
+    "Context",
+    "abort_with",
+    "read_methods",
+]
 
 # How long a write may stay pending after its subscription closed before it is cancelled
 # (a client that does not read holds it forever; any other finishes within milliseconds).
@@ -59,17 +71,25 @@ STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
-# The RPCs that change state; the auth interceptor requires write access for these.
+SERVICE = pb.DESCRIPTOR.services_by_name["CollaborationService"]
+
+
+def read_methods(service: ServiceDescriptor) -> frozenset[str]:
+    """The methods of ``service`` its contract marks as reads (``idempotency_level =
+    NO_SIDE_EFFECTS``), as the paths grpc calls them by (``/package.Service/Method``).
+    Every other method needs write access: one nobody marked is a write (deny by default)."""
+    return frozenset(
+        f"/{service.full_name}/{method.name}"
+        for method in service.methods
+        if method.GetOptions().idempotency_level == MethodOptions.NO_SIDE_EFFECTS
+    )
+
+
+# Read at start from the contract; the auth interceptor requires write access for every
+# other method. WRITE_METHODS: this service's others, by name.
+READ_METHODS = read_methods(SERVICE)
 WRITE_METHODS = frozenset(
-    {
-        "RecordActivity",
-        "BulkRecordActivities",
-        "CompleteActivity",
-        "StartCollaboration",
-        "EndCollaboration",
-        "RecordDecision",
-        "RecordMemoryUpdate",
-    }
+    method.name for method in SERVICE.methods if f"/{SERVICE.full_name}/{method.name}" not in READ_METHODS
 )
 
 MAX_BULK_ITEMS = 100_000
@@ -122,6 +142,19 @@ def _write(
     return call
 
 
+# How a closed subscription's reason ends its stream (any other: it fell behind).
+_CODE_FOR_CLOSE = {SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE, TOKEN_EXPIRED: grpc.StatusCode.UNAUTHENTICATED}
+
+
+def _at_expiry(end: Callable[[str], None], reason: str) -> asyncio.TimerHandle | None:
+    """Call ``end(reason)`` when the caller's credential expires (None: it does not).
+    Expiry is wall-clock time (a JWT's ``exp``), as PyJWT checked it."""
+    caller = CALLER.get()
+    if caller is None or caller.expires_at is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, caller.expires_at - time.time()), end, reason)
+
+
 def _too_many_bulk_items() -> str:
     return (
         f"a bulk stream carries at most {MAX_BULK_ITEMS} activities; the first {MAX_BULK_ITEMS} were processed, "
@@ -168,7 +201,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def _idempotent(
         self, method: str, request: Message, response_type: type[Response], run: Callable[[], Response]
     ) -> Response:
-        """Run ``run`` once per idempotency key; a retry gets the first answer back."""
+        """Run ``run`` once per idempotency key of the caller; a retry gets the first answer back."""
         key: str = getattr(request, "idempotency_key")  # noqa: B009 - every write request has one
         if not key:
             return run()
@@ -180,11 +213,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
         cache = self.state.idempotency
         now = self.state.clock()
-        answer = cache.lookup(method, key, fingerprint, now)
+        caller = CALLER.get()
+        scope = caller.idempotency_scope() if caller is not None else ""
+        answer = cache.lookup(method, key, fingerprint, now, scope)
         if answer is not None:
             return response_type.FromString(answer)
         response = run()
-        cache.store(method, key, fingerprint, response.SerializeToString(), now)
+        cache.store(method, key, fingerprint, response.SerializeToString(), now, scope)
         return response
 
     def _record(self, request: pb.RecordActivityRequest) -> Activity:
@@ -390,6 +425,18 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             collaborations=[convert.session_to_proto(s) for s in sessions], total=len(sessions)
         )
 
+    async def CheckCredential(  # noqa: N802
+        self, request: pb.CheckCredentialRequest, context: Context
+    ) -> pb.CheckCredentialResponse:
+        # The interceptor refused the call if the credential is not valid; None: auth off.
+        caller = CALLER.get()
+        if caller is None:
+            return pb.CheckCredentialResponse(read=True, write=True)
+        response = pb.CheckCredentialResponse(read=Access.READ in caller.access, write=Access.WRITE in caller.access)
+        if caller.expires_at is not None:
+            response.expires_at.CopyFrom(convert.timestamp_from_seconds(caller.expires_at))
+        return response
+
     # -- streams --------------------------------------------------------------------
 
     # Stream handlers write with context.write rather than yield, so that a write blocked
@@ -404,7 +451,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             except CollabError as error:
                 await abort_with(context, error)
                 return
-            await self._pump(subscription, initial, context)
+            # A credential that expires ends the stream then (one timer, nothing per event).
+            expiry = _at_expiry(subscription.close, TOKEN_EXPIRED)
+            try:
+                await self._pump(subscription, initial, context)
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
         finally:  # whatever ended the stream (the client, an error, cancellation)
             if subscription is not None:
                 self.state.log.unsubscribe(subscription)
@@ -507,7 +560,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             if not subscription.closed:
                 raise  # the client went away
         reason = subscription.closed_reason or ""
-        code = grpc.StatusCode.UNAVAILABLE if reason == SHUTTING_DOWN else grpc.StatusCode.RESOURCE_EXHAUSTED
+        code = _CODE_FOR_CLOSE.get(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_code(code)
         context.set_details(reason)
 
@@ -523,6 +576,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     f"interval must be between {MIN_STATUS_INTERVAL} s and {MAX_STATUS_INTERVAL:.0f} s, "
                     f"got {interval} s",
                 )
+        caller = CALLER.get()
+        expires_at = caller.expires_at if caller is not None else None
         while not self._stopping.is_set():
             summary = convert.agent_status_to_proto(self.state.agent_status())
             await context.write(
@@ -530,9 +585,15 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     time=convert.timestamp_from_seconds(self.state.clock()), agent_status=summary
                 )
             )
+            wait = interval
+            if expires_at is not None:
+                # Woken at the credential's expiry if that comes before the next update.
+                wait = min(interval, max(0.0, expires_at - time.time()))
             try:
-                await asyncio.wait_for(self._stopping.wait(), interval)
+                await asyncio.wait_for(self._stopping.wait(), wait)
             except TimeoutError:
+                if expires_at is not None and time.time() >= expires_at:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, TOKEN_EXPIRED)
                 continue
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(SHUTTING_DOWN)

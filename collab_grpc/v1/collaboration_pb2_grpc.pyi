@@ -43,6 +43,12 @@ class CollaborationServiceStub:
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     @_typing.overload
@@ -84,6 +90,11 @@ class CollaborationServiceStub:
     """
     StreamAgentStatus: _grpc.UnaryStreamMultiCallable[_collaboration_pb2.StreamAgentStatusRequest, _collaboration_pb2.StreamAgentStatusResponse]
     """The agent status summary, sent at once and then every interval (2 s by default)."""
+    CheckCredential: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]
+    """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+    is not valid): the bridge asks it for each credential its clients hold, to end
+    their connections when the credential expires or is revoked.
+    """
 
 @_typing.type_check_only
 class CollaborationServiceAsyncStub(CollaborationServiceStub):
@@ -98,6 +109,12 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -136,6 +153,11 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     """
     StreamAgentStatus: _aio.UnaryStreamMultiCallable[_collaboration_pb2.StreamAgentStatusRequest, _collaboration_pb2.StreamAgentStatusResponse]  # type: ignore[assignment]
     """The agent status summary, sent at once and then every interval (2 s by default)."""
+    CheckCredential: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]  # type: ignore[assignment]
+    """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+    is not valid): the bridge asks it for each credential its clients hold, to end
+    their connections when the credential expires or is revoked.
+    """
 
 class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
     """CollaborationService is the single way into the hub's state.
@@ -149,6 +171,12 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     @_abc_1.abstractmethod
@@ -275,5 +303,16 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_collaboration_pb2.StreamAgentStatusResponse], _abc.AsyncIterator[_collaboration_pb2.StreamAgentStatusResponse]]:
         """The agent status summary, sent at once and then every interval (2 s by default)."""
+
+    @_abc_1.abstractmethod
+    def CheckCredential(
+        self,
+        request: _collaboration_pb2.CheckCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.CheckCredentialResponse, _abc.Awaitable[_collaboration_pb2.CheckCredentialResponse]]:
+        """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+        is not valid): the bridge asks it for each credential its clients hold, to end
+        their connections when the credential expires or is revoked.
+        """
 
 def add_CollaborationServiceServicer_to_server(servicer: CollaborationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -86,6 +86,7 @@ READ_RPCS = frozenset(
         "ListEndedCollaborations",
         "SubscribeEvents",
         "StreamAgentStatus",
+        "CheckCredential",
     }
 )
 WRITE_RPCS = frozenset(
@@ -375,6 +376,7 @@ def rpc_requests(known: dict[str, Any]) -> dict[str, Message]:
         "ListEndedCollaborations": pb.ListEndedCollaborationsRequest(limit=10),
         "SubscribeEvents": pb.SubscribeEventsRequest(include_snapshot=True),
         "StreamAgentStatus": pb.StreamAgentStatusRequest(),
+        "CheckCredential": pb.CheckCredentialRequest(),
     }
 
 
