@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import grpc
 
 from bridge.config import BridgeConfig
+from bridge.credentials import CredentialWatch
 from bridge.fanout import Frame, Subscriber
 from bridge.hub import SnapshotTooOld, StreamHub
 from bridge.limits import ConnectionLimit
@@ -43,6 +44,12 @@ class BridgeRuntime:
         self.hub = StreamHub(config.event_buffer)
         # One budget per token across the WebSocket and SSE endpoints.
         self.connection_limit = ConnectionLimit(config.max_connections_per_token)
+        # The open connections' credentials: ended when they expire or are revoked.
+        self.credentials = CredentialWatch(
+            self.check_credential,
+            recheck_interval=config.credential_recheck_interval,
+            concurrency=config.credential_recheck_concurrency,
+        )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
         self._upstream: Upstream | None = None
@@ -76,6 +83,7 @@ class BridgeRuntime:
             on_status=self.hub.on_status,
         )
         self._upstream.start()
+        self.credentials.start()
 
     def _on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
         self.hub.on_snapshot(snapshot, reset)
@@ -97,8 +105,19 @@ class BridgeRuntime:
             ) from None
 
     async def stop(self) -> None:
+        await self.credentials.stop()
         await self.upstream.stop()
         await self.channel.close(None)
+
+    async def check_credential(self, credential: Credential) -> float | None:
+        """When ``credential`` expires (epoch seconds; None: not by itself), as the server
+        says; grpc.aio.AioRpcError (UNAUTHENTICATED...) when it is not accepted."""
+        reply = await self.stub.CheckCredential(
+            pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
+        )
+        if not reply.HasField("expires_at"):
+            return None
+        return float(reply.expires_at.ToNanoseconds()) / 1e9
 
     async def fetch_snapshot(self, credential: Credential) -> pb.Snapshot:
         """The state now, read with the caller's own credential, which the server checks."""
