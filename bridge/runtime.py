@@ -4,6 +4,7 @@ and the stream hub, started and stopped together."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 
 import grpc
@@ -20,6 +21,8 @@ from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["BridgeRuntime", "Credential", "credential_metadata"]
+
+log = logging.getLogger("bridge.runtime")
 
 SNAPSHOT_ATTEMPTS = 3
 
@@ -50,6 +53,7 @@ class BridgeRuntime:
             recheck_interval=config.credential_recheck_interval,
             concurrency=config.credential_recheck_concurrency,
         )
+        self._told_no_check = False
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
         self._upstream: Upstream | None = None
@@ -112,9 +116,19 @@ class BridgeRuntime:
     async def check_credential(self, credential: Credential) -> float | None:
         """When ``credential`` expires (epoch seconds; None: not by itself), as the server
         says; grpc.aio.AioRpcError (UNAUTHENTICATED...) when it is not accepted."""
-        reply = await self.stub.CheckCredential(
-            pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
-        )
+        try:
+            reply = await self.stub.CheckCredential(
+                pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as failure:
+            if failure.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A server older than this bridge (a rolling upgrade): it checked the credential
+            # when the connection's snapshot was fetched; its expiry cannot be known.
+            if not self._told_no_check:
+                self._told_no_check = True
+                log.warning("the server has no CheckCredential: connections are not ended when credentials expire")
+            return None
         if not reply.HasField("expires_at"):
             return None
         return float(reply.expires_at.ToNanoseconds()) / 1e9

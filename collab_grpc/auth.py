@@ -92,18 +92,19 @@ class Authenticator:
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
-        self._api_keys = [k.encode() for k in api_keys if k]
-        self._read_keys = [k.encode() for k in read_keys if k]
+        # Each key with the grant it gives, made once (not per call).
+        self._api_keys = [(k.encode(), Grant(_READ_WRITE, principal="key:" + k)) for k in api_keys if k]
+        self._read_keys = [(k.encode(), Grant(Access.READ, principal="key:" + k)) for k in read_keys if k]
         self._jwt_secret = jwt_secret
         if enabled and not (self._api_keys or self._read_keys or jwt_secret):
             raise ValueError("auth is enabled but no API key, read key or JWT secret is configured")
 
     @staticmethod
-    def _matches(token: bytes, keys: list[bytes]) -> bool:
+    def _matching(token: bytes, keys: list[tuple[bytes, Grant]]) -> Grant | None:
         # Compare against every key so the time taken does not reveal which one matched.
-        found = False
-        for key in keys:
-            found |= hmac.compare_digest(token, key)
+        found = None
+        for key, grant in keys:
+            found = grant if hmac.compare_digest(token, key) else found
         return found
 
     def access(self, token: str | None) -> Access:
@@ -117,10 +118,8 @@ class Authenticator:
         if not token:
             raise Unauthenticated("missing credential: send `authorization: Bearer <token>` or `x-api-key`")
         raw = token.encode()
-        if self._matches(raw, self._api_keys):
-            return Grant(_READ_WRITE, principal="key:" + token)
-        if self._matches(raw, self._read_keys):
-            return Grant(Access.READ, principal="key:" + token)
+        if (granted := self._matching(raw, self._api_keys) or self._matching(raw, self._read_keys)) is not None:
+            return granted
         if self._jwt_secret and token.count(".") == 2:
             return self._jwt_grant(token)
         raise Unauthenticated("invalid credential")
