@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
@@ -64,7 +64,8 @@ class Grant:
 
     access: Access
     expires_at: float | None = None
-    principal: str = ""
+    # Holds the key itself for API keys: never in a repr, so never in a log line.
+    principal: str = field(default="", repr=False)
 
     def idempotency_scope(self) -> str:
         """A digest of the principal (never the credential itself, which stores keep)."""

@@ -69,6 +69,7 @@ def test_an_answer_stored_unscoped_before_the_upgrade_is_still_given() -> None:
 def test_the_scope_names_the_holder_not_the_credential() -> None:
     key_grant = Grant(Access.READ | Access.WRITE, principal="key:" + WRITE_KEY)
     assert WRITE_KEY not in key_grant.idempotency_scope()
+    assert WRITE_KEY not in repr(key_grant)  # a grant logged by mistake shows no key
     assert " " not in key_grant.idempotency_scope()
     assert Grant(Access.READ).idempotency_scope() == ""  # auth off: one caller
 
