@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import grpc
 import httpx
 import jwt
 import pytest
+import pytest_asyncio
+from playwright.async_api import Page, async_playwright
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -222,3 +226,52 @@ async def test_a_removed_key_is_refused_at_connect_after_the_restart(tmp_path: P
                 await opened(ws)
         finally:
             await asyncio.to_thread(server.stop)
+
+
+# -- in a browser: the clients stop instead of retrying with the expired token --------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+@pytest_asyncio.fixture
+async def page(stack: Stack) -> AsyncIterator[Page]:
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - one stat before the browser starts
+        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        opened_page = await browser.new_page()
+        await opened_page.goto(f"{stack.bridge.http}/docs")  # any page of the bridge's origin
+        yield opened_page
+        await browser.close()
+
+
+async def test_the_browser_clients_stop_when_the_jwt_expires(page: Page, stack: Stack) -> None:
+    """The JS client ends `closed` after its `error` (4401); an EventSource gets the
+    `error` event, reconnects once, is refused 401 and ends CLOSED: neither loops."""
+    token, _ = expiring_jwt()
+    await page.evaluate(
+        """async (token) => {
+            const { CollabClient } = await import('/client/collab.js');
+            window.hub = new CollabClient({ token, clientId: 'expiring_js', initialBackoff: 100 });
+            window.failures = [];
+            window.hub.addEventListener('error', (e) => window.failures.push(e.detail));
+            window.hub.connect();
+            window.source = new EventSource(`/api/v1/collaboration/events?token=${encodeURIComponent(token)}`);
+            window.sseErrors = [];
+            window.source.addEventListener('error', (e) => { if (e.data) window.sseErrors.push(JSON.parse(e.data)); });
+            await new Promise((ready) =>
+                window.hub.addEventListener('state', (e) => e.detail.state === 'live' && ready()));
+        }""",
+        token,
+    )
+    limit = int(WITHIN * 1000)
+    await page.wait_for_function("window.hub.state === 'closed'", timeout=limit)
+    # The `error` message, then the close: the client dispatches both as `error`.
+    message, close = await page.evaluate("window.failures")
+    assert (message["type"], message["code"], message["error"]) == ("error", 4401, "token has expired")
+    assert (close["code"], close["reason"]) == (4401, "token has expired")
+    await page.wait_for_function("window.source.readyState === EventSource.CLOSED", timeout=limit)
+    assert [error["code"] for error in await page.evaluate("window.sseErrors")] == [4401]
