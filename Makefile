@@ -18,6 +18,11 @@ run: $(STAMP)
 test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
 	$(BIN)/python -m pytest
 
+# The quick loop: tests of code in-process only (not those that start the hub's processes,
+# which include all of tests/integration, nor the wheel test of tests/packaging).
+unit: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration and not packaging"
+
 # The full benchmark run (minutes); make test runs its smoke configuration only.
 bench: $(STAMP)
 	$(BIN)/python -m bench

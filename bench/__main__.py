@@ -108,7 +108,7 @@ def ingest_table(results: list[IngestResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="collab bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a tiny configuration (seconds): it runs, nothing is lost")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write the table and JSON")
     args = parser.parse_args(argv)

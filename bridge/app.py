@@ -32,8 +32,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 SHUTDOWN_REASON = "the bridge is restarting; reconnect and resume with since/epoch"
 # How long a shutdown waits for the close frames and the ends of event streams to go out.
 DRAIN_TIMEOUT = 2.0
-# The browser client's source lives with the other clients; the bridge serves it as is.
-JS_CLIENT = Path(__file__).resolve().parents[1] / "clients" / "js" / "collab.js"
+# The browser client's source is clients/js/collab.js; static/collab.js is a symbolic link
+# to it, which the build turns into a copy, so an installed bridge serves its own package data.
+JS_CLIENT = STATIC / "collab.js"
 
 
 class WebSocketFirst:

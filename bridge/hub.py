@@ -38,6 +38,8 @@ def collaboration_state(snapshot: pb.Snapshot, **extra: object) -> mapping.JSON:
         "type": "collaboration_state",
         "agent_status": mapping.agent_status_json(snapshot.agent_status),
         "active_collaborations": [mapping.session_json(s) for s in snapshot.active_collaborations],
+        # Capped like the agent map; GET active-collaborations pages through every one.
+        "active_collaborations_omitted": snapshot.active_collaborations_omitted,
         "timestamp": mapping.iso_now(),
         "epoch": snapshot.epoch,
         "seq": snapshot.seq,

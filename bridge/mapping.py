@@ -9,6 +9,7 @@ Envelope ``timestamp`` is ISO 8601 UTC with offset; ``activity.timestamp`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +23,9 @@ __all__ = [
     "MEMORY_OPERATIONS",
     "activity_json",
     "activity_type_name",
+    "agent_json",
     "agent_status_json",
+    "agents_json",
     "decision_json",
     "event_json",
     "iso",
@@ -149,33 +152,43 @@ def memory_update_json(update: pb.MemoryUpdate) -> JSON:
     }
 
 
+def agent_json(agent: pb.Agent) -> JSON:
+    """One agent as the guide's `agents` map holds it (keyed by its agent_id)."""
+    return {
+        "status": "active" if agent.status == pb.AGENT_STATE_ACTIVE else "idle",
+        "current_activity": agent.current_activity_id or None,
+        "last_activity": agent.last_activity_id or None,
+        "collaboration_count": agent.collaboration_count,
+        "department": agent.department,
+    }
+
+
+def agents_json(agents: Iterable[pb.Agent]) -> JSON:
+    return {agent.agent_id: agent_json(agent) for agent in agents}
+
+
 def agent_status_json(summary: pb.AgentStatusSummary) -> JSON:
-    """The guide's `agent-status` body (also `collaboration_state.agent_status`)."""
+    """The guide's `agent-status` body (also `collaboration_state.agent_status`), with
+    ``agents_omitted``: how many agents the capped ``agents`` map leaves out (the counts
+    are exact; ``GET /agents`` pages through every one)."""
     return {
         "total_agents": summary.total_agents,
         "active_agents": summary.active_agents,
         "idle_agents": summary.idle_agents,
         "active_activities": summary.active_activities,
         "active_collaborations": summary.active_collaborations,
-        "agents": {
-            agent.agent_id: {
-                "status": "active" if agent.status == pb.AGENT_STATE_ACTIVE else "idle",
-                "current_activity": agent.current_activity_id or None,
-                "last_activity": agent.last_activity_id or None,
-                "collaboration_count": agent.collaboration_count,
-                "department": agent.department,
-            }
-            for agent in summary.agents
-        },
+        "agents": agents_json(summary.agents),
+        "agents_omitted": summary.agents_omitted,
     }
 
 
 def status_update_json(update: pb.StreamAgentStatusResponse) -> JSON:
-    """The guide's `agent_status_update` message."""
+    """The guide's `agent_status_update` message, with ``agents_omitted`` beside ``agents``."""
     return {
         "type": "agent_status_update",
         "timestamp": iso(update.time),
-        "agents": agent_status_json(update.agent_status)["agents"],
+        "agents": agents_json(update.agent_status.agents),
+        "agents_omitted": update.agent_status.agents_omitted,
     }
 
 

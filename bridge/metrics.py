@@ -71,7 +71,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 def _route_label(scope: Scope) -> str:
     """The route's template (``/activities/{activity_id}``), never the raw path, so
     labels stay bounded whatever paths clients try."""
-    template: str | None = getattr(scope.get("route"), "path", None)  # set by FastAPI's routes
+    # path_format: the template without convertors (`{activity_id:path}` reads `{activity_id}`).
+    template: str | None = getattr(scope.get("route"), "path_format", None)  # set by FastAPI's routes
     if template is None and "endpoint" in scope and not scope.get("path_params"):
         template = scope["path"]  # a plain Starlette route without parameters (/metrics)
     return template or "unmatched"

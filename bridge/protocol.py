@@ -1,10 +1,11 @@
 """The client side of the WebSocket protocol, without I/O: parse what a client sent and
 decide the reply (``pong``, ``subscribed`` or ``error``) and the client's new filter.
 
-Subscribe semantics (DESIGN.md): message type names select message types; the activity
-type names that are not also message types narrow ``agent_activity`` (and
-``activity_completed``) to those types and imply ``agent_activity``;
-``collaboration_started`` and ``collaboration_ended`` are both, and mean the message types.
+Subscribe semantics (the rule the WebSocket protocol's documentation gives clients):
+message type names select message types; the activity type names that are not also
+message types narrow ``agent_activity`` (and ``activity_completed``) to those types and
+imply ``agent_activity``; ``collaboration_started`` and ``collaboration_ended`` are both,
+and mean the message types.
 An empty list means everything again.
 """
 

@@ -25,9 +25,11 @@ from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
     ActivityTypeName,
+    AgentsPageBody,
     AgentStatusBody,
     CollaborationBody,
     CollaborationsBody,
+    DecisionsPageBody,
     OneActivityBody,
     RecordedActivityBody,
     RecordedDecisionBody,
@@ -199,6 +201,11 @@ IdempotencyKey = Annotated[
     ),
 ]
 Limit = Annotated[int, Query(ge=1, le=500, description="1 to 500")]
+OptionalLimit = Annotated[int | None, Query(ge=1, le=500, description="1 to 500; none: as many as fit")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=4096, description="the `next_cursor` of the previous page: continue after it"),
+]
 # Declares the two ways to send a token in the OpenAPI spec (either one; /docs offers
 # both). They check nothing: the server does, on the call each route makes.
 CREDENTIALS = [
@@ -230,27 +237,51 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         return mapping.agent_status_json(reply.agent_status)
 
     @router.get(
+        "/agents",
+        summary="Every agent, a page at a time, in agent_id order",
+        response_model=None,
+        responses=documented(AgentsPageBody, 400),
+    )
+    async def list_agents(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+        reply = await call(request, "ListAgents", _message(pb.ListAgentsRequest, limit=limit, cursor=cursor or ""))
+        return {
+            "agents": mapping.agents_json(reply.agents),
+            "total": reply.total,
+            "next_cursor": reply.next_cursor or None,
+        }
+
+    @router.get(
         "/activity-feed",
         summary="The newest activities, newest first",
         response_model=None,
         responses=documented(ActivityFeedBody, 400),
     )
     async def activity_feed(
-        request: Request, agent_id: str | None = None, limit: Limit = 50, session_id: str | None = None
+        request: Request,
+        agent_id: str | None = None,
+        limit: Limit = 50,
+        session_id: str | None = None,
+        cursor: Cursor = None,
     ) -> dict[str, Any]:
-        reply = await call(
-            request,
-            "GetActivityFeed",
-            _message(pb.GetActivityFeedRequest, agent_id=agent_id or "", limit=limit, session_id=session_id or ""),
+        message = _message(
+            pb.GetActivityFeedRequest,
+            agent_id=agent_id or "",
+            limit=limit,
+            session_id=session_id or "",
+            cursor=cursor or "",
         )
+        reply = await call(request, "GetActivityFeed", message)
         return {
             "activities": [mapping.activity_json(a) for a in reply.activities],
             "total": reply.total,
             "agent_id": agent_id,
+            "next_cursor": reply.next_cursor or None,
         }
 
+    # Path routes take any id the server accepts, `/` included: percent-encoded, it
+    # arrives decoded, and `:path` lets it span segments.
     @router.get(
-        "/activities/{activity_id}",
+        "/activities/{activity_id:path}",
         summary="One activity, open or in history",
         response_model=None,
         responses=documented(OneActivityBody, 400, 404),
@@ -263,11 +294,18 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         "/active-collaborations",
         summary="Collaboration sessions not yet ended",
         response_model=None,
-        responses=documented(CollaborationsBody),
+        responses=documented(CollaborationsBody, 400),
     )
-    async def active_collaborations(request: Request) -> dict[str, Any]:
-        reply = await call(request, "ListActiveCollaborations", pb.ListActiveCollaborationsRequest())
-        return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
+    async def active_collaborations(
+        request: Request, limit: OptionalLimit = None, cursor: Cursor = None
+    ) -> dict[str, Any]:
+        message = _message(pb.ListActiveCollaborationsRequest, limit=limit or 0, cursor=cursor or "")
+        reply = await call(request, "ListActiveCollaborations", message)
+        return {
+            "collaborations": [mapping.session_json(s) for s in reply.collaborations],
+            "total": reply.total,
+            "next_cursor": reply.next_cursor or None,
+        }
 
     @router.get(
         "/ended-collaborations",
@@ -275,12 +313,35 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
         response_model=None,
         responses=documented(CollaborationsBody, 400),
     )
-    async def ended_collaborations(request: Request, limit: Limit = 50) -> dict[str, Any]:
-        reply = await call(request, "ListEndedCollaborations", _message(pb.ListEndedCollaborationsRequest, limit=limit))
-        return {"collaborations": [mapping.session_json(s) for s in reply.collaborations], "total": reply.total}
+    async def ended_collaborations(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+        message = _message(pb.ListEndedCollaborationsRequest, limit=limit, cursor=cursor or "")
+        reply = await call(request, "ListEndedCollaborations", message)
+        return {
+            "collaborations": [mapping.session_json(s) for s in reply.collaborations],
+            "total": reply.total,
+            "next_cursor": reply.next_cursor or None,
+        }
+
+    # Before the session route: its `:path` would take `.../decisions` as a session id.
+    @router.get(
+        "/collaborations/{session_id:path}/decisions",
+        summary="A session's decisions, oldest first, a page at a time",
+        response_model=None,
+        responses=documented(DecisionsPageBody, 400, 404),
+    )
+    async def list_decisions(
+        request: Request, session_id: str, limit: Limit = 50, cursor: Cursor = None
+    ) -> dict[str, Any]:
+        message = _message(pb.ListDecisionsRequest, session_id=session_id, limit=limit, cursor=cursor or "")
+        reply = await call(request, "ListDecisions", message)
+        return {
+            "decisions": [mapping.decision_json(d) for d in reply.decisions],
+            "total": reply.total,
+            "next_cursor": reply.next_cursor or None,
+        }
 
     @router.get(
-        "/collaborations/{session_id}",
+        "/collaborations/{session_id:path}",
         summary="One session with its activities and decisions",
         response_model=None,
         responses=documented(CollaborationBody, 400, 404),
@@ -291,6 +352,8 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
             "session": mapping.session_json(reply.session),
             "activities": [mapping.activity_json(a) for a in reply.activities],
             "decisions": [mapping.decision_json(d) for d in reply.decisions],
+            "activities_omitted": reply.activities_omitted,
+            "decisions_omitted": reply.decisions_omitted,
         }
 
     @router.post(

@@ -21,9 +21,11 @@ __all__ = [
     "ActivityTypeName",
     "AgentEntry",
     "AgentStatusBody",
+    "AgentsPageBody",
     "CollaborationBody",
     "CollaborationsBody",
     "DecisionBody",
+    "DecisionsPageBody",
     "ErrorBody",
     "HealthBody",
     "OneActivityBody",
@@ -75,7 +77,18 @@ class AgentStatusBody(_Body):
     idle_agents: int
     active_activities: int
     active_collaborations: int
+    # Capped by a count and the server's reply budget (active agents first); the counts
+    # above stay exact and GET /agents pages through every agent.
     agents: dict[str, AgentEntry]
+    agents_omitted: int = 0
+
+
+class AgentsPageBody(_Body):
+    """A page of every agent the hub knows, in agent_id order."""
+
+    agents: dict[str, AgentEntry]
+    total: int
+    next_cursor: str | None
 
 
 class ActivityBody(_Body):
@@ -120,6 +133,8 @@ class ActivityFeedBody(_Body):
     activities: list[ActivityBody]
     total: int
     agent_id: str | None
+    # Set when more activities follow (the page reached `limit` or the reply budget).
+    next_cursor: str | None = None
 
 
 class OneActivityBody(_Body):
@@ -129,12 +144,23 @@ class OneActivityBody(_Body):
 class CollaborationsBody(_Body):
     collaborations: list[SessionBody]
     total: int
+    next_cursor: str | None = None
 
 
 class CollaborationBody(_Body):
     session: SessionBody
     activities: list[ActivityBody]
     decisions: list[DecisionBody]
+    # The newest ones the reply budget left out: activity-feed?session_id= and
+    # collaborations/{session_id}/decisions read them all.
+    activities_omitted: int = 0
+    decisions_omitted: int = 0
+
+
+class DecisionsPageBody(_Body):
+    decisions: list[DecisionBody]
+    total: int
+    next_cursor: str | None
 
 
 class SuccessBody(_Body):

@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collab_grpc.state import RosterEntry
+from collab_grpc.validation import Limits, largest_item_bytes
 
 __all__ = ["DEFAULT_METRICS_ADDR", "LOG_LEVELS", "ServerConfig", "load_roster", "parse_server_config"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The reply budget's bounds: gRPC receivers refuse a message over 4 MiB by default (the
+# bridge and every client use that default), less room for the frame around a message;
+# and at least the largest single item the input limits let in, with room around it.
+MAX_REPLY_BYTES_CEILING = 4 * 1024 * 1024 - 64 * 1024
+REPLY_ITEM_MARGIN = 16 * 1024
 # Where /metrics is served unless --metrics-addr says otherwise: loopback only, on the
 # port OpenTelemetry's Prometheus exporter uses.
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
@@ -53,6 +59,11 @@ class ServerConfig:
     activity_ttl: float = 3600.0
     rate_limit: float = 10.0
     max_metadata_bytes: int = 64 * 1024
+    # Every message the server sends stays within this many bytes serialised.
+    max_reply_bytes: int = 1024 * 1024
+    # The most agents a status summary lists, and active sessions a snapshot lists.
+    max_status_agents: int = 1000
+    max_snapshot_sessions: int = 1000
     status_interval: float = 2.0
     subscriber_queue: int = 10_000
     shutdown_grace: float = 5.0
@@ -97,6 +108,27 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--activity-ttl", "COLLAB_ACTIVITY_TTL", "activity_ttl", float, "seconds before an open activity expires"),
     ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
     ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
+    (
+        "--max-reply-bytes",
+        "COLLAB_MAX_REPLY_BYTES",
+        "max_reply_bytes",
+        int,
+        "byte budget of every reply, snapshot and stream message (lists beyond it are paged or counted)",
+    ),
+    (
+        "--max-status-agents",
+        "COLLAB_MAX_STATUS_AGENTS",
+        "max_status_agents",
+        int,
+        "agents listed in a status summary (active first; the counts stay exact, ListAgents pages the rest)",
+    ),
+    (
+        "--max-snapshot-sessions",
+        "COLLAB_MAX_SNAPSHOT_SESSIONS",
+        "max_snapshot_sessions",
+        int,
+        "active sessions listed in a snapshot (oldest first; ListActiveCollaborations pages the rest)",
+    ),
     ("--status-interval", "COLLAB_STATUS_INTERVAL", "status_interval", float, "seconds between status updates"),
     ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
@@ -144,7 +176,15 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
-    for name in ("history_limit", "event_retain", "max_metadata_bytes", "subscriber_queue", "retain_count"):
+    for name in (
+        "history_limit",
+        "event_retain",
+        "max_metadata_bytes",
+        "subscriber_queue",
+        "retain_count",
+        "max_status_agents",
+        "max_snapshot_sessions",
+    ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
@@ -154,6 +194,13 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
             )
+    needed = largest_item_bytes(Limits(max_metadata_bytes=config.max_metadata_bytes)) + REPLY_ITEM_MARGIN
+    if not needed <= config.max_reply_bytes <= MAX_REPLY_BYTES_CEILING:
+        parser.error(
+            f"max-reply-bytes must be between {needed} (the largest item max-metadata-bytes "
+            f"{config.max_metadata_bytes} lets in, with room around it) and {MAX_REPLY_BYTES_CEILING} "
+            f"(what a gRPC receiver accepts by default), got {config.max_reply_bytes}"
+        )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if not 0 <= config.sqlite_commit_delay <= 1:  # also refuses NaN

@@ -1,15 +1,18 @@
-"""Conversions between the domain model and the collab.v1 protobuf messages.
+"""Conversions between the domain model and the collab.v1 protobuf messages, for the
+servicer (requests in, replies and events out).
 
-Imports the generated messages, never grpc: the bridge and clients use it too.
+Imports the generated messages and the domain model, never grpc: the conversions are
+tested, and the ingest benchmark builds replies, without a server.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, TypeVar
 
 from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.events import EventFilter
@@ -19,6 +22,7 @@ from collab_grpc.model import (
     ActivityStatus,
     ActivityType,
     AgentStatusSummary,
+    AgentView,
     Decision,
     Event,
     EventKind,
@@ -39,10 +43,13 @@ __all__ = [
     "activity_to_proto",
     "activity_type_from_proto",
     "agent_status_to_proto",
+    "agent_to_proto",
     "decision_to_proto",
+    "entry_size",
     "event_filter_from_proto",
     "event_to_proto",
     "fill_activity",
+    "fill_within",
     "memory_operation_from_proto",
     "memory_update_to_proto",
     "seconds_from_timestamp",
@@ -182,25 +189,77 @@ def fill_activity(message: pb.Activity, activity: Activity) -> pb.Activity:
     return message
 
 
-def agent_status_to_proto(summary: AgentStatusSummary) -> pb.AgentStatusSummary:
-    return pb.AgentStatusSummary(
+# -- reply budgets: lists filled while their real serialised size fits -----------------
+
+# The most an int32 field takes (tag and a 10-byte varint: negative numbers take 10).
+INT_FIELD_BYTES = 11
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def entry_size(message_size: int) -> int:
+    """What one element of a repeated message field (numbers 1 to 15) adds to its message:
+    a one-byte tag, the length as a varint, the element's ``ByteSize()``."""
+    return 1 + _varint_size(message_size) + message_size
+
+
+class _Repeated(Protocol):
+    def append(self, value: Any) -> None: ...
+
+
+M = TypeVar("M", bound=Message)
+
+
+def fill_within(
+    field: _Repeated, messages: Iterable[M], room: int, limit: int | None = None
+) -> tuple[int, int, M | None]:
+    """Append ``messages`` to the repeated ``field`` while their serialised size fits in
+    ``room`` bytes (and, with ``limit``, at most that many). Returns how many were added,
+    the bytes they add, and the first one left out (None when ``messages`` ran out):
+    stopping at the first one that does not fit keeps the order a cursor continues."""
+    count = used = 0
+    for message in messages:
+        size = entry_size(message.ByteSize())
+        if (limit is not None and count >= limit) or used + size > room:
+            return count, used, message
+        field.append(message)
+        count += 1
+        used += size
+    return count, used, None
+
+
+def agent_to_proto(view: AgentView) -> pb.Agent:
+    return pb.Agent(
+        agent_id=view.agent_id,
+        department=view.department,
+        status=pb.AGENT_STATE_ACTIVE if view.active else pb.AGENT_STATE_IDLE,
+        current_activity_id=view.current_activity_id or "",
+        last_activity_id=view.last_activity_id or "",
+        collaboration_count=view.collaboration_count,
+    )
+
+
+def agent_status_to_proto(summary: AgentStatusSummary, max_bytes: int | None = None) -> pb.AgentStatusSummary:
+    """The summary; with ``max_bytes``, its serialised size at most that: agents are taken
+    in the summary's order (the ones to keep first) while they fit, listed in agent_id
+    order, and ``agents_omitted`` says how many were left out."""
+    message = pb.AgentStatusSummary(
         total_agents=summary.total_agents,
         active_agents=summary.active_agents,
         idle_agents=summary.idle_agents,
         active_activities=summary.active_activities,
         active_collaborations=summary.active_collaborations,
-        agents=[
-            pb.Agent(
-                agent_id=view.agent_id,
-                department=view.department,
-                status=pb.AGENT_STATE_ACTIVE if view.active else pb.AGENT_STATE_IDLE,
-                current_activity_id=view.current_activity_id or "",
-                last_activity_id=view.last_activity_id or "",
-                collaboration_count=view.collaboration_count,
-            )
-            for view in summary.agents
-        ],
     )
+    agents = [agent_to_proto(view) for view in summary.agents]
+    if max_bytes is not None:
+        kept: list[pb.Agent] = []
+        fill_within(kept, agents, max_bytes - message.ByteSize() - INT_FIELD_BYTES)
+        agents = sorted(kept, key=lambda agent: agent.agent_id)
+    message.agents.extend(agents)
+    message.agents_omitted = summary.total_agents - len(agents)
+    return message
 
 
 def session_to_proto(session: Session) -> pb.CollaborationSession:
@@ -263,10 +322,21 @@ def event_to_proto(event: Event) -> pb.Event:
     return message
 
 
-def snapshot_to_proto(snapshot: Snapshot) -> pb.Snapshot:
-    return pb.Snapshot(
-        epoch=snapshot.epoch,
-        seq=snapshot.seq,
-        agent_status=agent_status_to_proto(snapshot.agent_status),
-        active_collaborations=[session_to_proto(s) for s in snapshot.active_collaborations],
+def snapshot_to_proto(snapshot: Snapshot, max_bytes: int | None = None) -> pb.Snapshot:
+    """The snapshot; with ``max_bytes``, its serialised size at most that: the oldest
+    active sessions that fit in half of it, then the agents that fit in the rest (see
+    agent_status_to_proto); ``*_omitted`` say how many were left out."""
+    message = pb.Snapshot(epoch=snapshot.epoch, seq=snapshot.seq)
+    sessions = (session_to_proto(s) for s in snapshot.active_collaborations)
+    if max_bytes is None:
+        message.active_collaborations.extend(sessions)
+        message.agent_status.CopyFrom(agent_status_to_proto(snapshot.agent_status))
+    else:
+        fill_within(message.active_collaborations, sessions, max_bytes // 2)
+        # The agent_status field's own tag and length, and the omitted count, come on top.
+        room = max_bytes - message.ByteSize() - 2 * INT_FIELD_BYTES
+        message.agent_status.CopyFrom(agent_status_to_proto(snapshot.agent_status, room))
+    message.active_collaborations_omitted = snapshot.agent_status.active_collaborations - len(
+        message.active_collaborations
     )
+    return message

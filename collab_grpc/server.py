@@ -113,6 +113,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         history_limit=config.history_limit,
         event_log_retain=config.event_retain,
         activity_ttl=config.activity_ttl,
+        status_agents_limit=config.max_status_agents,
+        snapshot_sessions_limit=config.max_snapshot_sessions,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
@@ -126,7 +128,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await store.attach(state)
     store.start()
     servicer = CollaborationServicer(
-        state, store=store, status_interval=config.status_interval, subscriber_queue=config.subscriber_queue
+        state,
+        store=store,
+        status_interval=config.status_interval,
+        subscriber_queue=config.subscriber_queue,
+        max_reply_bytes=config.max_reply_bytes,
     )
     state.log.on_recorded = event_recorded
     interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))

@@ -41,7 +41,7 @@ from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
-from collab_grpc.validation import check_id
+from collab_grpc.validation import check_id, check_limit, decode_cursor, encode_cursor
 
 __all__ = [
     "READ_METHODS",
@@ -93,6 +93,15 @@ WRITE_METHODS = frozenset(
 )
 
 MAX_BULK_ITEMS = 100_000
+# The default byte budget of every message the server sends (gRPC receivers refuse more
+# than 4 MiB by default); see collab_grpc.config for the setting and its bounds.
+DEFAULT_MAX_REPLY_BYTES = 1024 * 1024
+# Room kept in a reply for what is added after its list is filled: a next_cursor (a key
+# of ids at most MAX_CURSOR_LENGTH long), counts, and the wrapper of a stream message.
+REPLY_RESERVE = 8 * 1024
+# A bulk item's error message is cut to this many characters, so every result is bounded.
+MAX_BULK_ERROR_CHARS = 1024
+LOST_ITEM = "the store failed before this activity was stored; it was not recorded"
 MIN_STATUS_INTERVAL = 0.1
 MAX_STATUS_INTERVAL = 3600.0
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
@@ -184,11 +193,18 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         store: Store | None = None,
         status_interval: float = 2.0,
         subscriber_queue: int = 10_000,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self.state = state
         self.store: Store = store or MemoryStore()
         self.status_interval = status_interval
         self.subscriber_queue = subscriber_queue
+        self.max_reply_bytes = max_reply_bytes
+        # What a list in a reply may take: the budget less room for the rest of the reply.
+        self.list_budget = max_reply_bytes - REPLY_RESERVE
+        # The most one bulk result can take (an activity id, or an error code and message).
+        longest_id = 4 * state.limits.max_hub_id_length
+        self._bulk_result_bound = convert.entry_size(max(longest_id, 4 * MAX_BULK_ERROR_CHARS + 64) + 8)
         self._stopping = asyncio.Event()
 
     def begin_shutdown(self) -> None:
@@ -266,6 +282,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         # store failure after an item was decided may have refused it (see below).
         recorded_items: list[tuple[int, int, int]] = []
         failure_marks = self.store.failure_marks
+        # The answer stays within the reply budget: before each item, room for its result
+        # at its largest. Where there is none, the server stops reading and says so
+        # (`incomplete`): the items after the last result are not recorded, to be sent again.
+        answer_bytes, answer_room, result_bound = 0, self.list_budget, self._bulk_result_bound
         # The next message is read while this one is recorded (collab_grpc/readahead.py).
         async with ReadAhead(request_iterator) as messages:
             async for message in messages:
@@ -273,6 +293,9 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     index = len(results)
                     if index >= MAX_BULK_ITEMS:
                         await abort_with(context, InvalidArgument(_too_many_bulk_items()))
+                    if answer_bytes + result_bound > answer_room:
+                        response.incomplete = True
+                        break
                     try:
                         if isinstance(item, Undecodable):  # one bad message fails alone, like any other item
                             raise InvalidArgument(item.details)
@@ -280,17 +303,23 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                             activity_id = self._record_bulk_item(item)
                     except CollabError as error:
                         metrics.refused(error)
-                        results.add(error_code=STATUS_FOR_ERROR[type(error)].name, error_message=str(error))
+                        result = results.add(
+                            error_code=STATUS_FOR_ERROR[type(error)].name,
+                            error_message=str(error)[:MAX_BULK_ERROR_CHARS],
+                        )
                     else:
-                        results.add(activity_id=activity_id)
+                        result = results.add(activity_id=activity_id)
                         recorded_items.append((index, self.state.log.last_seq, len(failure_marks)))
+                    answer_bytes += convert.entry_size(result.ByteSize())
+                if response.incomplete:
+                    break
         response.recorded = len(recorded_items)
         response.failed = len(results) - len(recorded_items)
         try:
             await self.store.durable(self.state.log.last_seq)
         except StoreUnavailable as error:
             await abort_with(context, error)
-        self._refuse_lost_items(response, recorded_items, failure_marks)
+        self._refuse_lost_items(response, recorded_items, failure_marks, answer_room - answer_bytes)
         return response
 
     @staticmethod
@@ -298,17 +327,28 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         response: pb.BulkRecordActivitiesResponse,
         recorded_items: list[tuple[int, int, int]],
         failure_marks: Sequence[int],
+        room: int,
     ) -> None:
         """Turn into UNAVAILABLE the items a store failure refused after they were decided:
-        an item is lost when the first failure after it came before its seq was durable."""
+        an item is lost when the first failure after it came before its seq was durable.
+
+        Refused, a result carries the code, and the message while the answer has ``room``
+        for it: the code alone is smaller than any activity id, so the answer never grows
+        past its budget."""
         if not recorded_items or recorded_items[0][2] == len(failure_marks):
             return  # no failure since the first item was recorded
         for index, seq, failures_before in recorded_items:
             if failures_before < len(failure_marks) and seq > failure_marks[failures_before]:
                 result = response.results[index]
+                before = convert.entry_size(result.ByteSize())
                 result.activity_id = ""
                 result.error_code = grpc.StatusCode.UNAVAILABLE.name
-                result.error_message = "the store failed before this activity was stored; it was not recorded"
+                result.error_message = LOST_ITEM
+                after = convert.entry_size(result.ByteSize())
+                if after - before > room:
+                    result.error_message = ""
+                    after = convert.entry_size(result.ByteSize())
+                room -= after - before
                 response.recorded -= 1
                 response.failed += 1
 
@@ -382,16 +422,60 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     # -- reads ----------------------------------------------------------------------
 
+    # Every list in a reply is filled while its real serialised size fits the reply budget
+    # (convert.fill_within); what is left out is counted or continued with a cursor.
+
+    def _agent_status(self) -> pb.AgentStatusSummary:
+        return convert.agent_status_to_proto(self.state.agent_status(), self.list_budget)
+
     @_unary
     def GetAgentStatus(self, request: pb.GetAgentStatusRequest) -> pb.GetAgentStatusResponse:  # noqa: N802
-        return pb.GetAgentStatusResponse(agent_status=convert.agent_status_to_proto(self.state.agent_status()))
+        return pb.GetAgentStatusResponse(agent_status=self._agent_status())
+
+    @_unary
+    def ListAgents(self, request: pb.ListAgentsRequest) -> pb.ListAgentsResponse:  # noqa: N802
+        count = check_limit("limit", request.limit, self.state.limits)
+        after = decode_cursor("cursor", request.cursor, "agents", str)[0] if request.cursor else ""
+        total, views = self.state.agents_after(after)
+        response = pb.ListAgentsResponse(total=total)
+        added, _, left = convert.fill_within(
+            response.agents, (convert.agent_to_proto(v) for v in views), self.list_budget, count
+        )
+        if left is not None and added:
+            response.next_cursor = encode_cursor("agents", response.agents[-1].agent_id)
+        return response
 
     @_unary
     def GetActivityFeed(self, request: pb.GetActivityFeedRequest) -> pb.GetActivityFeedResponse:  # noqa: N802
-        feed = self.state.activity_feed(agent_id=request.agent_id, limit=request.limit, session_id=request.session_id)
-        return pb.GetActivityFeedResponse(
-            activities=[convert.activity_to_proto(a) for a in feed], total=len(feed), agent_id=request.agent_id
+        count = check_limit("limit", request.limit, self.state.limits)
+        after = decode_cursor("cursor", request.cursor, "feed", str)[0] if request.cursor else ""
+        feed = self.state.feed_after(agent_id=request.agent_id, session_id=request.session_id, after=after)
+        response = pb.GetActivityFeedResponse(agent_id=request.agent_id)
+        added, _, left = convert.fill_within(
+            response.activities, (convert.activity_to_proto(a) for a in feed), self.list_budget, count
         )
+        response.total = added
+        if left is not None and added:
+            response.next_cursor = encode_cursor("feed", response.activities[-1].activity_id)
+        return response
+
+    @_unary
+    def ListDecisions(self, request: pb.ListDecisionsRequest) -> pb.ListDecisionsResponse:  # noqa: N802
+        decisions = self.state.decisions_of(request.session_id)
+        count = check_limit("limit", request.limit, self.state.limits)
+        offset = decode_cursor("cursor", request.cursor, "decisions", int)[0] if request.cursor else 0
+        if offset < 0:
+            raise InvalidArgument("cursor is not a cursor this listing gave out; start again without one")
+        response = pb.ListDecisionsResponse(total=len(decisions))
+        added, _, left = convert.fill_within(
+            response.decisions,
+            (convert.decision_to_proto(d) for d in itertools.islice(decisions, offset, None)),
+            self.list_budget,
+            count,
+        )
+        if left is not None and added:
+            response.next_cursor = encode_cursor("decisions", offset + added)
+        return response
 
     @_unary
     def GetActivity(self, request: pb.GetActivityRequest) -> pb.GetActivityResponse:  # noqa: N802
@@ -402,28 +486,58 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def ListActiveCollaborations(  # noqa: N802
         self, request: pb.ListActiveCollaborationsRequest
     ) -> pb.ListActiveCollaborationsResponse:
-        sessions = self.state.active_collaborations()
-        return pb.ListActiveCollaborationsResponse(
-            collaborations=[convert.session_to_proto(s) for s in sessions], total=len(sessions)
+        # No limit: as many as fit (what this answered before it had pages).
+        count = check_limit("limit", request.limit, self.state.limits) if request.limit else None
+        after = None
+        if request.cursor:
+            started_at, session_id = decode_cursor("cursor", request.cursor, "active", float, str)
+            after = (float(started_at), session_id)
+        response = pb.ListActiveCollaborationsResponse(total=len(self.state.active_collaborations()))
+        sessions = list(self.state.active_collaborations_after(after))
+        added, _, left = convert.fill_within(
+            response.collaborations, (convert.session_to_proto(s) for s in sessions), self.list_budget, count
         )
+        if left is not None and added:
+            # The key as the state holds it: a start time read back from the message's
+            # Timestamp may differ from it in its last digit.
+            last = sessions[added - 1]
+            response.next_cursor = encode_cursor("active", last.started_at, last.session_id)
+        return response
 
     @_unary
     def GetCollaboration(self, request: pb.GetCollaborationRequest) -> pb.GetCollaborationResponse:  # noqa: N802
         session, activities, decisions = self.state.get_collaboration(request.session_id)
-        return pb.GetCollaborationResponse(
-            session=convert.session_to_proto(session),
-            activities=[convert.activity_to_proto(a) for a in activities],
-            decisions=[convert.decision_to_proto(d) for d in decisions],
+        response = pb.GetCollaborationResponse(session=convert.session_to_proto(session))
+        # Decisions may take half of what the session leaves, activities the rest; each
+        # list keeps its oldest entries, and says how many newer ones it left out.
+        room = self.list_budget - response.ByteSize()
+        decided, used, _ = convert.fill_within(
+            response.decisions, (convert.decision_to_proto(d) for d in decisions), room // 2
         )
+        listed, _, _ = convert.fill_within(
+            response.activities, (convert.activity_to_proto(a) for a in activities), room - used
+        )
+        response.decisions_omitted = len(decisions) - decided
+        response.activities_omitted = len(activities) - listed
+        return response
 
     @_unary
     def ListEndedCollaborations(  # noqa: N802
         self, request: pb.ListEndedCollaborationsRequest
     ) -> pb.ListEndedCollaborationsResponse:
-        sessions = self.state.ended_collaborations(request.limit)
-        return pb.ListEndedCollaborationsResponse(
-            collaborations=[convert.session_to_proto(s) for s in sessions], total=len(sessions)
+        count = check_limit("limit", request.limit, self.state.limits)
+        after = decode_cursor("cursor", request.cursor, "ended", str)[0] if request.cursor else ""
+        response = pb.ListEndedCollaborationsResponse()
+        added, _, left = convert.fill_within(
+            response.collaborations,
+            (convert.session_to_proto(s) for s in self.state.ended_collaborations_after(after)),
+            self.list_budget,
+            count,
         )
+        response.total = added
+        if left is not None and added:
+            response.next_cursor = encode_cursor("ended", response.collaborations[-1].session_id)
+        return response
 
     async def CheckCredential(  # noqa: N802
         self, request: pb.CheckCredentialRequest, context: Context
@@ -490,11 +604,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 )
             )
             if resume.snapshot is not None:
-                initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot)))
+                initial.append(
+                    pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot, self.list_budget))
+                )
             initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
-            initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot)))
+            initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.list_budget)))
         else:
             subscription = self.state.subscribe(event_filter, self.subscriber_queue)
         try:
@@ -579,7 +695,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         caller = CALLER.get()
         expires_at = caller.expires_at if caller is not None else None
         while not self._stopping.is_set():
-            summary = convert.agent_status_to_proto(self.state.agent_status())
+            summary = self._agent_status()
             await context.write(
                 pb.StreamAgentStatusResponse(
                     time=convert.timestamp_from_seconds(self.state.clock()), agent_status=summary

@@ -7,11 +7,12 @@ asyncio server each one is atomic with respect to every other caller.
 
 from __future__ import annotations
 
+import heapq
 import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,15 @@ from collab_grpc.model import (
     copied,
 )
 from collab_grpc.ratelimit import RateLimiter
-from collab_grpc.validation import Limits, check_id, check_id_list, check_limit, check_metadata, check_text
+from collab_grpc.validation import (
+    Limits,
+    check_hub_id,
+    check_id,
+    check_id_list,
+    check_limit,
+    check_metadata,
+    check_text,
+)
 
 __all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings", "new_epoch"]
 
@@ -50,6 +59,10 @@ class StateSettings:
     event_log_retain: int = 10_000  # newest events kept for resume
     activity_ttl: float = 3600.0  # an activity open longer than this expires
     max_decisions_per_session: int = 10_000
+    # The most agents a status summary lists, and active sessions a snapshot lists (the
+    # counts stay exact; the rest is read a page at a time).
+    status_agents_limit: int = 1000
+    snapshot_sessions_limit: int = 1000
     limits: Limits = field(default_factory=Limits)
 
 
@@ -67,6 +80,10 @@ class Resume:
     reason: str
     replay: list[Event]
     snapshot: Snapshot | None
+
+
+def _session_key(session: Session) -> tuple[float, str]:
+    return (session.started_at, session.session_id)
 
 
 def new_epoch() -> str:
@@ -137,7 +154,7 @@ class CollaborationState:
         meta = check_metadata("metadata", metadata or {}, limits)
         related = check_id_list("related_agents", related_agents, limits)
         check_id("session_id", session_id, limits, required=False)
-        check_id("parent_activity_id", parent_activity_id, limits, required=False)
+        check_hub_id("parent_activity_id", parent_activity_id, limits, required=False)
         if session_id:
             self._active_session(session_id)  # it must exist and be active
         if parent_activity_id and self.get_activity(parent_activity_id) is None:
@@ -161,7 +178,7 @@ class CollaborationState:
         return activity
 
     def complete_activity(self, activity_id: str, *, success: bool = True, failure_reason: str = "") -> Activity:
-        check_id("activity_id", activity_id, self.limits)
+        check_hub_id("activity_id", activity_id, self.limits)
         check_text("failure_reason", failure_reason, self.limits, max_length=1024)
         if success and failure_reason:
             raise InvalidArgument("failure_reason is only allowed when success is false")
@@ -285,43 +302,83 @@ class CollaborationState:
 
     # -- reads ----------------------------------------------------------------------
 
-    def agent_status(self) -> AgentStatusSummary:
-        views = [
-            AgentView(
-                agent_id=agent.agent_id,
-                department=agent.department,
-                active=agent.active,
-                current_activity_id=agent.current_activity_id,
-                last_activity_id=agent.last_activity_id,
-                collaboration_count=len(agent.sessions),
-            )
-            for agent in sorted(self._agents.values(), key=lambda a: a.agent_id)
-        ]
-        active = sum(1 for view in views if view.active)
+    def agent_status(self, max_agents: int | None = None) -> AgentStatusSummary:
+        """Exact counts, and the agents: every one in agent_id order, or when there are
+        more than ``max_agents`` (default: the setting), that many, the ones a person
+        watching wants first: active agents, then idle ones, each in agent_id order (a
+        stable choice)."""
+        if max_agents is None:
+            max_agents = self.settings.status_agents_limit
+        agents = self._agents
+        active_ids = sorted(agent_id for agent_id, agent in agents.items() if agent.active)
+        total = len(agents)
+        if max_agents >= total:
+            chosen = sorted(agents)
+        else:
+            chosen = active_ids[:max_agents]
+            room = max_agents - len(chosen)
+            if room > 0:
+                chosen += heapq.nsmallest(room, (agent_id for agent_id, agent in agents.items() if not agent.active))
         return AgentStatusSummary(
-            total_agents=len(views),
-            active_agents=active,
-            idle_agents=len(views) - active,
+            total_agents=total,
+            active_agents=len(active_ids),
+            idle_agents=total - len(active_ids),
             active_activities=len(self._open),
             active_collaborations=len(self._active_sessions),
-            agents=views,
+            agents=[self._agent_view(agents[agent_id]) for agent_id in chosen],
         )
+
+    @staticmethod
+    def _agent_view(agent: Agent) -> AgentView:
+        return AgentView(
+            agent_id=agent.agent_id,
+            department=agent.department,
+            active=agent.active,
+            current_activity_id=agent.current_activity_id,
+            last_activity_id=agent.last_activity_id,
+            collaboration_count=len(agent.sessions),
+        )
+
+    def agents_after(self, after: str = "") -> tuple[int, Iterator[AgentView]]:
+        """How many agents there are, and every one whose agent_id sorts after ``after``,
+        in agent_id order (a cursor that stays valid whatever is added meanwhile)."""
+        agents = self._agents
+        ids = sorted(agent_id for agent_id in agents if agent_id > after) if after else sorted(agents)
+        return len(agents), (self._agent_view(agents[agent_id]) for agent_id in ids)
 
     def activity_feed(self, *, agent_id: str = "", limit: int = 0, session_id: str = "") -> list[Activity]:
         """The newest activities, newest first, optionally of one agent or session."""
-        check_id("agent_id", agent_id, self.limits, required=False)
-        check_id("session_id", session_id, self.limits, required=False)
         count = check_limit("limit", limit, self.limits)
         feed: list[Activity] = []
-        for activity in reversed(self._history.values()):
-            if agent_id and activity.agent_id != agent_id:
-                continue
-            if session_id and activity.session_id != session_id:
-                continue
+        for activity in self.feed_after(agent_id=agent_id, session_id=session_id):
             feed.append(activity)
             if len(feed) == count:
                 break
         return feed
+
+    def feed_after(self, *, agent_id: str = "", session_id: str = "", after: str = "") -> Iterator[Activity]:
+        """The activities in history, newest first, optionally of one agent or session,
+        from the one after activity ``after`` on. History is evicted oldest first, so
+        when ``after`` is no longer in it, neither is anything older: nothing follows."""
+        check_id("agent_id", agent_id, self.limits, required=False)
+        check_id("session_id", session_id, self.limits, required=False)
+        check_hub_id("cursor activity_id", after, self.limits, required=False)
+        return self._feed_after(agent_id, session_id, after)
+
+    def _feed_after(self, agent_id: str, session_id: str, after: str) -> Iterator[Activity]:
+        history = reversed(self._history.values())
+        if after:
+            if after not in self._history:
+                return
+            for activity in history:
+                if activity.activity_id == after:
+                    break
+        for activity in history:
+            if agent_id and activity.agent_id != agent_id:
+                continue
+            if session_id and activity.session_id != session_id:
+                continue
+            yield activity
 
     def find_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
@@ -334,7 +391,7 @@ class CollaborationState:
         return self._open.get(activity_id) or self._history.get(activity_id)
 
     def require_activity(self, activity_id: str) -> Activity:
-        check_id("activity_id", activity_id, self.limits)
+        check_hub_id("activity_id", activity_id, self.limits)
         activity = self.get_activity(activity_id)
         if activity is None:
             raise NotFound(f"activity {activity_id!r} not found")
@@ -343,14 +400,45 @@ class CollaborationState:
     def active_collaborations(self) -> list[Session]:
         return list(self._active_sessions.values())
 
+    def active_collaborations_after(self, after: tuple[float, str] | None = None) -> Iterator[Session]:
+        """Active sessions oldest first, by (started_at, session_id): a key that stays
+        valid as sessions start and end, unlike a position. From the one after ``after``."""
+        sessions = sorted(self._active_sessions.values(), key=_session_key)
+        if after is None:
+            return iter(sessions)
+        return (session for session in sessions if _session_key(session) > after)
+
     def ended_collaborations(self, limit: int = 0) -> list[Session]:
         count = check_limit("limit", limit, self.limits)
         ended: list[Session] = []
-        for session in reversed(self._ended_sessions.values()):
+        for session in self.ended_collaborations_after():
             ended.append(session)
             if len(ended) == count:
                 break
         return ended
+
+    def ended_collaborations_after(self, after: str = "") -> Iterator[Session]:
+        """Ended sessions kept, most recently ended first, from the one after session
+        ``after`` on (evicted oldest first: when it is gone, nothing older is kept)."""
+        check_id("cursor session_id", after, self.limits, required=False)
+        return self._ended_after(after)
+
+    def _ended_after(self, after: str) -> Iterator[Session]:
+        ended = reversed(self._ended_sessions.values())
+        if after:
+            if after not in self._ended_sessions:
+                return
+            for session in ended:
+                if session.session_id == after:
+                    break
+        yield from ended
+
+    def decisions_of(self, session_id: str) -> list[Decision]:
+        """A kept session's decisions, oldest first (append-only: an offset is a cursor)."""
+        check_id("session_id", session_id, self.limits)
+        if self.find_session(session_id) is None:
+            raise NotFound(f"collaboration session {session_id!r} not found")
+        return self._decisions.get(session_id, [])
 
     def get_collaboration(self, session_id: str) -> tuple[Session, list[Activity], list[Decision]]:
         """A session with its activities still in history and its decisions, oldest first."""
@@ -362,11 +450,17 @@ class CollaborationState:
         return session, activities, list(self._decisions.get(session_id, ()))
 
     def snapshot(self) -> Snapshot:
+        """The state now, its lists capped by the settings: the agents as agent_status
+        gives them, the oldest active sessions (the counts stay exact)."""
+        sessions: Iterable[Session] = self._active_sessions.values()
+        cap = self.settings.snapshot_sessions_limit
+        if cap < len(self._active_sessions):
+            sessions = heapq.nsmallest(cap, sessions, key=_session_key)
         return Snapshot(
             epoch=self.epoch,
             seq=self.log.last_seq,
             agent_status=self.agent_status(),
-            active_collaborations=[copied(s) for s in self._active_sessions.values()],
+            active_collaborations=[copied(s) for s in sessions],
         )
 
     # -- persistence ----------------------------------------------------------------

@@ -6,6 +6,8 @@ a caller can fix the request without reading the source.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -16,7 +18,27 @@ import orjson
 
 from collab_grpc.errors import InvalidArgument
 
-__all__ = ["Limits", "check_id", "check_id_list", "check_limit", "check_metadata", "check_text"]
+__all__ = [
+    "HUB_ID_EXTRA",
+    "Limits",
+    "check_hub_id",
+    "check_id",
+    "check_id_list",
+    "check_limit",
+    "check_metadata",
+    "check_text",
+    "decode_cursor",
+    "encode_cursor",
+    "largest_item_bytes",
+]
+
+# A cursor holds one key (ids, a time, an offset): far less than this.
+MAX_CURSOR_LENGTH = 4096
+
+# What the hub adds around a caller's id when it builds one: `act_<10-digit seconds>_`
+# before the agent_id and `_<8 hex digits>` after it is 24 characters; the rest is room
+# for a clock beyond 10 digits.
+HUB_ID_EXTRA = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +50,12 @@ class Limits:
     max_text_length: int = 8 * 1024
     max_page: int = 500
     default_page: int = 50
+
+    @property
+    def max_hub_id_length(self) -> int:
+        """The longest id the hub builds (an activity id holds its agent_id): what a
+        field naming a hub-built id accepts, so every id the hub hands out passes."""
+        return self.max_id_length + HUB_ID_EXTRA
 
 
 def _printable(value: str, *, allow_spaces: bool) -> bool:
@@ -47,10 +75,24 @@ def check_id(field: str, value: str, limits: Limits, *, required: bool = True) -
     return value
 
 
-def _id_problem(value: str, limits: Limits) -> str | None:
+def check_hub_id(field: str, value: str, limits: Limits, *, required: bool = True) -> str:
+    """An identifier the hub built (an activity id): as ``check_id``, up to
+    ``max_hub_id_length`` characters."""
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return value
+    problem = _id_problem(value, limits, limits.max_hub_id_length)
+    if problem is not None:
+        raise InvalidArgument(f"{field} {problem}")
+    return value
+
+
+def _id_problem(value: str, limits: Limits, max_length: int | None = None) -> str | None:
     """What is wrong with a non-empty identifier, if anything."""
-    if len(value) > limits.max_id_length:
-        return f"is longer than {limits.max_id_length} characters"
+    bound = limits.max_id_length if max_length is None else max_length
+    if len(value) > bound:
+        return f"is longer than {bound} characters"
     if not _printable(value, allow_spaces=False):
         return "must be printable characters without white space"
     return None
@@ -171,6 +213,25 @@ def _plain_size(metadata: dict[str, Any]) -> int | None:
     return len(text)
 
 
+def largest_item_bytes(limits: Limits) -> int:
+    """An upper bound of the serialised size of the largest single item the limits let in
+    (an activity, session, decision or memory update, or an event carrying one): what a
+    reply budget must hold at least.
+
+    Metadata is measured as compact JSON; as a protobuf Struct it is larger, at worst
+    5.5 times (a list of small numbers: 2 bytes each in JSON, 11 as a Value), so 6 times
+    bounds it. Every other field at its limit, in UTF-8 at 4 bytes a character: the
+    larger of a decision's votes and texts or an activity's related agents, plus ids."""
+
+    def text(characters: int) -> int:  # a length-delimited field
+        return 4 * characters + 4
+
+    votes = limits.max_list_length * (text(limits.max_id_length) * 2 + 4)
+    texts = 2 * text(limits.max_text_length)
+    ids = 16 * text(limits.max_hub_id_length)
+    return 6 * limits.max_metadata_bytes + votes + texts + ids + 1024
+
+
 def check_limit(field: str, value: int, limits: Limits) -> int:
     """A page size: 0 means the default; otherwise 1 to ``max_page``."""
     if value == 0:
@@ -178,3 +239,29 @@ def check_limit(field: str, value: int, limits: Limits) -> int:
     if not 1 <= value <= limits.max_page:
         raise InvalidArgument(f"{field} must be between 1 and {limits.max_page}, got {value}")
     return value
+
+
+def encode_cursor(kind: str, *key: str | float | int) -> str:
+    """An opaque page cursor: where a listing of ``kind`` stopped, as URL-safe base64 of
+    a JSON list (it can go in a query string as it is)."""
+    text = json.dumps([kind, *key], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+
+
+def decode_cursor(field: str, cursor: str, kind: str, *types: type) -> list[Any]:
+    """The key a cursor of ``kind`` holds, each part of the matching type; InvalidArgument
+    for anything else (another listing's cursor, a truncated or made-up one)."""
+    invalid = InvalidArgument(f"{field} is not a cursor this listing gave out; start again without one")
+    if len(cursor) > MAX_CURSOR_LENGTH:
+        raise invalid
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise invalid from None
+    if not isinstance(parts, list) or len(parts) != len(types) + 1 or parts[0] != kind:
+        raise invalid
+    key = parts[1:]
+    for part, expected in zip(key, types, strict=True):
+        if isinstance(part, bool) or not isinstance(part, int | float if expected is float else expected):
+            raise invalid
+    return key

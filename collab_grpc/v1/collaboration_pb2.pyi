@@ -255,14 +255,20 @@ class AgentStatusSummary(_message.Message):
     ACTIVE_ACTIVITIES_FIELD_NUMBER: _builtins.int
     ACTIVE_COLLABORATIONS_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
+    AGENTS_OMITTED_FIELD_NUMBER: _builtins.int
     total_agents: _builtins.int
     active_agents: _builtins.int
     idle_agents: _builtins.int
     active_activities: _builtins.int
     active_collaborations: _builtins.int
+    agents_omitted: _builtins.int
+    """How many agents `agents` leaves out (0 when it lists every one)."""
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
-        """Ordered by agent_id."""
+        """Ordered by agent_id. Capped by a count and by the server's reply budget (the totals
+        above stay exact): active agents are kept first, then idle ones, each in agent_id
+        order. ListAgents reads them all.
+        """
 
     def __init__(
         self,
@@ -273,10 +279,11 @@ class AgentStatusSummary(_message.Message):
         active_activities: _builtins.int = ...,
         active_collaborations: _builtins.int = ...,
         agents: _abc.Iterable[Global___Agent] | None = ...,
+        agents_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_activities", b"active_activities", "active_agents", b"active_agents", "active_collaborations", b"active_collaborations", "agents", b"agents", "idle_agents", b"idle_agents", "total_agents", b"total_agents"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_activities", b"active_activities", "active_agents", b"active_agents", "active_collaborations", b"active_collaborations", "agents", b"agents", "agents_omitted", b"agents_omitted", "idle_agents", b"idle_agents", "total_agents", b"total_agents"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -523,12 +530,19 @@ class Snapshot(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     AGENT_STATUS_FIELD_NUMBER: _builtins.int
     ACTIVE_COLLABORATIONS_FIELD_NUMBER: _builtins.int
+    ACTIVE_COLLABORATIONS_OMITTED_FIELD_NUMBER: _builtins.int
     epoch: _builtins.str
     seq: _builtins.int
+    active_collaborations_omitted: _builtins.int
+    """How many active sessions `active_collaborations` leaves out."""
     @_builtins.property
     def agent_status(self) -> Global___AgentStatusSummary: ...
     @_builtins.property
-    def active_collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]: ...
+    def active_collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]:
+        """Oldest first; capped by a count and the reply budget like `agents`.
+        ListActiveCollaborations reads them all.
+        """
+
     def __init__(
         self,
         *,
@@ -536,10 +550,11 @@ class Snapshot(_message.Message):
         seq: _builtins.int = ...,
         agent_status: Global___AgentStatusSummary | None = ...,
         active_collaborations: _abc.Iterable[Global___CollaborationSession] | None = ...,
+        active_collaborations_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent_status", b"agent_status"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_collaborations", b"active_collaborations", "agent_status", b"agent_status", "epoch", b"epoch", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_collaborations", b"active_collaborations", "active_collaborations_omitted", b"active_collaborations_omitted", "agent_status", b"agent_status", "epoch", b"epoch", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -715,8 +730,14 @@ class BulkRecordActivitiesResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     RECORDED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    INCOMPLETE_FIELD_NUMBER: _builtins.int
     recorded: _builtins.int
     failed: _builtins.int
+    incomplete: _builtins.bool
+    """True when the answer reached the server's reply budget: the server stopped reading
+    there, so the items after the last result were neither recorded nor answered. Send
+    them again on a new stream.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BulkRecordResult]: ...
     def __init__(
@@ -725,10 +746,11 @@ class BulkRecordActivitiesResponse(_message.Message):
         results: _abc.Iterable[Global___BulkRecordResult] | None = ...,
         recorded: _builtins.int = ...,
         failed: _builtins.int = ...,
+        incomplete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "recorded", b"recorded", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "incomplete", b"incomplete", "recorded", b"recorded", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1061,22 +1083,26 @@ class GetActivityFeedRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Only this agent's activities when set."""
     limit: _builtins.int
     """1 to 500; 0 means the default, 50."""
     session_id: _builtins.str
     """Only activities of this session when set."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor`."""
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         limit: _builtins.int = ...,
         session_id: _builtins.str = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "limit", b"limit", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cursor", b"cursor", "limit", b"limit", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1089,12 +1115,15 @@ class GetActivityFeedResponse(_message.Message):
     ACTIVITIES_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     """The number of activities returned."""
     agent_id: _builtins.str
+    next_cursor: _builtins.str
+    """Set when more activities follow: pass it as `cursor` to read them."""
     @_builtins.property
     def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
-        """Newest first."""
+        """Newest first; as many as `limit` asks for that fit the reply budget."""
 
     def __init__(
         self,
@@ -1102,10 +1131,11 @@ class GetActivityFeedResponse(_message.Message):
         activities: _abc.Iterable[Global___Activity] | None = ...,
         total: _builtins.int = ...,
         agent_id: _builtins.str = ...,
+        next_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "agent_id", b"agent_id", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "agent_id", b"agent_id", "next_cursor", b"next_cursor", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1154,12 +1184,21 @@ Global___GetActivityResponse: _TypeAlias = GetActivityResponse  # noqa: Y015
 class ListActiveCollaborationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """1 to 500; 0 means as many as fit the reply budget."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor`."""
     def __init__(
         self,
+        *,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1171,18 +1210,25 @@ class ListActiveCollaborationsResponse(_message.Message):
 
     COLLABORATIONS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     total: _builtins.int
+    """Every active session, listed or not."""
+    next_cursor: _builtins.str
+    """Set when more sessions follow: pass it as `cursor` to read them."""
     @_builtins.property
-    def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]: ...
+    def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]:
+        """Oldest first."""
+
     def __init__(
         self,
         *,
         collaborations: _abc.Iterable[Global___CollaborationSession] | None = ...,
         total: _builtins.int = ...,
+        next_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collaborations", b"collaborations", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collaborations", b"collaborations", "next_cursor", b"next_cursor", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1214,6 +1260,13 @@ class GetCollaborationResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     ACTIVITIES_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
+    ACTIVITIES_OMITTED_FIELD_NUMBER: _builtins.int
+    DECISIONS_OMITTED_FIELD_NUMBER: _builtins.int
+    activities_omitted: _builtins.int
+    """Capped by the reply budget: the newest activities left out (GetActivityFeed with
+    `session_id` reads them all) and the newest decisions left out (ListDecisions).
+    """
+    decisions_omitted: _builtins.int
     @_builtins.property
     def session(self) -> Global___CollaborationSession: ...
     @_builtins.property
@@ -1230,10 +1283,12 @@ class GetCollaborationResponse(_message.Message):
         session: Global___CollaborationSession | None = ...,
         activities: _abc.Iterable[Global___Activity] | None = ...,
         decisions: _abc.Iterable[Global___Decision] | None = ...,
+        activities_omitted: _builtins.int = ...,
+        decisions_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "decisions", b"decisions", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "activities_omitted", b"activities_omitted", "decisions", b"decisions", "decisions_omitted", b"decisions_omitted", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1244,16 +1299,20 @@ class ListEndedCollaborationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
     """1 to 500; 0 means the default, 50."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor`."""
     def __init__(
         self,
         *,
         limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1265,18 +1324,25 @@ class ListEndedCollaborationsResponse(_message.Message):
 
     COLLABORATIONS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
     total: _builtins.int
+    """The number of sessions returned."""
+    next_cursor: _builtins.str
+    """Set when more sessions follow: pass it as `cursor` to read them."""
     @_builtins.property
-    def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]: ...
+    def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationSession]:
+        """As many as `limit` asks for that fit the reply budget."""
+
     def __init__(
         self,
         *,
         collaborations: _abc.Iterable[Global___CollaborationSession] | None = ...,
         total: _builtins.int = ...,
+        next_cursor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collaborations", b"collaborations", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collaborations", b"collaborations", "next_cursor", b"next_cursor", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1408,6 +1474,119 @@ class StreamAgentStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamAgentStatusResponse: _TypeAlias = StreamAgentStatusResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    """-- Paginated reads (reply budgets) --"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """1 to 500; 0 means the default, 50 (fewer when the reply budget is reached)."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor`."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Every agent the hub knows."""
+    next_cursor: _builtins.str
+    """Set when more agents follow: pass it as `cursor` to read them."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """In agent_id order."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        total: _builtins.int = ...,
+        next_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_cursor", b"next_cursor", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class ListDecisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    limit: _builtins.int
+    """1 to 500; 0 means the default, 50 (fewer when the reply budget is reached)."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor`."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "limit", b"limit", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsRequest: _TypeAlias = ListDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListDecisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Every decision of the session."""
+    next_cursor: _builtins.str
+    """Set when more decisions follow: pass it as `cursor` to read them."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___Decision] | None = ...,
+        total: _builtins.int = ...,
+        next_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_cursor", b"next_cursor", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015
 
 @_typing.final
 class CheckCredentialRequest(_message.Message):

@@ -127,6 +127,16 @@ class CollaborationServiceStub:
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusRequest.SerializeToString,
                 response_deserializer=collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/collab.v1.CollaborationService/ListAgents',
+                request_serializer=collab_dot_v1_dot_collaboration__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=collab_dot_v1_dot_collaboration__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.ListDecisions = channel.unary_unary(
+                '/collab.v1.CollaborationService/ListDecisions',
+                request_serializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.SerializeToString,
+                response_deserializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.FromString,
+                _registered_method=True)
         self.CheckCredential = channel.unary_unary(
                 '/collab.v1.CollaborationService/CheckCredential',
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.SerializeToString,
@@ -262,6 +272,21 @@ class CollaborationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAgents(self, request, context):
+        """-- Paginated reads (reply budgets): what a capped summary or answer left out. --
+        Every agent the hub knows, in agent_id order, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDecisions(self, request, context):
+        """A session's decisions, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckCredential(self, request, context):
         """What the caller's own credential grants and until when (UNAUTHENTICATED when it
         is not valid): the bridge asks it for each credential its clients hold, to end
@@ -348,6 +373,16 @@ def add_CollaborationServiceServicer_to_server(servicer, server):
                     servicer.StreamAgentStatus,
                     request_deserializer=collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusRequest.FromString,
                     response_serializer=collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=collab_dot_v1_dot_collaboration__pb2.ListAgentsRequest.FromString,
+                    response_serializer=collab_dot_v1_dot_collaboration__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'ListDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDecisions,
+                    request_deserializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.FromString,
+                    response_serializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.SerializeToString,
             ),
             'CheckCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckCredential,
@@ -777,6 +812,60 @@ class CollaborationService:
             '/collab.v1.CollaborationService/StreamAgentStatus',
             collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusRequest.SerializeToString,
             collab_dot_v1_dot_collaboration__pb2.StreamAgentStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collab.v1.CollaborationService/ListAgents',
+            collab_dot_v1_dot_collaboration__pb2.ListAgentsRequest.SerializeToString,
+            collab_dot_v1_dot_collaboration__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collab.v1.CollaborationService/ListDecisions',
+            collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.SerializeToString,
+            collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

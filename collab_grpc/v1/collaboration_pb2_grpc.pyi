@@ -90,6 +90,12 @@ class CollaborationServiceStub:
     """
     StreamAgentStatus: _grpc.UnaryStreamMultiCallable[_collaboration_pb2.StreamAgentStatusRequest, _collaboration_pb2.StreamAgentStatusResponse]
     """The agent status summary, sent at once and then every interval (2 s by default)."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.ListAgentsRequest, _collaboration_pb2.ListAgentsResponse]
+    """-- Paginated reads (reply budgets): what a capped summary or answer left out. --
+    Every agent the hub knows, in agent_id order, a page at a time.
+    """
+    ListDecisions: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]
+    """A session's decisions, oldest first, a page at a time."""
     CheckCredential: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
     is not valid): the bridge asks it for each credential its clients hold, to end
@@ -153,6 +159,12 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     """
     StreamAgentStatus: _aio.UnaryStreamMultiCallable[_collaboration_pb2.StreamAgentStatusRequest, _collaboration_pb2.StreamAgentStatusResponse]  # type: ignore[assignment]
     """The agent status summary, sent at once and then every interval (2 s by default)."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.ListAgentsRequest, _collaboration_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """-- Paginated reads (reply budgets): what a capped summary or answer left out. --
+    Every agent the hub knows, in agent_id order, a page at a time.
+    """
+    ListDecisions: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]  # type: ignore[assignment]
+    """A session's decisions, oldest first, a page at a time."""
     CheckCredential: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]  # type: ignore[assignment]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
     is not valid): the bridge asks it for each credential its clients hold, to end
@@ -303,6 +315,24 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_collaboration_pb2.StreamAgentStatusResponse], _abc.AsyncIterator[_collaboration_pb2.StreamAgentStatusResponse]]:
         """The agent status summary, sent at once and then every interval (2 s by default)."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _collaboration_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.ListAgentsResponse, _abc.Awaitable[_collaboration_pb2.ListAgentsResponse]]:
+        """-- Paginated reads (reply budgets): what a capped summary or answer left out. --
+        Every agent the hub knows, in agent_id order, a page at a time.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDecisions(
+        self,
+        request: _collaboration_pb2.ListDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.ListDecisionsResponse, _abc.Awaitable[_collaboration_pb2.ListDecisionsResponse]]:
+        """A session's decisions, oldest first, a page at a time."""
 
     @_abc_1.abstractmethod
     def CheckCredential(

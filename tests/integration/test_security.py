@@ -86,6 +86,8 @@ READ_RPCS = frozenset(
         "ListEndedCollaborations",
         "SubscribeEvents",
         "StreamAgentStatus",
+        "ListAgents",
+        "ListDecisions",
         "CheckCredential",
     }
 )
@@ -224,7 +226,9 @@ def app_routes() -> set[tuple[str, str]]:
             continue
         methods = getattr(route, "methods", None)
         assert isinstance(route, Route) or methods is not None, f"a route of an unknown kind: {route!r}"
-        found |= {(method, str(getattr(route, "path", ""))) for method in methods or () if method != "HEAD"}
+        # path_format: the template as OpenAPI writes it (`{activity_id:path}` as `{activity_id}`).
+        template = str(getattr(route, "path_format", getattr(route, "path", "")))
+        found |= {(method, template) for method in methods or () if method != "HEAD"}
     return found
 
 
@@ -376,6 +380,8 @@ def rpc_requests(known: dict[str, Any]) -> dict[str, Message]:
         "ListEndedCollaborations": pb.ListEndedCollaborationsRequest(limit=10),
         "SubscribeEvents": pb.SubscribeEventsRequest(include_snapshot=True),
         "StreamAgentStatus": pb.StreamAgentStatusRequest(),
+        "ListAgents": pb.ListAgentsRequest(limit=10),
+        "ListDecisions": pb.ListDecisionsRequest(session_id=session_id),
         "CheckCredential": pb.CheckCredentialRequest(),
     }
 

@@ -2,7 +2,8 @@
 
 `collab up` starts the gRPC server and the bridge for one machine with no
 configuration, prints where to connect and with which token, and stops everything on
-Ctrl-C.
+Ctrl-C (the bridge first, then the server). Their logs are text on a terminal, JSON lines
+otherwise.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from collab_cli import commands
-from collab_cli.supervisor import Child, Supervisor
+from collab_cli.supervisor import Child, StopRequested, Supervisor
 
-__all__ = ["main"]
+__all__ = ["choose_log_format", "main"]
 
 
 SERVER = Child("collab-server", [sys.executable, "-m", "collab_grpc.server"], "collab-server listening on")
@@ -40,8 +41,20 @@ def _token(env: dict[str, str], data_dir: Path) -> str | None:
     return key_file.read_text().strip() if key_file.exists() else None
 
 
+def choose_log_format(requested: str | None, env: Mapping[str, str]) -> str:
+    """--log-format, else COLLAB_LOG_FORMAT, else text for a person reading a terminal
+    and JSON lines for anything else (a file, a pipe, a log collector)."""
+    if requested:
+        return requested
+    if env.get("COLLAB_LOG_FORMAT"):
+        return env["COLLAB_LOG_FORMAT"]
+    # The children log on the stderr they inherit from this process.
+    return "text" if sys.stderr.isatty() else "json"
+
+
 async def _up(args: argparse.Namespace) -> int:
     env = dict(os.environ)
+    env["COLLAB_LOG_FORMAT"] = choose_log_format(args.log_format, env)
     if args.grpc_addr:
         env["COLLAB_GRPC_ADDR"] = args.grpc_addr
     if args.data_dir:
@@ -55,12 +68,16 @@ async def _up(args: argparse.Namespace) -> int:
         print("collab: COLLAB_TLS_CERT is set: set COLLAB_GRPC_TLS_CA to the CA file that signed it", file=sys.stderr)
         return 2
     supervisor = Supervisor(env)
+    supervisor.handle_stop_signals()
     try:
         target = _address(await supervisor.start(SERVER))
         # The bridge follows the server it just started, whatever port that got.
         supervisor.env["COLLAB_GRPC_TARGET"] = target
         http = _address(await supervisor.start(BRIDGE))
-    except (RuntimeError, TimeoutError) as exc:
+    except StopRequested:
+        await supervisor.stop_all()
+        return 0
+    except RuntimeError as exc:
         print(f"collab: {exc}", file=sys.stderr)
         await supervisor.stop_all()
         return 1
@@ -85,14 +102,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     up.add_argument("--grpc-addr", help="gRPC listen address [COLLAB_GRPC_ADDR, default 127.0.0.1:50051]")
     up.add_argument("--data-dir", type=Path, help="data directory [COLLAB_DATA_DIR, default ./.collab]")
     up.add_argument("--bridge-addr", help="HTTP/WebSocket listen address [COLLAB_BRIDGE_ADDR, default 127.0.0.1:8000]")
+    up.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="the processes' log lines on stderr [COLLAB_LOG_FORMAT, default text on a terminal, else json]",
+    )
     commands.add_commands(subcommands)
-    subcommands.add_parser("bench", help="run the benchmarks (bench/; --smoke for a tiny run)", add_help=False)
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["bench"]:
-        from bench.__main__ import main as bench
-
-        sys.exit(bench(arguments[1:]))
-    args = parser.parse_args(arguments)
+    args = parser.parse_args(argv)
     if args.command == "up":
         sys.exit(asyncio.run(_up(args)))
     sys.exit(commands.run(args))

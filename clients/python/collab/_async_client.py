@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,12 +262,12 @@ class RecordFailure:
 
 
 def sort_results(
-    batch: list[pb.RecordActivityRequest], reply: pb.BulkRecordActivitiesResponse
+    batch: list[pb.RecordActivityRequest], results: Sequence[pb.BulkRecordResult]
 ) -> tuple[list[str], list[RecordFailure]]:
-    """A bulk answer, item by item in the batch's order: the recorded ids, the refusals."""
+    """A batch's bulk results, item by item in its order: the recorded ids, the refusals."""
     recorded: list[str] = []
     failures: list[RecordFailure] = []
-    for item, result in zip(batch, reply.results, strict=True):
+    for item, result in zip(batch, results, strict=True):
         if result.activity_id:
             recorded.append(result.activity_id)
         else:
@@ -322,13 +322,13 @@ class AsyncBatchRecorder:
             if not batch:
                 return
             settings = self.client.settings
-            messages = requests.bulk_messages(batch)
+            progress = requests.BulkProgress(batch)
             attempt = 0
             try:
                 while True:
                     try:
                         reply = await self.client._stub.BulkRecordActivities(
-                            iter(messages),
+                            iter(progress.messages),
                             metadata=settings.metadata,
                             timeout=settings.timeout,
                         )
@@ -339,13 +339,12 @@ class AsyncBatchRecorder:
                             raise failure from None
                         await asyncio.sleep(settings.backoff(attempt))
                         continue
-                    if len(reply.results) == len(batch):
+                    if progress.take(reply):
                         break
-                    messages = requests.messages_to_resend(batch, messages, len(reply.results))
             except CollabError:
                 self._buffer[:0] = batch  # kept for the next flush, not lost
                 raise
-            recorded, failures = sort_results(batch, reply)
+            recorded, failures = sort_results(batch, progress.results)
             self.recorded += recorded
             self.failures += failures
 

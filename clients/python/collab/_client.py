@@ -290,13 +290,13 @@ class BatchRecorder:
             if not batch:
                 return
             settings = self.client.settings
-            messages = requests.bulk_messages(batch)
+            progress = requests.BulkProgress(batch)
             attempt = 0
             try:
                 while True:
                     try:
                         reply = self.client._stub.BulkRecordActivities(
-                            iter(messages),
+                            iter(progress.messages),
                             metadata=settings.metadata,
                             timeout=settings.timeout,
                         )
@@ -307,13 +307,12 @@ class BatchRecorder:
                             raise failure from None
                         time.sleep(settings.backoff(attempt))
                         continue
-                    if len(reply.results) == len(batch):
+                    if progress.take(reply):
                         break
-                    messages = requests.messages_to_resend(batch, messages, len(reply.results))
             except CollabError:
                 self._buffer[:0] = batch  # kept for the next flush, not lost
                 raise
-            recorded, failures = sort_results(batch, reply)
+            recorded, failures = sort_results(batch, progress.results)
             self.recorded += recorded
             self.failures += failures
 

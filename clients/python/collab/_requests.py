@@ -17,6 +17,7 @@ __all__ = [
     "BYTES_PER_MESSAGE",
     "EVENT_KINDS",
     "MEMORY_OPERATIONS",
+    "BulkProgress",
     "activity_type",
     "bulk_messages",
     "messages_to_resend",
@@ -204,3 +205,28 @@ def messages_to_resend(
     if len(sent) == len(batch):
         raise CollabError(f"the hub answered {answered} results for {len(batch)} activities")
     return [pb.BulkRecordActivitiesRequest(activity=item) for item in batch]
+
+
+class BulkProgress:
+    """A batch sent over one or more bulk streams: the results so far, the messages to
+    send next. The hub answers within its reply budget: an answer that reached it says
+    ``incomplete`` and covers the first items only; the rest goes on a new stream."""
+
+    def __init__(self, batch: list[pb.RecordActivityRequest]) -> None:
+        self.batch = batch
+        self.results: list[pb.BulkRecordResult] = []
+        self.messages = bulk_messages(batch)
+
+    def take(self, reply: pb.BulkRecordActivitiesResponse) -> bool:
+        """Take in one stream's answer; True once every item of the batch is answered."""
+        pending = self.batch[len(self.results) :]
+        answered = len(reply.results)
+        if answered == len(pending):
+            self.results += reply.results
+            return True
+        if reply.incomplete and 0 < answered < len(pending):
+            self.results += reply.results
+            self.messages = bulk_messages(pending[answered:])
+            return False
+        self.messages = messages_to_resend(pending, self.messages, answered)
+        return False
