@@ -17,6 +17,8 @@ from starlette.routing import Route, WebSocketRoute
 from bridge.config import BridgeConfig
 from bridge.limits import BodySizeLimit
 from bridge.metrics import BridgeMetrics, Observe
+from bridge.otlp import PATH as OTLP_PATH
+from bridge.otlp import OtlpTraces
 from bridge.rest import HubError, build_router, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.schemas import HealthBody, ReadyBody
@@ -81,6 +83,8 @@ def create_app(config: BridgeConfig) -> FastAPI:
     app.include_router(build_router(runtime))
     app.router.routes.append(WebSocketRoute(WS_PATH, websocket))
     app.router.routes.append(Route(SSE_PATH, events, methods=["GET"]))
+    # OTLP/HTTP trace ingest (bridge/otlp.py); not in the OpenAPI document: it speaks OTLP.
+    app.router.routes.append(Route(OTLP_PATH, OtlpTraces(runtime, config.otlp_max_bytes).export, methods=["POST"]))
     # Not in the OpenAPI document: it is for scrapers, with a token of its own (bridge/metrics.py).
     app.router.routes.append(Route("/metrics", metrics.endpoint, methods=["GET"]))
 
@@ -124,7 +128,8 @@ def create_app(config: BridgeConfig) -> FastAPI:
             "epoch": runtime.hub.epoch,
             "seq": runtime.hub.last_seq,
             "clients": len(websocket.connections),
-            "error": None if upstream.connected else upstream.last_error or "connecting",
+            # Why it is not connected names internal addresses: in the log (bridge.upstream), not here.
+            "error": None if upstream.connected else "upstream unavailable" if upstream.last_error else "connecting",
         }
         return JSONResponse(body, status_code=200 if upstream.connected else 503)
 

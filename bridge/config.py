@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bridge.origins import parse_origins
+from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, MAX_CREDENTIAL_BYTES_LIMIT
+from bridge.origins import parse_hosts, parse_origins
 
 __all__ = ["BridgeConfig", "parse_bridge_config"]
 
@@ -24,6 +26,8 @@ class BridgeConfig:
     event_buffer: int = 10_000
     max_ws_message_bytes: int = 64 * 1024
     max_body_bytes: int = 1024 * 1024
+    # An OTLP/HTTP trace export once inflated (gzip); the server takes 4 MiB messages.
+    otlp_max_bytes: int = 4 * 1024 * 1024
     # Open WebSocket + SSE connections one token may hold (0: no limit). A team's pages
     # share a token; 1,000 leaves them room while no one token can take a bridge (which
     # serves a few thousand connections) from everyone else.
@@ -53,6 +57,33 @@ class BridgeConfig:
     # client then gets the broadcast frame built once (bridge/wire.py), and a connection
     # holds no compression buffers; the guide's messages are a few hundred bytes.
     ws_compression: bool = False
+    # The longest credential (token) accepted; longer ones get 401 / close 4401.
+    max_credential_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
+    # Seconds a connection may take to send a request's head (from its opening, or from
+    # the end of the previous answer), and a request's body after its head; over them
+    # it is closed (408 when a request was begun). Idle: seconds a keep-alive HTTP
+    # connection may wait for its next request.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    # Seconds a client may leave what it is sent unread (its socket full, nothing taken)
+    # before its connection is dropped: a connection that never reads can never be
+    # closed otherwise, and would hold its place under max_connections for good.
+    send_timeout: float = 30.0
+    # Open connections of every kind the bridge holds at once; one more is answered 503
+    # and closed. Checked at start against the open-file limit (bridge/edge.py).
+    max_connections: int = 4096
+    # WebSocket frames (pings, pongs and fragments included) one connection may send per
+    # second, bursts of twice that; flooding far over it closes with 1008.
+    ws_frames_per_second: float = 100.0
+    # Bytes of pongs that may pile up for a client that does not read; over it the client
+    # is cut off like a slow reader (4008).
+    ws_max_unread_pong_bytes: int = 64 * 1024
+    # Host names (and IPs) requests may be addressed to besides the listen address's
+    # own; "*": any; ".example.com": the domain and its subdomains (bridge/origins.py).
+    allowed_hosts: tuple[str, ...] = ()
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or networks; "*": any).
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -75,6 +106,18 @@ def _on_off(value: str) -> bool:
     return value.lower() in {"on", "true", "1"}
 
 
+def _addresses(raw: str) -> tuple[str, ...]:
+    """IPs or networks (uvicorn's forwarded_allow_ips), or ``*``."""
+    entries = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for entry in entries:
+        if entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+    return entries
+
+
 # (flag, environment variable, field, parser of the text, help)
 _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
     ("--bridge-addr", "COLLAB_BRIDGE_ADDR", "bridge_addr", str, "host:port to serve HTTP and WebSocket on"),
@@ -85,6 +128,13 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
     ("--event-buffer", "COLLAB_EVENT_BUFFER", "event_buffer", int, "recent events kept to resume clients"),
     ("--max-ws-message-bytes", "COLLAB_MAX_WS_MESSAGE_BYTES", "max_ws_message_bytes", int, "inbound WS cap"),
     ("--max-body-bytes", "COLLAB_MAX_BODY_BYTES", "max_body_bytes", int, "REST request body cap"),
+    (
+        "--otlp-max-bytes",
+        "COLLAB_OTLP_MAX_BYTES",
+        "otlp_max_bytes",
+        int,
+        "POST /v1/traces body cap once inflated (gzip); the body as sent is capped by --max-body-bytes",
+    ),
     (
         "--max-connections-per-token",
         "COLLAB_MAX_CONNECTIONS_PER_TOKEN",
@@ -135,6 +185,70 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         _on_off,
         "on: permessage-deflate for WebSocket clients that offer it (more CPU and memory per client)",
     ),
+    (
+        "--max-credential-bytes",
+        "COLLAB_MAX_CREDENTIAL_BYTES",
+        "max_credential_bytes",
+        int,
+        f"longest token accepted (at most {MAX_CREDENTIAL_BYTES_LIMIT}); longer: 401 / close 4401",
+    ),
+    (
+        "--header-timeout",
+        "COLLAB_HEADER_TIMEOUT",
+        "header_timeout",
+        float,
+        "seconds a connection may take to send a request's head; then it is closed",
+    ),
+    ("--body-timeout", "COLLAB_BODY_TIMEOUT", "body_timeout", float, "seconds a request's body may take; then 408"),
+    (
+        "--idle-timeout",
+        "COLLAB_IDLE_TIMEOUT",
+        "idle_timeout",
+        float,
+        "seconds a keep-alive HTTP connection may wait for its next request",
+    ),
+    (
+        "--send-timeout",
+        "COLLAB_SEND_TIMEOUT",
+        "send_timeout",
+        float,
+        "seconds a client may leave what it is sent unread (reading nothing) before it is dropped",
+    ),
+    (
+        "--max-connections",
+        "COLLAB_MAX_CONNECTIONS",
+        "max_connections",
+        int,
+        "open connections the bridge holds at once (kept below the open-file limit); over it: 503",
+    ),
+    (
+        "--ws-frames-per-second",
+        "COLLAB_WS_FRAMES_PER_SECOND",
+        "ws_frames_per_second",
+        float,
+        "WebSocket frames (pings, fragments included) a client may send per second, bursts of twice that (0: no limit)",
+    ),
+    (
+        "--ws-max-unread-pong-bytes",
+        "COLLAB_WS_MAX_UNREAD_PONG_BYTES",
+        "ws_max_unread_pong_bytes",
+        int,
+        "bytes of pongs that may pile up for a client that does not read; over it: close 4008",
+    ),
+    (
+        "--allowed-hosts",
+        "COLLAB_ALLOWED_HOSTS",
+        "allowed_hosts",
+        parse_hosts,
+        "comma-separated Host names requests may use besides the listen address's; .domain for subdomains; * for any",
+    ),
+    (
+        "--trusted-proxies",
+        "COLLAB_TRUSTED_PROXIES",
+        "trusted_proxies",
+        _addresses,
+        "comma-separated proxy IPs/networks whose X-Forwarded-For is believed (default: none; * for any)",
+    ),
 ]
 
 
@@ -164,10 +278,18 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         config.port  # noqa: B018 - validates the address
     except (IndexError, ValueError):
         parser.error(f"--bridge-addr / COLLAB_BRIDGE_ADDR: expected host:port, got {config.bridge_addr!r}")
-    for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes"):
+    for name in ("client_backlog", "event_buffer", "max_ws_message_bytes", "max_body_bytes", "otlp_max_bytes"):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("max_connections_per_token", "ws_messages_per_second"):
+    if not 1 <= config.max_credential_bytes <= MAX_CREDENTIAL_BYTES_LIMIT:
+        parser.error(f"max-credential-bytes must be 1 to {MAX_CREDENTIAL_BYTES_LIMIT}")
+    for name in ("header_timeout", "body_timeout", "idle_timeout", "send_timeout"):
+        if not 0 < getattr(config, name) < float("inf"):
+            parser.error(f"{name.replace('_', '-')} must be more than 0 seconds")
+    for name in ("max_connections", "ws_max_unread_pong_bytes"):
+        if getattr(config, name) < 1:
+            parser.error(f"{name.replace('_', '-')} must be at least 1")
+    for name in ("max_connections_per_token", "ws_messages_per_second", "ws_frames_per_second"):
         if not 0 <= getattr(config, name) < float("inf"):
             parser.error(f"{name.replace('_', '-')} must be 0 (no limit) or more")
     recheck = config.credential_recheck_interval

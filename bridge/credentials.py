@@ -1,212 +1,95 @@
-"""How long each open WebSocket and SSE connection's credential stays good.
+"""The one place the bridge reads a caller's credential from a request, for REST, the
+WebSocket, Server-Sent Events and the per-token connection budget alike.
 
-The server decides what a credential grants (auth lives there); the bridge asks it with
-CheckCredential, once per distinct credential, and then:
-- ends every connection of a credential that expires (a JWT's ``exp``) at that moment,
-  with one timer per credential;
-- asks again every ``recheck_interval`` seconds for each distinct credential its
-  connections hold (one RPC per credential per round, at most ``concurrency`` at a time)
-  and ends every connection of one the server no longer accepts (a key removed from its
-  configuration, the server restarted with another).
+Where it is looked for, in this order:
 
-A connection is ended with close 4401 (4403 when the credential may no longer read) and
-an `error` message before it, as a refusal at connect is.
+- ``?token=`` in the query string, for the WebSocket and the event stream only (browsers
+  cannot set headers there); the name is percent-decoded like any query parameter;
+- ``Authorization: Bearer <token>``;
+- ``X-API-Key: <token>``. An ``Authorization`` header with another scheme (``Basic``
+  added by a proxy, say) is not a credential of this hub and does not hide ``X-API-Key``.
+
+An empty value counts as none sent. A token is 1 to ``max_bytes`` visible ASCII
+characters (``!`` to ``~``): every key the server makes and every JWT is. Anything
+else (a control character, DEL, a tab, a space inside it, a non-ASCII byte, too long)
+is refused here as ``InvalidCredential``, which the
+endpoints answer with 401 / close 4401: it could never authenticate, and passed on it
+would only fail as gRPC metadata.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable, Mapping
 
-import grpc
+__all__ = [
+    "DEFAULT_MAX_CREDENTIAL_BYTES",
+    "MAX_CREDENTIAL_BYTES_LIMIT",
+    "QUERY_NAME",
+    "Credential",
+    "InvalidCredential",
+    "credential_from_headers",
+    "token_of",
+]
 
-__all__ = ["CLOSE_FORBIDDEN", "CLOSE_UNAUTHORIZED", "TOKEN_EXPIRED", "CredentialWatch", "Watched"]
+# (metadata name, value) for the RPCs made for the caller, in the form the server reads:
+# ("authorization", "Bearer <token>") or ("x-api-key", "<token>"); None: no credential.
+Credential = tuple[str, str] | None
 
-log = logging.getLogger("bridge.credentials")
-
-CLOSE_UNAUTHORIZED = 4401
-CLOSE_FORBIDDEN = 4403
-TOKEN_EXPIRED = "token has expired"
-
-# Ends a connection: (close code, reason).
-End = Callable[[int, str], None]
-# Asks the server about a credential (as the connection sent it): its expiry (epoch
-# seconds) or None; raises grpc.aio.AioRpcError when the server refuses it or cannot be asked.
-Check = Callable[[Any], Awaitable[float | None]]
-
-# Server answers that mean the credential is no good any more; anything else (the server
-# unreachable, a timeout) says nothing about it, and its connections stay.
-_REFUSED = {grpc.StatusCode.UNAUTHENTICATED: CLOSE_UNAUTHORIZED, grpc.StatusCode.PERMISSION_DENIED: CLOSE_FORBIDDEN}
+QUERY_NAME = "token"
+DEFAULT_MAX_CREDENTIAL_BYTES = 4096
+# gRPC refuses request metadata over 8 KiB in all; the credential must leave room.
+MAX_CREDENTIAL_BYTES_LIMIT = 7 * 1024
 
 
-@dataclass(eq=False)
-class _Entry:
-    """One distinct credential: as first sent, when it expires and how to end each of its connections."""
-
-    credential: Any
-    expires_at: float | None
-    ends: set[End] = field(default_factory=set)
-    timer: asyncio.TimerHandle | None = None
+# HTTP's optional white space around a header value and between the scheme and the token.
+_OWS = " \t"
 
 
-@dataclass(eq=False)
-class Watched:
-    """One connection's place under its credential; ``release`` when it ends."""
-
-    watch: CredentialWatch
-    key: str
-    end: End
-    expires_at: float | None
-
-    def release(self) -> None:
-        self.watch.leave(self)
+class InvalidCredential(ValueError):
+    """A credential that is malformed whatever the server's keys; the message says how,
+    never quoting it."""
 
 
-class CredentialWatch:
-    """``check(credential)`` asks the server about a credential; connections are grouped
-    by ``key``, the token however it was sent (bridge/limits.py token_key)."""
+def _checked(token: str, where: str, max_bytes: int) -> str:
+    if not token:
+        raise InvalidCredential(f"the {where} is empty")
+    if len(token) > max_bytes:
+        raise InvalidCredential(f"the {where} is longer than {max_bytes} bytes")
+    for char in token:
+        if not "!" <= char <= "~":
+            kind = "a non-ASCII character" if char > "\x7f" else "a space" if char == " " else "a control character"
+            raise InvalidCredential(f"the {where} contains {kind}; a token is visible ASCII only")
+    return token
 
-    def __init__(self, check: Check, *, recheck_interval: float, concurrency: int) -> None:
-        self._check = check
-        self.recheck_interval = recheck_interval
-        self.concurrency = concurrency
-        self._entries: dict[str, _Entry] = {}
-        # One CheckCredential in flight per credential, shared by the connections that
-        # open meanwhile (a page opened by many browsers at once asks once).
-        self._checking: dict[str, asyncio.Future[float | None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        # Tallies for the log and tests: connections ended for an expired or refused credential.
-        self.expired = 0
-        self.revoked = 0
 
-    def __len__(self) -> int:
-        """Distinct credentials held by open connections."""
-        return len(self._entries)
+def credential_from_headers(
+    headers: Iterable[tuple[bytes, bytes]], query: Mapping[str, str] | None = None, *, max_bytes: int
+) -> Credential:
+    """The caller's credential from ASGI ``headers`` (lower-case names) and, where the
+    endpoint takes one, the parsed ``query``; None when none was sent. Raises
+    InvalidCredential for one that is malformed."""
+    if query is not None and query.get(QUERY_NAME):
+        return ("authorization", f"Bearer {_checked(query[QUERY_NAME], '?token= value', max_bytes)}")
+    authorization: bytes | None = None
+    api_key: bytes | None = None
+    for name, value in headers:
+        if name == b"authorization" and authorization is None:
+            authorization = value
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value
+    if authorization is not None:
+        # The server's parser too ignores another scheme (collab_grpc.auth.token_from_headers).
+        scheme, _, token = authorization.decode("latin-1").strip(_OWS).partition(" ")
+        if scheme.lower() == "bearer" and (token := token.strip(_OWS)):
+            return ("authorization", f"Bearer {_checked(token, 'bearer token', max_bytes)}")
+    if api_key is not None and (token := api_key.decode("latin-1").strip(_OWS)):
+        return ("x-api-key", _checked(token, "X-API-Key value", max_bytes))
+    return None
 
-    # -- connections ------------------------------------------------------------------
 
-    async def enter(self, key: str, credential: Any, end: End) -> Watched:
-        """Watch a connection opening with ``credential`` (its token: ``key``):
-        ``end(code, reason)`` is called when it expires or the server stops accepting it.
-        Raises grpc.aio.AioRpcError when the server refuses it now."""
-        entry = self._entries.get(key)
-        expires_at = entry.expires_at if entry is not None else await self._ask(key, credential)
-        entry = self._entries.get(key)  # another connection may have made it meanwhile
-        if entry is None:
-            entry = self._entries[key] = _Entry(credential, expires_at)
-            self._schedule(key, entry)
-        entry.ends.add(end)
-        return Watched(self, key, end, entry.expires_at)
-
-    def leave(self, watched: Watched) -> None:
-        entry = self._entries.get(watched.key)
-        if entry is None:
-            return
-        entry.ends.discard(watched.end)
-        if not entry.ends:
-            self._drop(watched.key)
-
-    async def _ask(self, key: str, credential: Any) -> float | None:
-        """The server's answer for ``credential``; one call whoever else is waiting for it."""
-        pending = self._checking.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self._check(credential))
-            self._checking[key] = pending
-            pending.add_done_callback(lambda done: self._asked(key, done))
-        # Shielded: one waiter giving up (its client left) does not cancel the others' answer.
-        return await asyncio.shield(pending)
-
-    def _asked(self, key: str, done: asyncio.Future[float | None]) -> None:
-        if self._checking.get(key) is done:
-            del self._checking[key]
-        if not done.cancelled():
-            done.exception()  # retrieved here too: every waiter may have gone
-
-    # -- expiry -----------------------------------------------------------------------
-
-    def _schedule(self, key: str, entry: _Entry) -> None:
-        if entry.timer is not None:
-            entry.timer.cancel()
-            entry.timer = None
-        if entry.expires_at is not None:
-            delay = max(0.0, entry.expires_at - time.time())  # exp is wall-clock time
-            entry.timer = asyncio.get_running_loop().call_later(delay, self._expire, key, entry)
-
-    def _expire(self, key: str, entry: _Entry) -> None:
-        if self._entries.get(key) is entry:
-            self.expired += len(entry.ends)
-            log.info("credential expired; ending its connections", extra={"connections": len(entry.ends)})
-            self._end_all(key, CLOSE_UNAUTHORIZED, TOKEN_EXPIRED)
-
-    def _end_all(self, key: str, code: int, reason: str) -> None:
-        entry = self._drop(key)
-        if entry is not None:
-            for end in tuple(entry.ends):
-                end(code, reason)
-
-    def _drop(self, key: str) -> _Entry | None:
-        entry = self._entries.pop(key, None)
-        if entry is not None and entry.timer is not None:
-            entry.timer.cancel()
-        return entry
-
-    # -- rechecks ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._recheck_forever(), name="credential-recheck")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for entry in self._entries.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
-
-    async def _recheck_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.recheck_interval)
-            try:
-                await self.recheck()
-            except Exception:  # a bug must not end the rechecks for good
-                log.exception("credential recheck failed")
-
-    async def recheck(self) -> None:
-        """Ask the server again about every distinct credential held now, ``concurrency``
-        at a time; end the connections of each one it refuses."""
-        keys = iter(list(self._entries))
-
-        async def worker() -> None:
-            for key in keys:  # the workers share one iterator: each key is asked once
-                await self._recheck_one(key)
-
-        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, len(self._entries)))))
-
-    async def _recheck_one(self, key: str) -> None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return  # its connections have all gone meanwhile
-        try:
-            expires_at = await self._check(entry.credential)
-        except grpc.aio.AioRpcError as failure:
-            code = _REFUSED.get(failure.code())
-            if code is None:
-                log.debug("credential recheck inconclusive: %s", failure.code().name)
-                return
-            reason = failure.details() or failure.code().name
-            if self._entries.get(key) is entry:
-                self.revoked += len(entry.ends)
-                log.info(
-                    "credential no longer accepted; ending its connections",
-                    extra={"connections": len(entry.ends), "reason": reason},
-                )
-                self._end_all(key, code, reason)
-            return
-        if self._entries.get(key) is entry and expires_at != entry.expires_at:
-            entry.expires_at = expires_at
-            self._schedule(key, entry)
+def token_of(credential: Credential) -> str:
+    """The token itself ("" for none): the same token sent two ways is one token."""
+    if credential is None:
+        return ""
+    name, value = credential
+    return value.removeprefix("Bearer ") if name == "authorization" else value

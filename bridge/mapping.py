@@ -218,6 +218,16 @@ def event_json(event: pb.Event) -> JSON:
         message = {"type": "collaboration_ended", "session_id": ended.session_id, "session": session_json(ended)}
     elif kind == "decision_recorded":
         message = {"type": "decision_recorded", "decision": decision_json(event.decision_recorded)}
+    elif kind == "agent_retired":
+        # Not in the guide (additive): an idle agent left the live status; drop its card.
+        retired = event.agent_retired
+        message = {
+            "type": "agent_retired",
+            "agent_id": retired.agent_id,
+            "department": retired.department,
+            "last_activity": retired.last_activity_id or None,
+            "last_seen": seconds(retired.last_seen),
+        }
     else:
         raise ValueError(f"event {event.seq} has no payload the bridge knows ({kind})")
     message["timestamp"] = iso(event.time)

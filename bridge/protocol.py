@@ -29,6 +29,7 @@ MESSAGE_TYPES = frozenset(
         "collaboration_started",
         "collaboration_ended",
         "decision_recorded",
+        "agent_retired",
     }
 )
 ACTIVITY_ONLY_TYPES = frozenset(ACTIVITY_TYPES) - MESSAGE_TYPES

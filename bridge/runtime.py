@@ -10,7 +10,7 @@ from collections.abc import Mapping
 import grpc
 
 from bridge.config import BridgeConfig
-from bridge.credentials import CredentialWatch
+from bridge.credential_watch import CredentialWatch
 from bridge.fanout import Frame, Subscriber
 from bridge.hub import SnapshotTooOld, StreamHub
 from bridge.limits import ConnectionLimit

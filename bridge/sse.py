@@ -14,12 +14,14 @@ stops; it does not retry in a loop.
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
 from typing import Any
 
 import grpc
 
-from bridge.credentials import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from bridge.credential_watch import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from bridge.credentials import InvalidCredential
 from bridge.fanout import ClientFilter, Frame, Subscriber
 from bridge.hub import dumps
 from bridge.limits import token_key
@@ -31,6 +33,8 @@ from bridge.runtime import BridgeRuntime
 from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
 
 __all__ = ["EventStream", "sse_encode"]
+
+log = logging.getLogger("bridge.sse")
 
 
 def sse_encode(frame: Frame) -> str:
@@ -77,7 +81,13 @@ class EventStream:
                 detail = f"Last-Event-ID must be an integer seq (0 or more), got {last_event_id!r}"
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
-        credential = credential_from_scope(scope, query)
+        try:
+            credential = credential_from_scope(scope, query, self.runtime.config.max_credential_bytes)
+        except InvalidCredential as refused:
+            log.info("event stream refused", extra={"code": 401, "reason": str(refused)})
+            detail = f"invalid credential: {refused}"
+            await hub_error_response(HubError(401, "UNAUTHENTICATED", detail))(scope, receive, send)
+            return
         limit = self.runtime.connection_limit
         if (too_many := limit.refusal_for(token_key(credential))) is not None:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", too_many))(scope, receive, send)

@@ -6,7 +6,6 @@ place, the server; the bridge forwards each caller's credential.
 
 from __future__ import annotations
 
-import contextvars
 import enum
 import hashlib
 import hmac
@@ -23,7 +22,6 @@ from collab_grpc.errors import PermissionDenied, Unauthenticated
 from collab_grpc.files import make_private_dir, warn_if_shared
 
 __all__ = [
-    "CALLER",
     "KNOWN_DEFAULT_SECRETS",
     "MIN_JWT_SECRET_BYTES",
     "MIN_KEY_CHARS",
@@ -73,10 +71,6 @@ class Grant:
             return ""
         return hashlib.sha256(self.principal.encode()).hexdigest()[:32]
 
-
-# The caller of the RPC being served, set by the server's interceptor before the
-# handler runs; None where no interceptor checks credentials (a bare server in tests).
-CALLER: contextvars.ContextVar[Grant | None] = contextvars.ContextVar("collab_caller", default=None)
 
 _OPEN_GRANT = Grant(_READ_WRITE)
 

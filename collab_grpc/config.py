@@ -57,6 +57,14 @@ class ServerConfig:
     history_limit: int = 1000
     event_retain: int = 10_000
     activity_ttl: float = 3600.0
+    # Seconds an agent stays in the live status once idle, in no active session and not
+    # in the roster; then it leaves it (an agent_retired event). An hour, as activity_ttl:
+    # the status shows who worked in the last hour, and an ephemeral id per task costs
+    # the live status an hour, not forever.
+    agent_idle_ttl: float = 3600.0
+    # Agents the idle sweep looks at per pass (a pass that used it all is followed at once
+    # by the next, after the event loop served others).
+    agent_retire_batch: int = 256
     rate_limit: float = 10.0
     max_metadata_bytes: int = 64 * 1024
     # Every message the server sends stays within this many bytes serialised.
@@ -65,6 +73,8 @@ class ServerConfig:
     max_status_agents: int = 1000
     max_snapshot_sessions: int = 1000
     status_interval: float = 2.0
+    # The shortest StreamAgentStatus interval a read-only credential may ask for.
+    status_read_min_interval: float = 1.0
     subscriber_queue: int = 10_000
     shutdown_grace: float = 5.0
     log_level: str = "info"
@@ -72,6 +82,10 @@ class ServerConfig:
     # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
     # "off": no metrics port; else host:port, which must be free.
     metrics_addr: str | None = None
+    # Spans one OTLP Export may carry (collab_grpc/otlp_servicer.py); more: INVALID_ARGUMENT.
+    otlp_max_spans: int = 10_000
+    # Spans whose records the OTLP ingest remembers, so a re-exported span records nothing.
+    otlp_span_index: int = 100_000
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -106,6 +120,20 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--history-limit", "COLLAB_HISTORY_LIMIT", "history_limit", int, "newest activities kept for the feed"),
     ("--event-retain", "COLLAB_EVENT_RETAIN", "event_retain", int, "newest events kept for resuming subscribers"),
     ("--activity-ttl", "COLLAB_ACTIVITY_TTL", "activity_ttl", float, "seconds before an open activity expires"),
+    (
+        "--agent-idle-ttl",
+        "COLLAB_AGENT_IDLE_TTL",
+        "agent_idle_ttl",
+        float,
+        "seconds an idle agent (no open activity, no active session, not in the roster) stays in the live status",
+    ),
+    (
+        "--agent-retire-batch",
+        "COLLAB_AGENT_RETIRE_BATCH",
+        "agent_retire_batch",
+        int,
+        "agents the idle sweep looks at per pass",
+    ),
     ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
     ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
     (
@@ -130,6 +158,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "active sessions listed in a snapshot (oldest first; ListActiveCollaborations pages the rest)",
     ),
     ("--status-interval", "COLLAB_STATUS_INTERVAL", "status_interval", float, "seconds between status updates"),
+    (
+        "--status-read-min-interval",
+        "COLLAB_STATUS_READ_MIN_INTERVAL",
+        "status_read_min_interval",
+        float,
+        "shortest StreamAgentStatus interval a read-only credential may ask for (seconds, 0.1 to 3600)",
+    ),
     ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
@@ -140,6 +175,20 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "metrics_addr",
         str,
         f"host:port serving Prometheus /metrics (port 0 picks a free one), or off; default {DEFAULT_METRICS_ADDR}",
+    ),
+    (
+        "--otlp-max-spans",
+        "COLLAB_OTLP_MAX_SPANS",
+        "otlp_max_spans",
+        int,
+        "spans one OTLP trace export may carry (more: the export is refused)",
+    ),
+    (
+        "--otlp-span-index",
+        "COLLAB_OTLP_SPAN_INDEX",
+        "otlp_span_index",
+        int,
+        "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice",
     ),
 ]
 
@@ -184,12 +233,16 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "retain_count",
         "max_status_agents",
         "max_snapshot_sessions",
+        "agent_retire_batch",
+        "otlp_max_spans",
+        "otlp_span_index",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
-    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds"):
+    positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}
+    for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds", "agent_idle_ttl"):
         value = getattr(config, name)
-        if not math.isfinite(value) or value < 0 or (value == 0 and name in {"activity_ttl", "status_interval"}):
+        if not math.isfinite(value) or value < 0 or (value == 0 and name in positive):
             parser.error(
                 f"{name.replace('_', '-')} must be a finite number, positive (rate-limit and "
                 f"shutdown-grace may be 0), got {value}"
@@ -200,6 +253,10 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
             f"max-reply-bytes must be between {needed} (the largest item max-metadata-bytes "
             f"{config.max_metadata_bytes} lets in, with room around it) and {MAX_REPLY_BYTES_CEILING} "
             f"(what a gRPC receiver accepts by default), got {config.max_reply_bytes}"
+        )
+    if not 0.1 <= config.status_read_min_interval <= 3600:  # also refuses NaN
+        parser.error(
+            f"status-read-min-interval must be between 0.1 and 3600 (seconds), got {config.status_read_min_interval}"
         )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")

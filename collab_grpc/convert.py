@@ -21,6 +21,7 @@ from collab_grpc.model import (
     ActivityCompletion,
     ActivityStatus,
     ActivityType,
+    AgentRetirement,
     AgentStatusSummary,
     AgentView,
     Decision,
@@ -317,6 +318,12 @@ def event_to_proto(event: Event) -> pb.Event:
         message.collaboration_ended.CopyFrom(session_to_proto(payload))
     elif kind is EventKind.DECISION_RECORDED and isinstance(payload, Decision):
         message.decision_recorded.CopyFrom(decision_to_proto(payload))
+    elif kind is EventKind.AGENT_RETIRED and isinstance(payload, AgentRetirement):
+        retired = message.agent_retired
+        retired.agent_id = payload.agent_id
+        retired.department = payload.department
+        retired.last_activity_id = payload.last_activity_id or ""
+        set_timestamp(retired.last_seen, payload.last_seen)
     else:  # pragma: no cover - the state only builds the pairs above
         raise TypeError(f"event {event.seq}: {kind} cannot carry {type(payload).__name__}")
     return message

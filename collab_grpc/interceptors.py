@@ -9,11 +9,14 @@ In this order, for each call:
   read access, every other one write access, including any method nobody marked and
   other services' (deny by default). Health checking and reflection stay open (load
   balancers and grpcurl-style tools use them before they hold a token); they reveal no
-  state. What the credential grants, and until when, is handed to the handler in
-  collab_grpc.auth.CALLER (streams end when it expires; idempotency keys are scoped to it);
+  state;
 - decoding: a request that could not be decoded is refused with INVALID_ARGUMENT
   (collab_grpc/decoding.py), after auth, so a call without a credential is refused as
-  such whatever its body.
+  such whatever its body;
+- handing on: what the credential grants, until when and whose (its Grant) goes to the
+  handler in ``servicer.CALLER`` (a context variable: streams end when it expires,
+  idempotency keys are scoped to it), and a server stream's serializer passes ``bytes``
+  through, so a handler can write one serialisation to many streams.
 
 One interceptor, and each method's handler wrapped once, on its first call: grpc.aio
 runs every interceptor on every call, and three of them, each building a new handler
@@ -31,12 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from collab_grpc.auth import CALLER, Authenticator, token_from_headers
+from collab_grpc.auth import Access, Authenticator, Grant, token_from_headers
 from collab_grpc.decoding import Undecodable, checked, refuse, soft_deserializer
 from collab_grpc.errors import CollabError
 from collab_grpc.logs import REQUEST_ID, request_id_from_metadata
 from collab_grpc.metrics import rpc_series
-from collab_grpc.servicer import READ_METHODS, STATUS_FOR_ERROR, Context
+from collab_grpc.servicer import CALLER, READ_METHODS, STATUS_FOR_ERROR, Caller, Context
 
 __all__ = ["SLOW_RPC_SECONDS", "CallInterceptor"]
 
@@ -132,7 +135,18 @@ class _Method:
     """What the interceptor knows of one method: how to name it, whether it needs a
     credential (and write access), and how its requests are checked."""
 
-    __slots__ = ("guarded", "method", "name", "per_item", "slow_seconds", "streams_requests", "timed", "write")
+    __slots__ = (
+        "callers",
+        "guarded",
+        "method",
+        "name",
+        "per_item",
+        "slow_seconds",
+        "streams_requests",
+        "timed",
+        "write",
+        "writes_bytes",
+    )
 
     def __init__(
         self, method: str, handler: Handler, *, guarded: bool, write: bool, per_item: bool, slow_seconds: float
@@ -146,6 +160,27 @@ class _Method:
         self.streams_requests = bool(handler.stream_unary or handler.stream_stream)
         self.per_item = per_item
         self.slow_seconds = slow_seconds
+        self.writes_bytes = bool(handler.unary_stream)
+        # What a handler is told, by the access granted: made once, not on every call.
+        self.callers = {
+            access: Caller(access, self.writes_bytes) for access in (Access.READ, Access.WRITE, _READ_WRITE)
+        }
+
+
+# Without auth (off, or a bare server) every call may read and write.
+_READ_WRITE = Access.READ | Access.WRITE
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serialize``, except that ``bytes`` (a message serialised already) pass as they are."""
+    if serialize is None:
+        return None
+    serializer = serialize
+
+    def serialise(message: Any) -> bytes:
+        return message if type(message) is bytes else serializer(message)
+
+    return serialise
 
 
 class CallInterceptor(_ServerInterceptor):
@@ -205,22 +240,30 @@ class CallInterceptor(_ServerInterceptor):
                     wrapped = self._around(about, behaviour)
                 else:  # an open synchronous handler: grpc runs it as it is
                     return handler
-                return make_handler(wrapped, deserializer, handler.response_serializer)
+                serializer = handler.response_serializer
+                if about.writes_bytes:
+                    serializer = _passing_bytes(serializer)
+                return make_handler(wrapped, deserializer, serializer)
         return handler
 
     def _admit(self, about: _Method, request: Any, metadata: Metadata) -> CollabError | Undecodable | None:
-        """Why the call is refused (no or a wrong credential, an undecodable request), if it is."""
+        """Why the call is refused (no or a wrong credential, an undecodable request), if
+        it is; else what the credential grants is handed to the handler (CALLER)."""
+        granted: Grant | None = None  # auth off, or a method open to all
         if about.guarded:
             assert self.authenticator is not None
             if self.authenticator.enabled:
                 headers = {key: value for key, value in metadata if isinstance(value, str)}
                 try:
-                    # The call's own task runs the handler: it sees this, no other call does.
-                    CALLER.set(self.authenticator.admit(token_from_headers(headers), write=about.write))
+                    granted = self.authenticator.admit(token_from_headers(headers), write=about.write)
                 except CollabError as error:
                     extra = {"rpc": about.method, "reason": str(error)}
                     log.warning("refused %s: %s", about.method, error, extra=extra)
                     return error
+        if granted is None:
+            CALLER.set(about.callers[_READ_WRITE])
+        else:
+            CALLER.set(Caller(granted.access, about.writes_bytes, granted))
         if isinstance(request, Undecodable):
             return request
         return None

@@ -18,6 +18,7 @@ __all__ = [
     "ActivityStatus",
     "ActivityType",
     "Agent",
+    "AgentRetirement",
     "AgentStatusSummary",
     "AgentView",
     "Decision",
@@ -93,6 +94,7 @@ class EventKind(enum.StrEnum):
     COLLABORATION_STARTED = "collaboration_started"
     COLLABORATION_ENDED = "collaboration_ended"
     DECISION_RECORDED = "decision_recorded"
+    AGENT_RETIRED = "agent_retired"
 
 
 @dataclass(slots=True)
@@ -120,6 +122,9 @@ class Agent:
     last_activity_id: str | None = None
     # Active sessions the agent takes part in.
     sessions: set[str] = field(default_factory=set)
+    # When the agent was last seen live (its newest event; or when the idle sweep last
+    # found it active or in a session): what its idle time is measured from.
+    last_seen: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -164,6 +169,16 @@ class MemoryUpdate:
 
 
 @dataclass(slots=True)
+class AgentRetirement:
+    """An idle agent leaving the live status (its history stays in the store)."""
+
+    agent_id: str
+    department: str
+    last_activity_id: str | None
+    last_seen: float
+
+
+@dataclass(slots=True)
 class ActivityCompletion:
     activity: Activity
     success: bool
@@ -191,7 +206,7 @@ class AgentStatusSummary:
     agents: list[AgentView]
 
 
-EventPayload: TypeAlias = Activity | ActivityCompletion | MemoryUpdate | Session | Decision
+EventPayload: TypeAlias = Activity | ActivityCompletion | MemoryUpdate | Session | Decision | AgentRetirement
 
 
 @dataclass(frozen=True, slots=True)

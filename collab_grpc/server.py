@@ -22,6 +22,7 @@ from collab_grpc.eventloop import run
 from collab_grpc.interceptors import CallInterceptor
 from collab_grpc.logs import configure_logging
 from collab_grpc.metrics import MetricsEndpoint, event_recorded, serve_metrics
+from collab_grpc.otlp_servicer import TRACE_SERVICE, OtlpTraceServicer, add_trace_servicer
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.servicer import CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
@@ -89,12 +90,26 @@ def _check_strength(config: ServerConfig) -> None:
     )
 
 
+# The pause before the next pass when the idle sweep used its whole batch: the rest of
+# the backlog follows soon, with the event loop free for other calls in between.
+BACKLOG_PAUSE = 0.05
+
+
+def expiry_period(settings: StateSettings) -> float:
+    """How often open activities expire and idle agents retire: a tenth of the shorter
+    TTL, between 50 ms and 30 s."""
+    return min(30.0, max(0.05, min(settings.activity_ttl, settings.agent_idle_ttl) / 10))
+
+
 async def _expire_loop(state: CollaborationState, store: Store, every: float) -> None:
+    pause = every
     while True:
-        await asyncio.sleep(every)
+        await asyncio.sleep(pause)
+        pause = every
         try:
             async with store.writing():
                 expired = state.expire_stale_activities()
+                retired = state.retire_idle_agents()
                 seq = state.log.last_seq
             await store.durable(seq)
         except CollabError as error:  # the store is unavailable: try again next round
@@ -102,6 +117,10 @@ async def _expire_loop(state: CollaborationState, store: Store, every: float) ->
             continue
         for activity in expired:
             log.info("activity expired", extra={"activity_id": activity.activity_id, "agent_id": activity.agent_id})
+        if retired:
+            log.info("idle agents retired", extra={"count": len(retired), "live_agents": state.live_agent_count})
+        if state.idle_backlog:
+            pause = min(every, BACKLOG_PAUSE)
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -115,6 +134,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         activity_ttl=config.activity_ttl,
         status_agents_limit=config.max_status_agents,
         snapshot_sessions_limit=config.max_snapshot_sessions,
+        agent_idle_ttl=config.agent_idle_ttl,
+        agent_retire_batch=config.agent_retire_batch,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
@@ -133,15 +154,23 @@ async def start_server(config: ServerConfig) -> RunningServer:
         status_interval=config.status_interval,
         subscriber_queue=config.subscriber_queue,
         max_reply_bytes=config.max_reply_bytes,
+        status_read_min_interval=config.status_read_min_interval,
     )
     state.log.on_recorded = event_recorded
     interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))
     server = grpc.aio.server(interceptors=[interceptor])
     collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
+    otlp_servicer = OtlpTraceServicer(state, store, max_spans=config.otlp_max_spans, span_index=config.otlp_span_index)
+    add_trace_servicer(otlp_servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            SERVICE_NAME,
+            TRACE_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     try:
@@ -154,7 +183,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    expiry = asyncio.create_task(_expire_loop(state, store, min(30.0, max(0.05, config.activity_ttl / 10))))
+    expiry = asyncio.create_task(_expire_loop(state, store, expiry_period(settings)))
     if not authenticator.enabled:
         log.warning("AUTH IS OFF: anyone who can reach port %d can read and write everything", port)
         print("collab-server: WARNING: COLLAB_AUTH=off, every call is accepted without a credential", flush=True)

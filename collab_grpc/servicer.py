@@ -15,6 +15,8 @@ import itertools
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -23,7 +25,7 @@ from google.protobuf.descriptor_pb2 import MethodOptions
 from google.protobuf.message import Message
 
 from collab_grpc import convert, metrics
-from collab_grpc.auth import CALLER, TOKEN_EXPIRED, Access
+from collab_grpc.auth import TOKEN_EXPIRED, Access, Grant
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
     CollabError,
@@ -44,11 +46,14 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id, check_limit, decode_cursor, encode_cursor
 
 __all__ = [
+    "CALLER",
     "READ_METHODS",
     "STATUS_FOR_ERROR",
     "WRITE_METHODS",
+    "Caller",
     "CollaborationServicer",
     "Context",
+    "SharedStatus",
     "abort_with",
     "read_methods",
 ]
@@ -102,9 +107,84 @@ REPLY_RESERVE = 8 * 1024
 # A bulk item's error message is cut to this many characters, so every result is bounded.
 MAX_BULK_ERROR_CHARS = 1024
 LOST_ITEM = "the store failed before this activity was stored; it was not recorded"
+# The shortest StreamAgentStatus interval a read+write credential may ask for (a read-only
+# one: the servicer's status_read_min_interval); also how stale a shared status may be.
 MIN_STATUS_INTERVAL = 0.1
 MAX_STATUS_INTERVAL = 3600.0
+DEFAULT_STATUS_READ_MIN_INTERVAL = 1.0
+# At most this share of the event loop's time goes to building the shared status: a
+# build that took 50 ms is not followed by another for 500 ms.
+STATUS_LOOP_SHARE = 0.1
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What the interceptor tells a handler about its call."""
+
+    access: Access
+    # The call's response serializer passes ``bytes`` through as a message already
+    # serialised, so a handler may write one serialisation to many calls.
+    writes_bytes: bool = False
+    # The credential's grant: until when (a stream ends then) and whose (idempotency
+    # keys are scoped to it); None with auth off or without the interceptor.
+    grant: Grant | None = None
+
+
+# Set by the interceptor for every call it admits; without one (a bare servicer) the
+# call is taken as read-only. (Caller is frozen: a shared default is safe.)
+_READ_ONLY_CALLER = Caller(Access.READ)
+CALLER: ContextVar[Caller] = ContextVar("collab_caller", default=_READ_ONLY_CALLER)
+
+
+class SharedStatus:
+    """The agent status every StreamAgentStatus stream sends, built and serialised once
+    and shared: it is rebuilt only when the state changed since and the last build is old
+    enough: ``min_age`` seconds, or longer when building takes long, so that building
+    takes no more than ``loop_share`` of the event loop's time. However many streams there
+    are and whatever their intervals, the status is built at most once per that gap, and
+    not at all while nothing changes."""
+
+    def __init__(
+        self,
+        build: Callable[[], pb.AgentStatusSummary],
+        version: Callable[[], object],
+        clock: Callable[[], float],
+        *,
+        min_age: float = MIN_STATUS_INTERVAL,
+        loop_share: float = STATUS_LOOP_SHARE,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._version = version
+        self._clock = clock
+        self._monotonic = monotonic
+        self.min_age = min_age
+        self.loop_share = loop_share
+        self.builds = 0  # how many times the status was built (tests, metrics)
+        self._built_version: object = None
+        self._built_at = -math.inf
+        self._gap = min_age  # the least time between two builds
+        self._taken_at = 0.0
+        # `agent_status` (field 2 of StreamAgentStatusResponse) serialised: a response is
+        # its `time` serialised followed by these bytes (protobuf fields concatenate).
+        self._summary = b""
+
+    def response(self) -> bytes:
+        """A StreamAgentStatusResponse, serialised. Its ``time`` is when the status it
+        carries was true: now if nothing changed since it was built, else when built."""
+        version = self._version()
+        now = self._monotonic()
+        if version != self._built_version and now - self._built_at >= self._gap:
+            self._taken_at = self._clock()
+            self._summary = pb.StreamAgentStatusResponse(agent_status=self._build()).SerializeToString()
+            self._built_version, self._built_at = version, now
+            self._gap = max(self.min_age, (self._monotonic() - now) / self.loop_share)
+            self.builds += 1
+        taken_at = self._clock() if version == self._built_version else self._taken_at
+        return pb.StreamAgentStatusResponse(time=convert.timestamp_from_seconds(taken_at)).SerializeToString() + (
+            self._summary
+        )
 
 
 async def abort_with(context: Context, error: CollabError) -> None:
@@ -158,10 +238,10 @@ _CODE_FOR_CLOSE = {SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE, TOKEN_EXPIRED: gr
 def _at_expiry(end: Callable[[str], None], reason: str) -> asyncio.TimerHandle | None:
     """Call ``end(reason)`` when the caller's credential expires (None: it does not).
     Expiry is wall-clock time (a JWT's ``exp``), as PyJWT checked it."""
-    caller = CALLER.get()
-    if caller is None or caller.expires_at is None:
+    grant = CALLER.get().grant
+    if grant is None or grant.expires_at is None:
         return None
-    return asyncio.get_running_loop().call_later(max(0.0, caller.expires_at - time.time()), end, reason)
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires_at - time.time()), end, reason)
 
 
 def _too_many_bulk_items() -> str:
@@ -192,12 +272,14 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         *,
         store: Store | None = None,
         status_interval: float = 2.0,
+        status_read_min_interval: float = DEFAULT_STATUS_READ_MIN_INTERVAL,
         subscriber_queue: int = 10_000,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self.state = state
         self.store: Store = store or MemoryStore()
         self.status_interval = status_interval
+        self.status_read_min_interval = status_read_min_interval
         self.subscriber_queue = subscriber_queue
         self.max_reply_bytes = max_reply_bytes
         # What a list in a reply may take: the budget less room for the rest of the reply.
@@ -205,7 +287,12 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         # The most one bulk result can take (an activity id, or an error code and message).
         longest_id = 4 * state.limits.max_hub_id_length
         self._bulk_result_bound = convert.entry_size(max(longest_id, 4 * MAX_BULK_ERROR_CHARS + 64) + 8)
+        self.status = SharedStatus(self.agent_status_summary, lambda: state.version, state.clock)
         self._stopping = asyncio.Event()
+
+    def agent_status_summary(self) -> pb.AgentStatusSummary:
+        """The agent status as every RPC sends it, within the reply budget: the one place it is built."""
+        return convert.agent_status_to_proto(self.state.agent_status(), self.list_budget)
 
     def begin_shutdown(self) -> None:
         """Tell every stream to end: event subscribers and status streams alike."""
@@ -229,8 +316,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
         cache = self.state.idempotency
         now = self.state.clock()
-        caller = CALLER.get()
-        scope = caller.idempotency_scope() if caller is not None else ""
+        grant = CALLER.get().grant
+        scope = grant.idempotency_scope() if grant is not None else ""
         answer = cache.lookup(method, key, fingerprint, now, scope)
         if answer is not None:
             return response_type.FromString(answer)
@@ -425,12 +512,9 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     # Every list in a reply is filled while its real serialised size fits the reply budget
     # (convert.fill_within); what is left out is counted or continued with a cursor.
 
-    def _agent_status(self) -> pb.AgentStatusSummary:
-        return convert.agent_status_to_proto(self.state.agent_status(), self.list_budget)
-
     @_unary
     def GetAgentStatus(self, request: pb.GetAgentStatusRequest) -> pb.GetAgentStatusResponse:  # noqa: N802
-        return pb.GetAgentStatusResponse(agent_status=self._agent_status())
+        return pb.GetAgentStatusResponse(agent_status=self.agent_status_summary())
 
     @_unary
     def ListAgents(self, request: pb.ListAgentsRequest) -> pb.ListAgentsResponse:  # noqa: N802
@@ -542,13 +626,11 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     async def CheckCredential(  # noqa: N802
         self, request: pb.CheckCredentialRequest, context: Context
     ) -> pb.CheckCredentialResponse:
-        # The interceptor refused the call if the credential is not valid; None: auth off.
+        # The interceptor refused the call if the credential is not valid.
         caller = CALLER.get()
-        if caller is None:
-            return pb.CheckCredentialResponse(read=True, write=True)
         response = pb.CheckCredentialResponse(read=Access.READ in caller.access, write=Access.WRITE in caller.access)
-        if caller.expires_at is not None:
-            response.expires_at.CopyFrom(convert.timestamp_from_seconds(caller.expires_at))
+        if caller.grant is not None and caller.grant.expires_at is not None:
+            response.expires_at.CopyFrom(convert.timestamp_from_seconds(caller.grant.expires_at))
         return response
 
     # -- streams --------------------------------------------------------------------
@@ -683,24 +765,28 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     async def StreamAgentStatus(  # type: ignore[override]  # noqa: N802
         self, request: pb.StreamAgentStatusRequest, context: Context
     ) -> None:
-        interval = self.status_interval
+        caller = CALLER.get()
+        interval = self.status_interval  # the server's own choice: no floor applies
         if request.HasField("interval"):
             interval = request.interval.ToNanoseconds() / 1e9
-            if not MIN_STATUS_INTERVAL <= interval <= MAX_STATUS_INTERVAL:
+            read_only = Access.WRITE not in caller.access
+            floor = max(MIN_STATUS_INTERVAL, self.status_read_min_interval) if read_only else MIN_STATUS_INTERVAL
+            if not floor <= interval <= MAX_STATUS_INTERVAL:
+                whose = (
+                    f" for a read-only credential (a read+write one may ask for {MIN_STATUS_INTERVAL:g} s)"
+                    if read_only and floor > MIN_STATUS_INTERVAL
+                    else ""
+                )
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"interval must be between {MIN_STATUS_INTERVAL} s and {MAX_STATUS_INTERVAL:.0f} s, "
-                    f"got {interval} s",
+                    f"interval must be between {floor:g} s and {MAX_STATUS_INTERVAL:.0f} s{whose}, got {interval:g} s",
                 )
-        caller = CALLER.get()
-        expires_at = caller.expires_at if caller is not None else None
+        expires_at = caller.grant.expires_at if caller.grant is not None else None
         while not self._stopping.is_set():
-            summary = self._agent_status()
-            await context.write(
-                pb.StreamAgentStatusResponse(
-                    time=convert.timestamp_from_seconds(self.state.clock()), agent_status=summary
-                )
-            )
+            response = self.status.response()
+            # One serialisation shared by every stream; without the interceptor's
+            # pass-through serializer (a bare servicer) it is parsed back into a message.
+            await context.write(response if caller.writes_bytes else pb.StreamAgentStatusResponse.FromString(response))
             wait = interval
             if expires_at is not None:
                 # Woken at the credential's expiry if that comes before the next update.

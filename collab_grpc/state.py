@@ -25,6 +25,7 @@ from collab_grpc.model import (
     ActivityStatus,
     ActivityType,
     Agent,
+    AgentRetirement,
     AgentStatusSummary,
     AgentView,
     Decision,
@@ -58,6 +59,11 @@ class StateSettings:
     ended_sessions_limit: int = 1000  # ended sessions kept as history
     event_log_retain: int = 10_000  # newest events kept for resume
     activity_ttl: float = 3600.0  # an activity open longer than this expires
+    # An agent idle, in no active session and not in the roster for this long leaves the
+    # live status (an AGENT_RETIRED event); at most agent_retire_batch agents are looked
+    # at per sweep, so one sweep never holds the event loop for long.
+    agent_idle_ttl: float = 3600.0
+    agent_retire_batch: int = 256
     max_decisions_per_session: int = 10_000
     # The most agents a status summary lists, and active sessions a snapshot lists (the
     # counts stay exact; the rest is read a page at a time).
@@ -115,7 +121,10 @@ class CollaborationState:
         self.idempotency = IdempotencyCache()
         # Per-agent allowance for records; checked after validation, so bad input costs none.
         self.rate_limiter = rate_limiter or RateLimiter(0)
-        self._agents: dict[str, Agent] = {}
+        # The live agents, least recently seen first (every event about an agent moves
+        # it to the end): the idle sweep reads from the front and stops at the first
+        # agent seen within the TTL.
+        self._agents: OrderedDict[str, Agent] = OrderedDict()
         # Newest last. Open activities stay in _open even once evicted from history.
         self._history: OrderedDict[str, Activity] = OrderedDict()
         self._open: dict[str, Activity] = {}
@@ -124,15 +133,22 @@ class CollaborationState:
         self._decisions: dict[str, list[Decision]] = {}
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
+        self._restores = 0  # part of `version`: a restore may go back to an earlier seq
         for entry in roster:
             check_id("roster agent_id", entry.agent_id, self.limits)
             check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
             self._roster[entry.agent_id] = entry.department
-            self._agents[entry.agent_id] = Agent(entry.agent_id, entry.department)
+            self._agents[entry.agent_id] = Agent(entry.agent_id, entry.department, last_seen=clock())
 
     @property
     def epoch(self) -> str:
         return self.log.epoch
+
+    @property
+    def version(self) -> tuple[str, int, int]:
+        """Changes whenever the state does: every change appends an event (the seq), and
+        a restore replaces the state (it may continue from an earlier seq)."""
+        return self.log.epoch, self.log.last_seq, self._restores
 
     # -- writes ---------------------------------------------------------------------
 
@@ -165,7 +181,7 @@ class CollaborationState:
         activity = Activity(
             activity_id=self._new_activity_id(agent_id, now),
             agent_id=agent_id,
-            department=department or self._agent(agent_id).department,
+            department=department or self._known_department(agent_id),
             activity_type=kind,
             timestamp=now,
             metadata=meta,
@@ -285,7 +301,7 @@ class CollaborationState:
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         update = MemoryUpdate(op, item_id, agent_id, now, meta)
-        self._agent(update.agent_id)
+        self._seen(update.agent_id, now)
         self.log.append(EventKind.MEMORY_UPDATED, update, now)
         return update
 
@@ -299,6 +315,33 @@ class CollaborationState:
                 break
             stale.append(activity)
         return [self._complete(activity, False, EXPIRED, now) for activity in stale]
+
+    def retire_idle_agents(self) -> list[AgentRetirement]:
+        """Take out of the live status every agent idle, in no active session and not in
+        the roster whose last event is older than ``agent_idle_ttl``, each with an
+        AGENT_RETIRED event; its activities stay in history. Looks at no more than
+        ``agent_retire_batch`` agents: what is left waits for the next sweep."""
+        now = self.clock()
+        cutoff = now - self.settings.agent_idle_ttl
+        agents = self._agents
+        retired: list[AgentRetirement] = []
+        for _ in range(self.settings.agent_retire_batch):
+            if not agents:
+                break
+            agent = agents[next(iter(agents))]  # the least recently seen (O(1) on an OrderedDict)
+            if agent.last_seen >= cutoff:
+                break  # every agent after it was seen later still
+            if self._is_live(agent):
+                # Live whatever its age: looked at again a TTL from now. Becoming idle (a
+                # completion, a session's end) is an event about it, which marks it seen.
+                agent.last_seen = now
+                agents.move_to_end(agent.agent_id)
+                continue
+            del agents[agent.agent_id]
+            retirement = AgentRetirement(agent.agent_id, agent.department, agent.last_activity_id, agent.last_seen)
+            self.log.append(EventKind.AGENT_RETIRED, retirement, now)
+            retired.append(retirement)
+        return retired
 
     # -- reads ----------------------------------------------------------------------
 
@@ -379,6 +422,23 @@ class CollaborationState:
             if session_id and activity.session_id != session_id:
                 continue
             yield activity
+
+    @property
+    def live_agent_count(self) -> int:
+        return len(self._agents)
+
+    @property
+    def idle_backlog(self) -> bool:
+        """Whether the idle sweep stopped at its batch with agents still to look at."""
+        if not self._agents:
+            return False
+        front = self._agents[next(iter(self._agents))]
+        return front.last_seen < self.clock() - self.settings.agent_idle_ttl
+
+    @property
+    def roster_ids(self) -> Iterable[str]:
+        """The roster's agent ids (live whatever their idle time)."""
+        return self._roster.keys()
 
     def find_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
@@ -470,7 +530,7 @@ class CollaborationState:
         *,
         epoch: str,
         last_seq: int,
-        agents: Iterable[tuple[str, str, str | None]],
+        agents: Iterable[tuple[str, str, str | None, float]],
         activities: Iterable[Activity],
         sessions: Iterable[Session],
         decisions: Iterable[Decision],
@@ -478,17 +538,21 @@ class CollaborationState:
     ) -> None:
         """Continue a history a store kept, replacing whatever this state holds.
 
-        ``agents`` are (agent_id, department, last_activity_id); ``activities`` the newest
-        history plus every open one, oldest first; ``sessions`` the active ones and the
-        ended ones kept, ended ones in the order they ended; ``decisions`` oldest first;
-        ``events`` the newest of the log, oldest first, ending at ``last_seq``.
+        ``agents`` are (agent_id, department, last_activity_id, last_seen): at least the
+        agents that are still live (seen within the idle TTL, or with an open activity, in
+        an active session or in the roster); any others given are left out. ``activities``
+        the newest history plus every open one, oldest first; ``sessions`` the active ones
+        and the ended ones kept, ended ones in the order they ended; ``decisions`` oldest
+        first; ``events`` the newest of the log, oldest first, ending at ``last_seq``.
         """
         roster = self._roster
-        self._agents = {}
-        for agent_id, department, last_activity_id in agents:
-            agent = self._agent(agent_id)
-            agent.department = department or roster.get(agent_id, "")
-            agent.last_activity_id = last_activity_id
+        now = self.clock()
+        self._restores += 1
+        self._agents = OrderedDict()
+        for agent_id, department, last_activity_id, last_seen in sorted(agents, key=lambda row: row[3]):
+            self._agents[agent_id] = Agent(
+                agent_id, department or roster.get(agent_id, ""), last_activity_id=last_activity_id, last_seen=last_seen
+            )
         for agent_id, department in roster.items():  # roster agents the store has not seen
             agent = self._agent(agent_id)
             agent.department = agent.department or department
@@ -515,6 +579,18 @@ class CollaborationState:
                 self._ended_sessions[session.session_id] = session
         for decision in decisions:
             self._decisions.setdefault(decision.session_id, []).append(decision)
+        # Agents that went idle past the TTL while the server was down: out of the live
+        # status without an event (no subscriber followed this state before the restart;
+        # the next status says it). Live ones found old start their idle time now.
+        cutoff = now - self.settings.agent_idle_ttl
+        for agent in list(self._agents.values()):
+            if agent.last_seen >= cutoff:
+                continue
+            if self._is_live(agent):
+                agent.last_seen = now
+                self._agents.move_to_end(agent.agent_id)
+            else:
+                del self._agents[agent.agent_id]
         self.log.epoch = epoch
         self.log.restore(events, last_seq)
 
@@ -562,6 +638,25 @@ class CollaborationState:
             agent = self._agents[agent_id] = Agent(agent_id)
         return agent
 
+    def _seen(self, agent_id: str, when: float) -> Agent:
+        """The agent (live again if it had left), marked seen at ``when``."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            agent = self._agents[agent_id] = Agent(agent_id, last_seen=when)
+        else:
+            if when > agent.last_seen:  # max: replicas' clocks may differ a little
+                agent.last_seen = when
+            self._agents.move_to_end(agent_id)
+        return agent
+
+    def _is_live(self, agent: Agent) -> bool:
+        """Live whatever its idle time: active, in an active session, or in the roster."""
+        return bool(agent.open_activities or agent.sessions) or agent.agent_id in self._roster
+
+    def _known_department(self, agent_id: str) -> str:
+        agent = self._agents.get(agent_id)
+        return agent.department if agent is not None else ""
+
     def _active_session(self, session_id: str) -> Session:
         check_id("session_id", session_id, self.limits)
         session = self._active_sessions.get(session_id)
@@ -582,7 +677,7 @@ class CollaborationState:
     # -- applying changes (here, or decided by another replica) -----------------------
 
     def _apply_recorded(self, activity: Activity) -> None:
-        agent = self._agent(activity.agent_id)
+        agent = self._seen(activity.agent_id, activity.timestamp)
         if activity.department:
             agent.department = activity.department
         self._open[activity.activity_id] = activity
@@ -598,13 +693,14 @@ class CollaborationState:
     def _apply_completed(self, activity: Activity) -> None:
         """``activity`` is in its final state; it stops being open."""
         self._open.pop(activity.activity_id, None)
-        self._agent(activity.agent_id).open_activities.pop(activity.activity_id, None)
+        when = activity.completed_at if activity.completed_at is not None else activity.timestamp
+        self._seen(activity.agent_id, when).open_activities.pop(activity.activity_id, None)
 
     def _apply_started(self, session: Session) -> None:
         self._active_sessions[session.session_id] = session
         self._decisions[session.session_id] = []
         for member in session.participants:
-            self._agent(member).sessions.add(session.session_id)
+            self._seen(member, session.started_at).sessions.add(session.session_id)
 
     def _apply_ended(self, session: Session) -> None:
         self._active_sessions.pop(session.session_id, None)
@@ -612,17 +708,17 @@ class CollaborationState:
         while len(self._ended_sessions) > self.settings.ended_sessions_limit:
             evicted, _ = self._ended_sessions.popitem(last=False)
             self._decisions.pop(evicted, None)
+        ended_at = session.ended_at if session.ended_at is not None else session.started_at
         for member in session.participants:
-            agent = self._agents.get(member)
-            if agent is not None:
-                agent.sessions.discard(session.session_id)
+            # Each was live (in the session) until now: its idle time starts here.
+            self._seen(member, ended_at).sessions.discard(session.session_id)
 
     def _apply_decision(self, decision: Decision) -> None:
         self._decisions.setdefault(decision.session_id, []).append(decision)
         session = self._active_sessions.get(decision.session_id)
         if session is not None:
             session.decision_count += 1
-        self._agent(decision.agent_id)
+        self._seen(decision.agent_id, decision.timestamp)
 
     def apply(self, event: Event) -> None:
         """Take in a change decided elsewhere (another replica sharing the store): the
@@ -647,8 +743,11 @@ class CollaborationState:
             self._apply_ended(ended)
         elif isinstance(payload, Decision):
             self._apply_decision(payload)
+        elif isinstance(payload, AgentRetirement):
+            # Decided on this same state (the replica that swept was caught up to here).
+            self._agents.pop(payload.agent_id, None)
         else:
-            self._agent(payload.agent_id)
+            self._seen(payload.agent_id, payload.timestamp)
         self.log.adopt(event)
 
     def _new_activity_id(self, agent_id: str, now: float) -> str:

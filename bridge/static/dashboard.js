@@ -148,6 +148,12 @@ hub.addEventListener("collaboration_ended", ({ detail }) => {
   refreshHistory();
   render();
 });
+hub.addEventListener("agent_retired", ({ detail }) => {
+  // Idle past the server's agent TTL: it left the live status (its history stays).
+  view.agents.delete(detail.agent_id);
+  view.open.delete(detail.agent_id);
+  render();
+});
 hub.addEventListener("memory_update", ({ detail: { update } }) => {
   view.memory.unshift(update);
   view.memory.length = Math.min(view.memory.length, FEED_SIZE);

@@ -14,6 +14,7 @@ from collab_grpc.model import (
     ActivityCompletion,
     ActivityStatus,
     ActivityType,
+    AgentRetirement,
     Decision,
     EventKind,
     EventPayload,
@@ -77,7 +78,7 @@ def _fields(value: Any) -> dict[str, Any]:
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     kind: tuple(field.name for field in dataclasses.fields(kind))
-    for kind in (Activity, ActivityCompletion, Decision, MemoryUpdate, Session)
+    for kind in (Activity, ActivityCompletion, AgentRetirement, Decision, MemoryUpdate, Session)
 }
 
 
@@ -105,4 +106,6 @@ def decode_payload(kind: EventKind, text: str) -> EventPayload:
         return MemoryUpdate(**{**data, "operation": MemoryOperation(data["operation"])})
     if kind in (EventKind.COLLABORATION_STARTED, EventKind.COLLABORATION_ENDED):
         return decode_session(data)
+    if kind is EventKind.AGENT_RETIRED:
+        return AgentRetirement(**data)
     return Decision(**data)

@@ -32,7 +32,16 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from collab_grpc import metrics
-from collab_grpc.model import Activity, ActivityCompletion, Decision, Event, EventKind, MemoryUpdate, Session
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    ActivityStatus,
+    AgentRetirement,
+    Decision,
+    Event,
+    EventKind,
+    Session,
+)
 from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import StoreError, StoreUnavailable
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, dumps, encode
@@ -42,6 +51,8 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("collab_grpc.store.redis")
 
 LOCK_TTL_MS = 5_000
+# Entries of agents never retired (idle past the TTL while no replica ran) removed per load.
+STALE_AGENTS_PER_LOAD = 10_000
 LOCK_WAIT = 5.0  # seconds a write waits for the lock before UNAVAILABLE
 
 # KEYS: lock, seq, events. ARGV: lock token, expected seq, new seq, event (JSON),
@@ -54,11 +65,34 @@ for _, op in ipairs(cjson.decode(ARGV[6])) do redis.call(unpack(op)) end
 redis.call('SET', KEYS[2], ARGV[3])
 return 1
 """
+# KEYS: agent hash, agent_seen. ARGV: cutoff, agent ids. Each id still unseen since the
+# cutoff (checked here: a replica may have just written it) is removed.
+FORGET_STALE_AGENTS = """
+local cutoff = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local seen = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if seen and tonumber(seen) < cutoff then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[2], ARGV[i])
+  end
+end
+return 1
+"""
 # KEYS: lock. ARGV: token.
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def redacted_netloc(url: str) -> str:
+    """``url``'s user, host and port, the password (if any) blanked: for log lines."""
+    parts = urlsplit(url)
+    user_info, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return host
+    user, colon, _password = user_info.partition(":")
+    return f"{user}{colon and ':[redacted]'}@{host}" if user or colon else f"@{host}"
 
 
 def _b64(data: bytes) -> str:
@@ -90,7 +124,7 @@ class RedisStore:
 
     @property
     def description(self) -> str:
-        return f"redis ({urlsplit(self.url).netloc}, prefix {self.prefix!r})"
+        return f"redis ({redacted_netloc(self.url)}, prefix {self.prefix!r})"
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -105,7 +139,7 @@ class RedisStore:
         try:
             await self._load(self._redis())
         except StoreUnavailable as error:
-            raise StoreError(f"{error}; is Redis running at {urlsplit(self.url).netloc}?") from None
+            raise StoreError(f"{error}; is Redis running at {redacted_netloc(self.url)}?") from None
 
     def _redis(self) -> Any:
         if self._client is None:
@@ -145,10 +179,7 @@ class RedisStore:
                 if decision_ids:
                     found = await client.hmget(self._key("decision"), decision_ids)
                     decisions.extend(Decision(**json.loads(b)) for b in found if b)
-            agents = [
-                (agent_id.decode(), *_agent_fields(body))
-                for agent_id, body in (await client.hgetall(self._key("agent"))).items()
-            ]
+            agents = await self._live_agents(client, activities, sessions)
             entries = await client.xrevrange(self._key("events"), count=settings.event_log_retain)
             events = [_decode_entry(epoch, entry_id, fields) for entry_id, fields in reversed(entries)]
             answers = await client.hgetall(self._key("idempotency"))
@@ -177,6 +208,40 @@ class RedisStore:
         self._answers.clear()
         self._stale = False
         log.info("state loaded from redis", extra={"epoch": epoch, "seq": last_seq, "prefix": self.prefix})
+
+    async def _live_agents(
+        self, client: Any, activities: list[Activity], sessions: list[Session]
+    ) -> list[tuple[str, str, str | None, float]]:
+        """The agents still live (not every id ever seen): seen within the idle TTL (the
+        ``agent_seen`` sorted set, scored by when each was last seen), or with an open
+        activity, in an active session or in the roster."""
+        state = self._state
+        assert state is not None
+        seen_key = self._key("agent_seen")
+        if not await client.exists(seen_key) and await client.hlen(self._key("agent")):
+            # Written before agents had a lifecycle: every agent kept is taken as seen
+            # now (once), so each is retired with its event after one idle TTL.
+            now = state.clock()
+            await client.zadd(seen_key, {agent_id: now for agent_id in await client.hkeys(self._key("agent"))})
+        cutoff = state.clock() - state.settings.agent_idle_ttl
+        recent = dict(await client.zrangebyscore(seen_key, cutoff, "+inf", withscores=True))
+        needed = {a.agent_id.encode() for a in activities if a.status is ActivityStatus.ACTIVE}
+        needed.update(member.encode() for s in sessions if s.ended_at is None for member in s.participants)
+        needed.update(agent_id.encode() for agent_id in state.roster_ids)
+        # Agents that went idle while every replica was down were never retired: their
+        # entries go now, a bounded number per start.
+        stale = await client.zrangebyscore(seen_key, "-inf", f"({cutoff}", start=0, num=STALE_AGENTS_PER_LOAD)
+        stale = [agent_id for agent_id in stale if agent_id not in needed]
+        if stale:
+            await client.eval(FORGET_STALE_AGENTS, 2, self._key("agent"), seen_key, repr(cutoff), *stale)
+        ids = list(dict.fromkeys([*recent, *needed]))
+        bodies = await client.hmget(self._key("agent"), ids) if ids else []
+        agents = []
+        for agent_id, body in zip(ids, bodies, strict=True):
+            if body:
+                department, last_activity_id, last_seen = _agent_fields(body)
+                agents.append((agent_id.decode(), department, last_activity_id, recent.get(agent_id, last_seen)))
+        return agents
 
     # -- following other replicas -----------------------------------------------------
 
@@ -318,7 +383,9 @@ class RedisStore:
         def agent(agent_id: str) -> None:
             known = state.find_agent(agent_id)
             if known is not None:
-                ops.append(["HSET", key("agent"), agent_id, dumps([known.department, known.last_activity_id])])
+                body = dumps([known.department, known.last_activity_id, known.last_seen])
+                ops.append(["HSET", key("agent"), agent_id, body])
+                ops.append(["ZADD", key("agent_seen"), known.last_seen, agent_id])
 
         def session(session_id: str) -> None:
             found = state.find_session(session_id)
@@ -331,7 +398,6 @@ class RedisStore:
                 ["ZADD", key("activity_seq"), event.seq, payload.activity_id],
                 ["SADD", key("open"), payload.activity_id],
             ]
-            agent(payload.agent_id)
             if payload.session_id:
                 session(payload.session_id)
         elif isinstance(payload, ActivityCompletion):
@@ -344,8 +410,6 @@ class RedisStore:
                 ["HSET", key("session"), payload.session_id, encode(payload)],
                 ["SADD", key("active_sessions"), payload.session_id],
             ]
-            for member in payload.participants:
-                agent(member)
         elif isinstance(payload, Session):
             ops += [
                 ["HSET", key("session"), payload.session_id, encode(payload)],
@@ -358,9 +422,12 @@ class RedisStore:
                 ["RPUSH", key(f"session_decisions:{payload.session_id}"), payload.decision_id],
             ]
             session(payload.session_id)
-            agent(payload.agent_id)
-        elif isinstance(payload, MemoryUpdate):
-            agent(payload.agent_id)
+        if isinstance(payload, AgentRetirement):
+            # The agents hash holds the live agents; the retired one's history stays.
+            ops += [["HDEL", key("agent"), payload.agent_id], ["ZREM", key("agent_seen"), payload.agent_id]]
+        else:
+            for agent_id in event.agent_ids:  # each marked seen (a completion, a session's end too)
+                agent(agent_id)
         for method, idem_key, *rest in answers:
             ops.append(["HSET", key("idempotency"), f"{method}\x00{idem_key}", dumps([method, idem_key, *rest])])
         ops.append(["XTRIM", key("events"), "MAXLEN", "~", self.retain])
@@ -380,9 +447,11 @@ class RedisStore:
             await self._client.aclose()
 
 
-def _agent_fields(body: bytes) -> tuple[str, str | None]:
-    department, last_activity_id = json.loads(body)
-    return department, last_activity_id
+def _agent_fields(body: bytes) -> tuple[str, str | None, float]:
+    # [department, last_activity_id, last_seen]; without last_seen when written before
+    # agents had a lifecycle.
+    department, last_activity_id, *rest = json.loads(body)
+    return department, last_activity_id, float(rest[0]) if rest else 0.0
 
 
 def _decode_entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:

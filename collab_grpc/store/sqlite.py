@@ -31,6 +31,8 @@ from collab_grpc.files import create_private_file, make_private_dir
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityStatus,
+    AgentRetirement,
     Decision,
     Event,
     EventKind,
@@ -46,7 +48,7 @@ __all__ = ["Retention", "SQLiteStore"]
 log = logging.getLogger("collab_grpc.store.sqlite")
 
 APPLICATION_ID = 0x636F6C62  # "colb": this file is a collab store
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILE_NAME = "collab.db"
 
 SCHEMA = """
@@ -67,7 +69,10 @@ CREATE TABLE decisions (
     decision_id TEXT PRIMARY KEY, session_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL
 );
 CREATE INDEX decisions_by_session ON decisions (session_id, seq);
-CREATE TABLE agents (agent_id TEXT PRIMARY KEY, department TEXT NOT NULL, last_activity_id TEXT);
+CREATE TABLE agents (
+    agent_id TEXT PRIMARY KEY, department TEXT NOT NULL, last_activity_id TEXT, seen_at REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX agents_seen ON agents (seen_at);
 CREATE TABLE idempotency (
     method TEXT NOT NULL, key TEXT NOT NULL, fingerprint BLOB NOT NULL, answer BLOB NOT NULL,
     stored_at REAL NOT NULL, PRIMARY KEY (method, key)
@@ -102,7 +107,20 @@ _COMPLETE_ACTIVITIES = (
     f"{_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_COMPLETED.value}') AS done "
     "WHERE activities.activity_id = done.activity_id"
 )
-_AGENT_SEEN = "INSERT INTO agents (agent_id, department) VALUES (?, '') ON CONFLICT (agent_id) DO NOTHING"
+# (agent_id, when): an agent's row made or marked seen; its department and last activity kept.
+_AGENT_SEEN = (
+    "INSERT INTO agents (agent_id, department, seen_at) VALUES (?, '', ?) "
+    "ON CONFLICT (agent_id) DO UPDATE SET seen_at = max(seen_at, excluded.seen_at)"
+)
+# Schema version 1 -> 2: agents got `seen_at` (when each was last seen), so a start reads
+# only the live agents. A version 1 agent is taken as seen when its last activity was
+# recorded or completed (0 when that is no longer kept).
+_MIGRATE_TO_2 = """
+ALTER TABLE agents ADD COLUMN seen_at REAL NOT NULL DEFAULT 0;
+UPDATE agents SET seen_at = coalesce((SELECT coalesce(completed_at, json_extract(body, '$.timestamp'))
+    FROM activities WHERE activities.activity_id = agents.last_activity_id), 0);
+CREATE INDEX agents_seen ON agents (seen_at);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +204,7 @@ class SQLiteStore(SingleProcessStore):
         self._idle: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
+        self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
 
     @property
     def description(self) -> str:
@@ -211,6 +230,10 @@ class SQLiteStore(SingleProcessStore):
                 raise StoreError(f"{self.path} is not a collab store (it holds other data); refusing to touch it")
             if application_id == APPLICATION_ID:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                    log.info("store upgraded to schema version 2", extra={"path": str(self.path)})
+                    version = SCHEMA_VERSION
                 if version != SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
                 check = connection.execute("PRAGMA quick_check").fetchone()[0]
@@ -245,6 +268,7 @@ class SQLiteStore(SingleProcessStore):
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()
         self._state = state
+        self._agent_idle_ttl = state.settings.agent_idle_ttl
         self._load(state)
         state.log.sink = self._stage_event
         state.idempotency.sink = self._stage_answer
@@ -304,10 +328,21 @@ class SQLiteStore(SingleProcessStore):
                 ).fetchall()
             )
         ]
+        # The live agents only (not every id ever seen): seen within the idle TTL, or
+        # with an open activity, in an active session or in the roster.
+        needed = {activity.agent_id for activity in activities if activity.status is ActivityStatus.ACTIVE}
+        needed.update(member for s in sessions if s.ended_at is None for member in s.participants)
+        needed.update(state.roster_ids)
+        agents = connection.execute(
+            "SELECT agent_id, department, last_activity_id, seen_at FROM agents WHERE seen_at >= ? UNION "
+            "SELECT agent_id, department, last_activity_id, seen_at FROM agents "
+            "WHERE agent_id IN (SELECT value FROM json_each(?))",
+            (state.clock() - settings.agent_idle_ttl, json.dumps(sorted(needed))),
+        ).fetchall()
         state.restore(
             epoch=meta["epoch"],
             last_seq=last_seq,
-            agents=connection.execute("SELECT agent_id, department, last_activity_id FROM agents").fetchall(),
+            agents=agents,
             activities=activities,
             sessions=sessions,
             decisions=decisions,
@@ -324,7 +359,13 @@ class SQLiteStore(SingleProcessStore):
         self._durable_seq = last_seq
         log.info(
             "store opened",
-            extra={"path": str(self.path), "epoch": meta["epoch"], "seq": last_seq, "activities": len(activities)},
+            extra={
+                "path": str(self.path),
+                "epoch": meta["epoch"],
+                "seq": last_seq,
+                "activities": len(activities),
+                "agents": len(agents),
+            },
         )
 
     # -- writing --------------------------------------------------------------------
@@ -483,6 +524,7 @@ class SQLiteStore(SingleProcessStore):
                     done = payload.activity
                     row = (event.seq, event.time, event.kind, payload)
                     rows.append((*row, done.activity_id, done.status, done.completed_at, done))
+                    connection.execute(_AGENT_SEEN, (done.agent_id, event.time))
                 else:
                     rows.append((event.seq, event.time, event.kind, payload))
                     self._apply(connection, event)
@@ -539,18 +581,19 @@ class SQLiteStore(SingleProcessStore):
             return
         # One row per agent, as the run's rows one after another would leave it: its last
         # activity, its last department given (a run has many activities per agent).
-        agents: dict[str, tuple[str, str, str]] = {}
+        agents: dict[str, tuple[str, str, str, float]] = {}
         sessions: dict[str, int] = {}
         for activity in run:
             known = agents.get(activity.agent_id)
             department = activity.department or (known[1] if known else "")
-            agents[activity.agent_id] = (activity.agent_id, department, activity.activity_id)
+            agents[activity.agent_id] = (activity.agent_id, department, activity.activity_id, activity.timestamp)
             if activity.session_id:
                 sessions[activity.session_id] = sessions.get(activity.session_id, 0) + 1
         connection.executemany(
-            "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, ?) "
+            "INSERT INTO agents (agent_id, department, last_activity_id, seen_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (agent_id) DO UPDATE SET last_activity_id = excluded.last_activity_id, "
-            "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END",
+            "department = CASE WHEN excluded.department = '' THEN department ELSE excluded.department END, "
+            "seen_at = max(seen_at, excluded.seen_at)",
             agents.values(),
         )
         connection.executemany(
@@ -560,8 +603,9 @@ class SQLiteStore(SingleProcessStore):
 
     @staticmethod
     def _apply(connection: sqlite3.Connection, event: Event) -> None:
-        """The rows of a session, decision or memory event. (A session's or decision's
-        row keeps its JSON too; a memory event's row needs none, so it is not encoded.)"""
+        """The rows of a session, decision, memory or retirement event. (A session's or
+        decision's row keeps its JSON too; a memory event's row needs none, so it is not
+        encoded.) A retired agent's row goes: the agents table holds the live ones."""
         payload = event.payload
         if isinstance(payload, Session):
             connection.execute(
@@ -577,7 +621,7 @@ class SQLiteStore(SingleProcessStore):
                     encode(payload),
                 ),
             )
-            connection.executemany(_AGENT_SEEN, [(member,) for member in payload.participants])
+            connection.executemany(_AGENT_SEEN, [(member, event.time) for member in payload.participants])
         elif isinstance(payload, Decision):
             connection.execute(
                 "INSERT INTO decisions (decision_id, session_id, seq, body) VALUES (?, ?, ?, ?)",
@@ -587,9 +631,11 @@ class SQLiteStore(SingleProcessStore):
                 "UPDATE sessions SET decision_count = decision_count + 1 WHERE session_id = ?",
                 (payload.session_id,),
             )
-            connection.execute(_AGENT_SEEN, (payload.agent_id,))
+            connection.execute(_AGENT_SEEN, (payload.agent_id, event.time))
         elif isinstance(payload, MemoryUpdate):
-            connection.execute(_AGENT_SEEN, (payload.agent_id,))
+            connection.execute(_AGENT_SEEN, (payload.agent_id, event.time))
+        elif isinstance(payload, AgentRetirement):
+            connection.execute("DELETE FROM agents WHERE agent_id = ?", (payload.agent_id,))
 
     def _prune(self, connection: sqlite3.Connection) -> None:
         """Enforce retention in small transactions (the writer thread runs this between
@@ -623,6 +669,16 @@ class SQLiteStore(SingleProcessStore):
                 (oldest, retention.chunk),
             ),
             ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - 24 * 3600.0,)),
+            # Agents that went idle while the server was down were never retired (a start
+            # reads only live ones): their rows go once past the retention and the idle TTL.
+            (
+                "DELETE FROM agents WHERE agent_id IN (SELECT agent_id FROM agents WHERE seen_at < ? "
+                "AND agent_id NOT IN (SELECT json_extract(body, '$.agent_id') FROM activities "
+                "WHERE status = 'active') AND agent_id NOT IN (SELECT member.value FROM sessions, "
+                "json_each(sessions.body, '$.participants') AS member WHERE sessions.ended_at IS NULL) "
+                "ORDER BY seen_at LIMIT ?)",
+                (min(oldest, time.time() - self._agent_idle_ttl), retention.chunk),
+            ),
         ]
         try:
             for statement, parameters in statements:

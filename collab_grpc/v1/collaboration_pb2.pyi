@@ -133,6 +133,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_COLLABORATION_STARTED: _EventKind.ValueType  # 4
     EVENT_KIND_COLLABORATION_ENDED: _EventKind.ValueType  # 5
     EVENT_KIND_DECISION_RECORDED: _EventKind.ValueType  # 6
+    EVENT_KIND_AGENT_RETIRED: _EventKind.ValueType  # 7
+    """An idle agent left the live status (see AgentRetired)."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an Event carries; used to filter SubscribeEvents."""
@@ -144,6 +146,8 @@ EVENT_KIND_MEMORY_UPDATED: EventKind.ValueType  # 3
 EVENT_KIND_COLLABORATION_STARTED: EventKind.ValueType  # 4
 EVENT_KIND_COLLABORATION_ENDED: EventKind.ValueType  # 5
 EVENT_KIND_DECISION_RECORDED: EventKind.ValueType  # 6
+EVENT_KIND_AGENT_RETIRED: EventKind.ValueType  # 7
+"""An idle agent left the live status (see AgentRetired)."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -477,6 +481,7 @@ class Event(_message.Message):
     COLLABORATION_STARTED_FIELD_NUMBER: _builtins.int
     COLLABORATION_ENDED_FIELD_NUMBER: _builtins.int
     DECISION_RECORDED_FIELD_NUMBER: _builtins.int
+    AGENT_RETIRED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     epoch: _builtins.str
     @_builtins.property
@@ -495,6 +500,10 @@ class Event(_message.Message):
 
     @_builtins.property
     def decision_recorded(self) -> Global___Decision: ...
+    @_builtins.property
+    def agent_retired(self) -> Global___AgentRetired:
+        """An idle agent left the live status; its history stays readable."""
+
     def __init__(
         self,
         *,
@@ -507,16 +516,56 @@ class Event(_message.Message):
         collaboration_started: Global___CollaborationSession | None = ...,
         collaboration_ended: Global___CollaborationSession | None = ...,
         decision_recorded: Global___Decision | None = ...,
+        agent_retired: Global___AgentRetired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "memory_updated", b"memory_updated", "payload", b"payload", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "memory_updated", b"memory_updated", "payload", b"payload", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "epoch", b"epoch", "memory_updated", b"memory_updated", "payload", b"payload", "seq", b"seq", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "epoch", b"epoch", "memory_updated", b"memory_updated", "payload", b"payload", "seq", b"seq", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["activity_recorded", "activity_completed", "memory_updated", "collaboration_started", "collaboration_ended", "decision_recorded"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["activity_recorded", "activity_completed", "memory_updated", "collaboration_started", "collaboration_ended", "decision_recorded", "agent_retired"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class AgentRetired(_message.Message):
+    """An agent that was idle, in no active session and not in the roster for the server's
+    agent idle TTL left the live status: it is no longer counted or listed in the agent
+    status, and its activities stay in history. An agent that records again comes back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    DEPARTMENT_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_ID_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    department: _builtins.str
+    last_activity_id: _builtins.str
+    """The newest activity it recorded, if any (readable while it is in history)."""
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """When it was last seen: its newest event (activity, completion, session, decision,
+        memory update).
+        """
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        department: _builtins.str = ...,
+        last_activity_id: _builtins.str = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "department", b"department", "last_activity_id", b"last_activity_id", "last_seen", b"last_seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentRetired: _TypeAlias = AgentRetired  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):
@@ -1436,7 +1485,10 @@ class StreamAgentStatusRequest(_message.Message):
     INTERVAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
-        """Between 100 ms and 1 hour; unset means the server's interval (2 s by default)."""
+        """Between 100 ms and 1 hour; unset means the server's interval (2 s by default). A
+        read-only credential may ask for no less than the server's read floor (1 s by
+        default); below it the call fails with INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,

@@ -93,15 +93,11 @@ def test_fractional_rate() -> None:
     limiter.acquire("a", 10.0)
 
 
-class SmallLimiter(RateLimiter):
-    _PRUNE_AT = 3
-
-
 def test_prune_forgets_only_full_buckets() -> None:
-    limiter = SmallLimiter(1)
+    limiter = RateLimiter(1)
     for key in ("a", "b", "c"):
         limiter.acquire(key, 0.0)  # each bucket now empty
-    limiter.acquire("d", 0.0)  # prune at 3 keys: none full, none dropped
+    limiter.acquire("d", 0.0)  # none full, none dropped
     assert len(limiter._buckets) == 4
     with pytest.raises(RateLimited):
         limiter.acquire("a", 0.0)  # still remembered as spent

@@ -75,6 +75,9 @@ PUBLIC_ROUTES = frozenset(
 STREAM_ROUTES = frozenset({("WEBSOCKET", WS_PATH), ("GET", SSE_PATH)})
 # Closed by a token of its own (COLLAB_METRICS_TOKEN), not by the hub's credentials.
 METRICS_ROUTES = frozenset({("GET", "/metrics")})
+# OTLP/HTTP trace ingest: a write that speaks OTLP, not in the OpenAPI document; its
+# credentials are walked in tests/integration/test_otlp.py.
+OTLP_ROUTES = frozenset({("POST", "/v1/traces")})
 
 READ_RPCS = frozenset(
     {
@@ -272,7 +275,7 @@ def test_every_route_is_public_protected_or_a_stream(stack: Stack) -> None:
     OpenAPI operations, which the walk below calls with every credential."""
     spec = httpx.get(stack.bridge.http + "/openapi.json").json()
     protected = spec_operations(spec) - PUBLIC_ROUTES
-    assert app_routes() == PUBLIC_ROUTES | STREAM_ROUTES | METRICS_ROUTES | protected
+    assert app_routes() == PUBLIC_ROUTES | STREAM_ROUTES | METRICS_ROUTES | OTLP_ROUTES | protected
     assert {method for method, _ in protected} <= {"GET", "POST"}, "decide whether a new method reads or writes"
     assert all(path.startswith(API + "/") for _, path in protected)
     for _, path in sorted(PUBLIC_ROUTES):
@@ -437,7 +440,9 @@ async def test_only_health_and_reflection_are_open(stack: Stack) -> None:
     """The services the server offers: any new one must be added to the auth decision."""
     with grpc.insecure_channel(stack.server.target) as sync_channel:
         services = await asyncio.to_thread(lambda: set(ProtoReflectionDescriptorDatabase(sync_channel).get_services()))
-    assert services == {SERVICE.full_name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    # TraceService/Export (OTLP ingest) is a write: its credentials are walked in test_otlp.py.
+    otlp = "opentelemetry.proto.collector.trace.v1.TraceService"
+    assert services == {SERVICE.full_name, otlp, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     async with grpc.aio.insecure_channel(stack.server.target) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

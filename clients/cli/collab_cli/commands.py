@@ -86,6 +86,9 @@ def describe(event: pb.Event) -> tuple[str, str, str]:
     if kind in ("collaboration_started", "collaboration_ended"):
         s = getattr(event, kind)
         return kind, ",".join(s.participants), f"{s.session_id} ({s.session_type})"
+    if kind == "agent_retired":
+        r = event.agent_retired
+        return kind, r.agent_id, f"left the live status (idle; last activity {r.last_activity_id or 'none'})"
     d = event.decision_recorded
     return kind, d.agent_id, f"{d.session_id}: {d.decision}"
 

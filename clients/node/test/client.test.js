@@ -83,6 +83,7 @@ describe('collab Node client', { timeout: 120_000 }, () => {
       'collaboration_started',
       'collaboration_ended',
       'decision_recorded',
+      'agent_retired',
     ]);
   });
 

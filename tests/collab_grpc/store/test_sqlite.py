@@ -858,7 +858,8 @@ def test_a_run_of_activities_leaves_agent_and_session_rows_as_its_rows_in_turn_w
     connection = store._open()
     try:
         connection.executemany(
-            "INSERT INTO agents VALUES (?, ?, 'act_old')", [("agent-x", "research"), ("agent-y", "ops")]
+            "INSERT INTO agents (agent_id, department, last_activity_id) VALUES (?, ?, 'act_old')",
+            [("agent-x", "research"), ("agent-y", "ops")],
         )
         connection.executemany(
             "INSERT INTO sessions VALUES (?, 1, NULL, ?, 0, '{}')", [("collab_a", 5), ("collab_b", 0), ("collab_c", 2)]

@@ -1,0 +1,377 @@
+"""OTLP/gRPC ``TraceService/Export`` on the server's port: OpenTelemetry spans in.
+
+Each GenAI span becomes an activity by the table in collab_grpc/otlp.py. How a batch
+is applied:
+
+- Spans are taken parents first (within the batch), so a tree exported at once is
+  recorded top down; a span whose parent is not a GenAI span hangs from its nearest
+  GenAI ancestor in the batch. A parent that arrives in a later batch than its child
+  is not linked (the child keeps ``otel.parent_span_id`` in its metadata).
+- ``(trace id, span id)`` is the idempotency key of a span's records: the hub keeps
+  which activity a span became in a span index, an IdempotencyCache of its own
+  (collab_grpc/idempotency.py: the newest ``span_index`` spans, for 24 hours), so that
+  spans never crowd out the idempotency keys of other writes. Its entries are stored by
+  the store like any write's answer, and come back after a restart (in the hub's main
+  idempotency cache, where they are looked up too). A span seen again (an exporter's
+  retry, or the in-process processor's start followed by the span's end) records
+  nothing new; an ended span whose activity is still open completes it. A span seen
+  again once out of the index (over ``span_index`` spans later) is recorded again.
+- ``gen_ai.conversation.id`` is a collaboration session: started when a conversation
+  is first seen (participants: that span's agent, type ``conversation``), and ended
+  when the span that started it ends. A later span of the same conversation after that
+  starts a new session. A span without the attribute joins its GenAI parent's session
+  while that session is active.
+- Ended spans are completed children first, after every record of the batch: success,
+  or failed with the span's status message (else ``error.type``, else ``error``).
+  A memory operation's memory update is recorded when its span ends without an error.
+- Span times are kept in metadata (``otel.start_time``, ``otel.end_time``, epoch
+  seconds): the hub stamps ``timestamp`` and ``completed_at`` with its own clock.
+
+Refusals: a span the hub cannot take (bad ids, metadata over the limit...) is counted in
+``partial_success.rejected_spans`` with the first reasons in ``error_message``; the others
+are recorded. An agent over its rate limit ends the call with RESOURCE_EXHAUSTED and a
+``retry-after`` trailer (exporters retry; what was recorded is not recorded again). A
+request with more spans than ``max_spans`` is refused whole with INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+from prometheus_client import Counter
+
+from collab_grpc import metrics
+from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
+from collab_grpc.idempotency import IdempotencyCache
+from collab_grpc.model import ActivityStatus
+from collab_grpc.otlp import SpanPlan, SpanView, fit_metadata, plan_span
+from collab_grpc.servicer import Context, abort_with
+from collab_grpc.state import CollaborationState
+from collab_grpc.store.base import Store, StoreUnavailable
+
+__all__ = [
+    "DEFAULT_MAX_SPANS",
+    "DEFAULT_SPAN_INDEX",
+    "TRACE_SERVICE",
+    "OtlpTraceServicer",
+    "add_trace_servicer",
+    "span_views",
+]
+
+TRACE_SERVICE = otlp.DESCRIPTOR.services_by_name["TraceService"].full_name
+DEFAULT_MAX_SPANS = 10_000
+# Spans (and conversations) whose records the hub remembers; an entry holds ~100 bytes.
+DEFAULT_SPAN_INDEX = 100_000
+# Reasons quoted in a partial success's error_message; the count says how many more.
+MAX_REASONS = 5
+# Nesting of an attribute value kept (kvlist in array in ...); deeper is cut.
+MAX_VALUE_DEPTH = 4
+
+# Namespaces in the idempotency cache: which activity a span became, which session a
+# conversation is. Their "request" is the span's identity, so the fingerprint is fixed.
+SPAN_METHOD = "otlp.span"
+CONVERSATION_METHOD = "otlp.conversation"
+_IDENTITY = hashlib.sha256(b"collab otlp identity").digest()
+
+SPANS = Counter(
+    "collab_otlp_spans",
+    "OTLP spans received, by outcome: recorded (GenAI, new or completing), duplicate, dropped (not GenAI), rejected",
+    ["outcome"],
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _SpanRecord:
+    """What a span became: kept (JSON) in the idempotency cache under its key."""
+
+    activity_id: str
+    agent_id: str
+    session_id: str
+    opened_session: bool
+
+    def encode(self) -> bytes:
+        return json.dumps([self.activity_id, self.agent_id, self.session_id, self.opened_session]).encode()
+
+    @classmethod
+    def decode(cls, answer: bytes) -> _SpanRecord:
+        activity_id, agent_id, session_id, opened = json.loads(answer)
+        return cls(activity_id, agent_id, session_id, bool(opened))
+
+
+def _value(value: common_pb2.AnyValue, depth: int = 0) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_value(item, depth + 1) for item in value.array_value.values] if depth < MAX_VALUE_DEPTH else []
+    if kind == "kvlist_value":
+        return _attributes(value.kvlist_value.values, depth + 1) if depth < MAX_VALUE_DEPTH else {}
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, kind)
+
+
+def _attributes(pairs: Iterable[common_pb2.KeyValue], depth: int = 0) -> dict[str, Any]:
+    return {pair.key: _value(pair.value, depth) for pair in pairs}
+
+
+def _id_problem(name: str, value: bytes, size: int, *, required: bool = True) -> str | None:
+    if not value:
+        return f"{name} is required" if required else None
+    if len(value) != size:
+        return f"{name} must be {size} bytes, got {len(value)}"
+    if not any(value):
+        return f"{name} must not be all zeros"
+    return None
+
+
+def span_views(request: otlp.ExportTraceServiceRequest) -> tuple[list[SpanView], list[str]]:
+    """The request's spans as the mapping reads them, and why any could not be read."""
+    views: list[SpanView] = []
+    problems: list[str] = []
+    for resource_spans in request.resource_spans:
+        resource = _attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                problem = (
+                    _id_problem("trace_id", span.trace_id, 16)
+                    or _id_problem("span_id", span.span_id, 8)
+                    or _id_problem("parent_span_id", span.parent_span_id, 8, required=False)
+                )
+                if problem is not None:
+                    problems.append(f"span {span.name[:64]!r}: {problem}")
+                    continue
+                views.append(
+                    SpanView(
+                        trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(),
+                        parent_span_id=span.parent_span_id.hex(),
+                        name=span.name,
+                        start_ns=span.start_time_unix_nano,
+                        end_ns=span.end_time_unix_nano,
+                        error=span.status.code == trace_pb2.Status.STATUS_CODE_ERROR,
+                        status_message=span.status.message,
+                        attributes=_attributes(span.attributes),
+                        resource=resource,
+                    )
+                )
+    return views, problems
+
+
+def parents_first(spans: Sequence[SpanView]) -> list[SpanView]:
+    """``spans`` ordered so that a span's parent in the batch comes before it (otherwise
+    in the order given), each span once; iterative, and safe with cycles a malformed
+    batch may hold."""
+    by_key = {span.key: span for span in spans}  # a span sent twice: its last state
+    placed: set[str] = set()
+    ordered: list[SpanView] = []
+    for span in spans:
+        chain: list[SpanView] = []
+        current: SpanView | None = by_key[span.key]
+        while current is not None and current.key not in placed:
+            placed.add(current.key)
+            chain.append(current)
+            current = by_key.get(current.parent_key)
+        ordered.extend(reversed(chain))
+    return ordered
+
+
+class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
+    def __init__(
+        self,
+        state: CollaborationState,
+        store: Store,
+        *,
+        max_spans: int = DEFAULT_MAX_SPANS,
+        span_index: int = DEFAULT_SPAN_INDEX,
+    ) -> None:
+        self.state = state
+        self.store = store
+        self.max_spans = max_spans
+        self.index = IdempotencyCache(capacity=span_index)
+
+    async def Export(  # noqa: N802
+        self, request: otlp.ExportTraceServiceRequest, context: Context
+    ) -> otlp.ExportTraceServiceResponse:
+        count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        if count > self.max_spans:
+            await abort_with(
+                context,
+                InvalidArgument(
+                    f"the request carries {count} spans; at most {self.max_spans} are taken in one export "
+                    "(lower the exporter's batch size, e.g. OTEL_BSP_MAX_EXPORT_BATCH_SIZE)"
+                ),
+            )
+        views, reasons = span_views(request)
+        rejected = len(reasons)
+        ordered = parents_first(views)
+        # A dropped (not GenAI) span's parent, so a GenAI child hangs from its GenAI ancestor.
+        skipped: dict[str, str] = {}
+        plans: list[SpanPlan] = []
+        for view in ordered:
+            plan = plan_span(view)
+            if plan is None:
+                skipped[view.key] = view.parent_key
+            else:
+                plans.append(plan)
+        SPANS.labels("dropped").inc(len(skipped))
+        try:
+            failed: set[str] = set()
+            for plan in plans:
+                try:
+                    async with self.store.writing():
+                        self._record(plan, skipped)
+                except CollabError as error:
+                    if isinstance(error, RateLimited | StoreUnavailable):
+                        raise
+                    metrics.refused(error)
+                    failed.add(plan.key)
+                    reasons.append(f"span {plan.key}: {error}")
+            for plan in reversed(plans):
+                if plan.ended and plan.key not in failed:
+                    try:
+                        async with self.store.writing():
+                            self._end(plan)
+                    except CollabError as error:
+                        if isinstance(error, RateLimited | StoreUnavailable):
+                            raise
+                        metrics.refused(error)
+                        failed.add(plan.key)
+                        reasons.append(f"span {plan.key}: {error}")
+            await self.store.durable(self.state.log.last_seq)
+        except (RateLimited, StoreUnavailable) as error:
+            # Whatever was recorded stays; the exporter's retry records only the rest.
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.durable(self.state.log.last_seq)
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from error
+        rejected += len(failed)
+        SPANS.labels("rejected").inc(rejected)
+        response = otlp.ExportTraceServiceResponse()
+        if rejected:
+            response.partial_success.rejected_spans = rejected
+            more = f" (and {len(reasons) - MAX_REASONS} more)" if len(reasons) > MAX_REASONS else ""
+            response.partial_success.error_message = "; ".join(reasons[:MAX_REASONS]) + more
+        return response
+
+    # -- the span index ---------------------------------------------------------------
+
+    def _lookup(self, method: str, key: str) -> bytes | None:
+        """What the index holds for ``key``; after a restart, the store's copy (restored
+        into the main idempotency cache)."""
+        now = self.state.clock()
+        answer = self.index.lookup(method, key, _IDENTITY, now)
+        return answer if answer is not None else self.state.idempotency.lookup(method, key, _IDENTITY, now)
+
+    def _keep(self, method: str, key: str, answer: bytes) -> None:
+        """Into the index, and to the store (with the write under way) as any answer goes."""
+        now = self.state.clock()
+        self.index.remember(method, key, _IDENTITY, answer, now)
+        sink = self.state.idempotency.sink
+        if sink is not None:
+            sink(method, key, _IDENTITY, answer, now)
+
+    def _span_record(self, key: str) -> _SpanRecord | None:
+        answer = self._lookup(SPAN_METHOD, key)
+        return None if answer is None else _SpanRecord.decode(answer)
+
+    def _ancestor(self, plan: SpanPlan, skipped: dict[str, str]) -> _SpanRecord | None:
+        """The record of the span's nearest recorded GenAI ancestor, through dropped spans."""
+        key = plan.parent_key
+        for _ in range(len(skipped) + 1):
+            if not key:
+                return None
+            record = self._span_record(key)
+            if record is not None or key not in skipped:
+                return record
+            key = skipped[key]
+        return None
+
+    def _active_session(self, session_id: str) -> bool:
+        session = self.state.find_session(session_id) if session_id else None
+        return session is not None and session.ended_at is None
+
+    def _session_for(self, plan: SpanPlan, agent_id: str, parent: _SpanRecord | None) -> tuple[str, bool]:
+        """The session the span's activity joins, and whether this span started it."""
+        if plan.conversation_id:
+            answer = self._lookup(CONVERSATION_METHOD, plan.conversation_id)
+            if answer is not None and self._active_session(session_id := answer.decode()):
+                session = self.state.find_session(session_id)
+                # This span started it when a call that started it was cut short before the record.
+                opened = session is not None and session.metadata.get("otel.span") == plan.key
+                return session_id, opened
+            session = self.state.start_collaboration(
+                participants=[agent_id, *plan.related_agents],
+                session_type="conversation",
+                metadata={"source": "otel", "gen_ai.conversation.id": plan.conversation_id, "otel.span": plan.key},
+            )
+            self._keep(CONVERSATION_METHOD, plan.conversation_id, session.session_id.encode())
+            return session.session_id, True
+        if parent is not None and self._active_session(parent.session_id):
+            return parent.session_id, False
+        return "", False
+
+    # -- applying a plan ----------------------------------------------------------------
+
+    def _record(self, plan: SpanPlan, skipped: dict[str, str]) -> None:
+        """The span's activity, unless it has one already."""
+        if self._span_record(plan.key) is not None:
+            SPANS.labels("duplicate").inc()
+            return
+        metadata = fit_metadata(plan.metadata, self.state.limits.max_metadata_bytes)
+        if metadata is None:
+            raise InvalidArgument(
+                f"even the span's ids do not fit the metadata limit of {self.state.limits.max_metadata_bytes} bytes"
+            )
+        parent = self._ancestor(plan, skipped)
+        agent_id = plan.agent_id or (parent.agent_id if parent is not None else "") or plan.fallback_agent_id
+        parent_activity_id = parent.activity_id if parent is not None else ""
+        if parent_activity_id and self.state.get_activity(parent_activity_id) is None:
+            parent_activity_id = ""  # out of the hub's history: recorded as a root
+        session_id, opened = self._session_for(plan, agent_id, parent)
+        activity = self.state.record_activity(
+            agent_id=agent_id,
+            activity_type=plan.activity_type,
+            metadata=metadata,
+            related_agents=plan.related_agents,
+            session_id=session_id,
+            parent_activity_id=parent_activity_id,
+        )
+        record = _SpanRecord(activity.activity_id, agent_id, session_id, opened)
+        self._keep(SPAN_METHOD, plan.key, record.encode())
+        SPANS.labels("recorded").inc()
+
+    def _end(self, plan: SpanPlan) -> None:
+        """Complete the span's activity if it is still open; end the session it started."""
+        record = self._span_record(plan.key)
+        if record is None:
+            return
+        activity = self.state.get_activity(record.activity_id)
+        if activity is None or activity.status is not ActivityStatus.ACTIVE:
+            return  # completed before (a retry), or expired
+        success = not plan.failure_reason
+        if plan.memory is not None and success:
+            self.state.record_memory_update(
+                operation=plan.memory,
+                item_id=plan.memory_item_id,
+                agent_id=record.agent_id,
+                metadata={"source": "otel", "otel.span": plan.key, "activity_id": record.activity_id},
+            )
+        self.state.complete_activity(record.activity_id, success=success, failure_reason=plan.failure_reason)
+        if record.opened_session and self._active_session(record.session_id):
+            self.state.end_collaboration(record.session_id)
+
+
+def add_trace_servicer(servicer: OtlpTraceServicer, server: Any) -> None:
+    """Serve ``servicer`` on ``server`` (a grpc.aio.Server), beside the CollaborationService;
+    the server's interceptor treats Export as a write (it is not a known read)."""
+    otlp_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
