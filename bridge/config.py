@@ -36,6 +36,11 @@ class BridgeConfig:
     # (0: no limit). The browser client sends a ping every 30 s and a subscribe per change.
     ws_messages_per_second: float = 20.0
     rpc_timeout: float = 10.0
+    # Seconds between two rounds of asking the server whether the credentials of the open
+    # WebSocket/SSE connections are still accepted (a key removed from its configuration);
+    # one RPC per distinct credential per round, at most this many at a time.
+    credential_recheck_interval: float = 60.0
+    credential_recheck_concurrency: int = 8
     log_level: str = "info"
     log_format: str = "json"
     # HTTPS/WSS for browsers (PEM paths, both or neither), and the CA that signed the
@@ -151,6 +156,20 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         "messages a WebSocket client may send per second, bursts of twice that (0: no limit)",
     ),
     ("--rpc-timeout", "COLLAB_RPC_TIMEOUT", "rpc_timeout", float, "seconds a REST call waits for the server"),
+    (
+        "--credential-recheck-interval",
+        "COLLAB_CREDENTIAL_RECHECK_INTERVAL",
+        "credential_recheck_interval",
+        float,
+        "seconds between checks that open connections' credentials are still accepted (revoked keys end them)",
+    ),
+    (
+        "--credential-recheck-concurrency",
+        "COLLAB_CREDENTIAL_RECHECK_CONCURRENCY",
+        "credential_recheck_concurrency",
+        int,
+        "credential checks in flight at once during a recheck round",
+    ),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     ("--log-format", "COLLAB_LOG_FORMAT", "log_format", str, "json or text"),
     ("--tls-cert", "COLLAB_TLS_CERT", "tls_cert", Path, "PEM certificate (chain): serve HTTPS and WSS"),
@@ -310,6 +329,13 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     for name in ("max_connections_per_token", "ws_messages_per_second", "ws_frames_per_second"):
         if not 0 <= getattr(config, name) < float("inf"):
             parser.error(f"{name.replace('_', '-')} must be 0 (no limit) or more")
+    recheck = config.credential_recheck_interval
+    if not 0.1 <= recheck <= 24 * 3600.0:  # also refuses NaN
+        parser.error(f"credential-recheck-interval must be between 0.1 and 86400 seconds, got {recheck}")
+    if not 1 <= config.credential_recheck_concurrency <= 1000:
+        parser.error(
+            f"credential-recheck-concurrency must be between 1 and 1000, got {config.credential_recheck_concurrency}"
+        )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if config.log_format not in {"json", "text"}:

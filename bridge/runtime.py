@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import grpc
 
 from bridge.config import BridgeConfig
+from bridge.credential_watch import CredentialWatch
 from bridge.fanout import CLOSE_TOO_SLOW, Frame, Subscriber
 from bridge.hub import SnapshotTooOld, StreamHub, dumps
 from bridge.limits import ConnectionLimit
@@ -60,6 +61,13 @@ class BridgeRuntime:
         self.resumes_refused = 0
         # One budget per token across the WebSocket and SSE endpoints.
         self.connection_limit = ConnectionLimit(config.max_connections_per_token)
+        # The open connections' credentials: ended when they expire or are revoked.
+        self.credentials = CredentialWatch(
+            self.check_credential,
+            recheck_interval=config.credential_recheck_interval,
+            concurrency=config.credential_recheck_concurrency,
+        )
+        self._told_no_check = False
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
         self._upstream: Upstream | None = None
@@ -93,6 +101,7 @@ class BridgeRuntime:
             on_status=self.hub.on_status,
         )
         self._upstream.start()
+        self.credentials.start()
 
     def _on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
         self.hub.on_snapshot(snapshot, reset)
@@ -114,8 +123,29 @@ class BridgeRuntime:
             ) from None
 
     async def stop(self) -> None:
+        await self.credentials.stop()
         await self.upstream.stop()
         await self.channel.close(None)
+
+    async def check_credential(self, credential: Credential) -> float | None:
+        """When ``credential`` expires (epoch seconds; None: not by itself), as the server
+        says; grpc.aio.AioRpcError (UNAUTHENTICATED...) when it is not accepted."""
+        try:
+            reply = await self.stub.CheckCredential(
+                pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as failure:
+            if failure.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A server older than this bridge (a rolling upgrade): it checked the credential
+            # when the connection's snapshot was fetched; its expiry cannot be known.
+            if not self._told_no_check:
+                self._told_no_check = True
+                log.warning("the server has no CheckCredential: connections are not ended when credentials expire")
+            return None
+        if not reply.HasField("expires_at"):
+            return None
+        return float(reply.expires_at.ToNanoseconds()) / 1e9
 
     async def fetch_snapshot(self, credential: Credential) -> pb.Snapshot:
         """The state now, read with the caller's own credential, which the server checks."""

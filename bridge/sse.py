@@ -4,6 +4,11 @@ WebSocket: `id:` is the event's seq, and a reconnecting client sends it back as
 `Last-Event-ID` to resume (`?epoch=` pins the epoch; default: the current one).
 
 `?types=` takes the names `subscribe` takes, comma-separated.
+
+When the credential expires (a JWT's `exp`) or the server stops accepting it, the stream
+ends with an `error` event (`data`: the guide's error shape, with `code` 4401 or 4403)
+and no more: a browser's EventSource then reconnects once, is answered 401/403, and
+stops; it does not retry in a loop.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from typing import Any
 
 import grpc
 
+from bridge.credential_watch import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
 from bridge.credentials import InvalidCredential
 from bridge.fanout import ClientFilter, Frame, Subscriber
+from bridge.hub import dumps
 from bridge.limits import token_key
 from bridge.mapping import iso_now
 from bridge.origins import OriginPolicy
-from bridge.protocol import handle_client_message
+from bridge.protocol import error, handle_client_message
 from bridge.rest import HubError, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
@@ -119,9 +126,12 @@ class EventStream:
             await start()
             await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
-        async def close(_code: int, _reason: str) -> None:
+        async def close(code: int, reason: str) -> None:
             await start()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = b""
+            if code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN):  # the credential ended: say so
+                last = f"event: error\ndata: {dumps(error(reason, code=code))}\n\n".encode()
+            await send({"type": "http.response.body", "body": last, "more_body": False})
 
         subscriber = Subscriber(
             send_text, close, max_backlog=self.runtime.config.client_backlog, client_id="sse", encode=sse_encode
@@ -129,6 +139,8 @@ class EventStream:
         subscriber.filter = event_filter
         established: dict[str, Any] = {"type": "connection_established", "client_type": "sse", "timestamp": iso_now()}
         try:
+            watched = await self.runtime.credentials.enter(token_key(credential), credential, subscriber.disconnect)
+            held.callback(watched.release)
             await self.runtime.open_client(
                 subscriber, snapshot, credential, established, since, query.get("epoch") or hub.epoch
             )

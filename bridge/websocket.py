@@ -6,8 +6,11 @@ finishes without suspending, and a broadcast costs no task per client.
 
 Close codes (all with a reason text):
 - 4400: bad query parameters (``since`` not an integer, ``since`` without ``epoch``);
-- 4401: missing or invalid token; 4403: the token may not read, or the page's `Origin`
-  is not allowed (bridge/origins.py);
+- 4401: missing or invalid token, also on an open connection when its token expires (a
+  JWT's `exp`) or the server stops accepting it (checked every
+  COLLAB_CREDENTIAL_RECHECK_INTERVAL, bridge/credential_watch.py); 4403: the token may not
+  read, or the page's `Origin` is not allowed (bridge/origins.py). Both come after an
+  `error` message saying why;
 - 4429: the token already holds its most connections (COLLAB_MAX_CONNECTIONS_PER_TOKEN);
   retry once one of them has closed;
 - 4008: the client fell too far behind; reconnect with ``since``/``epoch`` to resume;
@@ -70,6 +73,9 @@ CLOSE_TRY_AGAIN = 1013
 CLOSE_SERVICE_RESTART = 1012
 # How long a close waits for a client that is not reading (its socket buffer full).
 CLOSE_TIMEOUT = 60.0
+
+# Closes an open connection gets an `error` message before (as every refusal at connect).
+_SAY_WHY_FIRST = frozenset({CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN})
 
 _CLOSE_FOR_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: CLOSE_UNAUTHORIZED,
@@ -174,11 +180,14 @@ class CollaborationWebSocket:
         def send_text(text: str) -> Any:
             return send({"type": "websocket.send", "text": text})
 
+        async def closing(code: int, reason: str) -> None:
+            if code in _SAY_WHY_FIRST:  # as a refusal at connect: the client learns why
+                await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
+            await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
         async def close(code: int, reason: str) -> None:
             try:
-                await asyncio.wait_for(
-                    send({"type": "websocket.close", "code": code, "reason": reason[:120]}), CLOSE_TIMEOUT
-                )
+                await asyncio.wait_for(closing(code, reason), CLOSE_TIMEOUT)
             except Exception as failure:  # already gone, or never reading again
                 log.debug("close of %s failed: %s", client_id, failure)
 
@@ -196,6 +205,9 @@ class CollaborationWebSocket:
             "timestamp": iso_now(),
         }
         try:
+            # Ended when its credential expires or is revoked (an `error`, then 4401).
+            watched = await self.runtime.credentials.enter(token_key(credential), credential, subscriber.disconnect)
+            held.callback(watched.release)
             await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
         except grpc.aio.AioRpcError as failure:
             await refuse(*_refusal(failure), accepted=True)

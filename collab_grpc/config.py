@@ -48,6 +48,8 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     read_keys: tuple[str, ...] = ()
     jwt_secret: str = field(default="", repr=False)
+    # Accept keys and JWT secrets that are short or well-known defaults (tests, demos).
+    allow_weak_credentials: bool = False
     # PEM files; both set: TLS on the gRPC port (add_secure_port), else plaintext.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -115,6 +117,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--api-keys", "COLLAB_API_KEYS", "api_keys", str, "comma-separated read+write API keys"),
     ("--read-keys", "COLLAB_READ_KEYS", "read_keys", str, "comma-separated read-only API keys"),
     ("--jwt-secret", "COLLAB_JWT_SECRET", "jwt_secret", str, "HS256 secret for JWTs with a `scope` claim"),
+    (
+        "--allow-weak-credentials",
+        "COLLAB_ALLOW_WEAK_CREDENTIALS",
+        "allow_weak_credentials",
+        str,
+        "on: start with keys under 16 characters, a JWT secret under 32 bytes or a known default (refused by default)",
+    ),
     ("--tls-cert", "COLLAB_TLS_CERT", "tls_cert", Path, "PEM certificate (chain): serve gRPC over TLS"),
     ("--tls-key", "COLLAB_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert (unencrypted)"),
     ("--roster", "COLLAB_ROSTER", "roster", Path, "JSON or TOML file listing agents (agent_id, department)"),
@@ -264,7 +273,7 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         if raw is None or raw == "":
             continue
         try:
-            if dest == "auth":
+            if dest in {"auth", "allow_weak_credentials"}:
                 if raw.lower() not in {"on", "off", "true", "false", "1", "0"}:
                     raise ValueError("expected on or off")
                 values[dest] = raw.lower() in {"on", "true", "1"}

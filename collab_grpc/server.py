@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # the asyncio servicer (health.aio)
 from grpc_reflection.v1alpha import reflection
 
-from collab_grpc.auth import Authenticator, ensure_generated_key
+from collab_grpc.auth import Authenticator, ensure_generated_key, weak_credentials
 from collab_grpc.config import DEFAULT_METRICS_ADDR, ServerConfig, load_roster, parse_server_config
 from collab_grpc.errors import CollabError
 from collab_grpc.eventloop import run
@@ -70,7 +70,24 @@ def _authenticator(config: ServerConfig) -> Authenticator:
             print(f"collab-server: generated API key (saved in {key_file}): {key}", flush=True)
         else:
             print(f"collab-server: using the API key saved in {key_file}", flush=True)
+    _check_strength(config)
     return Authenticator(api_keys=api_keys, read_keys=config.read_keys, jwt_secret=config.jwt_secret)
+
+
+def _check_strength(config: ServerConfig) -> None:
+    """Refuse to start with guessable credentials unless told to accept them."""
+    problems = weak_credentials(config.api_keys, config.read_keys, config.jwt_secret)
+    if not problems:
+        return
+    if config.allow_weak_credentials:
+        log.warning("weak credentials accepted (--allow-weak-credentials): %s", "; ".join(problems))
+        return
+    raise ValueError(
+        "weak credentials refused: "
+        + "; ".join(problems)
+        + ". Use long random values (python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), "
+        "or start with --allow-weak-credentials / COLLAB_ALLOW_WEAK_CREDENTIALS=on to accept them"
+    )
 
 
 # The pause before the next pass when the idle sweep used its whole batch: the rest of

@@ -27,6 +27,7 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 
 from collab_grpc import metrics
+from collab_grpc.files import create_private_file, make_private_dir
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -224,8 +225,9 @@ class SQLiteStore(SingleProcessStore):
 
     def _open(self) -> sqlite3.Connection:
         """Open the file, or make a new one; refuse anything that is not a collab store."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        make_private_dir(self.path.parent)
+        create_private_file(self.path, "the database file")  # before SQLite makes it with the process's umask
+        fresh = self.path.stat().st_size == 0
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             _check_sqlite(connection)

@@ -205,6 +205,9 @@ class ReplayStub:
         self.calls.append(call)
         return call
 
+    async def CheckCredential(self, request: pb.CheckCredentialRequest, **_: Any) -> pb.CheckCredentialResponse:  # noqa: N802
+        return pb.CheckCredentialResponse(read=True)  # a key: valid until removed, no expiry
+
 
 class SnapshotCall:
     async def read(self) -> pb.SubscribeEventsResponse:
