@@ -21,12 +21,14 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
+from google.protobuf.message import Message
 from websockets.asyncio.client import connect
 
 from bench.fanout import TOKEN, _start, _stop, free_port, start_server
@@ -34,7 +36,7 @@ from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
-__all__ = ["GrowthLoad", "LoadReport", "ProbeReport", "grow", "probe"]
+__all__ = ["GrowthLoad", "LoadReport", "ProbeReport", "grow", "probe", "probe_rpcs", "rss_kb"]
 
 API = "/api/v1/collaboration"
 MAX_BULK_ITEMS = 100_000  # the documented most one bulk stream carries
@@ -57,6 +59,7 @@ class LoadReport:
     recorded: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
+    streams: int = 0
     seconds: float = 0.0
     session_ids: list[str] = field(default_factory=list, repr=False)
     last_activity_id: str = ""  # of the last stream answered: still in the feed's history
@@ -116,14 +119,23 @@ async def grow(target: str, token: str, load: GrowthLoad) -> LoadReport:
         gate = asyncio.Semaphore(load.streams_at_once)
 
         async def stream(start: int, count: int) -> None:
-            async with gate:
-                answer = await stub.BulkRecordActivities(_messages(start, count, load), metadata=metadata)
-            report.recorded += answer.recorded
-            for result in answer.results:
-                if result.error_code:
-                    report.refused[result.error_code] = report.refused.get(result.error_code, 0) + 1
-                else:
-                    report.last_activity_id = result.activity_id
+            """Items ``start`` to ``start + count``, on as many streams as it takes: an
+            answer that reached the hub's reply budget (``incomplete``) covers the first
+            items only, and the rest go on a new stream, as the SDK does."""
+            end = start + count
+            while start < end:
+                async with gate:
+                    answer = await stub.BulkRecordActivities(_messages(start, end - start, load), metadata=metadata)
+                report.recorded += answer.recorded
+                report.streams += 1
+                for result in answer.results:
+                    if result.error_code:
+                        report.refused[result.error_code] = report.refused.get(result.error_code, 0) + 1
+                    else:
+                        report.last_activity_id = result.activity_id
+                if not answer.incomplete and len(answer.results) < end - start:
+                    raise AssertionError(f"a complete answer covers {len(answer.results)} of {end - start} items")
+                start += len(answer.results)
 
         await asyncio.gather(
             *(
@@ -182,6 +194,43 @@ async def probe(http: str, ws: str, token: str, report: LoadReport) -> ProbeRepo
     return result
 
 
+async def probe_rpcs(target: str, token: str, report: LoadReport) -> dict[str, int]:
+    """Every read RPC's answer (and each stream's first message), by its serialised size."""
+    metadata = (("authorization", f"Bearer {token}"),)
+    session = report.session_ids[0] if report.session_ids else "none"
+    sizes: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CollaborationServiceStub(channel)
+        unary: dict[str, Awaitable[Message]] = {
+            "GetAgentStatus": stub.GetAgentStatus(pb.GetAgentStatusRequest(), metadata=metadata),
+            "ListAgents": stub.ListAgents(pb.ListAgentsRequest(limit=500), metadata=metadata),
+            "GetActivityFeed": stub.GetActivityFeed(pb.GetActivityFeedRequest(limit=500), metadata=metadata),
+            "ListActiveCollaborations": stub.ListActiveCollaborations(
+                pb.ListActiveCollaborationsRequest(), metadata=metadata
+            ),
+            "ListEndedCollaborations": stub.ListEndedCollaborations(
+                pb.ListEndedCollaborationsRequest(limit=500), metadata=metadata
+            ),
+            "GetCollaboration": stub.GetCollaboration(
+                pb.GetCollaborationRequest(session_id=session), metadata=metadata
+            ),
+        }
+        for name, call in unary.items():
+            sizes[name] = (await call).ByteSize()
+        streams: dict[str, grpc.aio.UnaryStreamCall[Any, Any]] = {
+            "SubscribeEvents snapshot": stub.SubscribeEvents(
+                pb.SubscribeEventsRequest(include_snapshot=True), metadata=metadata
+            ),
+            "StreamAgentStatus": stub.StreamAgentStatus(pb.StreamAgentStatusRequest(), metadata=metadata),
+        }
+        for name, stream in streams.items():
+            first = await stream.read()
+            stream.cancel()
+            assert isinstance(first, Message), f"{name} ended before its first message"
+            sizes[name] = first.ByteSize()
+    return sizes
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -211,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             report = run(grow(target, TOKEN, load))
             ws = http.replace("http", "ws", 1) + f"{API}/ws"
             found = run(probe(http, ws, TOKEN, report))
+            rpc_sizes = run(probe_rpcs(target, TOKEN, report))
             after = {"server": rss_kb(server.pid), "bridge": rss_kb(bridge.pid)}
         finally:
             _stop(bridge)
@@ -219,11 +269,13 @@ def main(argv: list[str] | None = None) -> None:
         "load": asdict(load),
         "store": args.store,
         "recorded": report.recorded,
+        "bulk streams": report.streams,
         "refused": report.refused,
         "seconds": round(report.seconds, 1),
         "rss_kb_before": before,
         "rss_kb_after": after,
         "sizes": found.sizes,
+        "rpc_sizes": rpc_sizes,
         "failures": found.failures,
         "totals": found.totals,
     }

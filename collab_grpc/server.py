@@ -93,6 +93,11 @@ def _check_strength(config: ServerConfig) -> None:
 # The pause before the next pass when the idle sweep used its whole batch: the rest of
 # the backlog follows soon, with the event loop free for other calls in between.
 BACKLOG_PAUSE = 0.05
+# Open activities one pass expires at most: a burst of abandoned ones (a crashed fleet)
+# is failed in passes with the event loop free for other calls between them.
+EXPIRE_BATCH = 1000
+# Expired activity ids named in a pass's log line (the count is always exact).
+LOGGED_IDS = 5
 
 
 def expiry_period(settings: StateSettings) -> float:
@@ -108,18 +113,21 @@ async def _expire_loop(state: CollaborationState, store: Store, every: float) ->
         pause = every
         try:
             async with store.writing():
-                expired = state.expire_stale_activities()
+                expired = state.expire_stale_activities(EXPIRE_BATCH)
                 retired = state.retire_idle_agents()
                 seq = state.log.last_seq
             await store.durable(seq)
         except CollabError as error:  # the store is unavailable: try again next round
             log.warning("expiry skipped: %s", error)
             continue
-        for activity in expired:
-            log.info("activity expired", extra={"activity_id": activity.activity_id, "agent_id": activity.agent_id})
+        if expired:  # one line a pass, however many: a burst must not flood the log
+            log.info(
+                "activities expired",
+                extra={"count": len(expired), "activity_ids": [a.activity_id for a in expired[:LOGGED_IDS]]},
+            )
         if retired:
             log.info("idle agents retired", extra={"count": len(retired), "live_agents": state.live_agent_count})
-        if state.idle_backlog:
+        if state.idle_backlog or len(expired) == EXPIRE_BATCH:
             pause = min(every, BACKLOG_PAUSE)
 
 

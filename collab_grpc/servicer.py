@@ -289,6 +289,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         self.max_reply_bytes = max_reply_bytes
         # What a list in a reply may take: the budget less room for the rest of the reply.
         self.list_budget = max_reply_bytes - REPLY_RESERVE
+        # A snapshot becomes the bridge's `collaboration_state`, one WebSocket message whose
+        # JSON adds field names and ISO times to what the protobuf carries; WebSocket client
+        # libraries refuse a message over 1 MiB by default, so it gets half the budget.
+        self.snapshot_budget = self.list_budget // 2
         # The most one bulk result can take (an activity id, or an error code and message).
         longest_id = 4 * state.limits.max_hub_id_length
         self._bulk_result_bound = convert.entry_size(max(longest_id, 4 * MAX_BULK_ERROR_CHARS + 64) + 8)
@@ -693,13 +697,17 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             )
             if resume.snapshot is not None:
                 initial.append(
-                    pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot, self.list_budget))
+                    pb.SubscribeEventsResponse(
+                        snapshot=convert.snapshot_to_proto(resume.snapshot, self.snapshot_budget)
+                    )
                 )
             # Converted as they are written, not all at once: a replay can be the whole retained log.
             replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
-            initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.list_budget)))
+            initial.append(
+                pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.snapshot_budget))
+            )
         else:
             subscription = self.state.subscribe(event_filter, self.subscriber_queue)
         try:

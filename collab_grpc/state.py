@@ -345,13 +345,14 @@ class CollaborationState:
         self.log.append(EventKind.MEMORY_UPDATED, update, now, record_size(update, meta_size))
         return update
 
-    def expire_stale_activities(self) -> list[Activity]:
-        """Fail every activity open for longer than ``activity_ttl``, reason ``expired``."""
+    def expire_stale_activities(self, limit: int | None = None) -> list[Activity]:
+        """Fail every activity open for longer than ``activity_ttl``, reason ``expired``;
+        with ``limit``, the oldest that many at most (the rest wait for the next pass)."""
         now = self.clock()
         deadline = now - self.settings.activity_ttl
         stale: list[Activity] = []
         for activity in self._open.values():  # insertion order is recording order
-            if activity.timestamp >= deadline:
+            if activity.timestamp >= deadline or len(stale) == limit:
                 break
             stale.append(activity)
         return [self._complete(activity, False, EXPIRED, now) for activity in stale]

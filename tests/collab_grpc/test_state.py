@@ -1079,3 +1079,13 @@ def test_custom_limits(clock: FakeClock) -> None:
     record(state, metadata={"a": "x" * 12})  # 20 bytes serialised
     with pytest.raises(InvalidArgument, match="21 bytes"):
         record(state, metadata={"a": "x" * 13})
+
+
+def test_expiry_takes_the_oldest_first_and_at_most_its_limit(clock: FakeClock) -> None:
+    state = CollaborationState(StateSettings(activity_ttl=60), clock=clock)
+    activities = [state.record_activity(agent_id=f"agent_{n}", activity_type="task_assigned") for n in range(5)]
+    clock.advance(61)
+    first = state.expire_stale_activities(limit=2)
+    assert [a.activity_id for a in first] == [a.activity_id for a in activities[:2]]
+    assert [a.activity_id for a in state.expire_stale_activities(limit=10)] == [a.activity_id for a in activities[2:]]
+    assert state.expire_stale_activities(limit=10) == []
