@@ -1,0 +1,72 @@
+"""A real `collab-server` process per test, and the probes the integration tests share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from collab import Client
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.support.processes import ServerProcess
+from tests.support.rpc import WRITE_KEY
+
+ENV = {"COLLAB_API_KEYS": WRITE_KEY, "COLLAB_RATE_LIMIT": "0"}
+T = TypeVar("T")
+
+
+@dataclass
+class Hub:
+    target: str
+    client: Client
+
+    def reporter(self) -> Client:
+        """A client for an integration (the integration closes it on shutdown)."""
+        return Client(self.target, WRITE_KEY)
+
+    def activities(self) -> list[pb.Activity]:
+        """Every activity on the hub, oldest first."""
+        return list(reversed(self.client.activity_feed(limit=200)))
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    with ServerProcess(tmp_path, env=ENV) as server, Client(server.target, WRITE_KEY) as client:
+        yield Hub(server.target, client)
+
+
+def eventually(probe: Callable[[], T | None], within: float = 20.0) -> T:
+    """What ``probe`` returns once it returns something (spans reach the hub a batch at a time)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = probe()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError("never happened")
+        time.sleep(0.02)
+
+
+def meta(activity: pb.Activity, name: str) -> object:
+    """A metadata entry of an activity (None when absent)."""
+    return activity.metadata[name] if name in activity.metadata else None
+
+
+def one(activities: list[pb.Activity], **fields: object) -> pb.Activity | None:
+    """The activity whose fields (``agent_id``, ``activity_type``...) or metadata entries
+    (``meta_<name with dots as __>``) are as given; None if none is, an error if several are."""
+    found = [
+        activity
+        for activity in activities
+        if all(
+            (meta(activity, name[5:].replace("__", ".")) if name.startswith("meta_") else getattr(activity, name))
+            == value
+            for name, value in fields.items()
+        )
+    ]
+    assert len(found) <= 1, found
+    return found[0] if found else None
