@@ -171,10 +171,9 @@ def test_a_failing_tool_fails_its_activity(hub: Hub, processor: CollabTracingPro
         tools=[charge],
         model=ScriptedModel("cashier-model", [("charge", '{"amount": 5}'), "Could not charge."]),
     )
-    # The SDK redacts a tool's error from its spans unless sensitive data is traced.
-    run_config = RunConfig(trace_include_sensitive_data=True)
-    assert Runner.run_sync(agent, "charge 5", run_config=run_config).final_output == "Could not charge."
+    assert Runner.run_sync(agent, "charge 5").final_output == "Could not charge."
     processor.force_flush()
     tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
     assert tool.status == pb.ACTIVITY_STATUS_FAILED
-    assert tool.failure_reason == "Error running tool (non-fatal): card declined"
+    # The SDK's span error, with the tool's error as the SDK traces it (redacted by default).
+    assert tool.failure_reason.startswith("Error running tool (non-fatal): "), tool.failure_reason
