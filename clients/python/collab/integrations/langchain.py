@@ -56,7 +56,9 @@ def _error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _model_attributes(serialized: dict[str, Any] | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _model_attributes(
+    serialized: dict[str, Any] | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+) -> dict[str, Any]:
     """The model a chat model or LLM run calls, as LangChain tells it (its ``ls_*``
     metadata, else its invocation parameters)."""
     metadata = metadata or {}
@@ -161,7 +163,9 @@ class CollabCallbackHandler(BaseCallbackHandler):
             return
         is_node = node == name and HIDDEN not in (tags or [])
         if is_node and self._is_agent_node(str(name)):
-            self.spans.start(run, str(name), {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": str(name)}, parent=parent)
+            self.spans.start(
+                run, str(name), {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": str(name)}, parent=parent
+            )
             trace = self.spans.trace_of(run)
             with self._lock:
                 if trace is not None and (trace in self._last_agent or len(self._last_agent) < self.max_open):
@@ -223,7 +227,13 @@ class CollabCallbackHandler(BaseCallbackHandler):
     # -- models ------------------------------------------------------------------------
 
     def _model_started(
-        self, operation: str, serialized: dict[str, Any] | None, run_id: UUID, parent_run_id: UUID | None, metadata: dict[str, Any] | None, kwargs: dict[str, Any]
+        self,
+        operation: str,
+        serialized: dict[str, Any] | None,
+        run_id: UUID,
+        parent_run_id: UUID | None,
+        metadata: dict[str, Any] | None,
+        kwargs: dict[str, Any],
     ) -> None:
         attributes = {"gen_ai.operation.name": operation, **_model_attributes(serialized, metadata, kwargs)}
         name = f"{operation} {attributes.get('gen_ai.request.model', '')}".strip()

@@ -139,7 +139,9 @@ class LiveSpans:
             found = self._open.get(run)
         return f"{found.trace_id:032x}" if found is not None else None
 
-    def _track(self, run: str, parent: str | None, trace: str | None, name: str, attributes: dict[str, Any], *, reported: bool) -> _Open | None:
+    def _track(
+        self, run: str, parent: str | None, trace: str | None, name: str, attributes: dict[str, Any], *, reported: bool
+    ) -> _Open | None:
         with self._lock:
             if run in self._open:
                 return None  # started twice: the first start stands

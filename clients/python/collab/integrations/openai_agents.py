@@ -53,7 +53,10 @@ SERVICE = "openai-agents"
 def _usage(usage: Any) -> dict[str, Any]:
     """Token counts of a usage mapping or object, as GenAI attributes."""
     found: dict[str, Any] = {}
-    for source, attribute in (("input_tokens", "gen_ai.usage.input_tokens"), ("output_tokens", "gen_ai.usage.output_tokens")):
+    for source, attribute in (
+        ("input_tokens", "gen_ai.usage.input_tokens"),
+        ("output_tokens", "gen_ai.usage.output_tokens"),
+    ):
         value = usage.get(source) if isinstance(usage, dict) else getattr(usage, source, None)
         if isinstance(value, int):
             found[attribute] = value
@@ -66,7 +69,11 @@ def _started(data: Any) -> tuple[dict[str, Any], bool] | None:
     if isinstance(data, AgentSpanData):
         return {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": data.name}, True
     if isinstance(data, FunctionSpanData):
-        return {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": data.name, "gen_ai.tool.type": "function"}, True
+        return {
+            "gen_ai.operation.name": "execute_tool",
+            "gen_ai.tool.name": data.name,
+            "gen_ai.tool.type": "function",
+        }, True
     if isinstance(data, GenerationSpanData):
         attributes: dict[str, Any] = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai"}
         if data.model:
@@ -94,7 +101,10 @@ def _ended(data: Any) -> dict[str, Any]:
     if isinstance(data, HandoffSpanData):
         return {
             name: value
-            for name, value in (("gen_ai.handoff.from_agent", data.from_agent), ("gen_ai.handoff.to_agent", data.to_agent))
+            for name, value in (
+                ("gen_ai.handoff.from_agent", data.from_agent),
+                ("gen_ai.handoff.to_agent", data.to_agent),
+            )
             if value
         }
     return {}

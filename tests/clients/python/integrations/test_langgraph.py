@@ -10,18 +10,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode, tools_condition
 
-pytest.importorskip("langgraph")
-
-from langchain_core.language_models.fake_chat_models import GenericFakeChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage  # noqa: E402
-from langchain_core.tools import tool  # noqa: E402
-from langgraph.graph import END, START, MessagesState, StateGraph  # noqa: E402
-from langgraph.prebuilt import ToolNode, tools_condition  # noqa: E402
-
-from collab.integrations.langchain import CollabCallbackHandler  # noqa: E402
-from collab_grpc.v1 import collaboration_pb2 as pb  # noqa: E402
-from tests.clients.python.integrations.conftest import Hub, eventually, meta, one  # noqa: E402
+from collab.integrations.langchain import CollabCallbackHandler
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.clients.python.integrations.conftest import Hub, eventually, meta, one
 
 pytestmark = pytest.mark.integration
 
@@ -83,10 +80,10 @@ def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: Colla
     try:
         assert lookup_started.wait(30)
         # The tool is still running: the hub shows it active, a task of the planner node.
-        tool_call = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
-        assert tool_call.status == pb.ACTIVITY_STATUS_ACTIVE
-        assert tool_call.agent_id == "planner"
-        assert tool_call.metadata["gen_ai.tool.name"] == "lookup"
+        running_tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
+        assert running_tool.status == pb.ACTIVITY_STATUS_ACTIVE
+        assert running_tool.agent_id == "planner"
+        assert running_tool.metadata["gen_ai.tool.name"] == "lookup"
         graph_run = one(hub.activities(), agent_id="support")
         assert graph_run is not None and graph_run.status == pb.ACTIVITY_STATUS_ACTIVE
     finally:

@@ -11,29 +11,24 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-
-agents = pytest.importorskip("agents")
-
-from agents import (  # noqa: E402
+from agents import (
     Agent,
     Handoff,
     Model,
     ModelResponse,
-    ModelSettings,
     RunConfig,
     Runner,
-    Tool,
     Usage,
     add_trace_processor,
     function_tool,
     generation_span,
     set_trace_processors,
 )
-from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText  # noqa: E402
+from openai.types.responses import ResponseFunctionToolCall, ResponseOutputMessage, ResponseOutputText
 
-from collab.integrations.openai_agents import CollabTracingProcessor  # noqa: E402
-from collab_grpc.v1 import collaboration_pb2 as pb  # noqa: E402
-from tests.clients.python.integrations.conftest import Hub, eventually, meta, one  # noqa: E402
+from collab.integrations.openai_agents import CollabTracingProcessor
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.clients.python.integrations.conftest import Hub, eventually, meta, one
 
 pytestmark = pytest.mark.integration
 
@@ -116,14 +111,14 @@ def test_a_handoff_and_a_held_tool_call_live_then_as_a_tree(hub: Hub, processor:
     runner.start()
     try:
         assert tool_started.wait(30)
-        # The tool is still running: the hub shows it, and the billing agent, active.
-        tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
-        assert tool.status == pb.ACTIVITY_STATUS_ACTIVE
-        assert tool.agent_id == "billing"
-        assert tool.metadata["gen_ai.tool.name"] == "lookup_invoice"
+        # The running_tool is still running: the hub shows it, and the billing agent, active.
+        running_tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
+        assert running_tool.status == pb.ACTIVITY_STATUS_ACTIVE
+        assert running_tool.agent_id == "billing"
+        assert running_tool.metadata["gen_ai.tool.name"] == "lookup_invoice"
         live_billing = one(hub.activities(), agent_id="billing", activity_type=pb.ACTIVITY_TYPE_AGENT_STARTED)
         assert live_billing is not None and live_billing.status == pb.ACTIVITY_STATUS_ACTIVE
-        assert hub.client.get_activity(tool.parent_activity_id).activity_id == live_billing.activity_id
+        assert hub.client.get_activity(running_tool.parent_activity_id).activity_id == live_billing.activity_id
     finally:
         tool_may_finish.set()
         runner.join(30)

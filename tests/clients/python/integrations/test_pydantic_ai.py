@@ -9,18 +9,15 @@ import threading
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from pydantic_ai import Agent
+from pydantic_ai.capabilities import Instrumentation
+from pydantic_ai.models.instrumented import InstrumentationSettings
+from pydantic_ai.models.test import TestModel
 
-pytest.importorskip("pydantic_ai")
-
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from pydantic_ai import Agent  # noqa: E402
-from pydantic_ai.capabilities import Instrumentation  # noqa: E402
-from pydantic_ai.models.instrumented import InstrumentationSettings  # noqa: E402
-from pydantic_ai.models.test import TestModel  # noqa: E402
-
-from collab.integrations.otel import CollabSpanProcessor  # noqa: E402
-from collab_grpc.v1 import collaboration_pb2 as pb  # noqa: E402
-from tests.clients.python.integrations.conftest import Hub, eventually, meta, one  # noqa: E402
+from collab.integrations.otel import CollabSpanProcessor
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.clients.python.integrations.conftest import Hub, eventually, meta, one
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +47,9 @@ def test_a_held_tool_call_live_then_the_run_as_a_tree(hub: Hub) -> None:
     runner.start()
     try:
         assert lookup_started.wait(30)
-        tool_call = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
-        assert tool_call.status == pb.ACTIVITY_STATUS_ACTIVE
-        assert (tool_call.agent_id, tool_call.metadata["gen_ai.tool.name"]) == ("researcher", "lookup")
+        running_tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
+        assert running_tool.status == pb.ACTIVITY_STATUS_ACTIVE
+        assert (running_tool.agent_id, running_tool.metadata["gen_ai.tool.name"]) == ("researcher", "lookup")
         run = one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_AGENT_STARTED)
         assert run is not None and run.status == pb.ACTIVITY_STATUS_ACTIVE and run.agent_id == "researcher"
     finally:
@@ -68,7 +65,9 @@ def test_a_held_tool_call_live_then_the_run_as_a_tree(hub: Hub) -> None:
     by_id = {a.activity_id: a for a in final}
     chats = [a for a in final if meta(a, "gen_ai.operation.name") == "chat"]
     assert len(chats) == 2  # the call that asks for the tool, the one that answers
-    assert all(a.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT and a.parent_activity_id == run.activity_id for a in chats)
+    assert all(
+        a.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT and a.parent_activity_id == run.activity_id for a in chats
+    )
     # Its conversation id (a run's) is the session; the run's span ended it.
     assert run.metadata["gen_ai.conversation.id"] and {a.session_id for a in final} == {run.session_id}
     assert hub.client.get_collaboration(run.session_id).session.HasField("ended_at")
