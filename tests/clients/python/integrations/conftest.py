@@ -24,18 +24,18 @@ class Hub:
     target: str
     client: Client
 
-    def reporter(self) -> Client:
-        """A client for an integration (the integration closes it on shutdown)."""
-        return Client(self.target, WRITE_KEY)
-
     def activities(self) -> list[pb.Activity]:
         """Every activity on the hub, oldest first."""
         return list(reversed(self.client.activity_feed(limit=200)))
 
 
 @pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    """The hub, and the COLLAB_* variables that reach it: the integrations are made as
+    docs/INTEGRATIONS.md writes them, with no arguments."""
     with ServerProcess(tmp_path, env=ENV) as server, Client(server.target, WRITE_KEY) as client:
+        monkeypatch.setenv("COLLAB_GRPC_TARGET", server.target)
+        monkeypatch.setenv("COLLAB_TOKEN", WRITE_KEY)
         yield Hub(server.target, client)
 
 

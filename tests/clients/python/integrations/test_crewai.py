@@ -73,7 +73,7 @@ class ScriptedLLM(BaseLLM):  # type: ignore[misc]
 @pytest.fixture
 def listener(hub: Hub) -> Iterator[CollabEventListener]:
     with crewai_event_bus.scoped_handlers():  # CrewAI's bus is global: no handler outlives the test
-        listener = CollabEventListener(hub.reporter())
+        listener = CollabEventListener()
         try:
             yield listener
         finally:

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def handler(hub: Hub) -> Iterator[CollabCallbackHandler]:
-    handler = CollabCallbackHandler(hub.reporter())
+    handler = CollabCallbackHandler()
     try:
         yield handler
     finally:

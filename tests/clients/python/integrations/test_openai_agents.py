@@ -67,7 +67,7 @@ class ScriptedModel(Model):
 def processor(hub: Hub, monkeypatch: pytest.MonkeyPatch) -> Iterator[CollabTracingProcessor]:
     # No key: the SDK's own OpenAI exporter (kept by add_trace_processor) sends nothing.
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    processor = CollabTracingProcessor(hub.reporter())
+    processor = CollabTracingProcessor()
     add_trace_processor(processor)
     try:
         yield processor

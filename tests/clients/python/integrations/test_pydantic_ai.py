@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_held_tool_call_live_then_the_run_as_a_tree(hub: Hub) -> None:
-    processor = CollabSpanProcessor(hub.reporter())
+    processor = CollabSpanProcessor()
     provider = TracerProvider()
     provider.add_span_processor(processor)
     lookup_started, lookup_may_finish = threading.Event(), threading.Event()
