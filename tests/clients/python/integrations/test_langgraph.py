@@ -5,6 +5,7 @@ the node that asked for it; then the whole run is a tree in one session."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -66,14 +67,19 @@ def build_graph(lookup_may_finish: threading.Event, lookup_started: threading.Ev
     return graph.compile(name="support")
 
 
-def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: CollabCallbackHandler) -> None:
+@pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
+def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: CollabCallbackHandler, mode: str) -> None:
     lookup_started, lookup_may_finish = threading.Event(), threading.Event()
     graph = build_graph(lookup_may_finish, lookup_started)
     result: dict[str, Any] = {}
 
     def run() -> None:
         config = {"callbacks": [handler], "configurable": {"thread_id": "thread-7"}}
-        result.update(graph.invoke({"messages": [HumanMessage(content="Where is A-1?")]}, config=config))
+        inputs = {"messages": [HumanMessage(content="Where is A-1?")]}
+        if mode == "invoke":
+            result.update(graph.invoke(inputs, config=config))
+        else:  # the handler's sync methods called inline from the event loop
+            result.update(asyncio.run(graph.ainvoke(inputs, config=config)))
 
     runner = threading.Thread(target=run)
     runner.start()
@@ -137,3 +143,16 @@ def test_a_failing_node_fails_its_activity_and_the_graph(hub: Hub, handler: Coll
     assert node.parent_activity_id == workflow.activity_id
     assert (node.status, node.failure_reason) == (pb.ACTIVITY_STATUS_FAILED, "ValueError: upstream timed out")
     assert workflow.status == pb.ACTIVITY_STATUS_FAILED
+
+
+def test_agent_nodes_names_the_nodes_that_are_agents(hub: Hub) -> None:
+    handler = CollabCallbackHandler(agent_nodes={"planner"})
+    graph = StateGraph(MessagesState)
+    graph.add_node("planner", lambda state: {"messages": [AIMessage(content="plan")]})
+    graph.add_node("formatter", lambda state: {"messages": [AIMessage(content="formatted")]})
+    graph.add_edge(START, "planner")
+    graph.add_edge("planner", "formatter")
+    graph.add_edge("formatter", END)
+    graph.compile(name="pipeline").invoke({"messages": []}, config={"callbacks": [handler]})
+    handler.shutdown()
+    assert sorted(a.agent_id for a in hub.activities()) == ["pipeline", "planner"]
