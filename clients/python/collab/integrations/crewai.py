@@ -18,7 +18,9 @@ the GenAI attributes and goes through the one mapping table (collab_grpc/otlp.py
 - a tool usage -> ``execute_tool`` (``task_assigned``, ``gen_ai.tool.name``); CrewAI's own
   delegation tools ("Delegate work to coworker", "Ask question to coworker") -> ``handoff``:
   a ``message_sent`` to the coworker, in ``related_agents``;
-- an A2A delegation -> ``handoff``: a ``message_sent`` to the remote agent (its id);
+- an A2A delegation -> ``handoff``: a ``message_sent`` to the remote agent (the name on
+  its agent card, else its endpoint); each A2A message sent in it -> ``send_message``: a
+  ``message_sent`` to the same agent, reported once (it has no scope of its own);
 - a memory query or retrieval -> ``search_memory`` / ``retrieval`` (``memory_read`` and a
   memory update ``read``); a memory save -> ``update_memory`` (``memory_write`` and a
   memory update ``write``); the memory's kind (``source_type``) is the memory item;
@@ -42,7 +44,11 @@ from crewai.events import BaseEventListener
 from crewai.events.base_events import BaseEvent
 from crewai.events.event_bus import CrewAIEventsBus
 from crewai.events.event_context import SCOPE_ENDING_EVENTS, SCOPE_STARTING_EVENTS
-from crewai.events.types.a2a_events import A2ADelegationCompletedEvent, A2ADelegationStartedEvent
+from crewai.events.types.a2a_events import (
+    A2ADelegationCompletedEvent,
+    A2ADelegationStartedEvent,
+    A2AMessageSentEvent,
+)
 from crewai.events.types.agent_events import (
     AgentExecutionStartedEvent,
     LiteAgentExecutionStartedEvent,
@@ -136,12 +142,16 @@ def span_of(event: Any) -> tuple[str, dict[str, Any]] | None:
             return event.tool_name, _with_agent(attributes, event)
         attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": event.tool_name}
         return f"execute_tool {event.tool_name}", _with_agent(attributes, event)
-    if isinstance(event, A2ADelegationStartedEvent):
-        attributes = {"gen_ai.operation.name": "handoff", "gen_ai.handoff.to_agent": event.agent_id}
+    if isinstance(event, A2ADelegationStartedEvent | A2AMessageSentEvent):
+        # The remote agent: the name on its agent card, else its endpoint. (An A2A event's
+        # agent_id is the local agent's when CrewAI passes the agent that delegates.)
+        remote = event.a2a_agent_name or event.endpoint or getattr(event, "agent_id", None) or "a2a-agent"
+        operation = "handoff" if isinstance(event, A2ADelegationStartedEvent) else "send_message"
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.handoff.to_agent": str(remote)}
         role = _role(event)
         if role:
             attributes["gen_ai.handoff.from_agent"] = role
-        return f"a2a {event.agent_id}", _with_agent(attributes, event)
+        return f"{operation} {remote}", _with_agent(attributes, event)
     operation = MEMORY_OPERATIONS.get(type(event))
     if operation is not None:
         attributes = _with_agent({"gen_ai.operation.name": operation}, event)
@@ -198,6 +208,15 @@ class CollabEventListener(BaseEventListener):  # type: ignore[misc]  # crewai un
         name, attributes = found
         self.spans.start(event.event_id, name, attributes, parent=parent)
 
+    def sent(self, event: Any) -> None:
+        """A message without a scope of its own: reported once, started and ended."""
+        parent = event.parent_event_id if event.parent_event_id and self.spans.is_open(event.parent_event_id) else None
+        found = span_of(event)
+        if found is not None:
+            name, attributes = found
+            self.spans.start(event.event_id, name, attributes, parent=parent, live=False)
+            self.spans.end(event.event_id)
+
     def ended(self, event: Any) -> None:
         if event.started_event_id:
             self.spans.end(event.started_event_id, error=_failure(event))
@@ -209,10 +228,14 @@ class CollabEventListener(BaseEventListener):  # type: ignore[misc]  # crewai un
         async def on_end(source: Any, event: Any) -> None:
             self.ended(event)
 
+        async def on_message(source: Any, event: Any) -> None:
+            self.sent(event)
+
         for start in _event_classes(SCOPE_STARTING_EVENTS):
             crewai_event_bus.on(start)(on_start)
         for end in _event_classes(SCOPE_ENDING_EVENTS):
             crewai_event_bus.on(end)(on_end)
+        crewai_event_bus.on(A2AMessageSentEvent)(on_message)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Send what is queued; False if it could not all be sent within ``timeout`` seconds."""

@@ -27,6 +27,11 @@ os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 from crewai import Agent, Crew, Task
 from crewai.events import crewai_event_bus
+from crewai.events.types.a2a_events import (
+    A2ADelegationCompletedEvent,
+    A2ADelegationStartedEvent,
+    A2AMessageSentEvent,
+)
 from crewai.events.types.llm_events import LLMCallType
 from crewai.events.types.memory_events import MemorySaveCompletedEvent, MemorySaveStartedEvent
 from crewai.llms.base_llm import BaseLLM
@@ -96,6 +101,15 @@ def test_a_held_tool_call_live_then_the_crew_as_a_tree(hub: Hub, listener: Colla
                 value=topic, save_time_ms=1.0, source_type="short_term_memory", agent_role="Researcher"
             ),
         )
+        remote = {"a2a_agent_name": "Fact checker", "agent_role": "Researcher"}
+        crewai_event_bus.emit(
+            None,
+            A2ADelegationStartedEvent(
+                endpoint="http://127.0.0.1:9/", task_description="check", agent_id="fc", **remote
+            ),
+        )
+        crewai_event_bus.emit(None, A2AMessageSentEvent(message="Is it so?", turn_number=1, **remote))
+        crewai_event_bus.emit(None, A2ADelegationCompletedEvent(status="completed", result="yes", **remote))
         tool_started.set()
         assert tool_may_finish.wait(30)
         return f"{topic}: found"
@@ -138,6 +152,15 @@ def test_a_held_tool_call_live_then_the_crew_as_a_tree(hub: Hub, listener: Colla
     assert tool_call.parent_activity_id == agent_run.activity_id
     assert (memory.agent_id, memory.parent_activity_id) == ("Researcher", tool_call.activity_id)
     assert memory.metadata["gen_ai.memory.store.name"] == "short_term_memory"
+    # The A2A delegation: a message to the remote agent, and the message sent in it.
+    delegation = one(final, meta_gen_ai__operation__name="handoff")
+    message = one(final, meta_gen_ai__operation__name="send_message")
+    assert delegation and message
+    assert (delegation.agent_id, list(delegation.related_agents)) == ("Researcher", ["Fact_checker"])
+    assert (message.agent_id, list(message.related_agents)) == ("Researcher", ["Fact_checker"])
+    assert delegation.parent_activity_id == tool_call.activity_id
+    assert message.parent_activity_id == delegation.activity_id
+    assert delegation.activity_type == message.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT
     chats = [a for a in final if meta(a, "gen_ai.operation.name") == "chat"]
     assert len(chats) == 2
     assert all(
