@@ -146,12 +146,12 @@ def span_of(event: Any) -> tuple[str, dict[str, Any]] | None:
         # The remote agent: the name on its agent card, else its endpoint. (An A2A event's
         # agent_id is the local agent's when CrewAI passes the agent that delegates.)
         remote = event.a2a_agent_name or event.endpoint or getattr(event, "agent_id", None) or "a2a-agent"
-        operation = "handoff" if isinstance(event, A2ADelegationStartedEvent) else "send_message"
-        attributes = {"gen_ai.operation.name": operation, "gen_ai.handoff.to_agent": str(remote)}
+        kind = "handoff" if isinstance(event, A2ADelegationStartedEvent) else "send_message"
+        attributes = {"gen_ai.operation.name": kind, "gen_ai.handoff.to_agent": str(remote)}
         role = _role(event)
         if role:
             attributes["gen_ai.handoff.from_agent"] = role
-        return f"{operation} {remote}", _with_agent(attributes, event)
+        return f"{kind} {remote}", _with_agent(attributes, event)
     operation = MEMORY_OPERATIONS.get(type(event))
     if operation is not None:
         attributes = _with_agent({"gen_ai.operation.name": operation}, event)
