@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed-dev
 
 .PHONY: run test test-crewai bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
 
+# openai-agents (for its integration's tests) pins websockets<17, collab websockets>=17.4:
+# pip installs it with 16, then 17.4 goes back (agents.tracing never imports websockets).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	# openai-agents (its integration's tests) pins websockets<17, collab websockets>=17.4: pip
-	# installs it with 16, then 17.4 goes back (agents.tracing never imports websockets).
 	$(BIN)/python -m pip install --quiet 'openai-agents>=0.24'
 	$(BIN)/python -m pip install --quiet 'websockets>=17.4'
 	touch $(STAMP)
