@@ -4,12 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
+.PHONY: run test test-crewai bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
 
+# openai-agents (for its integration's tests) pins websockets<17, collab websockets>=17.4:
+# pip installs it with 16, then 17.4 goes back (agents.tracing never imports websockets).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet 'openai-agents>=0.24'
+	$(BIN)/python -m pip install --quiet 'websockets>=17.4'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -17,6 +21,18 @@ run: $(STAMP)
 
 test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
 	$(BIN)/python -m pytest
+
+# CrewAI's integration test, in a venv of its own: CrewAI is about 1 GB installed and pins
+# pydantic<2.13 and openai<3, which the dev venv's other frameworks do not allow.
+CREWAI_VENV := .venv-crewai
+$(CREWAI_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CREWAI_VENV)
+	$(CREWAI_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CREWAI_VENV)/bin/python -m pip install --quiet -e '.[crewai]' 'pytest>=9' 'pytest-timeout>=2.4' 'pytest-asyncio>=1.5'
+	touch $@
+
+test-crewai: $(CREWAI_VENV)/.installed
+	COLLAB_REQUIRE_CREWAI=1 $(CREWAI_VENV)/bin/python -m pytest -p no:cacheprovider tests/clients/python/integrations/test_crewai.py
 
 # The quick loop: tests of code in-process only (not those that start the hub's processes,
 # which include all of tests/integration, nor the wheel test of tests/packaging).
@@ -50,4 +66,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CREWAI_VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -17,6 +17,10 @@ conventions):
 - ``handoff`` -> ``message_sent`` with ``related_agents`` = the agent handed to
   (``gen_ai.handoff.to_agent``); the conventions have no handoff yet, this follows the
   OpenAI Agents SDK's handoff span (``from_agent`` / ``to_agent``)
+- ``send_message`` -> ``message_sent`` with ``related_agents`` = the agent written to
+  (``gen_ai.handoff.to_agent``, from ``gen_ai.handoff.from_agent``): one message of a
+  conversation between agents that is not a handoff (CrewAI's A2A messages); not a
+  convention of OpenTelemetry's, which has no agent-to-agent message
 - ``search_memory``, ``retrieval`` -> ``memory_read`` plus a memory update ``read``
 - ``create_memory``, ``update_memory``, ``upsert_memory``, ``create_memory_store``
   -> ``memory_write`` plus a memory update ``write``
@@ -91,6 +95,7 @@ OPERATIONS: dict[str, Operation] = {
     "fetch_response": Operation(ActivityType.MESSAGE_SENT),
     "plan": Operation(ActivityType.DECISION_MADE),
     "handoff": Operation(ActivityType.MESSAGE_SENT, handoff=True),
+    "send_message": Operation(ActivityType.MESSAGE_SENT, handoff=True),
     "search_memory": Operation(ActivityType.MEMORY_READ, MemoryOperation.READ),
     "retrieval": Operation(ActivityType.MEMORY_READ, MemoryOperation.READ),
     "create_memory": Operation(ActivityType.MEMORY_WRITE, MemoryOperation.WRITE),

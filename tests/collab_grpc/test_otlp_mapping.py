@@ -53,6 +53,7 @@ ROWS = [
     ("fetch_response", ActivityType.MESSAGE_SENT, None),
     ("plan", ActivityType.DECISION_MADE, None),
     ("handoff", ActivityType.MESSAGE_SENT, None),
+    ("send_message", ActivityType.MESSAGE_SENT, None),
     ("search_memory", ActivityType.MEMORY_READ, MemoryOperation.READ),
     ("retrieval", ActivityType.MEMORY_READ, MemoryOperation.READ),
     ("create_memory", ActivityType.MEMORY_WRITE, MemoryOperation.WRITE),
@@ -161,6 +162,16 @@ def test_handoff_is_a_message_to_the_agent_handed_to() -> None:
     assert plan.activity_type is ActivityType.MESSAGE_SENT
     assert plan.agent_id == "Triage"
     assert plan.related_agents == ["Billing"]
+
+
+def test_a_message_between_agents_names_the_agent_written_to() -> None:
+    plan = plan_span(
+        span(
+            "b7ad6b7169203331", "send_message", gen_ai__handoff__from_agent="Writer", gen_ai__handoff__to_agent="Critic"
+        )
+    )
+    assert plan is not None
+    assert (plan.activity_type, plan.agent_id, plan.related_agents) == (ActivityType.MESSAGE_SENT, "Writer", ["Critic"])
 
 
 def test_memory_item_id() -> None:
