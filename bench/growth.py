@@ -21,7 +21,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ __all__ = ["GrowthLoad", "LoadReport", "ProbeReport", "grow", "probe", "probe_rp
 
 API = "/api/v1/collaboration"
 MAX_BULK_ITEMS = 100_000  # the documented most one bulk stream carries
+RETRY_PAUSE = 0.5  # seconds before items a full budget refused are sent again
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class LoadReport:
     refused: dict[str, int] = field(default_factory=dict)
     sessions: int = 0
     streams: int = 0
+    retried: int = 0  # items refused by a full budget and sent again
     seconds: float = 0.0
     session_ids: list[str] = field(default_factory=list, repr=False)
     last_activity_id: str = ""  # of the last stream answered: still in the feed's history
@@ -80,10 +82,10 @@ def _metadata(index: int, load: GrowthLoad) -> dict[str, str | int]:
     return {"step": index, "tool": "search"}
 
 
-def _bulk_messages(start: int, count: int, load: GrowthLoad) -> Iterator[pb.BulkRecordActivitiesRequest]:
-    for first in range(start, start + count, load.per_message):
+def _bulk_messages(indexes: Sequence[int], load: GrowthLoad) -> Iterator[pb.BulkRecordActivitiesRequest]:
+    for first in range(0, len(indexes), load.per_message):
         message = pb.BulkRecordActivitiesRequest()
-        for index in range(first, min(first + load.per_message, start + count)):
+        for index in indexes[first : first + load.per_message]:
             item = message.activities.add(
                 agent_id=f"agent_{index % load.agents}",
                 department=f"dept_{index % 12}",
@@ -93,8 +95,8 @@ def _bulk_messages(start: int, count: int, load: GrowthLoad) -> Iterator[pb.Bulk
         yield message
 
 
-async def _messages(start: int, count: int, load: GrowthLoad) -> AsyncIterator[pb.BulkRecordActivitiesRequest]:
-    for message in _bulk_messages(start, count, load):
+async def _messages(indexes: Sequence[int], load: GrowthLoad) -> AsyncIterator[pb.BulkRecordActivitiesRequest]:
+    for message in _bulk_messages(indexes, load):
         yield message
 
 
@@ -119,23 +121,31 @@ async def grow(target: str, token: str, load: GrowthLoad) -> LoadReport:
         gate = asyncio.Semaphore(load.streams_at_once)
 
         async def stream(start: int, count: int) -> None:
-            """Items ``start`` to ``start + count``, on as many streams as it takes: an
-            answer that reached the hub's reply budget (``incomplete``) covers the first
-            items only, and the rest go on a new stream, as the SDK does."""
-            end = start + count
-            while start < end:
+            """Items ``start`` to ``start + count``, on as many streams as it takes, as a
+            well-behaved client sends them: an answer that reached the hub's reply budget
+            (``incomplete``) covers the first items only, and the rest go on a new stream;
+            items a full budget of the hub refused (RESOURCE_EXHAUSTED: too many open
+            activities while expiry catches up) are sent again after a pause."""
+            pending = list(range(start, start + count))
+            while pending:
                 async with gate:
-                    answer = await stub.BulkRecordActivities(_messages(start, end - start, load), metadata=metadata)
-                report.recorded += answer.recorded
+                    answer = await stub.BulkRecordActivities(_messages(pending, load), metadata=metadata)
                 report.streams += 1
-                for result in answer.results:
-                    if result.error_code:
+                report.recorded += answer.recorded
+                if not answer.incomplete and len(answer.results) < len(pending):
+                    raise AssertionError(f"a complete answer covers {len(answer.results)} of {len(pending)} items")
+                retry: list[int] = []
+                for index, result in zip(pending, answer.results, strict=False):
+                    if result.error_code == "RESOURCE_EXHAUSTED":
+                        retry.append(index)
+                    elif result.error_code:
                         report.refused[result.error_code] = report.refused.get(result.error_code, 0) + 1
                     else:
                         report.last_activity_id = result.activity_id
-                if not answer.incomplete and len(answer.results) < end - start:
-                    raise AssertionError(f"a complete answer covers {len(answer.results)} of {end - start} items")
-                start += len(answer.results)
+                report.retried += len(retry)
+                pending = retry + pending[len(answer.results) :]
+                if retry:
+                    await asyncio.sleep(RETRY_PAUSE)
 
         await asyncio.gather(
             *(
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "store": args.store,
         "recorded": report.recorded,
         "bulk streams": report.streams,
+        "retried after a budget refusal": report.retried,
         "refused": report.refused,
         "seconds": round(report.seconds, 1),
         "rss_kb_before": before,

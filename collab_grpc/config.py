@@ -101,8 +101,8 @@ class ServerConfig:
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
 _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--grpc-addr", "COLLAB_GRPC_ADDR", "grpc_addr", str, "host:port to listen on (port 0 picks a free one)"),
-    ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key (and later, data) live"),
-    ("--store", "COLLAB_STORE", "store", str, "sqlite (default: a file in the data dir) or memory"),
+    ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key and the SQLite file live"),
+    ("--store", "COLLAB_STORE", "store", str, "sqlite (a file in the data dir), memory, or redis://host:port/db[?prefix=name] for replicas"),
     ("--sqlite-synchronous", "COLLAB_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str, "full (fsync) or normal"),
     (
         "--sqlite-commit-delay",

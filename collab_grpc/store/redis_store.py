@@ -54,6 +54,11 @@ LOCK_TTL_MS = 5_000
 # Entries of agents never retired (idle past the TTL while no replica ran) removed per load.
 STALE_AGENTS_PER_LOAD = 10_000
 LOCK_WAIT = 5.0  # seconds a write waits for the lock before UNAVAILABLE
+# How long the follower blocks on one read of the log, in milliseconds. A store that
+# closes lets the read in flight end by itself (at most this long) rather than cancelling
+# it: redis-py's client, cancelled in a blocking read, could leave the cancellation
+# waiting for ever, and the server's shutdown with it.
+FOLLOW_BLOCK_MS = 1000
 
 # KEYS: lock, seq, events. ARGV: lock token, expected seq, new seq, event (JSON),
 # idempotency answers (JSON), state changes (JSON list of commands).
@@ -121,6 +126,7 @@ class RedisStore:
         self._stale = False
         self._appending = False
         self._follower: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def description(self) -> str:
@@ -286,10 +292,14 @@ class RedisStore:
     async def _follow(self) -> None:
         """Apply other replicas' events as they are appended, so subscribers here see them."""
         backoff = 0.05
-        while True:
+        while not self._closing:
             try:
                 assert self._state is not None
-                await self._redis().xread({self._key("events"): f"{self._state.log.last_seq}-0"}, block=1000, count=1)
+                await self._redis().xread(
+                    {self._key("events"): f"{self._state.log.last_seq}-0"}, block=FOLLOW_BLOCK_MS, count=1
+                )
+                if self._closing:
+                    return
                 async with self._local:
                     await self._catch_up()
                 backoff = 0.05
@@ -439,10 +449,14 @@ class RedisStore:
             raise StoreUnavailable("the write was not stored; it was not recorded")
 
     async def close(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        self._closing = True
+        follower = self._follower
+        if follower is not None:
+            # The read in flight ends within FOLLOW_BLOCK_MS; cancelled only past that (a hung Redis).
+            await asyncio.wait({follower}, timeout=2 * FOLLOW_BLOCK_MS / 1000)
+            if not follower.done():
+                follower.cancel()
+                await asyncio.wait({follower}, timeout=FOLLOW_BLOCK_MS / 1000)
         if self._client is not None:
             await self._client.aclose()
 
