@@ -102,7 +102,13 @@ class ServerConfig:
 _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--grpc-addr", "COLLAB_GRPC_ADDR", "grpc_addr", str, "host:port to listen on (port 0 picks a free one)"),
     ("--data-dir", "COLLAB_DATA_DIR", "data_dir", Path, "where the generated API key and the SQLite file live"),
-    ("--store", "COLLAB_STORE", "store", str, "sqlite (a file in the data dir), memory, or redis://host:port/db[?prefix=name] for replicas"),
+    (
+        "--store",
+        "COLLAB_STORE",
+        "store",
+        str,
+        "sqlite (a file in the data dir), memory, or redis://host:port/db[?prefix=name] for replicas",
+    ),
     ("--sqlite-synchronous", "COLLAB_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str, "full (fsync) or normal"),
     (
         "--sqlite-commit-delay",
