@@ -27,6 +27,7 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 
 from collab_grpc import metrics
+from collab_grpc.history import ActivityQuery
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -122,6 +123,78 @@ CREATE INDEX agents_seen ON agents (seen_at);
 """
 
 
+# The history search (query_activities). Made at every open when missing, so a new file
+# and an existing version 2 file get them alike (no schema version change: a server
+# without the search keeps them up to date all the same). Each orders by (timestamp,
+# activity_id), the search's order and cursor, after the filter it serves; the other
+# filters (department, type, metadata) are read from the rows the time order walks.
+_HISTORY_TIME = "json_extract(body, '$.timestamp')"
+_HISTORY_KEY = f"{_HISTORY_TIME}, activity_id"
+_HISTORY_INDEXES = f"""
+CREATE INDEX IF NOT EXISTS activities_by_time ON activities ({_HISTORY_KEY});
+CREATE INDEX IF NOT EXISTS activities_by_agent
+    ON activities (json_extract(body, '$.agent_id'), {_HISTORY_KEY});
+CREATE INDEX IF NOT EXISTS activities_by_session
+    ON activities (json_extract(body, '$.session_id'), {_HISTORY_KEY}) WHERE json_extract(body, '$.session_id') != '';
+CREATE INDEX IF NOT EXISTS activities_by_parent
+    ON activities (json_extract(body, '$.parent_activity_id'), {_HISTORY_KEY})
+    WHERE json_extract(body, '$.parent_activity_id') != '';
+CREATE INDEX IF NOT EXISTS activities_failed ON activities ({_HISTORY_KEY}) WHERE status = 'failed';
+"""
+# A metadata match: a top-level key whose scalar value is the text given (a string), the
+# number given, or true/false/null (history.MetadataMatch says the same in Python).
+_METADATA_MATCH = (
+    "EXISTS (SELECT 1 FROM json_each(activities.body, '$.metadata') AS entry WHERE entry.key = ? AND ("
+    "(entry.type = 'text' AND entry.atom = ?) OR (entry.type IN ('integer', 'real') AND entry.atom = ?) "
+    "OR (entry.type IN ('true', 'false', 'null') AND entry.type = ?)))"
+)
+
+
+def history_sql(query: ActivityQuery, count: int) -> tuple[str, list[Any]]:
+    """The SELECT answering ``query`` (its first ``count`` rows) and its parameters."""
+    conditions: list[str] = []
+    parameters: list[Any] = []
+
+    def any_of(expression: str, values: Sequence[str]) -> None:
+        if values:
+            conditions.append(f"{expression} IN ({', '.join('?' * len(values))})")
+            parameters.extend(values)
+
+    any_of("json_extract(body, '$.agent_id')", query.agent_ids)
+    any_of("json_extract(body, '$.department')", query.departments)
+    any_of("json_extract(body, '$.activity_type')", [t.value for t in query.activity_types])
+    any_of("json_extract(body, '$.session_id')", query.session_ids)
+    any_of("json_extract(body, '$.parent_activity_id')", query.parent_activity_ids)
+    if query.session_ids:  # what lets the planner use the partial index
+        conditions.append("json_extract(body, '$.session_id') != ''")
+    if query.parent_activity_ids:
+        conditions.append("json_extract(body, '$.parent_activity_id') != ''")
+    if query.statuses:
+        # Checked enum values, written in the statement so a status = 'failed' query
+        # can use the partial index of failed activities.
+        conditions.append(f"status IN ({', '.join(repr(s.value) for s in query.statuses)})")
+    if query.since is not None:
+        conditions.append(f"{_HISTORY_TIME} >= ?")
+        parameters.append(query.since)
+    if query.until is not None:
+        conditions.append(f"{_HISTORY_TIME} < ?")
+        parameters.append(query.until)
+    if query.after is not None:
+        conditions.append(f"({_HISTORY_TIME}, activity_id) {'<' if query.newest_first else '>'} (?, ?)")
+        parameters.extend(query.after)
+    for match in query.metadata:
+        conditions.append(_METADATA_MATCH)
+        literal = match.value if match.value in ("true", "false", "null") else ""
+        parameters.extend((match.key, match.value, match.number, literal))
+    where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
+    direction = "DESC" if query.newest_first else "ASC"
+    statement = (
+        f"SELECT body FROM activities {where}ORDER BY {_HISTORY_TIME} {direction}, activity_id {direction} LIMIT ?"
+    )
+    parameters.append(count)
+    return statement, parameters
+
+
 @dataclass(frozen=True, slots=True)
 class Retention:
     """What the file keeps beyond the live state: the newest ``count`` events and
@@ -204,6 +277,10 @@ class SQLiteStore(SingleProcessStore):
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
+        # The history search reads through a connection of its own in a thread of its own,
+        # so it neither waits for a commit nor holds one up (WAL: readers see the last commit).
+        self._reader: sqlite3.Connection | None = None
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collab-sqlite-read")
 
     @property
     def description(self) -> str:
@@ -265,6 +342,7 @@ class SQLiteStore(SingleProcessStore):
     def open(self, state: CollaborationState) -> None:
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()
+        self._open_history(self._connection)
         self._state = state
         self._agent_idle_ttl = state.settings.agent_idle_ttl
         self._load(state)
@@ -365,6 +443,35 @@ class SQLiteStore(SingleProcessStore):
                 "agents": len(agents),
             },
         )
+
+    # -- history search -------------------------------------------------------------
+
+    def _open_history(self, connection: sqlite3.Connection) -> None:
+        """The search's indexes (made once, at the first open of a file without them) and
+        its read-only connection."""
+        started = perf_counter()
+        connection.executescript(f"BEGIN; {_HISTORY_INDEXES} COMMIT;")
+        if perf_counter() - started > 1.0:
+            log.info("history search indexes built", extra={"seconds": round(perf_counter() - started, 1)})
+        reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        reader.execute("PRAGMA query_only = ON")
+        self._reader = reader
+
+    async def query_activities(self, query: ActivityQuery, count: int) -> list[Activity]:
+        """Every activity the file retains (Retention: open ones, and the newest completed
+        ones up to its count and age), as of the last commit."""
+        if self._reader is None:
+            return []
+        statement, parameters = history_sql(query, count)
+        reader = self._reader
+
+        def read() -> list[Activity]:
+            return [decode_activity(_json(body)) for (body,) in reader.execute(statement, parameters)]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
 
     # -- writing --------------------------------------------------------------------
 
@@ -705,6 +812,10 @@ class SQLiteStore(SingleProcessStore):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._connection.close)
         self._executor.shutdown(wait=True)
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await asyncio.get_running_loop().run_in_executor(self._read_executor, reader.close)
+        self._read_executor.shutdown(wait=True)
 
 
 # UPDATE ... FROM (the completions of a commit) came in SQLite 3.33.

@@ -90,6 +90,12 @@ class CollaborationServiceStub:
     """
     ListDecisions: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]
     """A session's decisions, oldest first, a page at a time."""
+    QueryActivities: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.QueryActivitiesRequest, _collaboration_pb2.QueryActivitiesResponse]
+    """Searches the whole history the store retains (not only the activities held in
+    memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+    its retention; the memory and Redis stores the activities the server holds (the
+    newest 1,000 and every open one).
+    """
 
 @_typing.type_check_only
 class CollaborationServiceAsyncStub(CollaborationServiceStub):
@@ -148,6 +154,12 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     """
     ListDecisions: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]  # type: ignore[assignment]
     """A session's decisions, oldest first, a page at a time."""
+    QueryActivities: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.QueryActivitiesRequest, _collaboration_pb2.QueryActivitiesResponse]  # type: ignore[assignment]
+    """Searches the whole history the store retains (not only the activities held in
+    memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+    its retention; the memory and Redis stores the activities the server holds (the
+    newest 1,000 and every open one).
+    """
 
 class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
     """CollaborationService is the single way into the hub's state.
@@ -305,5 +317,17 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_collaboration_pb2.ListDecisionsResponse, _abc.Awaitable[_collaboration_pb2.ListDecisionsResponse]]:
         """A session's decisions, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def QueryActivities(
+        self,
+        request: _collaboration_pb2.QueryActivitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.QueryActivitiesResponse, _abc.Awaitable[_collaboration_pb2.QueryActivitiesResponse]]:
+        """Searches the whole history the store retains (not only the activities held in
+        memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+        its retention; the memory and Redis stores the activities the server holds (the
+        newest 1,000 and every open one).
+        """
 
 def add_CollaborationServiceServicer_to_server(servicer: CollaborationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
