@@ -80,7 +80,7 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
 
 def search(seeded: Seeded, params: list[tuple[str, str]]) -> httpx.Response:
     with httpx.Client(base_url=seeded.stack.bridge.http, headers=AUTH, timeout=10) as http:
-        return http.get(f"{API}/activities", params=httpx.QueryParams(params))
+        return http.get(f"{API}/activities", params=tuple(params))
 
 
 def search_all(seeded: Seeded, params: list[tuple[str, str]]) -> list[str]:
