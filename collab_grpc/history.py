@@ -23,6 +23,7 @@ __all__ = [
     "MAX_META_KEY_LENGTH",
     "MAX_META_VALUE_LENGTH",
     "ActivityQuery",
+    "Found",
     "MetadataMatch",
     "query_held",
 ]
@@ -152,7 +153,11 @@ class ActivityQuery:
 
     def cursor_after(self, activity: Activity) -> str:
         """The cursor that continues after ``activity``."""
-        return encode_cursor(f"history-{self.order}", activity.timestamp, activity.activity_id)
+        return self.cursor_at((activity.timestamp, activity.activity_id))
+
+    def cursor_at(self, key: tuple[float, str]) -> str:
+        """The cursor that continues after the (timestamp, activity_id) ``key``."""
+        return encode_cursor(f"history-{self.order}", *key)
 
     def matches(self, activity: Activity) -> bool:
         """Every filter, the cursor included."""
@@ -179,12 +184,22 @@ class ActivityQuery:
         return all(match.matches(activity.metadata) for match in self.metadata)
 
 
-def query_held(activities: Iterable[Activity], query: ActivityQuery, count: int) -> list[Activity]:
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a store found: up to the count asked for, in the query's order; and, when it
+    stopped looking before it found that many (its scan budget), the key of the last
+    activity it looked at, which the next page continues after."""
+
+    activities: list[Activity]
+    scanned_to: tuple[float, str] | None = None
+
+
+def query_held(activities: Iterable[Activity], query: ActivityQuery, count: int) -> Found:
     """The first ``count`` of ``activities`` that match, in the query's order (what a store
-    that keeps its history in memory answers)."""
+    that keeps its history in memory answers: all of it is looked at)."""
     matched = [activity for activity in activities if query.matches(activity)]
     matched.sort(key=lambda a: (a.timestamp, a.activity_id), reverse=query.newest_first)
-    return matched[:count]
+    return Found(matched[:count])
 
 
 def _listed(field: str, values: Iterable[Listed], limits: Limits) -> tuple[Listed, ...]:

@@ -609,11 +609,14 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             raise AssertionError("unreachable: abort raises") from error
         response = pb.QueryActivitiesResponse()
         added, _, left = convert.fill_within(
-            response.activities, (convert.activity_to_proto(a) for a in found), self.list_budget, query.limit
+            response.activities, (convert.activity_to_proto(a) for a in found.activities), self.list_budget, query.limit
         )
         if left is not None and added:
             # The key as the store holds it (a Timestamp read back may differ in its last digit).
-            response.next_cursor = query.cursor_after(found[added - 1])
+            response.next_cursor = query.cursor_after(found.activities[added - 1])
+        elif left is None and found.scanned_to is not None:
+            # The store stopped at its scan budget before the page was full: go on from there.
+            response.next_cursor = query.cursor_at(found.scanned_to)
         return response
 
     # -- streams --------------------------------------------------------------------

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from collab_grpc.errors import CollabError
-from collab_grpc.history import ActivityQuery, query_held
-from collab_grpc.model import Activity
+from collab_grpc.history import ActivityQuery, Found, query_held
 from collab_grpc.state import CollaborationState
 
 __all__ = ["MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
@@ -52,9 +51,10 @@ class Store(Protocol):
     async def close(self) -> None:
         """Store what is pending and release the store."""
 
-    async def query_activities(self, query: ActivityQuery, count: int) -> list[Activity]:
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
         """The first ``count`` activities of the retained history that ``query`` matches,
-        in its order (each store says what it retains)."""
+        in its order (each store says what it retains); a store may stop looking after a
+        bound of its own (Found.scanned_to)."""
 
 
 # Reusable, and cheaper than a generator-based context manager on every write.
@@ -88,9 +88,9 @@ class MemoryStore(SingleProcessStore):
     async def attach(self, state: CollaborationState) -> None:
         self._state = state
 
-    async def query_activities(self, query: ActivityQuery, count: int) -> list[Activity]:
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
         if self._state is None:
-            return []
+            return Found([])
         return query_held(self._state.held_activities(), query, count)
 
     def start(self) -> None:

@@ -15,6 +15,7 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -27,7 +28,7 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 
 from collab_grpc import metrics
-from collab_grpc.history import ActivityQuery
+from collab_grpc.history import ActivityQuery, Found
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -144,55 +145,83 @@ CREATE INDEX IF NOT EXISTS activities_failed ON activities ({_HISTORY_KEY}) WHER
 # A metadata match: a top-level key whose scalar value is the text given (a string), the
 # number given, or true/false/null (history.MetadataMatch says the same in Python).
 _METADATA_MATCH = (
-    "EXISTS (SELECT 1 FROM json_each(activities.body, '$.metadata') AS entry WHERE entry.key = ? AND ("
+    "EXISTS (SELECT 1 FROM json_each(body, '$.metadata') AS entry WHERE entry.key = ? AND ("
     "(entry.type = 'text' AND entry.atom = ?) OR (entry.type IN ('integer', 'real') AND entry.atom = ?) "
     "OR (entry.type IN ('true', 'false', 'null') AND entry.type = ?)))"
 )
+# Rows a search looks at per call, at most, when it filters on what no index holds
+# (department, type, metadata): a page may come back short, with a cursor to go on.
+HISTORY_SCAN_ROWS = 10_000
 
 
-def history_sql(query: ActivityQuery, count: int) -> tuple[str, list[Any]]:
-    """The SELECT answering ``query`` (its first ``count`` rows) and its parameters."""
-    conditions: list[str] = []
-    parameters: list[Any] = []
+@dataclass(frozen=True, slots=True)
+class HistorySQL:
+    """The statements answering a query: ``select`` its rows; with filters no index
+    serves, it reads a window of at most the scan budget of rows the indexes give, and
+    ``window_end`` finds the last row of a full window (where the next page continues)."""
 
-    def any_of(expression: str, values: Sequence[str]) -> None:
+    select: str
+    parameters: list[Any]
+    window_end: str | None = None
+    window_parameters: list[Any] = dataclasses.field(default_factory=list)
+
+
+def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_ROWS) -> HistorySQL:
+    """The statements answering ``query`` (its first ``count`` rows)."""
+    # What the indexes serve (the window), then what is read from each row of it.
+    indexed: list[str] = []
+    indexed_parameters: list[Any] = []
+    residual: list[str] = []
+    residual_parameters: list[Any] = []
+
+    def any_of(conditions: list[str], parameters: list[Any], expression: str, values: Sequence[str]) -> None:
         if values:
             conditions.append(f"{expression} IN ({', '.join('?' * len(values))})")
             parameters.extend(values)
 
-    any_of("json_extract(body, '$.agent_id')", query.agent_ids)
-    any_of("json_extract(body, '$.department')", query.departments)
-    any_of("json_extract(body, '$.activity_type')", [t.value for t in query.activity_types])
-    any_of("json_extract(body, '$.session_id')", query.session_ids)
-    any_of("json_extract(body, '$.parent_activity_id')", query.parent_activity_ids)
+    any_of(indexed, indexed_parameters, "json_extract(body, '$.agent_id')", query.agent_ids)
+    any_of(indexed, indexed_parameters, "json_extract(body, '$.session_id')", query.session_ids)
+    any_of(indexed, indexed_parameters, "json_extract(body, '$.parent_activity_id')", query.parent_activity_ids)
     if query.session_ids:  # what lets the planner use the partial index
-        conditions.append("json_extract(body, '$.session_id') != ''")
+        indexed.append("json_extract(body, '$.session_id') != ''")
     if query.parent_activity_ids:
-        conditions.append("json_extract(body, '$.parent_activity_id') != ''")
+        indexed.append("json_extract(body, '$.parent_activity_id') != ''")
     if query.statuses:
-        # Checked enum values, written in the statement so a status = 'failed' query
-        # can use the partial index of failed activities.
-        conditions.append(f"status IN ({', '.join(repr(s.value) for s in query.statuses)})")
+        # Checked enum values, written in the statement (one as `=`) so that a query of
+        # the failed ones can use their partial index.
+        if len(query.statuses) == 1:
+            indexed.append(f"status = '{query.statuses[0].value}'")
+        else:
+            indexed.append(f"status IN ({', '.join(repr(s.value) for s in query.statuses)})")
     if query.since is not None:
-        conditions.append(f"{_HISTORY_TIME} >= ?")
-        parameters.append(query.since)
+        indexed.append(f"{_HISTORY_TIME} >= ?")
+        indexed_parameters.append(query.since)
     if query.until is not None:
-        conditions.append(f"{_HISTORY_TIME} < ?")
-        parameters.append(query.until)
+        indexed.append(f"{_HISTORY_TIME} < ?")
+        indexed_parameters.append(query.until)
     if query.after is not None:
-        conditions.append(f"({_HISTORY_TIME}, activity_id) {'<' if query.newest_first else '>'} (?, ?)")
-        parameters.extend(query.after)
-    for match in query.metadata:
-        conditions.append(_METADATA_MATCH)
-        literal = match.value if match.value in ("true", "false", "null") else ""
-        parameters.extend((match.key, match.value, match.number, literal))
-    where = f"WHERE {' AND '.join(conditions)} " if conditions else ""
-    direction = "DESC" if query.newest_first else "ASC"
-    statement = (
-        f"SELECT body FROM activities {where}ORDER BY {_HISTORY_TIME} {direction}, activity_id {direction} LIMIT ?"
+        indexed.append(f"({_HISTORY_TIME}, activity_id) {'<' if query.newest_first else '>'} (?, ?)")
+        indexed_parameters.extend(query.after)
+    any_of(residual, residual_parameters, "json_extract(body, '$.department')", query.departments)
+    any_of(
+        residual, residual_parameters, "json_extract(body, '$.activity_type')", [t.value for t in query.activity_types]
     )
-    parameters.append(count)
-    return statement, parameters
+    for match in query.metadata:
+        residual.append(_METADATA_MATCH)
+        literal = match.value if match.value in ("true", "false", "null") else ""
+        residual_parameters.extend((match.key, match.value, match.number, literal))
+    direction = "DESC" if query.newest_first else "ASC"
+    order = f"ORDER BY {_HISTORY_TIME} {direction}, activity_id {direction}"
+    where = f"WHERE {' AND '.join(indexed)} " if indexed else ""
+    if not residual:
+        return HistorySQL(f"SELECT body FROM activities {where}{order} LIMIT ?", [*indexed_parameters, count])
+    window = f"SELECT body, activity_id FROM activities {where}{order} LIMIT ?"
+    return HistorySQL(
+        f"SELECT body FROM ({window}) WHERE {' AND '.join(residual)} {order} LIMIT ?",
+        [*indexed_parameters, scan_rows, *residual_parameters, count],
+        f"SELECT {_HISTORY_TIME}, activity_id FROM activities {where}{order} LIMIT 1 OFFSET ?",
+        [*indexed_parameters, scan_rows - 1],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +277,10 @@ class SQLiteStore(SingleProcessStore):
         retention: Retention | None = None,
         commit_delay: float = COMMIT_DELAY,
         commit_quiet: float = COMMIT_QUIET,
+        history_scan_rows: int = HISTORY_SCAN_ROWS,
     ) -> None:
         self.path = data_dir / FILE_NAME
+        self.history_scan_rows = history_scan_rows
         self.commit_delay = commit_delay
         self.commit_quiet = commit_quiet
         self._last_commit = 0.0
@@ -457,16 +488,26 @@ class SQLiteStore(SingleProcessStore):
         reader.execute("PRAGMA query_only = ON")
         self._reader = reader
 
-    async def query_activities(self, query: ActivityQuery, count: int) -> list[Activity]:
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
         """Every activity the file retains (Retention: open ones, and the newest completed
-        ones up to its count and age), as of the last commit."""
+        ones up to its count and age), as of the last commit; with filters no index
+        serves, looking at ``history_scan_rows`` rows at most."""
         if self._reader is None:
-            return []
-        statement, parameters = history_sql(query, count)
+            return Found([])
+        sql = history_sql(query, count, self.history_scan_rows)
         reader = self._reader
 
-        def read() -> list[Activity]:
-            return [decode_activity(_json(body)) for (body,) in reader.execute(statement, parameters)]
+        def read() -> Found:
+            reader.execute("BEGIN")  # both statements read the same commit
+            try:
+                rows = reader.execute(sql.select, sql.parameters).fetchall()
+                scanned_to = None
+                if sql.window_end is not None and len(rows) < count:
+                    end = reader.execute(sql.window_end, sql.window_parameters).fetchone()
+                    scanned_to = (float(end[0]), str(end[1])) if end is not None else None
+            finally:
+                reader.execute("COMMIT")
+            return Found([decode_activity(_json(body)) for (body,) in rows], scanned_to)
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from collab_grpc.config import ServerConfig, parse_server_config
 from collab_grpc.convert import seconds_from_timestamp
 from collab_grpc.history import ActivityQuery
 from collab_grpc.servicer import DEFAULT_MAX_REPLY_BYTES
@@ -355,6 +356,48 @@ async def test_a_store_file_without_the_search_indexes_gets_them_at_open(tmp_pat
         assert set(SEARCH_INDEXES) <= names
         query = ActivityQuery.build(Limits(), agent_ids=["ada"])
         found = await reopened.query_activities(query, 10)
-        assert [a.activity_id for a in found] == [recorded.activity_id]
+        assert [a.activity_id for a in found.activities] == [recorded.activity_id]
     finally:
         await reopened.close()
+
+
+async def test_a_search_sqlite_cannot_serve_by_index_stops_at_the_scan_budget_and_goes_on(
+    make_hub: HubFactory,
+) -> None:
+    """Filtering on department, type or metadata, SQLite looks at `history_scan_rows` rows
+    a call: a page may be short, or empty, with a cursor; following it finds them all."""
+    _, client = await make_hub(store="sqlite", history_scan_rows=5)
+    recorded = []
+    for n in range(30):
+        request = pb.RecordActivityRequest(
+            agent_id="ada", department="ops" if n % 7 == 0 else "eng", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
+        )
+        recorded.append((await client.stub.RecordActivity(request, metadata=client.metadata)).activity_id)
+    expected = [activity_id for n, activity_id in enumerate(recorded) if n % 7 == 0][::-1]
+    pages = []
+    cursor = ""
+    while True:
+        reply = await client.stub.QueryActivities(
+            pb.QueryActivitiesRequest(departments=["ops"], limit=50, cursor=cursor), metadata=client.metadata
+        )
+        pages.append([a.activity_id for a in reply.activities])
+        if not reply.next_cursor:
+            break
+        cursor = reply.next_cursor
+    assert [activity_id for page in pages for activity_id in page] == expected
+    # 30 rows, 5 a call: six full windows, then one that finds the end.
+    assert len(pages) == 7
+    assert all(len(page) <= 1 for page in pages)
+    # Served by the indexes alone, the same budget does not cut a page short.
+    agent_page = await client.stub.QueryActivities(
+        pb.QueryActivitiesRequest(agent_ids=["ada"], limit=50), metadata=client.metadata
+    )
+    assert len(agent_page.activities) == 30 and not agent_page.next_cursor
+
+
+def test_history_scan_rows_setting() -> None:
+    assert ServerConfig().history_scan_rows == 10_000
+    assert parse_server_config(["--history-scan-rows", "500"], env={}).history_scan_rows == 500
+    assert parse_server_config([], env={"COLLAB_HISTORY_SCAN_ROWS": "42"}).history_scan_rows == 42
+    with pytest.raises(SystemExit):
+        parse_server_config(["--history-scan-rows", "0"], env={})

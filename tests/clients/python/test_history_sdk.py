@@ -5,7 +5,7 @@ the cursor, on the sync Client (a `collab-server` process, SQLite) and the Async
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -50,8 +50,13 @@ def test_sync_iterator_follows_the_cursor_through_every_filter(tmp_path: Path) -
         round_two = [a.activity_id for a in hub.query_activities(metadata={"round": 2}, page_size=2)]
         assert round_two == [a.activity_id for a in everything if a.metadata["round"] == 2]
         middle = seconds_from_timestamp(everything[10].timestamp)
-        since = [a.activity_id for a in hub.query_activities(since=datetime.fromtimestamp(middle, UTC))]
+        since = [a.activity_id for a in hub.query_activities(since=middle)]
         assert since == [a.activity_id for a in everything[:11]]
+        # A datetime holds microseconds: a bound a microsecond or two before the activity.
+        as_datetime = datetime.fromtimestamp(middle, UTC) - timedelta(microseconds=2)
+        assert [a.activity_id for a in hub.query_activities(since=as_datetime)] == since
+        naive = as_datetime.replace(tzinfo=None)
+        assert [a.activity_id for a in hub.query_activities(since=naive)] == since
         until = [a.activity_id for a in hub.query_activities(until=middle)]
         assert until == [a.activity_id for a in everything[11:]]
         # Lazy: taking three reads one page.
