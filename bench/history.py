@@ -13,6 +13,7 @@ included), cursors from real pages.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -25,8 +26,7 @@ from collab_grpc.eventloop import run
 from collab_grpc.history import ActivityQuery
 from collab_grpc.model import ActivityType
 from collab_grpc.state import CollaborationState, StateSettings
-from collab_grpc.store import sqlite as sqlite_store
-from collab_grpc.store.sqlite import Retention, SQLiteStore
+from collab_grpc.store.sqlite import SEARCH_INDEXES, Retention, SQLiteStore
 from collab_grpc.validation import Limits
 
 __all__ = ["HistoryResult", "ShapeResult", "build", "main", "measure", "table"]
@@ -85,13 +85,11 @@ async def build(
     store = SQLiteStore(
         data_dir, synchronous="normal", retention=Retention(count=4 * activities, seconds=30 * 86400.0, every=3600.0)
     )
-    saved = sqlite_store._HISTORY_INDEXES
-    if not indexed:
-        sqlite_store._HISTORY_INDEXES = ""
-    try:
-        store.open(state)
-    finally:
-        sqlite_store._HISTORY_INDEXES = saved
+    store.open(state)
+    if not indexed:  # the comparison: the same writes without the search's indexes
+        with sqlite3.connect(store.path) as connection:
+            for name in SEARCH_INDEXES:
+                connection.execute(f"DROP INDEX {name}")
     store.start()
     started = time.perf_counter()
     opened: list[str] = []

@@ -49,7 +49,7 @@ __all__ = ["Retention", "SQLiteStore"]
 log = logging.getLogger("collab_grpc.store.sqlite")
 
 APPLICATION_ID = 0x636F6C62  # "colb": this file is a collab store
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILE_NAME = "collab.db"
 
 SCHEMA = """
@@ -99,8 +99,10 @@ _INSERT_EVENTS = (
     f"{_FROM_CHUNK}"
 )
 _INSERT_ACTIVITIES = (
-    f"INSERT INTO activities (activity_id, seq, status, body) SELECT {_field(4)}, {_field(0)}, {_field(5)}, "
-    f"{_field(3)} {_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
+    "INSERT INTO activities (activity_id, seq, status, body, agent_id, session_id, parent_activity_id, recorded_at) "
+    f"SELECT {_field(4)}, {_field(0)}, {_field(5)}, {_field(3)}, json_extract(value, '$[3].agent_id'), "
+    "json_extract(value, '$[3].session_id'), json_extract(value, '$[3].parent_activity_id'), "
+    f"json_extract(value, '$[3].timestamp') {_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
 )
 _COMPLETE_ACTIVITIES = (
     "UPDATE activities SET status = done.status, completed_at = done.completed_at, body = done.body FROM "
@@ -124,24 +126,35 @@ CREATE INDEX agents_seen ON agents (seen_at);
 """
 
 
-# The history search (query_activities). Made at every open when missing, so a new file
-# and an existing version 2 file get them alike (no schema version change: a server
-# without the search keeps them up to date all the same). Each orders by (timestamp,
-# activity_id), the search's order and cursor, after the filter it serves; the other
-# filters (department, type, metadata) are read from the rows the time order walks.
-_HISTORY_TIME = "json_extract(body, '$.timestamp')"
-_HISTORY_KEY = f"{_HISTORY_TIME}, activity_id"
-_HISTORY_INDEXES = f"""
-CREATE INDEX IF NOT EXISTS activities_by_time ON activities ({_HISTORY_KEY});
-CREATE INDEX IF NOT EXISTS activities_by_agent
-    ON activities (json_extract(body, '$.agent_id'), {_HISTORY_KEY});
-CREATE INDEX IF NOT EXISTS activities_by_session
-    ON activities (json_extract(body, '$.session_id'), {_HISTORY_KEY}) WHERE json_extract(body, '$.session_id') != '';
-CREATE INDEX IF NOT EXISTS activities_by_parent
-    ON activities (json_extract(body, '$.parent_activity_id'), {_HISTORY_KEY})
-    WHERE json_extract(body, '$.parent_activity_id') != '';
-CREATE INDEX IF NOT EXISTS activities_failed ON activities ({_HISTORY_KEY}) WHERE status = 'failed';
+# Schema version 2 -> 3: the history search (query_activities). An activity's agent,
+# session, parent and time get columns of their own, written when it is recorded and never
+# changed after, so their indexes cost a completion nothing (an index on the JSON body
+# would be rewritten by every completion, which rewrites the body). Each index orders by
+# (recorded_at, activity_id), the search's order and cursor, after the filter it serves;
+# department, type and metadata are read from the rows the indexes give. A new file is
+# made at version 2 and taken through this step in the same transaction.
+SEARCH_INDEXES = (
+    "activities_by_time",
+    "activities_by_agent",
+    "activities_by_session",
+    "activities_by_parent",
+    "activities_failed",
+)
+_MIGRATE_TO_3 = """
+ALTER TABLE activities ADD COLUMN agent_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN session_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN parent_activity_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN recorded_at REAL NOT NULL DEFAULT 0;
+UPDATE activities SET agent_id = json_extract(body, '$.agent_id'), session_id = json_extract(body, '$.session_id'),
+    parent_activity_id = json_extract(body, '$.parent_activity_id'), recorded_at = json_extract(body, '$.timestamp');
+CREATE INDEX activities_by_time ON activities (recorded_at, activity_id);
+CREATE INDEX activities_by_agent ON activities (agent_id, recorded_at, activity_id);
+CREATE INDEX activities_by_session ON activities (session_id, recorded_at, activity_id) WHERE session_id != '';
+CREATE INDEX activities_by_parent ON activities (parent_activity_id, recorded_at, activity_id)
+    WHERE parent_activity_id != '';
+CREATE INDEX activities_failed ON activities (recorded_at, activity_id) WHERE status = 'failed';
 """
+_HISTORY_TIME = "recorded_at"
 # A metadata match: a top-level key whose scalar value is the text given (a string), the
 # number given, or true/false/null (history.MetadataMatch says the same in Python).
 _METADATA_MATCH = (
@@ -179,13 +192,13 @@ def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_
             conditions.append(f"{expression} IN ({', '.join('?' * len(values))})")
             parameters.extend(values)
 
-    any_of(indexed, indexed_parameters, "json_extract(body, '$.agent_id')", query.agent_ids)
-    any_of(indexed, indexed_parameters, "json_extract(body, '$.session_id')", query.session_ids)
-    any_of(indexed, indexed_parameters, "json_extract(body, '$.parent_activity_id')", query.parent_activity_ids)
+    any_of(indexed, indexed_parameters, "agent_id", query.agent_ids)
+    any_of(indexed, indexed_parameters, "session_id", query.session_ids)
+    any_of(indexed, indexed_parameters, "parent_activity_id", query.parent_activity_ids)
     if query.session_ids:  # what lets the planner use the partial index
-        indexed.append("json_extract(body, '$.session_id') != ''")
+        indexed.append("session_id != ''")
     if query.parent_activity_ids:
-        indexed.append("json_extract(body, '$.parent_activity_id') != ''")
+        indexed.append("parent_activity_id != ''")
     if query.statuses:
         # Checked enum values, written in the statement (one as `=`) so that a query of
         # the failed ones can use their partial index.
@@ -215,7 +228,7 @@ def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_
     where = f"WHERE {' AND '.join(indexed)} " if indexed else ""
     if not residual:
         return HistorySQL(f"SELECT body FROM activities {where}{order} LIMIT ?", [*indexed_parameters, count])
-    window = f"SELECT body, activity_id FROM activities {where}{order} LIMIT ?"
+    window = f"SELECT body, activity_id, recorded_at FROM activities {where}{order} LIMIT ?"
     return HistorySQL(
         f"SELECT body FROM ({window}) WHERE {' AND '.join(residual)} {order} LIMIT ?",
         [*indexed_parameters, scan_rows, *residual_parameters, count],
@@ -337,9 +350,13 @@ class SQLiteStore(SingleProcessStore):
             if application_id == APPLICATION_ID:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
                 if version == 1:
-                    connection.executescript(f"BEGIN; {_MIGRATE_TO_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_2} PRAGMA user_version = 2; COMMIT;")
                     log.info("store upgraded to schema version 2", extra={"path": str(self.path)})
-                    version = SCHEMA_VERSION
+                    version = 2
+                if version == 2:
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_3} PRAGMA user_version = 3; COMMIT;")
+                    log.info("store upgraded to schema version 3 (history search)", extra={"path": str(self.path)})
+                    version = 3
                 if version != SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
                 check = connection.execute("PRAGMA quick_check").fetchone()[0]
@@ -362,7 +379,8 @@ class SQLiteStore(SingleProcessStore):
         """Schema, epoch and the file's identity in one transaction: a crash leaves
         either an empty file or a complete store."""
         connection.executescript(
-            f"BEGIN; {SCHEMA} INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
+            f"BEGIN; {SCHEMA} {_MIGRATE_TO_3} "
+            f"INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
             f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
 
@@ -373,7 +391,7 @@ class SQLiteStore(SingleProcessStore):
     def open(self, state: CollaborationState) -> None:
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()
-        self._open_history(self._connection)
+        self._open_reader()
         self._state = state
         self._agent_idle_ttl = state.settings.agent_idle_ttl
         self._load(state)
@@ -477,13 +495,8 @@ class SQLiteStore(SingleProcessStore):
 
     # -- history search -------------------------------------------------------------
 
-    def _open_history(self, connection: sqlite3.Connection) -> None:
-        """The search's indexes (made once, at the first open of a file without them) and
-        its read-only connection."""
-        started = perf_counter()
-        connection.executescript(f"BEGIN; {_HISTORY_INDEXES} COMMIT;")
-        if perf_counter() - started > 1.0:
-            log.info("history search indexes built", extra={"seconds": round(perf_counter() - started, 1)})
+    def _open_reader(self) -> None:
+        """The search's read-only connection."""
         reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         reader.execute("PRAGMA query_only = ON")
         self._reader = reader

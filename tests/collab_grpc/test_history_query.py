@@ -20,7 +20,7 @@ from collab_grpc.convert import seconds_from_timestamp
 from collab_grpc.history import ActivityQuery
 from collab_grpc.servicer import DEFAULT_MAX_REPLY_BYTES
 from collab_grpc.state import CollaborationState
-from collab_grpc.store.sqlite import SQLiteStore
+from collab_grpc.store.sqlite import SEARCH_INDEXES, SQLiteStore
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.validation import Limits
 from tests.conftest import HubFactory
@@ -68,7 +68,6 @@ async def query_all(client: Client, cursor: str = "", **fields: Any) -> list[str
     raise AssertionError("the cursor never ended")
 
 
-SEARCH_INDEXES = ("activities_by_time", "activities_by_agent", "activities_by_session", "activities_by_parent")
 TYPES = [pb.ACTIVITY_TYPE_COUNCIL_DEBATE, pb.ACTIVITY_TYPE_MESSAGE_SENT, pb.ACTIVITY_TYPE_MEMORY_WRITE]
 
 
@@ -335,28 +334,45 @@ async def test_a_read_only_credential_may_search(make_hub: HubFactory) -> None:
     assert running
 
 
-async def test_a_store_file_without_the_search_indexes_gets_them_at_open(tmp_path: Path) -> None:
-    """A version 2 file written before the search has none of its indexes: the next open
-    makes them, and the search answers from the rows already there."""
+async def test_a_version_2_file_is_upgraded_with_its_activities_searchable(tmp_path: Path) -> None:
+    """A file written before the search (schema version 2: no search columns or indexes)
+    is upgraded at open, its activities' columns filled from their JSON."""
     state = CollaborationState()
     store = SQLiteStore(tmp_path)
     store.open(state)
     store.start()
-    recorded = state.record_activity(agent_id="ada", activity_type="council_debate")
+    session = state.start_collaboration(participants=["ada"])
+    root = state.record_activity(agent_id="ada", activity_type="agent_started")
+    child = state.record_activity(
+        agent_id="ada",
+        activity_type="council_debate",
+        session_id=session.session_id,
+        parent_activity_id=root.activity_id,
+    )
     await store.durable(state.log.last_seq)
     await store.close()
-    with sqlite3.connect(tmp_path / "collab.db") as connection:
+    with sqlite3.connect(tmp_path / "collab.db") as connection:  # back to what version 2 wrote
         for name in SEARCH_INDEXES:
             connection.execute(f"DROP INDEX {name}")
+        for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at"):
+            connection.execute(f"ALTER TABLE activities DROP COLUMN {column}")
+        connection.execute("PRAGMA user_version = 2")
     reopened = SQLiteStore(tmp_path)
     reopened.open(CollaborationState())
     try:
         with sqlite3.connect(tmp_path / "collab.db") as connection:
             names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
         assert set(SEARCH_INDEXES) <= names
-        query = ActivityQuery.build(Limits(), agent_ids=["ada"])
-        found = await reopened.query_activities(query, 10)
-        assert [a.activity_id for a in found.activities] == [recorded.activity_id]
+        limits = Limits()
+        for query, expected in [
+            (ActivityQuery.build(limits, agent_ids=["ada"]), [child, root]),
+            (ActivityQuery.build(limits, session_ids=[session.session_id]), [child]),
+            (ActivityQuery.build(limits, parent_activity_ids=[root.activity_id]), [child]),
+            (ActivityQuery.build(limits, since=root.timestamp, until=child.timestamp), [root]),
+        ]:
+            found = await reopened.query_activities(query, 10)
+            assert [a.activity_id for a in found.activities] == [a.activity_id for a in expected]
     finally:
         await reopened.close()
 
