@@ -230,13 +230,11 @@ def _seconds(field: str, text: str) -> float:
     except ValueError:
         try:
             moment = datetime.fromisoformat(text)
-        except ValueError:
+            seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError):  # not a time, or one beyond what a datetime holds
             raise HubError(
-                400, "INVALID_ARGUMENT", f"{field} must be epoch seconds or an ISO 8601 time, got {text!r}"
+                400, "INVALID_ARGUMENT", f"{field} must be epoch seconds or an ISO 8601 time, got {text!r:.80}"
             ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = moment.timestamp()
     if not (math.isfinite(seconds) and _EARLIEST <= seconds <= _LATEST):
         raise HubError(400, "INVALID_ARGUMENT", f"{field} must be a time between the years 1 and 9999, got {text!r}")
     return seconds

@@ -196,6 +196,7 @@ BAD_400: list[tuple[list[tuple[str, str]], str]] = [
     ([("since", "yesterday")], "since must be epoch seconds or an ISO 8601 time"),
     ([("until", "nan")], "until must be a time between"),
     ([("since", "1e30")], "since must be a time between"),
+    ([("since", "0001-01-01T00:00:00+01:00")], "since must be a time between"),
     ([("since", "200"), ("until", "100")], "must not be after until"),
     ([("meta", "no-equals")], "meta must be key=value"),
     ([("meta", "=x")], "meta must be key=value"),
