@@ -149,7 +149,7 @@ def shapes(state: CollaborationState, activities: int) -> list[tuple[str, dict[s
         ("children of an activity", {"parent_activity_ids": [some_root]}),
         ("metadata topic=pricing", {"metadata": [("topic", "pricing")]}),
         ("metadata round=3 and tokens=503", {"metadata": [("round", "3"), ("tokens", "503")]}),
-        ("metadata matching nothing (full scan)", {"metadata": [("topic", "absent")]}),
+        ("metadata matching nothing (a call reads its scan budget)", {"metadata": [("topic", "absent")]}),
         ("one minute in the middle", {"since": middle, "until": middle + 60}),
         ("open (active)", {"statuses": ["active"]}),
     ]
