@@ -1320,7 +1320,9 @@ class GetCollaborationResponse(_message.Message):
     def session(self) -> Global___CollaborationSession: ...
     @_builtins.property
     def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
-        """The session's activities still in history, oldest first."""
+        """The session's activities still in history, oldest first (QueryActivities with
+        `session_ids` pages through every one the store retains, ended session or not).
+        """
 
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:

@@ -417,3 +417,35 @@ def test_history_scan_rows_setting() -> None:
     assert parse_server_config([], env={"COLLAB_HISTORY_SCAN_ROWS": "42"}).history_scan_rows == 42
     with pytest.raises(SystemExit):
         parse_server_config(["--history-scan-rows", "0"], env={})
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_metadata_matches_scalars_alike_on_both_stores(make_hub: HubFactory, store: str) -> None:
+    _, client = await make_hub(store=store)
+    samples = {
+        "none": {"x": None},
+        "object": {"x": {"a": 1}},
+        "list": {"x": [1]},
+        "float": {"x": 1.5},
+        "text": {"x": "1.5"},
+        "int": {"x": 2},
+        "false": {"x": False},
+        "word": {"x": "false"},
+        "other key": {"y": "1.5"},
+    }
+    ids = {}
+    for name, metadata in samples.items():
+        ids[(await client.record("ada", metadata=struct(metadata)))] = name
+
+    async def named(value: str) -> set[str]:
+        found = await query_all(client, metadata=[pb.MetadataMatch(key="x", value=value)])
+        return {ids[activity_id] for activity_id in found}
+
+    assert await named("null") == {"none"}
+    assert await named("1.5") == {"float", "text"}
+    assert await named("1.50") == {"float"}
+    assert await named("2") == {"int"}
+    assert await named("2.0") == {"int"}
+    assert await named("false") == {"false", "word"}
+    assert await named('{"a": 1}') == set()
+    assert await named("[1]") == set()
