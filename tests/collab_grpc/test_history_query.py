@@ -422,7 +422,7 @@ def test_history_scan_rows_setting() -> None:
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 async def test_metadata_matches_scalars_alike_on_both_stores(make_hub: HubFactory, store: str) -> None:
     _, client = await make_hub(store=store)
-    samples = {
+    samples: dict[str, dict[str, Any]] = {
         "none": {"x": None},
         "object": {"x": {"a": 1}},
         "list": {"x": [1]},
