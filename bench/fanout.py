@@ -36,7 +36,7 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["FanoutResult", "run_fanout"]
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-not-a-secret"
 # A delivery: the hub's and the peers' agent_activity messages (not the `subscribed` reply,
 # which names agent_activity among its types).
 MARKER = b'"type":"agent_activity"'

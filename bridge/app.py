@@ -128,7 +128,8 @@ def create_app(config: BridgeConfig) -> FastAPI:
             "epoch": runtime.hub.epoch,
             "seq": runtime.hub.last_seq,
             "clients": len(websocket.connections),
-            "error": None if upstream.connected else upstream.last_error or "connecting",
+            # Why it is not connected names internal addresses: in the log (bridge.upstream), not here.
+            "error": None if upstream.connected else "upstream unavailable" if upstream.last_error else "connecting",
         }
         return JSONResponse(body, status_code=200 if upstream.connected else 503)
 

@@ -20,12 +20,15 @@ from typing import Any
 
 from bridge.wire import DirectWrite, text_frame
 
-__all__ = ["CLOSE_TOO_SLOW", "ClientFilter", "Fanout", "Frame", "Subscriber"]
+__all__ = ["CLOSE_TOO_SLOW", "DEFAULT_BACKLOG_BYTES", "ClientFilter", "Fanout", "Frame", "Subscriber"]
 
 log = logging.getLogger("bridge.fanout")
 
 # Close code for a client that fell too far behind: reconnect, resuming with since/epoch.
 CLOSE_TOO_SLOW = 4008
+
+# The characters of text a client that is behind may have waiting (COLLAB_CLIENT_BACKLOG_BYTES).
+DEFAULT_BACKLOG_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class Subscriber:
         close: Callable[[int, str], Coroutine[Any, Any, None]],
         *,
         max_backlog: int,
+        max_backlog_bytes: int = DEFAULT_BACKLOG_BYTES,
         client_id: str = "",
         encode: Callable[[Frame], str] | None = None,
         direct: DirectWrite | None = None,
@@ -115,6 +119,9 @@ class Subscriber:
         self.written_seq = 0
         self.too_slow = False
         self.max_backlog = max_backlog
+        # Messages can be 64 KiB and more: the backlog is bounded in characters of text too.
+        self.max_backlog_bytes = max_backlog_bytes
+        self.backlog_bytes = 0
         self.high_water = 0
         self.closed = False
         self._send_text = send_text
@@ -164,13 +171,13 @@ class Subscriber:
             return
         if self._writer is not None:
             if len(self._backlog) >= self.max_backlog:
-                self.too_slow = True
-                self.disconnect(
-                    CLOSE_TOO_SLOW,
-                    f"too slow: more than {self.max_backlog} messages waiting; reconnect with since={self.written_seq}",
-                )
+                self._too_slow(f"more than {self.max_backlog} messages")
+                return
+            if self._backlog and self.backlog_bytes + len(text) > self.max_backlog_bytes:
+                self._too_slow(f"more than {self.max_backlog_bytes} bytes of messages")
                 return
             self._backlog.append((text, seq))
+            self.backlog_bytes += len(text)
             self.high_water = max(self.high_water, len(self._backlog))
             return
         coro = self._send_text(text)
@@ -186,6 +193,16 @@ class Subscriber:
             return
         self._writer = asyncio.create_task(self._catch_up(_finish(coro, pending), seq))
 
+    def _too_slow(self, waiting: str) -> None:
+        self.too_slow = True
+        self.disconnect(CLOSE_TOO_SLOW, f"too slow: {waiting} waiting; reconnect with since={self.written_seq}")
+
+    async def drained(self) -> None:
+        """Return once nothing is waiting to be written (at once for a client keeping up)."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait({writer})
+
     async def _catch_up(self, blocked: Awaitable[None], seq: int | None) -> None:
         try:
             await blocked
@@ -193,6 +210,7 @@ class Subscriber:
                 self.written_seq = seq
             while self._backlog:
                 text, seq = self._backlog.popleft()
+                self.backlog_bytes -= len(text)
                 await self._send_text(text)
                 if seq is not None:
                     self.written_seq = seq
@@ -210,6 +228,7 @@ class Subscriber:
             return
         self.closed = True
         self._backlog.clear()
+        self.backlog_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None

@@ -56,12 +56,21 @@ class Join:
     catch_up: list[Frame]
 
 
+DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+
+
 class StreamHub:
-    def __init__(self, buffer_size: int) -> None:
+    """``buffer_size`` recent frames are kept, taking at most ``buffer_bytes`` characters
+    of text (the newest one whatever its size); the oldest go first."""
+
+    def __init__(self, buffer_size: int, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
         self.fanout = Fanout()
         self.epoch = ""
         self.last_seq = 0
-        self._recent: deque[Frame] = deque(maxlen=buffer_size)
+        self.buffer_size = buffer_size
+        self.buffer_bytes = buffer_bytes
+        self._recent: deque[Frame] = deque()
+        self.buffered_bytes = 0
         self.status_frame: Frame | None = None
 
     # -- from upstream --------------------------------------------------------------
@@ -73,6 +82,7 @@ class StreamHub:
         this fresh state, marked ``reset``, and continues from it."""
         if (snapshot.epoch, snapshot.seq) != (self.epoch, self.last_seq):
             self._recent.clear()  # buffered frames are of another history or leave a gap
+            self.buffered_bytes = 0
         self.epoch, self.last_seq = snapshot.epoch, snapshot.seq
         frame: Frame | None = None
         for subscriber in tuple(self.fanout.subscribers):
@@ -101,9 +111,16 @@ class StreamHub:
         frame = self.frame(event)
         if frame is None:
             return  # skipping it keeps every other client served
-        self._recent.append(frame)
+        self._buffer(frame)
         self.fanout.broadcast(frame)
         frame.release_wire()  # the buffer of recent frames would hold every event twice
+
+    def _buffer(self, frame: Frame) -> None:
+        recent = self._recent
+        recent.append(frame)
+        self.buffered_bytes += len(frame.text)
+        while len(recent) > self.buffer_size or (self.buffered_bytes > self.buffer_bytes and len(recent) > 1):
+            self.buffered_bytes -= len(recent.popleft().text)
 
     @property
     def first_buffered_seq(self) -> int:
@@ -122,17 +139,13 @@ class StreamHub:
         start = bisect.bisect_right(self._recent, seq, key=lambda frame: frame.seq or 0)
         return islice(self._recent, start, None)
 
-    def plan_resume(self, epoch: str, since: int, fetched: list[Frame] | None = None) -> Join:
-        """Can a client that saw everything up to ``(epoch, since)`` be caught up? From
-        the buffer, or with ``fetched``: the events after ``since`` read from the server
-        that lead up to the buffer."""
+    def plan_resume(self, epoch: str, since: int) -> Join:
+        """Can a client that saw everything up to ``(epoch, since)`` be caught up from
+        the buffer? (Events older than the buffer are streamed from the server first:
+        BridgeRuntime.open_client.)"""
         if epoch != self.epoch:
             return Join(False, f"epoch {epoch!r} is not the current epoch {self.epoch!r}", [])
         first = self.first_buffered_seq
-        if fetched and since + 1 < first and fetched[0].seq == since + 1:
-            reached = fetched[-1].seq or since
-            if reached + 1 >= first:
-                return Join(True, "", fetched + list(self._frames_after(reached)))
         if since + 1 < first:
             return Join(False, f"events after seq {since} are no longer buffered (oldest is {first})", [])
         if since > self.last_seq:
@@ -146,7 +159,6 @@ class StreamHub:
         established: mapping.JSON,
         since: int | None,
         epoch: str,
-        fetched: list[Frame] | None = None,
         strict: bool = True,
     ) -> None:
         """Start a client: ``connection_established``, then either the events it missed
@@ -157,7 +169,7 @@ class StreamHub:
         would be missed, or (``strict``) when the snapshot is of another epoch than the
         bridge follows; the caller fetches a fresh snapshot."""
         if since is not None:
-            plan = self.plan_resume(epoch, since, fetched)
+            plan = self.plan_resume(epoch, since)
             established["recovered"] = plan.recovered
             if plan.recovered:
                 established["seq"] = since
@@ -186,6 +198,17 @@ class StreamHub:
         if not subscriber.epoch:
             subscriber.epoch = self.epoch
         for frame in frames:
+            subscriber.deliver(frame)
+        self.fanout.add(subscriber)
+
+    def continue_after(self, subscriber: Subscriber, seq: int) -> None:
+        """Go on with a client that was sent every event up to ``seq`` (streamed from the
+        server): the buffered frames after it, then live ones. Unlike ``join`` it keeps
+        the client's written position, since some of what it was sent may still be
+        waiting to be written. Synchronous, so no event can slip in between."""
+        subscriber.min_seq = max(subscriber.min_seq, seq)
+        subscriber.last_seq = max(subscriber.last_seq, seq)
+        for frame in self._frames_after(seq):
             subscriber.deliver(frame)
         self.fanout.add(subscriber)
 

@@ -5,18 +5,25 @@
   (WebSocket close 4429, SSE HTTP 429) until one of them closes.
 - MessageRate: messages one WebSocket connection may send per second (a token bucket);
   one over the rate is dropped and answered with an `error`, and a connection that keeps
-  flooding is closed with 1008.
+  flooding is closed with 1008. The same bucket counts a connection's frames (pings,
+  pongs and fragments too) in bridge/edge.py.
+- ThrottledLog: one log line per kind of refusal every few seconds, however many happen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
+import logging
 import math
+import time
 from collections import Counter, deque
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
+
+from bridge.credentials import Credential, token_of
 
 __all__ = [
     "FLOOD_FACTOR",
@@ -26,6 +33,7 @@ __all__ = [
     "ConnectionLimit",
     "ConnectionSlot",
     "MessageRate",
+    "ThrottledLog",
     "token_key",
 ]
 
@@ -86,17 +94,11 @@ class BodySizeLimit:
                 await self._refuse(send)
 
 
-def token_key(credential: tuple[str, str] | None) -> str:
+def token_key(credential: Credential) -> str:
     """The token a connection authenticates with, however it was sent (``?token=``,
     ``Authorization: Bearer``, ``X-API-Key``); "" for none. Connections are counted per
     token, so the same token sent two ways shares one budget."""
-    if credential is None:
-        return ""
-    name, value = credential
-    if name == "authorization":
-        scheme, _, token = value.strip().partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else value.strip()
-    return value.strip()
+    return token_of(credential)
 
 
 class ConnectionSlot:
@@ -179,8 +181,11 @@ class MessageRate:
     """A token bucket over one WebSocket connection's messages: ``per_second`` on average,
     bursts of up to twice that (at least 1). ``per_second`` 0: no limit."""
 
-    def __init__(self, per_second: float, now: float) -> None:
+    def __init__(self, per_second: float, now: float, unit: str = "messages", fate: str = "dropped") -> None:
         self.per_second = per_second
+        # What is counted, and what becomes of one over the rate (for the close's reason).
+        self.unit = unit
+        self.fate = fate
         self.burst = max(1.0, 2 * per_second)
         self._tokens = self.burst
         self._at = now
@@ -209,12 +214,51 @@ class MessageRate:
 
     def refusal(self) -> str:
         return (
-            f"rate limited: more than {self.per_second:g} messages per second (bursts of {self.burst:g}); "
+            f"rate limited: more than {self.per_second:g} {self.unit} per second (bursts of {self.burst:g}); "
             f"this message was dropped, retry in {self.retry_after:.2f} s"
         )
 
     def flood_reason(self) -> str:
         return (
-            f"flooding: {self._flood} messages over the rate of {self.per_second:g} per second "
-            f"were dropped within {FLOOD_SECONDS:g} s"
+            f"flooding: {self._flood} {self.unit} over the rate of {self.per_second:g} per second "
+            f"were {self.fate} within {FLOOD_SECONDS:g} s"
         )
+
+
+class ThrottledLog:
+    """A warning for a kind of event (a timeout, a refusal) at most every ``interval``
+    seconds, saying how many happened since the last line: a client causing thousands a
+    second costs one line, and none is hidden."""
+
+    def __init__(self, logger: logging.Logger, message: str, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.message = message
+        self.interval = interval
+        self.total = 0
+        self._unlogged = 0
+        self._logged_at = -math.inf
+        self._fields: dict[str, object] = {}
+        self._flush_at: asyncio.TimerHandle | None = None
+
+    def record(self, **fields: object) -> None:
+        """One more event; ``fields`` (of the newest) go on the line."""
+        self.total += 1
+        self._unlogged += 1
+        self._fields = fields
+        if time.monotonic() - self._logged_at >= self.interval:
+            self._flush()
+        elif self._flush_at is None:
+            # The ones that follow a line are reported when the interval is over.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._flush_at = loop.call_later(self._logged_at + self.interval - time.monotonic(), self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        if self._unlogged:
+            extra = {**self._fields, "count": self._unlogged, "total": self.total}
+            self.logger.warning("%s: %d since the last report", self.message, self._unlogged, extra=extra)
+            self._unlogged = 0
+            self._logged_at = time.monotonic()

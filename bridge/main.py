@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote_plus
 
 import uvicorn
 from fastapi import FastAPI
@@ -17,19 +18,46 @@ from pythonjsonlogger.core import RESERVED_ATTRS
 
 from bridge.app import asgi_app, create_app, drain
 from bridge.config import parse_bridge_config
+from bridge.credentials import QUERY_NAME
+from bridge.edge import EdgeLimits, check_open_file_limit, edge_protocols
+from bridge.origins import HostCheck, HostPolicy
 from bridge.request_id import request_id_filter
 from bridge.tls import check_tls_files
+from collab_grpc.logs import TEXT_FORMAT
 
-__all__ = ["RedactSecrets", "log_config", "main"]
+__all__ = ["RedactSecrets", "log_config", "main", "redact"]
 
-# The hard cap uvicorn enforces by closing with 1009; messages between the configured
-# limit and this get an `error` reply instead, and the connection stays up.
-WS_HARD_LIMIT = 1024 * 1024
+# The WebSocket protocol itself refuses (close 1009, never assembled) a message over this
+# many times COLLAB_MAX_WS_MESSAGE_BYTES; a message between the limit and this gets an
+# `error` reply instead, and the connection stays (the guide's contract for one too large).
+WS_HARD_LIMIT_FACTOR = 2
 # Seconds a graceful stop waits for REST calls in flight beyond the RPC timeout.
 SHUTDOWN_MARGIN = 2.0
 
-# `?token=...` in a URL, `Bearer ...` and `x-api-key: ...` in headers, wherever a log line quotes them.
-_SECRET = re.compile(r"(?i)([?&](?:access_)?token=[\"']?|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
+# `?token=...` (quoted too), `Bearer ...` and `x-api-key: ...` wherever a log line quotes them.
+_SECRET = re.compile(r"(?i)([?&;](?:access_)?token=[\"']?|\bbearer\s+|\bx-api-key[\"']?\s*[:=]\s*[\"']?)[^\s&\"',;]+")
+# A URL's query string, wherever a log line quotes one (uvicorn's WebSocket lines do).
+_QUERY = re.compile(r"\?([^\s\"'<>]*)")
+# Query parameters that carry a credential, compared once percent-decoded and lower-cased,
+# so that `?%74oken=` (which the bridge reads as `token`) is redacted too.
+_SECRET_PARAMETERS = frozenset({QUERY_NAME, "access_token", "api_key", "x-api-key", "authorization"})
+REDACTED = "[redacted]"
+
+
+def _redact_query(match: re.Match[str]) -> str:
+    pairs = []
+    for pair in re.split(r"([&;])", match.group(1)):
+        name, _, value = pair.partition("=")
+        if value and unquote_plus(name).strip().lower() in _SECRET_PARAMETERS:
+            pair = f"{name}={REDACTED}"
+        pairs.append(pair)
+    return "?" + "".join(pairs)
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential it quotes blanked: in a URL's query string however
+    its name is encoded, after `Bearer`, after `x-api-key`."""
+    return _SECRET.sub(rf"\1{REDACTED}", _QUERY.sub(_redact_query, text))
 
 
 class RedactSecrets(logging.Filter):
@@ -41,18 +69,17 @@ class RedactSecrets(logging.Filter):
             message = record.getMessage()
         except (TypeError, ValueError):  # arguments that do not fit: logging reports it itself
             return True
-        redacted = _SECRET.sub(r"\1[redacted]", message)
+        redacted = redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
         for name, value in list(vars(record).items()):
-            if name != "msg" and isinstance(value, str) and _SECRET.search(value):
-                setattr(record, name, _SECRET.sub(r"\1[redacted]", value))
+            if name != "msg" and isinstance(value, str) and (clean := redact(value)) != value:
+                setattr(record, name, clean)
         if record.exc_info:
             # A traceback can quote a URL or header too: one holding a credential is
             # redacted and carried in the message (the formatters would print the raw one).
             trace = logging.Formatter().formatException(record.exc_info)
-            if _SECRET.search(trace):
-                redacted_trace = _SECRET.sub(r"\1[redacted]", trace)
+            if (redacted_trace := redact(trace)) != trace:
                 record.msg, record.args = f"{record.getMessage()}\n{redacted_trace}", None
                 record.exc_info, record.exc_text = None, None
         return True
@@ -69,7 +96,8 @@ def log_config(level: str, fmt: str) -> dict[str, Any]:
             "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
         }
         if fmt == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+        # Control characters escaped: a client's `%0a` cannot start a line (collab_grpc/logs.py).
+        else {"()": "collab_grpc.logs.SafeTextFormatter", "fmt": TEXT_FORMAT}
     )
     return {
         "version": 1,
@@ -132,16 +160,29 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{config.data_dir / 'api_key'}; the upstream streams will be refused unless auth is off",
             file=sys.stderr,
         )
+    try:
+        max_connections, lowered = check_open_file_limit(config.max_connections)
+    except ValueError as exc:
+        sys.exit(f"collab-bridge: {exc}")
+    if lowered:
+        print(f"collab-bridge: warning: {lowered}", file=sys.stderr)
+    http_protocol, ws_protocol = edge_protocols(EdgeLimits.from_config(config, max_connections))
     app = create_app(config)
     uvicorn_config = uvicorn.Config(
-        asgi_app(app),
+        HostCheck(asgi_app(app), HostPolicy(config.host, config.allowed_hosts)),
         host=config.host,
         port=config.port,
-        ws="websockets-sansio",
-        ws_max_size=max(WS_HARD_LIMIT, config.max_ws_message_bytes),
+        http=http_protocol,
+        ws=ws_protocol,
+        ws_max_size=WS_HARD_LIMIT_FACTOR * config.max_ws_message_bytes,
         ws_per_message_deflate=config.ws_compression,
+        timeout_keep_alive=config.idle_timeout,  # type: ignore[arg-type]  # a float works: it goes to call_later
         log_config=log_config(config.log_level, config.log_format),
         access_log=False,
+        # Client addresses from X-Forwarded-For only when the connection comes from a
+        # configured proxy (uvicorn would otherwise believe any local process).
+        proxy_headers=bool(config.trusted_proxies),
+        forwarded_allow_ips=list(config.trusted_proxies) or None,
         lifespan="on",
         ssl_certfile=config.tls_cert,
         ssl_keyfile=config.tls_key,

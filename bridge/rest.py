@@ -7,7 +7,9 @@ HTTP statuses with a JSON body ``{"detail": "<what is wrong>", "code": "<STATUS>
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
@@ -22,6 +24,8 @@ from google.protobuf.message import Message as ProtoMessage
 from pydantic import BaseModel, ConfigDict, Field
 
 from bridge import mapping
+from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
+from bridge.limits import ThrottledLog
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
@@ -39,9 +43,20 @@ from bridge.schemas import (
     SuccessBody,
     documented,
 )
+from collab_grpc.errors import BUDGET_TRAILER
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["HTTP_STATUS", "HubError", "build_router", "hub_error_response"]
+__all__ = [
+    "HTTP_STATUS",
+    "HubError",
+    "build_router",
+    "credential_from_request",
+    "hub_error_response",
+    "unavailable_detail",
+    "without_addresses",
+]
+
+log = logging.getLogger("bridge.rest")
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -72,15 +87,47 @@ class HubError(Exception):
     @classmethod
     def from_rpc(cls, failure: grpc.aio.AioRpcError) -> HubError:
         code = failure.code()
-        detail = failure.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE:
-            detail = f"the collab server is unavailable: {detail}"
+        detail = unavailable_detail(failure) or failure.details() or code.name
         retry_after = None
+        status = HTTP_STATUS.get(code, 502)
         # The type stubs mistype metadata entries; they are (key, value) pairs.
         for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
             if key == "retry-after":
                 retry_after = str(value)
-        return cls(HTTP_STATUS.get(code, 502), code.name, detail, retry_after)
+            elif key == BUDGET_TRAILER and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # A memory budget is full, not a rate: 507, and retrying soon does not help
+                # (429 with Retry-After stays the rate limit's).
+                status = 507
+        return cls(status, code.name, detail, retry_after)
+
+
+# Why the server could not be reached names internal addresses (the server's, Redis's):
+# for the operator's log, not for whoever calls. What else the server said (the disk is
+# full, say) is the caller's to know.
+_unreachable = ThrottledLog(log, "calls to the collab server failed with UNAVAILABLE")
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix-abstract|unix|dns|vsock):(?:\[[^\]]*\]|[^\s,;\[\]])+?(?=:?(?:\s|$|[,;]))"  # gRPC's
+    r"|\[[0-9a-fA-F:.%]+\](?::\d+)?"  # [IPv6]:port
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"  # IPv4:port
+    r"|\b[\w.-]+:\d{2,5}\b"  # name:port
+)
+
+
+def without_addresses(text: str) -> str:
+    """``text`` with every network address in it (IPs, host:port, gRPC's ipv4:/unix:
+    forms) replaced by ``[address]``."""
+    return _ADDRESS.sub("[address]", text)
+
+
+def unavailable_detail(failure: grpc.aio.AioRpcError) -> str | None:
+    """What a caller is told of an UNAVAILABLE failure: the details without addresses
+    (they are logged whole); None for any other status, whose details are the server's
+    answer to the caller."""
+    if failure.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    details = failure.details() or ""
+    _unreachable.record(detail=details)
+    return f"the collab server is unavailable: {without_addresses(details) or 'retry later'}"
 
 
 def hub_error_response(error: HubError) -> JSONResponse:
@@ -92,12 +139,13 @@ def hub_error_response(error: HubError) -> JSONResponse:
     return JSONResponse({"detail": error.detail, "code": error.code}, status_code=error.status, headers=headers)
 
 
-def credential_from_request(request: Request) -> Credential:
-    if authorization := request.headers.get("authorization"):
-        return ("authorization", authorization)
-    if api_key := request.headers.get("x-api-key"):
-        return ("x-api-key", api_key)
-    return None
+def credential_from_request(request: Request, max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES) -> Credential:
+    """The caller's credential (bridge/credentials.py); a malformed one is a 401."""
+    try:
+        return credential_from_headers(request.scope["headers"], max_bytes=max_bytes)
+    except InvalidCredential as refused:
+        log.info("credential refused", extra={"path": request.url.path, "reason": str(refused)})
+        raise HubError(401, "UNAUTHENTICATED", f"invalid credential: {refused}") from None
 
 
 # The server's limit (collab_grpc.validation.Limits.max_metadata_depth). Checked here
@@ -261,7 +309,7 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
 
     async def call(request: Request, method: str, message: Any) -> Any:
         """``method`` of the server, with the caller's credential; failures as HubError."""
-        metadata = credential_metadata(credential_from_request(request))
+        metadata = credential_metadata(credential_from_request(request, runtime.config.max_credential_bytes))
         try:
             return await getattr(runtime.stub, method)(message, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as failure:

@@ -4,13 +4,16 @@ and the stream hub, started and stopped together."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import grpc
 
 from bridge.config import BridgeConfig
-from bridge.fanout import Frame, Subscriber
-from bridge.hub import SnapshotTooOld, StreamHub
+from bridge.credential_watch import CredentialWatch
+from bridge.fanout import CLOSE_TOO_SLOW, Frame, Subscriber
+from bridge.hub import SnapshotTooOld, StreamHub, dumps
 from bridge.limits import ConnectionLimit
 from bridge.request_id import HEADER, REQUEST_ID
 from bridge.tls import upstream_channel
@@ -20,10 +23,21 @@ from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["BridgeRuntime", "Credential", "credential_metadata"]
 
+log = logging.getLogger("bridge.runtime")
+
 SNAPSHOT_ATTEMPTS = 3
+# Seconds a client refused a turn to resume is told to wait before it retries.
+RESUME_RETRY_AFTER = 1
 
 # (header name, value) as the caller sent it: ("authorization", "Bearer x") or ("x-api-key", "x").
 Credential = tuple[str, str] | None
+
+
+def _unavailable(details: str, retry_after: int | None = None) -> grpc.aio.AioRpcError:
+    """A refusal the endpoints turn into "retry later" (WebSocket 1013, HTTP 503 with
+    ``Retry-After`` when given)."""
+    trailers = grpc.aio.Metadata(("retry-after", str(retry_after))) if retry_after else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailers, details, None)
 
 
 def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
@@ -40,9 +54,20 @@ class BridgeRuntime:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.hub = StreamHub(config.event_buffer)
+        self.hub = StreamHub(config.event_buffer, config.event_buffer_bytes)
+        # Resumes that read the server's log (older than the buffer) at once; each is
+        # streamed, holding one message and the client's bounded backlog at a time.
+        self._resume_slots = asyncio.Semaphore(config.max_concurrent_resumes)
+        self.resumes_refused = 0
         # One budget per token across the WebSocket and SSE endpoints.
         self.connection_limit = ConnectionLimit(config.max_connections_per_token)
+        # The open connections' credentials: ended when they expire or are revoked.
+        self.credentials = CredentialWatch(
+            self.check_credential,
+            recheck_interval=config.credential_recheck_interval,
+            concurrency=config.credential_recheck_concurrency,
+        )
+        self._told_no_check = False
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CollaborationServiceAsyncStub | None = None
         self._upstream: Upstream | None = None
@@ -76,6 +101,7 @@ class BridgeRuntime:
             on_status=self.hub.on_status,
         )
         self._upstream.start()
+        self.credentials.start()
 
     def _on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
         self.hub.on_snapshot(snapshot, reset)
@@ -97,8 +123,29 @@ class BridgeRuntime:
             ) from None
 
     async def stop(self) -> None:
+        await self.credentials.stop()
         await self.upstream.stop()
         await self.channel.close(None)
+
+    async def check_credential(self, credential: Credential) -> float | None:
+        """When ``credential`` expires (epoch seconds; None: not by itself), as the server
+        says; grpc.aio.AioRpcError (UNAUTHENTICATED...) when it is not accepted."""
+        try:
+            reply = await self.stub.CheckCredential(
+                pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
+            )
+        except grpc.aio.AioRpcError as failure:
+            if failure.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            # A server older than this bridge (a rolling upgrade): it checked the credential
+            # when the connection's snapshot was fetched; its expiry cannot be known.
+            if not self._told_no_check:
+                self._told_no_check = True
+                log.warning("the server has no CheckCredential: connections are not ended when credentials expire")
+            return None
+        if not reply.HasField("expires_at"):
+            return None
+        return float(reply.expires_at.ToNanoseconds()) / 1e9
 
     async def fetch_snapshot(self, credential: Credential) -> pb.Snapshot:
         """The state now, read with the caller's own credential, which the server checks."""
@@ -121,33 +168,93 @@ class BridgeRuntime:
             )
         return first.snapshot
 
-    async def fetch_missed(self, credential: Credential, epoch: str, since: int, until: int) -> list[Frame] | None:
-        """The events after ``since`` up to ``until``, replayed by the server with the
-        caller's credential; None when it cannot (another epoch, no longer retained)."""
-        call = self.stub.SubscribeEvents(
-            pb.SubscribeEventsRequest(since_seq=since, epoch=epoch),
-            metadata=credential_metadata(credential),
-            timeout=self.config.rpc_timeout,
-        )
-        frames: list[Frame] = []
+    @asynccontextmanager
+    async def _resume_slot(self) -> AsyncIterator[None]:
+        """A turn to stream a resume from the server; waits at most ``rpc_timeout``, then
+        refuses with UNAVAILABLE (the client retries)."""
         try:
-            first = await call.read()
-            if not isinstance(first, pb.SubscribeEventsResponse) or not first.resume.recovered:
-                return None
-            seq = since
-            while seq < until:
-                message = await call.read()
-                if not isinstance(message, pb.SubscribeEventsResponse):
-                    return None
-                seq = message.event.seq
-                frame = self.hub.frame(message.event)
-                if frame is not None:
-                    frames.append(frame)
-        except grpc.aio.AioRpcError:
-            return None
+            await asyncio.wait_for(self._resume_slots.acquire(), self.config.rpc_timeout)
+        except TimeoutError:
+            self.resumes_refused += 1
+            limit = self.config.max_concurrent_resumes
+            log.info("resume refused: %d resumes from the server's log already under way", limit)
+            raise _unavailable(
+                f"too many clients resuming from the server's log at once (the most is {limit}: "
+                "COLLAB_MAX_CONCURRENT_RESUMES); retry with the same since/epoch",
+                RESUME_RETRY_AFTER,
+            ) from None
+        try:
+            yield
         finally:
-            call.cancel()
-        return frames
+            self._resume_slots.release()
+
+    async def resume_from_server(
+        self,
+        subscriber: Subscriber,
+        credential: Credential,
+        established: Mapping[str, object],
+        epoch: str,
+        since: int,
+    ) -> bool:
+        """Resume a client whose position is older than the buffer from the server's log,
+        read with the caller's credential: ``connection_established`` (recovered), then
+        each missed event streamed to the client as it arrives (waiting for a client that
+        is behind), up to where the buffer takes over; then live events. False (nothing
+        sent) when the server cannot replay them either (another epoch, no longer
+        retained); UNAVAILABLE when the replay breaks off (the client resumes again from
+        what it received)."""
+        hub = self.hub
+        async with self._resume_slot():
+            call = self.stub.SubscribeEvents(
+                pb.SubscribeEventsRequest(since_seq=since, epoch=epoch),
+                metadata=credential_metadata(credential),
+                timeout=self.config.rpc_timeout,
+            )
+            try:
+                first = await call.read()
+                if not isinstance(first, pb.SubscribeEventsResponse) or not first.resume.recovered:
+                    return False
+                opening = {**established, "epoch": epoch, "seq": since, "recovered": True}
+                subscriber.epoch = epoch
+                subscriber.min_seq = subscriber.last_seq = subscriber.written_seq = since
+                subscriber.send_frame(Frame(dumps(opening), "connection_established"))
+                reached = since
+                # Until the buffer (which moves on meanwhile) holds what follows.
+                while reached + 1 < hub.first_buffered_seq and not subscriber.closed:
+                    message = await call.read()
+                    if not isinstance(message, pb.SubscribeEventsResponse):
+                        raise _unavailable("the server ended the replay early; resume again")
+                    reached = message.event.seq
+                    frame = hub.frame(message.event)
+                    if frame is not None:
+                        subscriber.deliver(frame)
+                    if subscriber.behind:
+                        await self._wait_drained(subscriber)
+            except grpc.aio.AioRpcError as failure:
+                if failure.code() == grpc.StatusCode.UNAVAILABLE:
+                    raise
+                raise _unavailable(f"the replay of missed events failed: {failure.details()}; resume again") from None
+            finally:
+                call.cancel()
+        if subscriber.closed:
+            return True  # too slow, or gone: it resumes again from what it received
+        if hub.epoch != epoch:  # the server restarted meanwhile
+            raise _unavailable("the server's history restarted during the resume; resume again")
+        hub.continue_after(subscriber, reached)
+        return True
+
+    async def _wait_drained(self, subscriber: Subscriber) -> None:
+        """Let a client that is behind take what waits before it is sent more; one that
+        takes nothing for ``rpc_timeout`` is closed as too slow."""
+        try:
+            await asyncio.wait_for(subscriber.drained(), self.config.rpc_timeout)
+        except TimeoutError:
+            subscriber.too_slow = True
+            subscriber.disconnect(
+                CLOSE_TOO_SLOW,
+                f"too slow: took nothing for {self.config.rpc_timeout:g} s; reconnect with since="
+                f"{subscriber.written_seq}",
+            )
 
     async def open_client(
         self,
@@ -160,26 +267,23 @@ class BridgeRuntime:
     ) -> None:
         """Start a client from ``snapshot`` (or resume it from ``(epoch, since)``). In the
         rare case that events outran the snapshot while it was fetched, fetch another."""
+        # Set here, before anything is written to it, for the WebSocket and SSE alike.
+        subscriber.max_backlog_bytes = self.config.client_backlog_bytes
         if not self._synced.is_set():
             await self._wait_synced()
-        fetched = None
         if since is not None and epoch == self.hub.epoch and since + 1 < self.hub.first_buffered_seq:
             # Older than this bridge's buffer (it restarted, say): the server may still have them.
-            fetched = await self.fetch_missed(credential, epoch, since, self.hub.first_buffered_seq - 1)
+            resumed = await self.resume_from_server(subscriber, credential, established, epoch, since)
+            if resumed:
+                return
         for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
             try:
                 opening = {**established, "epoch": snapshot.epoch, "seq": snapshot.seq}
                 # The last attempt accepts another epoch: the bridge may be the one behind
                 # (the server just restarted); its upstream then resets the client.
-                self.hub.open(subscriber, snapshot, opening, since, epoch, fetched, strict=attempt < SNAPSHOT_ATTEMPTS)
+                self.hub.open(subscriber, snapshot, opening, since, epoch, strict=attempt < SNAPSHOT_ATTEMPTS)
                 return
             except SnapshotTooOld:
                 await asyncio.sleep(0.05 * attempt)
                 snapshot = await self.fetch_snapshot(credential)
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            "events arrive faster than a consistent snapshot can be taken; retry",
-            None,
-        )
+        raise _unavailable("events arrive faster than a consistent snapshot can be taken; retry")

@@ -4,26 +4,37 @@ WebSocket: `id:` is the event's seq, and a reconnecting client sends it back as
 `Last-Event-ID` to resume (`?epoch=` pins the epoch; default: the current one).
 
 `?types=` takes the names `subscribe` takes, comma-separated.
+
+When the credential expires (a JWT's `exp`) or the server stops accepting it, the stream
+ends with an `error` event (`data`: the guide's error shape, with `code` 4401 or 4403)
+and no more: a browser's EventSource then reconnects once, is answered 401/403, and
+stops; it does not retry in a loop.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import ExitStack
 from typing import Any
 
 import grpc
 
+from bridge.credential_watch import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from bridge.credentials import InvalidCredential
 from bridge.fanout import ClientFilter, Frame, Subscriber
+from bridge.hub import dumps
 from bridge.limits import token_key
 from bridge.mapping import iso_now
 from bridge.origins import OriginPolicy
-from bridge.protocol import handle_client_message
+from bridge.protocol import error, handle_client_message
 from bridge.rest import HubError, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
 
 __all__ = ["EventStream", "sse_encode"]
+
+log = logging.getLogger("bridge.sse")
 
 
 def sse_encode(frame: Frame) -> str:
@@ -70,7 +81,13 @@ class EventStream:
                 detail = f"Last-Event-ID must be an integer seq (0 or more), got {last_event_id!r}"
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", detail))(scope, receive, send)
                 return
-        credential = credential_from_scope(scope, query)
+        try:
+            credential = credential_from_scope(scope, query, self.runtime.config.max_credential_bytes)
+        except InvalidCredential as refused:
+            log.info("event stream refused", extra={"code": 401, "reason": str(refused)})
+            detail = f"invalid credential: {refused}"
+            await hub_error_response(HubError(401, "UNAUTHENTICATED", detail))(scope, receive, send)
+            return
         limit = self.runtime.connection_limit
         if (too_many := limit.refusal_for(token_key(credential))) is not None:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", too_many))(scope, receive, send)
@@ -85,24 +102,36 @@ class EventStream:
             await hub_error_response(HubError(429, "RESOURCE_EXHAUSTED", limit.refusal()))(scope, receive, send)
             return
         held.callback(slot.release)
+        # The 200 goes out with the first message: until then a refusal (a resume that
+        # must wait for its turn, say) can still be an HTTP status with Retry-After.
+        started = False
 
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
+        async def start() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no"),
+                        ],
+                    }
+                )
 
-        def send_text(text: str) -> Any:
-            return send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+        async def send_text(text: str) -> None:
+            await start()
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
 
-        async def close(_code: int, _reason: str) -> None:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async def close(code: int, reason: str) -> None:
+            await start()
+            last = b""
+            if code in (CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN):  # the credential ended: say so
+                last = f"event: error\ndata: {dumps(error(reason, code=code))}\n\n".encode()
+            await send({"type": "http.response.body", "body": last, "more_body": False})
 
         subscriber = Subscriber(
             send_text, close, max_backlog=self.runtime.config.client_backlog, client_id="sse", encode=sse_encode
@@ -110,11 +139,16 @@ class EventStream:
         subscriber.filter = event_filter
         established: dict[str, Any] = {"type": "connection_established", "client_type": "sse", "timestamp": iso_now()}
         try:
+            watched = await self.runtime.credentials.enter(token_key(credential), credential, subscriber.disconnect)
+            held.callback(watched.release)
             await self.runtime.open_client(
                 subscriber, snapshot, credential, established, since, query.get("epoch") or hub.epoch
             )
-        except grpc.aio.AioRpcError:
-            await close(0, "")
+        except grpc.aio.AioRpcError as failure:
+            if started:
+                await close(0, "")
+            else:
+                await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
         await self._wait_for_disconnect(receive, subscriber)
 

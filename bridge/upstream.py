@@ -94,6 +94,15 @@ class Upstream:
                 self.last_error = f"{name} stream ended"
             except grpc.aio.AioRpcError as error:
                 self.last_error = f"{name} stream: {error.code().name}: {error.details()}"
+                if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # Expired, revoked or read-less: nothing reaches the bridge's clients until it is replaced.
+                    log.error(
+                        "the server refused the bridge's own credential (COLLAB_UPSTREAM_TOKEN, else the key "
+                        "in the data dir) on its %s stream: %s; replace it (retrying meanwhile)",
+                        name,
+                        error.details(),
+                        extra={"code": error.code().name},
+                    )
             except Exception as error:  # a bug must not end the stream for good
                 log.exception("upstream %s stream failed", name)
                 self.last_error = f"{name} stream: {error!r}"

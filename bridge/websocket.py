@@ -6,8 +6,11 @@ finishes without suspending, and a broadcast costs no task per client.
 
 Close codes (all with a reason text):
 - 4400: bad query parameters (``since`` not an integer, ``since`` without ``epoch``);
-- 4401: missing or invalid token; 4403: the token may not read, or the page's `Origin`
-  is not allowed (bridge/origins.py);
+- 4401: missing or invalid token, also on an open connection when its token expires (a
+  JWT's `exp`) or the server stops accepting it (checked every
+  COLLAB_CREDENTIAL_RECHECK_INTERVAL, bridge/credential_watch.py); 4403: the token may not
+  read, or the page's `Origin` is not allowed (bridge/origins.py). Both come after an
+  `error` message saying why;
 - 4429: the token already holds its most connections (COLLAB_MAX_CONNECTIONS_PER_TOKEN);
   retry once one of them has closed;
 - 4008: the client fell too far behind; reconnect with ``since``/``epoch`` to resume;
@@ -31,12 +34,14 @@ from urllib.parse import parse_qs
 
 import grpc
 
+from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
 from bridge.fanout import Subscriber
 from bridge.hub import dumps
 from bridge.limits import Admission, MessageRate, token_key
 from bridge.mapping import iso_now
 from bridge.origins import OriginPolicy
 from bridge.protocol import error, handle_client_message
+from bridge.rest import unavailable_detail
 from bridge.runtime import BridgeRuntime, Credential
 from bridge.wire import direct_writer
 
@@ -69,6 +74,9 @@ CLOSE_SERVICE_RESTART = 1012
 # How long a close waits for a client that is not reading (its socket buffer full).
 CLOSE_TIMEOUT = 60.0
 
+# Closes an open connection gets an `error` message before (as every refusal at connect).
+_SAY_WHY_FIRST = frozenset({CLOSE_UNAUTHORIZED, CLOSE_FORBIDDEN})
+
 _CLOSE_FOR_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: CLOSE_UNAUTHORIZED,
     grpc.StatusCode.PERMISSION_DENIED: CLOSE_FORBIDDEN,
@@ -77,6 +85,8 @@ _CLOSE_FOR_STATUS = {
 
 def _refusal(failure: grpc.aio.AioRpcError) -> tuple[int, str]:
     """The close code and reason for a failed call made on a connecting client's behalf."""
+    if (unavailable := unavailable_detail(failure)) is not None:
+        return CLOSE_TRY_AGAIN, unavailable
     code = _CLOSE_FOR_STATUS.get(failure.code(), CLOSE_TRY_AGAIN)
     reason = failure.details() or failure.code().name
     if code == CLOSE_TRY_AGAIN:
@@ -89,16 +99,12 @@ def _query(scope: Scope) -> dict[str, str]:
     return {key: values[-1] for key, values in parsed.items()}
 
 
-def credential_from_scope(scope: Scope, query: dict[str, str]) -> Credential:
-    """``?token=`` (browsers cannot set headers), else the Authorization/X-API-Key header."""
-    if query.get("token"):
-        return ("authorization", f"Bearer {query['token']}")
-    headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])}
-    if headers.get("authorization"):
-        return ("authorization", headers["authorization"])
-    if headers.get("x-api-key"):
-        return ("x-api-key", headers["x-api-key"])
-    return None
+def credential_from_scope(
+    scope: Scope, query: dict[str, str], max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
+) -> Credential:
+    """``?token=`` (browsers cannot set headers), else the Authorization/X-API-Key header
+    (bridge/credentials.py). Raises InvalidCredential for a malformed one."""
+    return credential_from_headers(scope.get("headers", ()), query, max_bytes=max_bytes)
 
 
 class CollaborationWebSocket:
@@ -149,7 +155,11 @@ class CollaborationWebSocket:
             if not epoch:
                 await refuse(CLOSE_BAD_REQUEST, "epoch is required with since")
                 return
-        credential = credential_from_scope(scope, query)
+        try:
+            credential = credential_from_scope(scope, query, self.runtime.config.max_credential_bytes)
+        except InvalidCredential as refused:
+            await refuse(CLOSE_UNAUTHORIZED, f"invalid credential: {refused}")
+            return
         if (too_many := self.runtime.connection_limit.refusal_for(token_key(credential))) is not None:
             await refuse(CLOSE_TOO_MANY, too_many)
             return
@@ -170,11 +180,14 @@ class CollaborationWebSocket:
         def send_text(text: str) -> Any:
             return send({"type": "websocket.send", "text": text})
 
+        async def closing(code: int, reason: str) -> None:
+            if code in _SAY_WHY_FIRST:  # as a refusal at connect: the client learns why
+                await send({"type": "websocket.send", "text": dumps(error(reason, code=code))})
+            await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
         async def close(code: int, reason: str) -> None:
             try:
-                await asyncio.wait_for(
-                    send({"type": "websocket.close", "code": code, "reason": reason[:120]}), CLOSE_TIMEOUT
-                )
+                await asyncio.wait_for(closing(code, reason), CLOSE_TIMEOUT)
             except Exception as failure:  # already gone, or never reading again
                 log.debug("close of %s failed: %s", client_id, failure)
 
@@ -192,6 +205,9 @@ class CollaborationWebSocket:
             "timestamp": iso_now(),
         }
         try:
+            # Ended when its credential expires or is revoked (an `error`, then 4401).
+            watched = await self.runtime.credentials.enter(token_key(credential), credential, subscriber.disconnect)
+            held.callback(watched.release)
             await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
         except grpc.aio.AioRpcError as failure:
             await refuse(*_refusal(failure), accepted=True)

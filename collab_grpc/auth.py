@@ -7,19 +7,32 @@ place, the server; the bridge forwards each caller's credential.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
 
 from collab_grpc.errors import PermissionDenied, Unauthenticated
+from collab_grpc.files import make_private_dir, warn_if_shared
 
-__all__ = ["Access", "Authenticator", "ensure_generated_key", "token_from_headers"]
+__all__ = [
+    "KNOWN_DEFAULT_SECRETS",
+    "MIN_JWT_SECRET_BYTES",
+    "MIN_KEY_CHARS",
+    "TOKEN_EXPIRED",
+    "Access",
+    "Authenticator",
+    "Grant",
+    "ensure_generated_key",
+    "token_from_headers",
+    "weak_credentials",
+]
 
 GENERATED_KEY_FILE = "api_key"
 
@@ -35,6 +48,32 @@ class Access(enum.Flag):
 # Made once: combining flags costs a call into enum's Python code each time.
 _READ_WRITE = Access.READ | Access.WRITE
 
+TOKEN_EXPIRED = "token has expired"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the caller's credential allows, until when, and whose it is.
+
+    ``principal`` names the credential's holder (an API key, a JWT's subject or the
+    token itself; empty with auth off): idempotency keys are scoped to it, so one
+    caller can neither read nor claim another's. ``expires_at``: epoch seconds (a JWT's
+    ``exp``); None for keys, valid until the configuration drops them."""
+
+    access: Access
+    expires_at: float | None = None
+    # Holds the key itself for API keys: never in a repr, so never in a log line.
+    principal: str = field(default="", repr=False)
+
+    def idempotency_scope(self) -> str:
+        """A digest of the principal (never the credential itself, which stores keep)."""
+        if not self.principal:
+            return ""
+        return hashlib.sha256(self.principal.encode()).hexdigest()[:32]
+
+
+_OPEN_GRANT = Grant(_READ_WRITE)
+
 
 class Authenticator:
     """Maps a presented token to the access it grants, or refuses it."""
@@ -48,39 +87,46 @@ class Authenticator:
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
-        self._api_keys = [k.encode() for k in api_keys if k]
-        self._read_keys = [k.encode() for k in read_keys if k]
+        # Each key with the grant it gives, made once (not per call).
+        self._api_keys = [(k.encode(), Grant(_READ_WRITE, principal="key:" + k)) for k in api_keys if k]
+        self._read_keys = [(k.encode(), Grant(Access.READ, principal="key:" + k)) for k in read_keys if k]
         self._jwt_secret = jwt_secret
         if enabled and not (self._api_keys or self._read_keys or jwt_secret):
             raise ValueError("auth is enabled but no API key, read key or JWT secret is configured")
 
     @staticmethod
-    def _matches(token: bytes, keys: list[bytes]) -> bool:
+    def _matching(token: bytes, keys: list[tuple[bytes, Grant]]) -> Grant | None:
         # Compare against every key so the time taken does not reveal which one matched.
-        found = False
-        for key in keys:
-            found |= hmac.compare_digest(token, key)
+        found = None
+        for key, grant in keys:
+            found = grant if hmac.compare_digest(token, key) else found
         return found
 
     def access(self, token: str | None) -> Access:
         """What ``token`` grants; raises Unauthenticated when it grants nothing."""
+        return self.grant(token).access
+
+    def grant(self, token: str | None) -> Grant:
+        """What ``token`` grants and until when; raises Unauthenticated when it grants nothing."""
         if not self.enabled:
-            return _READ_WRITE
+            return _OPEN_GRANT
         if not token:
             raise Unauthenticated("missing credential: send `authorization: Bearer <token>` or `x-api-key`")
         raw = token.encode()
-        if self._matches(raw, self._api_keys):
-            return _READ_WRITE
-        if self._matches(raw, self._read_keys):
-            return Access.READ
+        if (granted := self._matching(raw, self._api_keys) or self._matching(raw, self._read_keys)) is not None:
+            return granted
         if self._jwt_secret and token.count(".") == 2:
-            return self._jwt_access(token)
+            return self._jwt_grant(token)
         raise Unauthenticated("invalid credential")
 
     def require(self, token: str | None, *, write: bool) -> Access:
-        granted = self.access(token)
+        return self.admit(token, write=write).access
+
+    def admit(self, token: str | None, *, write: bool) -> Grant:
+        """The grant of ``token`` if it allows the call (writes need WRITE, reads READ)."""
+        granted = self.grant(token)
         needed = Access.WRITE if write else Access.READ
-        if needed not in granted:
+        if needed not in granted.access:
             raise PermissionDenied(
                 "this credential is read-only; writes need a read+write key"
                 if write
@@ -88,11 +134,11 @@ class Authenticator:
             )
         return granted
 
-    def _jwt_access(self, token: str) -> Access:
+    def _jwt_grant(self, token: str) -> Grant:
         try:
             claims = jwt.decode(token, self._jwt_secret, algorithms=["HS256"], options={"require": ["scope"]})
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token has expired") from None
+            raise Unauthenticated(TOKEN_EXPIRED) from None
         except jwt.InvalidTokenError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from None
         scope = claims["scope"]
@@ -104,7 +150,64 @@ class Authenticator:
             granted |= Access.WRITE
         if not granted:
             raise Unauthenticated("token scope must be `read` or `read write`")
-        return granted
+        # PyJWT has checked that `exp`, when present, is a number in the future.
+        expires = claims.get("exp")
+        subject = claims.get("sub")
+        # A JWT's holder is its subject: a client that renews its token keeps its
+        # idempotency keys. Without one, the token is all there is to go by.
+        principal = f"jwt-sub:{subject}" if isinstance(subject, str) and subject else "jwt:" + token
+        return Grant(granted, float(expires) if expires is not None else None, principal)
+
+
+# Values found in examples and default configurations: refused whatever their length.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {
+        "changeme",
+        "change-me",
+        "change_me",
+        "secret",
+        "secret-key",
+        "secretkey",
+        "your-secret-key",
+        "your-256-bit-secret",
+        "password",
+        "admin",
+        "default",
+        "test",
+        "token",
+        "apikey",
+        "api-key",
+        "collab",
+        "example",
+        "letmein",
+        "123456",
+        "12345678",
+        "1234567890123456",
+        "00000000000000000000000000000000",
+    }
+)
+# HS256 keys shorter than the hash (RFC 7518 section 3.2) can be brute-forced offline
+# from one token; a key shorter than 16 characters can be guessed online.
+MIN_JWT_SECRET_BYTES = 32
+MIN_KEY_CHARS = 16
+
+
+def weak_credentials(api_keys: Iterable[str], read_keys: Iterable[str], jwt_secret: str) -> list[str]:
+    """Why each weak configured credential is weak (naming the setting, never the value)."""
+    problems: list[str] = []
+    for setting, keys in (("COLLAB_API_KEYS", api_keys), ("COLLAB_READ_KEYS", read_keys)):
+        for index, key in enumerate(k for k in keys if k):
+            if key.lower() in KNOWN_DEFAULT_SECRETS:
+                problems.append(f"{setting} entry {index + 1} is a well-known default value")
+            elif len(key) < MIN_KEY_CHARS:
+                problems.append(f"{setting} entry {index + 1} is {len(key)} characters; at least {MIN_KEY_CHARS}")
+    if jwt_secret:
+        size = len(jwt_secret.encode())
+        if jwt_secret.lower() in KNOWN_DEFAULT_SECRETS:
+            problems.append("COLLAB_JWT_SECRET is a well-known default value")
+        elif size < MIN_JWT_SECRET_BYTES:
+            problems.append(f"COLLAB_JWT_SECRET is {size} bytes; HS256 needs at least {MIN_JWT_SECRET_BYTES}")
+    return problems
 
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -121,20 +224,11 @@ def ensure_generated_key(data_dir: Path) -> tuple[str, bool]:
     try:
         key = path.read_text().strip()
         if key:
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if mode & 0o077:
-                # Someone else made or loosened it: say so, but do not change their file.
-                log.warning(
-                    "other users can access the API key file %s (mode %04o); run: chmod 600 %s",
-                    path,
-                    mode,
-                    path,
-                    extra={"path": str(path), "mode": f"{mode:04o}"},
-                )
+            warn_if_shared(path, "the API key file", log)  # someone else made or loosened it: say so, leave their file
             return key, False
     except FileNotFoundError:
         pass
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     key = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # the mode above applies only when the file is new

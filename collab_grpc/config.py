@@ -48,6 +48,8 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     read_keys: tuple[str, ...] = ()
     jwt_secret: str = field(default="", repr=False)
+    # Accept keys and JWT secrets that are short or well-known defaults (tests, demos).
+    allow_weak_credentials: bool = False
     # PEM files; both set: TLS on the gRPC port (add_secure_port), else plaintext.
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -88,6 +90,16 @@ class ServerConfig:
     otlp_max_spans: int = 10_000
     # Spans whose records the OTLP ingest remembers, so a re-exported span records nothing.
     otlp_span_index: int = 100_000
+    # Memory budgets, in bytes as events.record_size counts them (serialised metadata and
+    # text, plus 512 per record); see StateSettings.
+    max_open_activities: int = 100_000
+    max_open_activity_bytes: int = 64 * 1024 * 1024
+    max_active_session_bytes: int = 64 * 1024 * 1024
+    history_bytes: int = 32 * 1024 * 1024
+    ended_sessions_bytes: int = 32 * 1024 * 1024
+    event_retain_bytes: int = 64 * 1024 * 1024
+    idempotency_bytes: int = 64 * 1024 * 1024
+    max_db_bytes: int = 4 * 1024 * 1024 * 1024  # 0: no budget
 
 
 # (flag, environment variable, type, help); the dest is the ServerConfig field.
@@ -109,6 +121,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--api-keys", "COLLAB_API_KEYS", "api_keys", str, "comma-separated read+write API keys"),
     ("--read-keys", "COLLAB_READ_KEYS", "read_keys", str, "comma-separated read-only API keys"),
     ("--jwt-secret", "COLLAB_JWT_SECRET", "jwt_secret", str, "HS256 secret for JWTs with a `scope` claim"),
+    (
+        "--allow-weak-credentials",
+        "COLLAB_ALLOW_WEAK_CREDENTIALS",
+        "allow_weak_credentials",
+        str,
+        "on: start with keys under 16 characters, a JWT secret under 32 bytes or a known default (refused by default)",
+    ),
     ("--tls-cert", "COLLAB_TLS_CERT", "tls_cert", Path, "PEM certificate (chain): serve gRPC over TLS"),
     ("--tls-key", "COLLAB_TLS_KEY", "tls_key", Path, "PEM private key of --tls-cert (unencrypted)"),
     ("--roster", "COLLAB_ROSTER", "roster", Path, "JSON or TOML file listing agents (agent_id, department)"),
@@ -192,6 +211,57 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         int,
         "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice",
     ),
+    (
+        "--max-open-activities",
+        "COLLAB_MAX_OPEN_ACTIVITIES",
+        "max_open_activities",
+        int,
+        "open activities held at once; beyond it a new one is refused (RESOURCE_EXHAUSTED)",
+    ),
+    (
+        "--max-open-activity-bytes",
+        "COLLAB_MAX_OPEN_ACTIVITY_BYTES",
+        "max_open_activity_bytes",
+        int,
+        "bytes (serialised metadata + 512 each) open activities may hold; beyond it a new one is refused",
+    ),
+    (
+        "--max-active-session-bytes",
+        "COLLAB_MAX_ACTIVE_SESSION_BYTES",
+        "max_active_session_bytes",
+        int,
+        "bytes active sessions with their decisions may hold; beyond it a new one is refused",
+    ),
+    ("--history-bytes", "COLLAB_HISTORY_BYTES", "history_bytes", int, "bytes of newest activities kept in memory"),
+    (
+        "--ended-sessions-bytes",
+        "COLLAB_ENDED_SESSIONS_BYTES",
+        "ended_sessions_bytes",
+        int,
+        "bytes of ended sessions (with their decisions) kept in memory",
+    ),
+    (
+        "--event-retain-bytes",
+        "COLLAB_EVENT_RETAIN_BYTES",
+        "event_retain_bytes",
+        int,
+        "bytes of newest events kept in memory for resuming subscribers (and a subscriber's most lag)",
+    ),
+    (
+        "--idempotency-bytes",
+        "COLLAB_IDEMPOTENCY_BYTES",
+        "idempotency_bytes",
+        int,
+        "bytes of answers kept in memory for retried writes (idempotency keys)",
+    ),
+    (
+        "--max-db-bytes",
+        "COLLAB_MAX_DB_BYTES",
+        "max_db_bytes",
+        int,
+        "bytes the SQLite file may use; past it, when retention cannot free enough, new records are refused "
+        "(RESOURCE_EXHAUSTED / 507); 0: no budget",
+    ),
 ]
 
 
@@ -214,7 +284,7 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         if raw is None or raw == "":
             continue
         try:
-            if dest == "auth":
+            if dest in {"auth", "allow_weak_credentials"}:
                 if raw.lower() not in {"on", "off", "true", "false", "1", "0"}:
                     raise ValueError("expected on or off")
                 values[dest] = raw.lower() in {"on", "true", "1"}
@@ -239,9 +309,18 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "otlp_max_spans",
         "otlp_span_index",
         "history_scan_rows",
+        "max_open_activities",
+        "max_open_activity_bytes",
+        "max_active_session_bytes",
+        "history_bytes",
+        "ended_sessions_bytes",
+        "event_retain_bytes",
+        "idempotency_bytes",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
+    if config.max_db_bytes < 0:
+        parser.error(f"max-db-bytes must be 0 (no budget) or more, got {config.max_db_bytes}")
     positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}
     for name in ("activity_ttl", "status_interval", "shutdown_grace", "rate_limit", "retain_seconds", "agent_idle_ttl"):
         value = getattr(config, name)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
+    "BUDGET_TRAILER",
+    "BudgetExhausted",
     "CollabError",
     "FailedPrecondition",
     "InvalidArgument",
@@ -43,3 +45,18 @@ class Unauthenticated(CollabError):
 
 class PermissionDenied(CollabError):
     """A valid credential without the scope the call needs (a read-only key on a write)."""
+
+
+# The trailing metadata key naming the budget a RESOURCE_EXHAUSTED refusal is about
+# (a rate limit's refusal carries `retry-after` instead).
+BUDGET_TRAILER = "collab-budget"
+
+
+class BudgetExhausted(CollabError):
+    """A memory or storage budget is full: the write would take it past its setting.
+    Not a rate: retrying soon does not help until something is freed (RESOURCE_EXHAUSTED,
+    told apart from RateLimited by carrying ``budget`` instead of a retry delay)."""
+
+    def __init__(self, message: str, budget: str) -> None:
+        super().__init__(message)
+        self.budget = budget  # the setting's name, e.g. "max-open-activity-bytes"

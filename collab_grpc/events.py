@@ -7,14 +7,76 @@ subscriber can only overflow its own queue, after which it is closed with a reas
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
-from collab_grpc.model import ActivityType, Event, EventKind, EventPayload
+import orjson
 
-__all__ = ["EventFilter", "EventLog", "Subscription"]
+from collab_grpc.model import (
+    Activity,
+    ActivityCompletion,
+    ActivityType,
+    AgentRetirement,
+    Decision,
+    Event,
+    EventKind,
+    EventPayload,
+    Session,
+)
+
+__all__ = [
+    "DEFAULT_RETAIN_BYTES",
+    "RECORD_OVERHEAD",
+    "EventFilter",
+    "EventLog",
+    "Subscription",
+    "metadata_size",
+    "payload_size",
+    "record_size",
+]
+
+DEFAULT_RETAIN_BYTES = 64 * 1024 * 1024
+
+# What a record counts against a byte budget beyond its metadata and text: its ids,
+# timestamps and the Python objects around them (a round figure, so that records
+# without metadata count too).
+RECORD_OVERHEAD = 512
+
+
+def metadata_size(metadata: dict[str, Any]) -> int:
+    """The serialised size of metadata that validation did not measure (a restored or
+    adopted record); on the write path the size comes from validation."""
+    try:
+        return len(orjson.dumps(metadata))
+    except orjson.JSONEncodeError:  # what orjson refuses, the json module writes
+        return len(json.dumps(metadata, separators=(",", ":"), default=str))
+
+
+def record_size(payload: EventPayload, metadata_bytes: int) -> int:
+    """What ``payload`` counts against the byte budgets, given its metadata's size."""
+    if isinstance(payload, ActivityCompletion):
+        payload = payload.activity
+    size = RECORD_OVERHEAD + metadata_bytes
+    if isinstance(payload, Activity):
+        size += len(payload.failure_reason) + sum(len(agent) for agent in payload.related_agents)
+    elif isinstance(payload, Session):
+        size += sum(len(member) for member in payload.participants)
+    elif isinstance(payload, Decision):
+        size += len(payload.decision) + len(payload.rationale)
+        size += sum(len(voter) + len(vote) for voter, vote in payload.votes.items())
+    return size
+
+
+def payload_size(payload: EventPayload) -> int:
+    """``record_size``, measuring the metadata."""
+    record = payload.activity if isinstance(payload, ActivityCompletion) else payload
+    if isinstance(record, AgentRetirement):  # ids and a time: no metadata
+        return record_size(payload, 0)
+    return record_size(payload, metadata_size(record.metadata))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +100,21 @@ class EventFilter:
 class Subscription:
     """A subscriber's bounded queue of events not yet taken."""
 
-    def __init__(self, event_filter: EventFilter, capacity: int, after_seq: int = 0) -> None:
+    def __init__(
+        self, event_filter: EventFilter, capacity: int, after_seq: int = 0, max_bytes: int | None = None
+    ) -> None:
         self.filter = event_filter
         self.capacity = capacity
+        # The events queued share their payloads with the log, but one that lags holds
+        # them after the log let them go: bounded in bytes too (None: by count only).
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
         # Events up to this seq reached the subscriber another way (snapshot, replay).
         self.after_seq = after_seq
         self.closed_reason: str | None = None
         self.on_ready: Callable[[], None] | None = None
         self._queue: deque[Event] = deque()
+        self._sizes: deque[int] = deque()
 
     @property
     def closed(self) -> bool:
@@ -54,7 +123,7 @@ class Subscription:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def offer(self, event: Event) -> None:
+    def offer(self, event: Event, size: int = 0) -> None:
         if self.closed_reason is not None or event.seq <= self.after_seq or not self.filter.matches(event):
             return
         if len(self._queue) >= self.capacity:
@@ -63,7 +132,15 @@ class Subscription:
                 "resubscribe with since_seq set to the last seq received"
             )
             return
+        if self.max_bytes is not None and self._queue and self.queued_bytes + size > self.max_bytes:
+            self.close(
+                f"subscriber fell behind: more than {self.max_bytes} bytes of events were waiting; "
+                "resubscribe with since_seq set to the last seq received"
+            )
+            return
         self._queue.append(event)
+        self._sizes.append(size)
+        self.queued_bytes += size
         if self.on_ready is not None:
             self.on_ready()
 
@@ -71,18 +148,24 @@ class Subscription:
         """Every queued event, oldest first, leaving the queue empty."""
         events = list(self._queue)
         self._queue.clear()
+        self._sizes.clear()
+        self.queued_bytes = 0
         return events
 
     def close(self, reason: str) -> None:
         if self.closed_reason is None:
             self.closed_reason = reason
             self._queue.clear()
+            self._sizes.clear()
+            self.queued_bytes = 0
             if self.on_ready is not None:
                 self.on_ready()
 
 
 class EventLog:
-    """Assigns ``seq`` within ``epoch``, retains the newest ``retain`` events for resume.
+    """Assigns ``seq`` within ``epoch``, retains the newest events for resume: at most
+    ``retain`` of them, taking at most ``retain_bytes`` (``record_size``; the newest one
+    is kept whatever its size). A subscriber may lag by at most ``retain_bytes`` too.
 
     Without a ``sink`` an event is published (retained, offered to subscribers) as it is
     appended. With one, appended events go to the sink (a store that makes them durable)
@@ -90,8 +173,12 @@ class EventLog:
     that are durable, so none can see an event that a crash would then take back.
     """
 
-    def __init__(self, epoch: str, retain: int = 10_000, last_seq: int = 0) -> None:
+    def __init__(
+        self, epoch: str, retain: int = 10_000, last_seq: int = 0, retain_bytes: int = DEFAULT_RETAIN_BYTES
+    ) -> None:
         self.epoch = epoch
+        self.retain = retain
+        self.retain_bytes = retain_bytes
         self.last_seq = last_seq  # the newest seq assigned
         self.published_seq = last_seq  # the newest seq published
         self.sink: Callable[[Event], None] | None = None
@@ -99,8 +186,10 @@ class EventLog:
         # adopted from a replica, which that replica reports. How the server counts what
         # it records without the log knowing of metrics.
         self.on_recorded: Callable[[Event], None] | None = None
-        self._pending: deque[Event] = deque()
-        self._retained: deque[Event] = deque(maxlen=retain)
+        self._pending: deque[tuple[Event, int]] = deque()  # with their sizes
+        self._retained: deque[Event] = deque()
+        self._retained_sizes: deque[int] = deque()
+        self.retained_bytes = 0
         self._subscriptions: set[Subscription] = set()
 
     @property
@@ -112,13 +201,17 @@ class EventLog:
         """The oldest seq still replayable; ``published_seq + 1`` when nothing is retained."""
         return self._retained[0].seq if self._retained else self.published_seq + 1
 
-    def append(self, kind: EventKind, payload: EventPayload, time: float) -> Event:
+    def append(self, kind: EventKind, payload: EventPayload, time: float, size: int | None = None) -> Event:
+        """Number and publish (or hand to the sink) a change; ``size`` is what it counts
+        against the byte budgets (``record_size``), measured here when not given."""
         self.last_seq += 1
         event = Event(self.last_seq, self.epoch, time, kind, payload)
+        if size is None:
+            size = payload_size(payload)
         if self.sink is None:
-            self._publish(event)
+            self._publish(event, size)
         else:
-            self._pending.append(event)
+            self._pending.append((event, size))
             self.sink(event)
         return event
 
@@ -128,26 +221,39 @@ class EventLog:
         if event.seq != self.last_seq + 1 or event.epoch != self.epoch:
             raise ValueError(f"event {event.epoch}/{event.seq} does not follow {self.epoch}/{self.last_seq}")
         self.last_seq = event.seq
-        self._publish(event, recorded_here=False)
+        self._publish(event, payload_size(event.payload), recorded_here=False)
 
-    def _publish(self, event: Event, recorded_here: bool = True) -> None:
+    def _publish(self, event: Event, size: int, recorded_here: bool = True) -> None:
         self.published_seq = event.seq
-        self._retained.append(event)
+        self._retain(event, size)
         for subscription in self._subscriptions:
-            subscription.offer(event)
+            subscription.offer(event, size)
         if recorded_here and self.on_recorded is not None:
             self.on_recorded(event)
 
+    def _retain(self, event: Event, size: int) -> None:
+        retained, sizes = self._retained, self._retained_sizes
+        retained.append(event)
+        sizes.append(size)
+        self.retained_bytes += size
+        # The oldest go first; resuming from before them is then "no longer retained".
+        while len(retained) > self.retain or (self.retained_bytes > self.retain_bytes and len(retained) > 1):
+            retained.popleft()
+            self.retained_bytes -= sizes.popleft()
+
     def publish_through(self, seq: int) -> None:
         """The store made every event up to ``seq`` durable: publish them."""
-        while self._pending and self._pending[0].seq <= seq:
-            self._publish(self._pending.popleft())
+        while self._pending and self._pending[0][0].seq <= seq:
+            self._publish(*self._pending.popleft())
 
     def restore(self, events: Iterable[Event], last_seq: int) -> None:
         """Continue a history: ``events`` are its newest (oldest first), ``last_seq`` its end."""
         self._pending.clear()  # never durable: they are not part of the history
         self._retained.clear()
-        self._retained.extend(events)
+        self._retained_sizes.clear()
+        self.retained_bytes = 0
+        for event in events:
+            self._retain(event, payload_size(event.payload))
         self.last_seq = self.published_seq = last_seq
 
     def can_resume(self, epoch: str, since_seq: int) -> str | None:
@@ -167,7 +273,9 @@ class EventLog:
     def subscribe(self, event_filter: EventFilter, capacity: int, after_seq: int | None = None) -> Subscription:
         """Events published from now on with a seq above ``after_seq`` (default: the
         newest published, so events still pending reach the subscriber once durable)."""
-        subscription = Subscription(event_filter, capacity, self.published_seq if after_seq is None else after_seq)
+        subscription = Subscription(
+            event_filter, capacity, self.published_seq if after_seq is None else after_seq, self.retain_bytes
+        )
         self._subscriptions.add(subscription)
         return subscription
 

@@ -3,6 +3,15 @@
 Answers are stored as opaque bytes (the edge decides the encoding), keyed by the
 method and the caller's key, together with a fingerprint of the request so that a key
 reused for a different request is refused rather than silently answered.
+
+Keys are scoped to the caller: the key held is ``"<scope> <key>"``, the scope being a
+digest of who the credential belongs to (collab_grpc/auth.py, Grant), so that one
+caller can neither replay another's key (and read its answer) nor claim it first.
+Callers' keys are printable without white space, so the space tells a scoped key from
+one stored unscoped before keys were scoped: such an answer is still given, to any
+caller, until it expires (the TTL, a day by default), so a write retried across the
+upgrade is not recorded twice; no new answer is ever stored unscoped. Stores keep the
+held key as it is, so their schema does not change.
 """
 
 from __future__ import annotations
@@ -13,7 +22,12 @@ from dataclasses import dataclass
 
 from collab_grpc.errors import FailedPrecondition
 
-__all__ = ["IdempotencyCache"]
+__all__ = ["IdempotencyCache", "scoped_key"]
+
+
+def scoped_key(scope: str, key: str) -> str:
+    """The key as held for the caller ``scope`` ("" with auth off: every caller is one)."""
+    return f"{scope} {key}" if scope else key
 
 
 @dataclass(slots=True)
@@ -44,23 +58,28 @@ class IdempotencyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, method: str, key: str, fingerprint: bytes, now: float) -> bytes | None:
-        """The first answer for this key, or None when the write must run."""
-        entry = self._entries.get((method, key))
+    def lookup(self, method: str, key: str, fingerprint: bytes, now: float, scope: str = "") -> bytes | None:
+        """The first answer for this caller's key, or None when the write must run."""
+        held = scoped_key(scope, key)
+        entry = self._entries.get((method, held))
+        if entry is None and scope:
+            held = key  # an answer stored before keys were scoped
+            entry = self._entries.get((method, held))
         if entry is None:
             return None
         if now - entry.stored_at > self.ttl:
-            del self._entries[(method, key)]
+            del self._entries[(method, held)]
             self._bytes -= entry.size
             return None
         if entry.fingerprint != fingerprint:
             raise FailedPrecondition(f"idempotency key {key!r} was already used for a different {method} request")
         return entry.answer
 
-    def store(self, method: str, key: str, fingerprint: bytes, answer: bytes, now: float) -> None:
-        self.remember(method, key, fingerprint, answer, now)
+    def store(self, method: str, key: str, fingerprint: bytes, answer: bytes, now: float, scope: str = "") -> None:
+        held = scoped_key(scope, key)
+        self.remember(method, held, fingerprint, answer, now)
         if self.sink is not None:
-            self.sink(method, key, fingerprint, answer, now)
+            self.sink(method, held, fingerprint, answer, now)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -72,7 +91,7 @@ class IdempotencyCache:
         return self._bytes
 
     def remember(self, method: str, key: str, fingerprint: bytes, answer: bytes, stored_at: float) -> None:
-        """Hold an answer in memory only (as a store restores them)."""
+        """Hold an answer in memory only (as a store restores them); ``key`` as held (scoped)."""
         replaced = self._entries.pop((method, key), None)
         if replaced is not None:
             self._bytes -= replaced.size

@@ -4,15 +4,19 @@ In this order, for each call:
 - observing: a request id for the call and every line it logs, calls counted by
   method and status code, latency histograms, failed and slow calls logged (refused
   calls too);
-- auth: every CollaborationService call needs a credential, with write access for the
-  writes. Health checking and reflection stay open (load balancers and grpcurl-style
-  tools use them before they hold a token); they reveal no state;
+- auth: every call needs a credential; a method the contract marks as a read
+  (``idempotency_level = NO_SIDE_EFFECTS``, collab_grpc/servicer.py READ_METHODS) needs
+  read access, every other one write access, including any method nobody marked and
+  other services' (deny by default). Health checking and reflection stay open (load
+  balancers and grpcurl-style tools use them before they hold a token); they reveal no
+  state;
 - decoding: a request that could not be decoded is refused with INVALID_ARGUMENT
   (collab_grpc/decoding.py), after auth, so a call without a credential is refused as
   such whatever its body;
-- handing on: what the credential grants goes to the handler in ``servicer.CALLER``
-  (a context variable), and a server stream's serializer passes ``bytes`` through, so a
-  handler can write one serialisation to many streams.
+- handing on: what the credential grants, until when and whose (its Grant) goes to the
+  handler in ``servicer.CALLER`` (a context variable: streams end when it expires,
+  idempotency keys are scoped to it), and a server stream's serializer passes ``bytes``
+  through, so a handler can write one serialisation to many streams.
 
 One interceptor, and each method's handler wrapped once, on its first call: grpc.aio
 runs every interceptor on every call, and three of them, each building a new handler
@@ -30,12 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from collab_grpc.auth import Access, Authenticator, token_from_headers
+from collab_grpc.auth import Access, Authenticator, Grant, token_from_headers
 from collab_grpc.decoding import Undecodable, checked, refuse, soft_deserializer
 from collab_grpc.errors import CollabError
 from collab_grpc.logs import REQUEST_ID, request_id_from_metadata
 from collab_grpc.metrics import rpc_series
-from collab_grpc.servicer import CALLER, STATUS_FOR_ERROR, WRITE_METHODS, Caller, Context
+from collab_grpc.servicer import CALLER, READ_METHODS, STATUS_FOR_ERROR, Caller, Context
 
 __all__ = ["SLOW_RPC_SECONDS", "CallInterceptor"]
 
@@ -144,12 +148,13 @@ class _Method:
         "writes_bytes",
     )
 
-    def __init__(self, method: str, handler: Handler, *, guarded: bool, per_item: bool, slow_seconds: float) -> None:
+    def __init__(
+        self, method: str, handler: Handler, *, guarded: bool, write: bool, per_item: bool, slow_seconds: float
+    ) -> None:
         self.method = method
         self.name = method.removeprefix(SERVICE_PREFIX).lstrip("/")
         self.guarded = guarded
-        # Anything not known to be a read needs write access: deny by default.
-        self.write = self.name in WRITE_METHODS or not method.startswith(SERVICE_PREFIX)
+        self.write = write
         # A server stream's duration is how long the client stayed, not a latency.
         self.timed = not handler.unary_stream and not handler.stream_stream
         self.streams_requests = bool(handler.stream_unary or handler.stream_stream)
@@ -182,7 +187,8 @@ class CallInterceptor(_ServerInterceptor):
     """``authenticator`` None: no credential checked (a bare server in tests).
     ``per_item``: client-streaming methods whose handler answers each message on its
     own (BulkRecordActivities); they get an Undecodable in place of a message that could
-    not be decoded, and the rest of the stream still counts."""
+    not be decoded, and the rest of the stream still counts.
+    ``read_methods``: the paths that need read access only; any other needs write."""
 
     def __init__(
         self,
@@ -190,8 +196,10 @@ class CallInterceptor(_ServerInterceptor):
         *,
         per_item: frozenset[str] = frozenset(),
         slow_seconds: float = SLOW_RPC_SECONDS,
+        read_methods: frozenset[str] = READ_METHODS,
     ) -> None:
         self.authenticator = authenticator
+        self.read_methods = read_methods
         self.per_item = per_item
         self.slow_seconds = slow_seconds
         # method -> (its handler, that handler wrapped): made once, not on every call.
@@ -218,6 +226,7 @@ class CallInterceptor(_ServerInterceptor):
             method,
             handler,
             guarded=self.authenticator is not None and not method.startswith(OPEN_PREFIXES),
+            write=method not in self.read_methods,
             per_item=method in self.per_item,
             slow_seconds=self.slow_seconds,
         )
@@ -240,19 +249,21 @@ class CallInterceptor(_ServerInterceptor):
     def _admit(self, about: _Method, request: Any, metadata: Metadata) -> CollabError | Undecodable | None:
         """Why the call is refused (no or a wrong credential, an undecodable request), if
         it is; else what the credential grants is handed to the handler (CALLER)."""
-        granted = _READ_WRITE
+        granted: Grant | None = None  # auth off, or a method open to all
         if about.guarded:
             assert self.authenticator is not None
             if self.authenticator.enabled:
                 headers = {key: value for key, value in metadata if isinstance(value, str)}
                 try:
-                    granted = self.authenticator.require(token_from_headers(headers), write=about.write)
+                    granted = self.authenticator.admit(token_from_headers(headers), write=about.write)
                 except CollabError as error:
                     extra = {"rpc": about.method, "reason": str(error)}
                     log.warning("refused %s: %s", about.method, error, extra=extra)
                     return error
-        caller = about.callers.get(granted)
-        CALLER.set(caller if caller is not None else Caller(granted, about.writes_bytes))
+        if granted is None:
+            CALLER.set(about.callers[_READ_WRITE])
+        else:
+            CALLER.set(Caller(granted.access, about.writes_bytes, granted))
         if isinstance(request, Undecodable):
             return request
         return None

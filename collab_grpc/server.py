@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # the asyncio servicer (health.aio)
 from grpc_reflection.v1alpha import reflection
 
-from collab_grpc.auth import Authenticator, ensure_generated_key
+from collab_grpc.auth import Authenticator, ensure_generated_key, weak_credentials
 from collab_grpc.config import DEFAULT_METRICS_ADDR, ServerConfig, load_roster, parse_server_config
 from collab_grpc.errors import CollabError
 from collab_grpc.eventloop import run
@@ -70,7 +70,24 @@ def _authenticator(config: ServerConfig) -> Authenticator:
             print(f"collab-server: generated API key (saved in {key_file}): {key}", flush=True)
         else:
             print(f"collab-server: using the API key saved in {key_file}", flush=True)
+    _check_strength(config)
     return Authenticator(api_keys=api_keys, read_keys=config.read_keys, jwt_secret=config.jwt_secret)
+
+
+def _check_strength(config: ServerConfig) -> None:
+    """Refuse to start with guessable credentials unless told to accept them."""
+    problems = weak_credentials(config.api_keys, config.read_keys, config.jwt_secret)
+    if not problems:
+        return
+    if config.allow_weak_credentials:
+        log.warning("weak credentials accepted (--allow-weak-credentials): %s", "; ".join(problems))
+        return
+    raise ValueError(
+        "weak credentials refused: "
+        + "; ".join(problems)
+        + ". Use long random values (python3 -c 'import secrets; print(secrets.token_urlsafe(32))'), "
+        "or start with --allow-weak-credentials / COLLAB_ALLOW_WEAK_CREDENTIALS=on to accept them"
+    )
 
 
 # The pause before the next pass when the idle sweep used its whole batch: the rest of
@@ -119,6 +136,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         snapshot_sessions_limit=config.max_snapshot_sessions,
         agent_idle_ttl=config.agent_idle_ttl,
         agent_retire_batch=config.agent_retire_batch,
+        history_bytes=config.history_bytes,
+        ended_sessions_bytes=config.ended_sessions_bytes,
+        event_log_retain_bytes=config.event_retain_bytes,
+        max_open_activities=config.max_open_activities,
+        max_open_activity_bytes=config.max_open_activity_bytes,
+        max_active_session_bytes=config.max_active_session_bytes,
+        idempotency_bytes=config.idempotency_bytes,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
@@ -127,7 +151,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         config.data_dir,
         synchronous=config.sqlite_synchronous,
         commit_delay=config.sqlite_commit_delay,
-        retention=Retention(count=config.retain_count, seconds=config.retain_seconds),
+        retention=Retention(count=config.retain_count, seconds=config.retain_seconds, max_bytes=config.max_db_bytes),
         history_scan_rows=config.history_scan_rows,
     )
     await store.attach(state)

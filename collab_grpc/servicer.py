@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor_pb2 import MethodOptions
 from google.protobuf.message import Message
 
 from collab_grpc import convert, metrics
-from collab_grpc.auth import Access
+from collab_grpc.auth import TOKEN_EXPIRED, Access, Grant
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
+    BUDGET_TRAILER,
+    BudgetExhausted,
     CollabError,
     FailedPrecondition,
     InvalidArgument,
@@ -46,6 +50,7 @@ from collab_grpc.validation import check_id, check_limit, decode_cursor, encode_
 
 __all__ = [
     "CALLER",
+    "READ_METHODS",
     "STATUS_FOR_ERROR",
     "WRITE_METHODS",
     "Caller",
@@ -53,6 +58,7 @@ __all__ = [
     "Context",
     "SharedStatus",
     "abort_with",
+    "read_methods",
 ]
 
 # How long a write may stay pending after its subscription closed before it is cancelled
@@ -68,22 +74,31 @@ STATUS_FOR_ERROR: dict[type[CollabError], grpc.StatusCode] = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
-# The RPCs that change state; the auth interceptor requires write access for these.
+SERVICE = pb.DESCRIPTOR.services_by_name["CollaborationService"]
+
+
+def read_methods(service: ServiceDescriptor) -> frozenset[str]:
+    """The methods of ``service`` its contract marks as reads (``idempotency_level =
+    NO_SIDE_EFFECTS``), as the paths grpc calls them by (``/package.Service/Method``).
+    Every other method needs write access: one nobody marked is a write (deny by default)."""
+    return frozenset(
+        f"/{service.full_name}/{method.name}"
+        for method in service.methods
+        if method.GetOptions().idempotency_level == MethodOptions.NO_SIDE_EFFECTS
+    )
+
+
+# Read at start from the contract; the auth interceptor requires write access for every
+# other method. WRITE_METHODS: this service's others, by name.
+READ_METHODS = read_methods(SERVICE)
 WRITE_METHODS = frozenset(
-    {
-        "RecordActivity",
-        "BulkRecordActivities",
-        "CompleteActivity",
-        "StartCollaboration",
-        "EndCollaboration",
-        "RecordDecision",
-        "RecordMemoryUpdate",
-    }
+    method.name for method in SERVICE.methods if f"/{SERVICE.full_name}/{method.name}" not in READ_METHODS
 )
 
 MAX_BULK_ITEMS = 100_000
@@ -115,6 +130,9 @@ class Caller:
     # The call's response serializer passes ``bytes`` through as a message already
     # serialised, so a handler may write one serialisation to many calls.
     writes_bytes: bool = False
+    # The credential's grant: until when (a stream ends then) and whose (idempotency
+    # keys are scoped to it); None with auth off or without the interceptor.
+    grant: Grant | None = None
 
 
 # Set by the interceptor for every call it admits; without one (a bare servicer) the
@@ -179,6 +197,8 @@ async def abort_with(context: Context, error: CollabError) -> None:
     trailers: tuple[tuple[str, str], ...] = ()
     if isinstance(error, RateLimited):
         trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+    elif isinstance(error, BudgetExhausted):  # full until something is freed: no retry-after
+        trailers = ((BUDGET_TRAILER, error.budget),)
     await context.abort(STATUS_FOR_ERROR[type(error)], str(error), trailing_metadata=trailers)
 
 
@@ -215,6 +235,19 @@ def _write(
             raise AssertionError("unreachable: abort raises") from error
 
     return call
+
+
+# How a closed subscription's reason ends its stream (any other: it fell behind).
+_CODE_FOR_CLOSE = {SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE, TOKEN_EXPIRED: grpc.StatusCode.UNAUTHENTICATED}
+
+
+def _at_expiry(end: Callable[[str], None], reason: str) -> asyncio.TimerHandle | None:
+    """Call ``end(reason)`` when the caller's credential expires (None: it does not).
+    Expiry is wall-clock time (a JWT's ``exp``), as PyJWT checked it."""
+    grant = CALLER.get().grant
+    if grant is None or grant.expires_at is None:
+        return None
+    return asyncio.get_running_loop().call_later(max(0.0, grant.expires_at - time.time()), end, reason)
 
 
 def _too_many_bulk_items() -> str:
@@ -277,7 +310,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def _idempotent(
         self, method: str, request: Message, response_type: type[Response], run: Callable[[], Response]
     ) -> Response:
-        """Run ``run`` once per idempotency key; a retry gets the first answer back."""
+        """Run ``run`` once per idempotency key of the caller; a retry gets the first answer back."""
         key: str = getattr(request, "idempotency_key")  # noqa: B009 - every write request has one
         if not key:
             return run()
@@ -289,11 +322,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         fingerprint = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).digest()
         cache = self.state.idempotency
         now = self.state.clock()
-        answer = cache.lookup(method, key, fingerprint, now)
+        grant = CALLER.get().grant
+        scope = grant.idempotency_scope() if grant is not None else ""
+        answer = cache.lookup(method, key, fingerprint, now, scope)
         if answer is not None:
             return response_type.FromString(answer)
         response = run()
-        cache.store(method, key, fingerprint, response.SerializeToString(), now)
+        cache.store(method, key, fingerprint, response.SerializeToString(), now, scope)
         return response
 
     def _record(self, request: pb.RecordActivityRequest) -> Activity:
@@ -619,6 +654,16 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             response.next_cursor = query.cursor_at(found.scanned_to)
         return response
 
+    async def CheckCredential(  # noqa: N802
+        self, request: pb.CheckCredentialRequest, context: Context
+    ) -> pb.CheckCredentialResponse:
+        # The interceptor refused the call if the credential is not valid.
+        caller = CALLER.get()
+        response = pb.CheckCredentialResponse(read=Access.READ in caller.access, write=Access.WRITE in caller.access)
+        if caller.grant is not None and caller.grant.expires_at is not None:
+            response.expires_at.CopyFrom(convert.timestamp_from_seconds(caller.grant.expires_at))
+        return response
+
     # -- streams --------------------------------------------------------------------
 
     # Stream handlers write with context.write rather than yield, so that a write blocked
@@ -633,16 +678,23 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             except CollabError as error:
                 await abort_with(context, error)
                 return
-            await self._pump(subscription, initial, context)
+            # A credential that expires ends the stream then (one timer, nothing per event).
+            expiry = _at_expiry(subscription.close, TOKEN_EXPIRED)
+            try:
+                await self._pump(subscription, initial, context)
+            finally:
+                if expiry is not None:
+                    expiry.cancel()
         finally:  # whatever ended the stream (the client, an error, cancellation)
             if subscription is not None:
                 self.state.log.unsubscribe(subscription)
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse]]:
+    ) -> tuple[Subscription, Iterable[pb.SubscribeEventsResponse]]:
         """The subscription a SubscribeEvents request asks for, and its first messages."""
         initial: list[pb.SubscribeEventsResponse] = []
+        replay: Iterable[pb.SubscribeEventsResponse] = ()
         await self.store.fresh()
         event_filter = convert.event_filter_from_proto(request)
         for agent_id in request.agent_ids:
@@ -669,7 +721,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 initial.append(
                     pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(resume.snapshot, self.list_budget))
                 )
-            initial.extend(pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+            # Converted as they are written, not all at once: a replay can be the whole retained log.
+            replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.list_budget)))
@@ -681,7 +734,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         except BaseException:
             self.state.log.unsubscribe(subscription)
             raise
-        return subscription, initial
+        return subscription, itertools.chain(initial, replay)
 
     async def _pump(
         self,
@@ -738,7 +791,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             if not subscription.closed:
                 raise  # the client went away
         reason = subscription.closed_reason or ""
-        code = grpc.StatusCode.UNAVAILABLE if reason == SHUTTING_DOWN else grpc.StatusCode.RESOURCE_EXHAUSTED
+        code = _CODE_FOR_CLOSE.get(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_code(code)
         context.set_details(reason)
 
@@ -761,14 +814,21 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"interval must be between {floor:g} s and {MAX_STATUS_INTERVAL:.0f} s{whose}, got {interval:g} s",
                 )
+        expires_at = caller.grant.expires_at if caller.grant is not None else None
         while not self._stopping.is_set():
             response = self.status.response()
             # One serialisation shared by every stream; without the interceptor's
             # pass-through serializer (a bare servicer) it is parsed back into a message.
             await context.write(response if caller.writes_bytes else pb.StreamAgentStatusResponse.FromString(response))
+            wait = interval
+            if expires_at is not None:
+                # Woken at the credential's expiry if that comes before the next update.
+                wait = min(interval, max(0.0, expires_at - time.time()))
             try:
-                await asyncio.wait_for(self._stopping.wait(), interval)
+                await asyncio.wait_for(self._stopping.wait(), wait)
             except TimeoutError:
+                if expires_at is not None and time.time() >= expires_at:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, TOKEN_EXPIRED)
                 continue
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(SHUTTING_DOWN)

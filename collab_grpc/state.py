@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from collab_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
-from collab_grpc.events import EventFilter, EventLog, Subscription
+from collab_grpc.errors import BudgetExhausted, FailedPrecondition, InvalidArgument, NotFound
+from collab_grpc.events import DEFAULT_RETAIN_BYTES, EventFilter, EventLog, Subscription, payload_size, record_size
 from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import (
     Activity,
@@ -44,13 +44,15 @@ from collab_grpc.validation import (
     check_id,
     check_id_list,
     check_limit,
-    check_metadata,
     check_text,
+    measured_metadata,
 )
 
 __all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings", "new_epoch"]
 
 EXPIRED = "expired"
+
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,18 @@ class StateSettings:
     # counts stay exact; the rest is read a page at a time).
     status_agents_limit: int = 1000
     snapshot_sessions_limit: int = 1000
+    # Byte budgets, counted as events.record_size (serialised metadata and text plus a
+    # fixed overhead per record). History and ended sessions are caches the store keeps
+    # in full: beyond their budget the oldest leave memory. Open activities are live
+    # state: beyond their budgets a new one is refused.
+    history_bytes: int = 32 * MiB
+    ended_sessions_bytes: int = 32 * MiB
+    event_log_retain_bytes: int = DEFAULT_RETAIN_BYTES
+    max_open_activities: int = 100_000
+    max_open_activity_bytes: int = 64 * MiB
+    # Active sessions with their decisions are live state too: beyond it, new ones refused.
+    max_active_session_bytes: int = 64 * MiB
+    idempotency_bytes: int = 64 * MiB  # answers kept for retried writes
     limits: Limits = field(default_factory=Limits)
 
 
@@ -117,8 +131,14 @@ class CollaborationState:
         self.settings = settings or StateSettings()
         self.limits = self.settings.limits
         self.clock = clock
-        self.log = EventLog(epoch or new_epoch(), retain=self.settings.event_log_retain)
-        self.idempotency = IdempotencyCache()
+        self.log = EventLog(
+            epoch or new_epoch(),
+            retain=self.settings.event_log_retain,
+            retain_bytes=self.settings.event_log_retain_bytes,
+        )
+        self.idempotency = IdempotencyCache(max_bytes=self.settings.idempotency_bytes)
+        # Set by a store with a byte budget: why a new record cannot be stored now, or None.
+        self.storage_refusal: Callable[[], str | None] | None = None
         # Per-agent allowance for records; checked after validation, so bad input costs none.
         self.rate_limiter = rate_limiter or RateLimiter(0)
         # The live agents, least recently seen first (every event about an agent moves
@@ -131,6 +151,15 @@ class CollaborationState:
         self._active_sessions: dict[str, Session] = {}
         self._ended_sessions: OrderedDict[str, Session] = OrderedDict()
         self._decisions: dict[str, list[Decision]] = {}
+        # What records held in memory count against the byte budgets (events.record_size):
+        # each activity in _open or _history, each session kept with its decisions.
+        self._activity_sizes: dict[str, int] = {}
+        self._open_bytes = 0
+        self._history_bytes = 0
+        self._session_sizes: dict[str, int] = {}
+        self._decision_bytes: dict[str, int] = {}
+        self._ended_bytes = 0
+        self._active_bytes = 0  # active sessions and their decisions
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
         self._restores = 0  # part of `version`: a restore may go back to an earlier seq
@@ -167,7 +196,7 @@ class CollaborationState:
         check_id("agent_id", agent_id, limits)
         kind = self._activity_type(activity_type)
         check_text("department", department, limits, max_length=limits.max_id_length)
-        meta = check_metadata("metadata", metadata or {}, limits)
+        meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
         related = check_id_list("related_agents", related_agents, limits)
         check_id("session_id", session_id, limits, required=False)
         check_hub_id("parent_activity_id", parent_activity_id, limits, required=False)
@@ -177,7 +206,6 @@ class CollaborationState:
             raise NotFound(f"parent activity {parent_activity_id!r} not found")
 
         now = self.clock()
-        self.rate_limiter.acquire(agent_id, now)
         activity = Activity(
             activity_id=self._new_activity_id(agent_id, now),
             agent_id=agent_id,
@@ -189,8 +217,12 @@ class CollaborationState:
             session_id=session_id,
             parent_activity_id=parent_activity_id,
         )
-        self._apply_recorded(activity)
-        self.log.append(EventKind.ACTIVITY_RECORDED, copied(activity), now)
+        size = record_size(activity, meta_size)
+        self._check_storage()
+        self._check_open_budget(size)
+        self.rate_limiter.acquire(agent_id, now)
+        self._apply_recorded(activity, size)
+        self.log.append(EventKind.ACTIVITY_RECORDED, copied(activity), now, size)
         return activity
 
     def complete_activity(self, activity_id: str, *, success: bool = True, failure_reason: str = "") -> Activity:
@@ -215,7 +247,8 @@ class CollaborationState:
         limits = self.limits
         members = check_id_list("participants", participants, limits, min_length=1)
         check_id("session_type", session_type, limits, required=False)
-        meta = check_metadata("metadata", metadata or {}, limits)
+        meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
+        self._check_storage()
         now = self.clock()
         session = Session(
             session_id=self._new_id("collab", now, self._session_id_taken),
@@ -224,16 +257,19 @@ class CollaborationState:
             started_at=now,
             metadata=meta,
         )
-        self._apply_started(session)
-        self.log.append(EventKind.COLLABORATION_STARTED, copied(session), now)
+        size = record_size(session, meta_size)
+        self._check_session_budget(size, "session")
+        self._apply_started(session, size)
+        self.log.append(EventKind.COLLABORATION_STARTED, copied(session), now, size)
         return session
 
     def end_collaboration(self, session_id: str) -> Session:
         session = self._active_session(session_id)
         now = self.clock()
         session.ended_at = now
+        size = self._session_sizes.get(session_id)
         self._apply_ended(session)
-        self.log.append(EventKind.COLLABORATION_ENDED, copied(session), now)
+        self.log.append(EventKind.COLLABORATION_ENDED, copied(session), now, size)
         return session
 
     def record_decision(
@@ -257,15 +293,15 @@ class CollaborationState:
         for voter, vote in ballot.items():
             check_id("votes key", voter, limits)
             check_text(f"votes[{voter}]", vote, limits, max_length=limits.max_id_length, required=True)
-        meta = check_metadata("metadata", metadata or {}, limits)
+        meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
         self._active_session(session_id)  # it must exist and be active
         decisions = self._decisions[session_id]
         if len(decisions) >= self.settings.max_decisions_per_session:
             raise FailedPrecondition(
                 f"session {session_id!r} already has {len(decisions)} decisions, the most one session may hold"
             )
+        self._check_storage()
         now = self.clock()
-        self.rate_limiter.acquire(agent_id, now)
         record = Decision(
             decision_id=self._new_id("dec", now, lambda candidate: any(d.decision_id == candidate for d in decisions)),
             session_id=session_id,
@@ -276,8 +312,11 @@ class CollaborationState:
             metadata=meta,
             timestamp=now,
         )
-        self._apply_decision(record)
-        self.log.append(EventKind.DECISION_RECORDED, record, now)
+        size = record_size(record, meta_size)
+        self._check_session_budget(size, "decision")
+        self.rate_limiter.acquire(agent_id, now)
+        self._apply_decision(record, size)
+        self.log.append(EventKind.DECISION_RECORDED, record, now, size)
         return record
 
     def record_memory_update(
@@ -297,12 +336,13 @@ class CollaborationState:
             ) from None
         check_id("item_id", item_id, limits)
         check_id("agent_id", agent_id, limits)
-        meta = check_metadata("metadata", metadata or {}, limits)
+        meta, meta_size = measured_metadata("metadata", metadata or {}, limits)
+        self._check_storage()
         now = self.clock()
         self.rate_limiter.acquire(agent_id, now)
         update = MemoryUpdate(op, item_id, agent_id, now, meta)
         self._seen(update.agent_id, now)
-        self.log.append(EventKind.MEMORY_UPDATED, update, now)
+        self.log.append(EventKind.MEMORY_UPDATED, update, now, record_size(update, meta_size))
         return update
 
     def expire_stale_activities(self) -> list[Activity]:
@@ -565,19 +605,27 @@ class CollaborationState:
             agent.department = agent.department or department
         self._history = OrderedDict()
         self._open = {}
+        self._activity_sizes = {}
+        self._open_bytes = self._history_bytes = 0
         for activity in activities:
+            size = self._activity_sizes[activity.activity_id] = payload_size(activity)
             self._history[activity.activity_id] = activity
+            self._history_bytes += size
             if activity.status is ActivityStatus.ACTIVE:
                 self._open[activity.activity_id] = activity
+                self._open_bytes += size
                 self._agent(activity.agent_id).open_activities[activity.activity_id] = None
-        excess = len(self._history) - self.settings.history_limit  # open ones older than the history
-        for activity_id in list(self._history)[: max(0, excess)]:
-            del self._history[activity_id]
+        self._trim_history()  # open ones may be older than the history
         self._active_sessions = {}
         self._ended_sessions = OrderedDict()
         self._decisions = {}
+        self._session_sizes = {}
+        self._decision_bytes = {}
+        self._ended_bytes = self._active_bytes = 0
         for session in sessions:
             self._decisions[session.session_id] = []
+            self._session_sizes[session.session_id] = payload_size(session)
+            self._decision_bytes[session.session_id] = 0
             if session.ended_at is None:
                 self._active_sessions[session.session_id] = session
                 for member in session.participants:
@@ -586,6 +634,13 @@ class CollaborationState:
                 self._ended_sessions[session.session_id] = session
         for decision in decisions:
             self._decisions.setdefault(decision.session_id, []).append(decision)
+            size = payload_size(decision)
+            self._decision_bytes[decision.session_id] = self._decision_bytes.get(decision.session_id, 0) + size
+        for session_id in self._ended_sessions:
+            self._ended_bytes += self._session_sizes[session_id] + self._decision_bytes.get(session_id, 0)
+        for session_id in self._active_sessions:
+            self._active_bytes += self._session_sizes[session_id] + self._decision_bytes.get(session_id, 0)
+        self._trim_ended()
         # Agents that went idle past the TTL while the server was down: out of the live
         # status without an event (no subscriber followed this state before the restart;
         # the next status says it). Live ones found old start their idle time now.
@@ -677,20 +732,105 @@ class CollaborationState:
         activity.status = ActivityStatus.COMPLETED if success else ActivityStatus.FAILED
         activity.completed_at = now
         activity.failure_reason = failure_reason
+        size = self._activity_sizes.get(activity.activity_id)
+        if size is not None:
+            size += len(failure_reason)
         self._apply_completed(activity)
-        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(copied(activity), success), now)
+        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(copied(activity), success), now, size)
         return activity
+
+    def _check_storage(self) -> None:
+        """Refuse a new record while the store is over its byte budget."""
+        if self.storage_refusal is not None and (reason := self.storage_refusal()) is not None:
+            raise BudgetExhausted(reason, "max-db-bytes")
+
+    def _check_session_budget(self, size: int, what: str) -> None:
+        """Refuse (changing nothing) a session or decision that would take the active
+        sessions with their decisions past their budget."""
+        budget = self.settings.max_active_session_bytes
+        if self._active_bytes + size > budget:
+            raise BudgetExhausted(
+                f"active sessions and their decisions hold {self._active_bytes} bytes; this {what} ({size} bytes) "
+                f"would take them past their budget of {budget} bytes "
+                "(--max-active-session-bytes / COLLAB_MAX_ACTIVE_SESSION_BYTES); end finished sessions "
+                "(EndCollaboration; POST /api/v1/collaboration/end-collaboration)",
+                "max-active-session-bytes",
+            )
+
+    @property
+    def active_session_bytes(self) -> int:
+        """What active sessions and their decisions count against ``max_active_session_bytes``."""
+        return self._active_bytes
+
+    def _check_open_budget(self, size: int) -> None:
+        """Refuse (changing nothing) an activity that would take the open ones past a budget."""
+        settings = self.settings
+        how_to_free = (
+            "complete open activities (CompleteActivity; POST /api/v1/collaboration/complete-activity) or wait "
+            f"for those open longer than {settings.activity_ttl:g} s to expire"
+        )
+        if len(self._open) >= settings.max_open_activities:
+            raise BudgetExhausted(
+                f"the hub holds {len(self._open)} open activities, its most "
+                f"(--max-open-activities / COLLAB_MAX_OPEN_ACTIVITIES); {how_to_free}",
+                "max-open-activities",
+            )
+        if self._open_bytes + size > settings.max_open_activity_bytes:
+            raise BudgetExhausted(
+                f"open activities hold {self._open_bytes} bytes; this one ({size} bytes) would take them "
+                f"past their budget of {settings.max_open_activity_bytes} bytes "
+                f"(--max-open-activity-bytes / COLLAB_MAX_OPEN_ACTIVITY_BYTES); {how_to_free}",
+                "max-open-activity-bytes",
+            )
+
+    @property
+    def open_activity_bytes(self) -> int:
+        """What the open activities count against ``max_open_activity_bytes``."""
+        return self._open_bytes
+
+    @property
+    def history_bytes(self) -> int:
+        return self._history_bytes
+
+    @property
+    def ended_sessions_bytes(self) -> int:
+        return self._ended_bytes
+
+    def _trim_history(self) -> None:
+        """Let the oldest activities leave the feed's cache beyond its count or bytes
+        (the store keeps them; open ones stay in _open)."""
+        history, sizes = self._history, self._activity_sizes
+        limit, budget = self.settings.history_limit, self.settings.history_bytes
+        while len(history) > limit or (self._history_bytes > budget and len(history) > 1):
+            evicted, _ = history.popitem(last=False)
+            self._history_bytes -= sizes[evicted]
+            if evicted not in self._open:
+                del sizes[evicted]
+
+    def _trim_ended(self) -> None:
+        """Let the oldest ended sessions, with their decisions, leave memory beyond the
+        count or bytes kept (the store keeps them)."""
+        ended = self._ended_sessions
+        limit, budget = self.settings.ended_sessions_limit, self.settings.ended_sessions_bytes
+        while len(ended) > limit or (self._ended_bytes > budget and len(ended) > 1):
+            evicted, _ = ended.popitem(last=False)
+            self._decisions.pop(evicted, None)
+            self._ended_bytes -= self._session_sizes.pop(evicted, 0) + self._decision_bytes.pop(evicted, 0)
 
     # -- applying changes (here, or decided by another replica) -----------------------
 
-    def _apply_recorded(self, activity: Activity) -> None:
+    def _apply_recorded(self, activity: Activity, size: int | None = None) -> None:
         agent = self._seen(activity.agent_id, activity.timestamp)
         if activity.department:
             agent.department = activity.department
+        if size is None:
+            size = payload_size(activity)
+        self._activity_sizes[activity.activity_id] = size
         self._open[activity.activity_id] = activity
+        self._open_bytes += size
         self._history[activity.activity_id] = activity
-        while len(self._history) > self.settings.history_limit:
-            self._history.popitem(last=False)
+        self._history_bytes += size
+        self._trim_history()
         agent.open_activities[activity.activity_id] = None
         agent.last_activity_id = activity.activity_id
         session = self._active_sessions.get(activity.session_id)
@@ -699,29 +839,45 @@ class CollaborationState:
 
     def _apply_completed(self, activity: Activity) -> None:
         """``activity`` is in its final state; it stops being open."""
-        self._open.pop(activity.activity_id, None)
+        if self._open.pop(activity.activity_id, None) is not None:
+            self._open_bytes -= self._activity_sizes[activity.activity_id]
+            if activity.activity_id not in self._history:
+                del self._activity_sizes[activity.activity_id]
         when = activity.completed_at if activity.completed_at is not None else activity.timestamp
         self._seen(activity.agent_id, when).open_activities.pop(activity.activity_id, None)
 
-    def _apply_started(self, session: Session) -> None:
+    def _apply_started(self, session: Session, size: int | None = None) -> None:
         self._active_sessions[session.session_id] = session
         self._decisions[session.session_id] = []
+        size = self._session_sizes[session.session_id] = payload_size(session) if size is None else size
+        self._decision_bytes[session.session_id] = 0
+        self._active_bytes += size
         for member in session.participants:
             self._seen(member, session.started_at).sessions.add(session.session_id)
 
     def _apply_ended(self, session: Session) -> None:
-        self._active_sessions.pop(session.session_id, None)
+        was_active = self._active_sessions.pop(session.session_id, None) is not None
         self._ended_sessions[session.session_id] = session
-        while len(self._ended_sessions) > self.settings.ended_sessions_limit:
-            evicted, _ = self._ended_sessions.popitem(last=False)
-            self._decisions.pop(evicted, None)
+        if session.session_id not in self._session_sizes:  # ended by a replica before this one knew it
+            self._session_sizes[session.session_id] = payload_size(session)
+        held = self._session_sizes[session.session_id] + self._decision_bytes.get(session.session_id, 0)
+        self._ended_bytes += held
+        if was_active:
+            self._active_bytes -= held
+        self._trim_ended()
         ended_at = session.ended_at if session.ended_at is not None else session.started_at
         for member in session.participants:
             # Each was live (in the session) until now: its idle time starts here.
             self._seen(member, ended_at).sessions.discard(session.session_id)
 
-    def _apply_decision(self, decision: Decision) -> None:
+    def _apply_decision(self, decision: Decision, size: int | None = None) -> None:
         self._decisions.setdefault(decision.session_id, []).append(decision)
+        size = payload_size(decision) if size is None else size
+        self._decision_bytes[decision.session_id] = self._decision_bytes.get(decision.session_id, 0) + size
+        if decision.session_id in self._ended_sessions:
+            self._ended_bytes += size
+        elif decision.session_id in self._active_sessions:
+            self._active_bytes += size
         session = self._active_sessions.get(decision.session_id)
         if session is not None:
             session.decision_count += 1

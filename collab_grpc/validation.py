@@ -30,6 +30,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "largest_item_bytes",
+    "measured_metadata",
 ]
 
 # A cursor holds one key (ids, a time, an offset): far less than this.
@@ -131,6 +132,12 @@ def check_id_list(field: str, values: Iterable[str], limits: Limits, *, min_leng
 def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict[str, Any]:
     """A JSON object no larger than ``max_metadata_bytes`` serialised (compact, with
     non-ASCII characters escaped), nor deeper than allowed."""
+    return measured_metadata(field, value, limits)[0]
+
+
+def measured_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> tuple[dict[str, Any], int]:
+    """``check_metadata``, with the serialised size it measured (what the memory
+    budgets count, so a record is measured once)."""
     metadata = dict(value)
     limit = limits.max_metadata_depth
     depth, plain = _nesting(metadata, limit)
@@ -149,7 +156,7 @@ def check_metadata(field: str, value: Mapping[str, Any], limits: Limits) -> dict
         size = len(text)
     if size > limits.max_metadata_bytes:
         raise InvalidArgument(f"{field} is {size} bytes serialised; the limit is {limits.max_metadata_bytes}")
-    return metadata
+    return metadata, size
 
 
 # What json.dumps(separators=(",", ":"), allow_nan=False) does, without building an

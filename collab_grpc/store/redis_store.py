@@ -86,6 +86,16 @@ return 0
 """
 
 
+def redacted_netloc(url: str) -> str:
+    """``url``'s user, host and port, the password (if any) blanked: for log lines."""
+    parts = urlsplit(url)
+    user_info, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return host
+    user, colon, _password = user_info.partition(":")
+    return f"{user}{colon and ':[redacted]'}@{host}" if user or colon else f"@{host}"
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -115,7 +125,7 @@ class RedisStore:
 
     @property
     def description(self) -> str:
-        return f"redis ({urlsplit(self.url).netloc}, prefix {self.prefix!r})"
+        return f"redis ({redacted_netloc(self.url)}, prefix {self.prefix!r})"
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
@@ -130,7 +140,7 @@ class RedisStore:
         try:
             await self._load(self._redis())
         except StoreUnavailable as error:
-            raise StoreError(f"{error}; is Redis running at {urlsplit(self.url).netloc}?") from None
+            raise StoreError(f"{error}; is Redis running at {redacted_netloc(self.url)}?") from None
 
     def _redis(self) -> Any:
         if self._client is None:

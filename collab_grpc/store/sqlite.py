@@ -28,6 +28,7 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 
 from collab_grpc import metrics
+from collab_grpc.files import create_private_file, make_private_dir
 from collab_grpc.history import ActivityQuery, Found
 from collab_grpc.model import (
     Activity,
@@ -241,10 +242,14 @@ def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_
 class Retention:
     """What the file keeps beyond the live state: the newest ``count`` events and
     completed activities, none older than ``seconds``; ended sessions likewise by age.
-    Open activities and active sessions are always kept."""
+    Open activities and active sessions are always kept. Past ``max_bytes`` of pages in
+    use (0: no budget), retention runs after every commit, and while that cannot bring
+    the file under it, new records are refused (completions and ends still pass: they
+    are what lets retention free room)."""
 
     count: int = 100_000
     seconds: float = 7 * 24 * 3600.0
+    max_bytes: int = 4 * 1024 * 1024 * 1024
     every: float = 10.0  # how often pruning runs, in seconds
     chunk: int = 2_000  # rows per pruning transaction, so writes never wait long
 
@@ -325,6 +330,9 @@ class SQLiteStore(SingleProcessStore):
         # so it neither waits for a commit nor holds one up (WAL: readers see the last commit).
         self._reader: sqlite3.Connection | None = None
         self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collab-sqlite-read")
+        # Bytes of the file's pages in use (free pages left by retention excluded), as
+        # of the last commit: read by the loop, written by the writer thread.
+        self.used_bytes = 0
 
     @property
     def description(self) -> str:
@@ -338,8 +346,9 @@ class SQLiteStore(SingleProcessStore):
 
     def _open(self) -> sqlite3.Connection:
         """Open the file, or make a new one; refuse anything that is not a collab store."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        make_private_dir(self.path.parent)
+        create_private_file(self.path, "the database file")  # before SQLite makes it with the process's umask
+        fresh = self.path.stat().st_size == 0
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             _check_sqlite(connection)
@@ -397,6 +406,20 @@ class SQLiteStore(SingleProcessStore):
         self._load(state)
         state.log.sink = self._stage_event
         state.idempotency.sink = self._stage_answer
+        self.used_bytes = _used_bytes(self._connection)
+        state.storage_refusal = self._storage_refusal
+
+    def _storage_refusal(self) -> str | None:
+        """Why a new record cannot be stored now (the file is over its budget), or None."""
+        budget = self.retention.max_bytes
+        if not budget or self.used_bytes <= budget:
+            return None
+        return (
+            f"the database uses {self.used_bytes} bytes, over its budget of {budget} bytes "
+            "(--max-db-bytes / COLLAB_MAX_DB_BYTES), and retention cannot free enough: lower "
+            "--retain-count or --retain-seconds, complete open activities and end sessions (kept until then), "
+            "or raise the budget"
+        )
 
     def _stage_event(self, event: Event) -> None:
         self._events.append(event)
@@ -721,9 +744,12 @@ class SQLiteStore(SingleProcessStore):
             self._rollback(connection)
             raise
         now = time.monotonic()
-        if now - self._last_prune >= self.retention.every:
+        used = _used_bytes(connection)
+        if 0 < self.retention.max_bytes < used or now - self._last_prune >= self.retention.every:
             self._last_prune = now
             self._prune(connection)
+            used = _used_bytes(connection)
+        self.used_bytes = used
 
     @staticmethod
     def _rollback(connection: sqlite3.Connection) -> None:
@@ -889,6 +915,14 @@ def _check_sqlite(connection: sqlite3.Connection) -> None:
         raise StoreError(
             f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"
         ) from None
+
+
+def _used_bytes(connection: sqlite3.Connection) -> int:
+    """Bytes of the file's pages that hold data (pages freed by deletes are reused)."""
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    free = connection.execute("PRAGMA freelist_count").fetchone()[0]
+    size = connection.execute("PRAGMA page_size").fetchone()[0]
+    return int((pages - free) * size)
 
 
 def _json(text: str) -> dict[str, Any]:

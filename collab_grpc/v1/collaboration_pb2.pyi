@@ -1765,3 +1765,51 @@ class QueryActivitiesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryActivitiesResponse: _TypeAlias = QueryActivitiesResponse  # noqa: Y015
+
+@_typing.final
+class CheckCredentialRequest(_message.Message):
+    """The credential is the call's own (`authorization: Bearer ...` or `x-api-key`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCredentialRequest: _TypeAlias = CheckCredentialRequest  # noqa: Y015
+
+@_typing.final
+class CheckCredentialResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    READ_FIELD_NUMBER: _builtins.int
+    WRITE_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    read: _builtins.bool
+    """What the credential allows."""
+    write: _builtins.bool
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it stops being valid (a JWT's `exp`); unset: it does not expire by itself
+        (an API key is valid until it is removed from the configuration).
+        """
+
+    def __init__(
+        self,
+        *,
+        read: _builtins.bool = ...,
+        write: _builtins.bool = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "read", b"read", "write", b"write"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckCredentialResponse: _TypeAlias = CheckCredentialResponse  # noqa: Y015

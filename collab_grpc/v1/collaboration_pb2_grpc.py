@@ -38,6 +38,12 @@ class CollaborationServiceStub:
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     def __init__(self, channel):
@@ -136,6 +142,11 @@ class CollaborationServiceStub:
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
                 response_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
                 _registered_method=True)
+        self.CheckCredential = channel.unary_unary(
+                '/collab.v1.CollaborationService/CheckCredential',
+                request_serializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.SerializeToString,
+                response_deserializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class CollaborationServiceServicer:
@@ -150,6 +161,12 @@ class CollaborationServiceServicer:
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     def RecordActivity(self, request, context):
@@ -285,6 +302,15 @@ class CollaborationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckCredential(self, request, context):
+        """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+        is not valid): the bridge asks it for each credential its clients hold, to end
+        their connections when the credential expires or is revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CollaborationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -378,6 +404,11 @@ def add_CollaborationServiceServicer_to_server(servicer, server):
                     request_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.FromString,
                     response_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.SerializeToString,
             ),
+            'CheckCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckCredential,
+                    request_deserializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.FromString,
+                    response_serializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'collab.v1.CollaborationService', rpc_method_handlers)
@@ -398,6 +429,12 @@ class CollaborationService:
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     @staticmethod
@@ -876,6 +913,33 @@ class CollaborationService:
             '/collab.v1.CollaborationService/QueryActivities',
             collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
             collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collab.v1.CollaborationService/CheckCredential',
+            collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.SerializeToString,
+            collab_dot_v1_dot_collaboration__pb2.CheckCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class CollaborationServiceStub:
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     @_typing.overload
@@ -96,6 +102,11 @@ class CollaborationServiceStub:
     its retention; the memory and Redis stores the activities the server holds (the
     newest 1,000 and every open one).
     """
+    CheckCredential: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]
+    """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+    is not valid): the bridge asks it for each credential its clients hold, to end
+    their connections when the credential expires or is revoked.
+    """
 
 @_typing.type_check_only
 class CollaborationServiceAsyncStub(CollaborationServiceStub):
@@ -110,6 +121,12 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -160,6 +177,11 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     its retention; the memory and Redis stores the activities the server holds (the
     newest 1,000 and every open one).
     """
+    CheckCredential: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]  # type: ignore[assignment]
+    """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+    is not valid): the bridge asks it for each credential its clients hold, to end
+    their connections when the credential expires or is revoked.
+    """
 
 class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
     """CollaborationService is the single way into the hub's state.
@@ -173,6 +195,12 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
     key reused), RESOURCE_EXHAUSTED (per-agent rate limit, with a `retry-after` trailer
     in seconds; or a stream subscriber that fell behind), UNAUTHENTICATED,
     PERMISSION_DENIED (read-only credential on a write), UNAVAILABLE (shutting down).
+
+    Access: an RPC marked `idempotency_level = NO_SIDE_EFFECTS` is a read and needs a
+    credential that may read; every other RPC, including one added later and left
+    unmarked, needs a credential that may write (deny by default). A stream opened with
+    a credential that expires (a JWT's `exp`) ends with UNAUTHENTICATED ("token has
+    expired") at that moment.
     """
 
     @_abc_1.abstractmethod
@@ -328,6 +356,17 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         memory): filters, newest or oldest first, a page at a time. The SQLite store searches
         its retention; the memory and Redis stores the activities the server holds (the
         newest 1,000 and every open one).
+        """
+
+    @_abc_1.abstractmethod
+    def CheckCredential(
+        self,
+        request: _collaboration_pb2.CheckCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.CheckCredentialResponse, _abc.Awaitable[_collaboration_pb2.CheckCredentialResponse]]:
+        """What the caller's own credential grants and until when (UNAUTHENTICATED when it
+        is not valid): the bridge asks it for each credential its clients hold, to end
+        their connections when the credential expires or is revoked.
         """
 
 def add_CollaborationServiceServicer_to_server(servicer: CollaborationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

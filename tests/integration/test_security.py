@@ -92,6 +92,7 @@ READ_RPCS = frozenset(
         "ListAgents",
         "ListDecisions",
         "QueryActivities",
+        "CheckCredential",
     }
 )
 WRITE_RPCS = frozenset(
@@ -386,6 +387,7 @@ def rpc_requests(known: dict[str, Any]) -> dict[str, Message]:
         "ListAgents": pb.ListAgentsRequest(limit=10),
         "ListDecisions": pb.ListDecisionsRequest(session_id=session_id),
         "QueryActivities": pb.QueryActivitiesRequest(agent_ids=["sec_agent"]),
+        "CheckCredential": pb.CheckCredentialRequest(),
     }
 
 

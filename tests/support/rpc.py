@@ -27,8 +27,8 @@ __all__ = [
 ]
 
 EOF: object = getattr(grpc.aio, "EOF")  # noqa: B009 - the type stubs do not declare grpc.aio.EOF
-WRITE_KEY = "test-write-key"
-READ_KEY = "test-read-key"
+WRITE_KEY = "test-write-key-of-the-suite"
+READ_KEY = "test-read-key-of-the-suite"
 JWT_SECRET = "test-jwt-secret-that-is-long-enough-for-hs256"
 
 
