@@ -11,6 +11,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar, cast, get_args
 
 import grpc
@@ -28,6 +29,7 @@ from bridge.limits import ThrottledLog
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
+    ActivityQueryBody,
     ActivityTypeName,
     AgentsPageBody,
     AgentStatusBody,
@@ -254,6 +256,45 @@ Cursor = Annotated[
     str | None,
     Query(max_length=4096, description="the `next_cursor` of the previous page: continue after it"),
 ]
+# The history search's query parameters.
+Repeated = Annotated[list[str] | None, Query(description="may repeat: any of the values")]
+TimeBound = Annotated[
+    str | None, Query(max_length=64, description="epoch seconds or ISO 8601 (UTC unless it says otherwise)")
+]
+StatusName = Literal["active", "completed", "failed"]
+_STATUSES: dict[str, pb.ActivityStatus.ValueType] = {
+    "active": pb.ACTIVITY_STATUS_ACTIVE,
+    "completed": pb.ACTIVITY_STATUS_COMPLETED,
+    "failed": pb.ACTIVITY_STATUS_FAILED,
+}
+# Epoch seconds the server's Timestamp can hold (years 1 to 9999).
+_EARLIEST, _LATEST = -62_135_596_800.0, 253_402_300_799.0
+
+
+def _seconds(field: str, text: str) -> float:
+    """``since``/``until`` as epoch seconds: a number, or an ISO 8601 time."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(text)
+            seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError):  # not a time, or one beyond what a datetime holds
+            raise HubError(
+                400, "INVALID_ARGUMENT", f"{field} must be epoch seconds or an ISO 8601 time, got {text!r:.80}"
+            ) from None
+    if not (math.isfinite(seconds) and _EARLIEST <= seconds <= _LATEST):
+        raise HubError(400, "INVALID_ARGUMENT", f"{field} must be a time between the years 1 and 9999, got {text!r}")
+    return seconds
+
+
+def _metadata_match(pair: str) -> pb.MetadataMatch:
+    key, equals, value = pair.partition("=")
+    if not equals or not key:
+        raise HubError(400, "INVALID_ARGUMENT", f"meta must be key=value, got {pair!r:.80}")
+    return _message(pb.MetadataMatch, key=key, value=value)
+
+
 # Declares the two ways to send a token in the OpenAPI spec (either one; /docs offers
 # both). They check nothing: the server does, on the call each route makes.
 CREDENTIALS = [
@@ -323,6 +364,54 @@ def build_router(runtime: BridgeRuntime) -> APIRouter:
             "activities": [mapping.activity_json(a) for a in reply.activities],
             "total": reply.total,
             "agent_id": agent_id,
+            "next_cursor": reply.next_cursor or None,
+        }
+
+    # `/activities` itself: the route below needs a `/` and an id after it, so neither
+    # shadows the other.
+    @router.get(
+        "/activities",
+        summary="Search the retained history: filters, newest or oldest first, a page at a time",
+        response_model=None,
+        responses=documented(ActivityQueryBody, 400),
+    )
+    async def query_activities(
+        request: Request,
+        agent_id: Repeated = None,
+        department: Repeated = None,
+        activity_type: Annotated[list[ActivityTypeName] | None, Query(description="may repeat")] = None,
+        status: Annotated[list[StatusName] | None, Query(description="may repeat")] = None,
+        session_id: Repeated = None,
+        parent_activity_id: Repeated = None,
+        since: TimeBound = None,
+        until: TimeBound = None,
+        order: Annotated[Literal["desc", "asc"], Query(description="newest (desc) or oldest (asc) first")] = "desc",
+        limit: Limit = 50,
+        cursor: Cursor = None,
+        meta: Annotated[
+            list[str] | None,
+            Query(description="`key=value`: a top-level metadata key with this scalar value; may repeat"),
+        ] = None,
+    ) -> dict[str, Any]:
+        message = _message(
+            pb.QueryActivitiesRequest,
+            agent_ids=agent_id or [],
+            departments=department or [],
+            activity_types=[mapping.ACTIVITY_TYPES[name] for name in activity_type or []],
+            statuses=[_STATUSES[name] for name in status or []],
+            session_ids=session_id or [],
+            parent_activity_ids=parent_activity_id or [],
+            metadata=[_metadata_match(pair) for pair in meta or []],
+            oldest_first=order == "asc",
+            limit=limit,
+            cursor=cursor or "",
+        )
+        for field, bound in (("since", since), ("until", until)):
+            if bound is not None:
+                getattr(message, field).FromNanoseconds(round(_seconds(field, bound) * 1e9))
+        reply = await call(request, "QueryActivities", message)
+        return {
+            "activities": [mapping.activity_json(a) for a in reply.activities],
             "next_cursor": reply.next_cursor or None,
         }
 

@@ -137,6 +137,14 @@ class ActivityFeedBody(_Body):
     next_cursor: str | None = None
 
 
+class ActivityQueryBody(_Body):
+    """A page of the history search, in (timestamp, activity_id) order."""
+
+    activities: list[ActivityBody]
+    # Set when more activities may follow: pass it as `cursor` (with the same filters).
+    next_cursor: str | None = None
+
+
 class OneActivityBody(_Body):
     activity: ActivityBody
 

@@ -69,6 +69,10 @@ class ServerConfig:
     max_metadata_bytes: int = 64 * 1024
     # Every message the server sends stays within this many bytes serialised.
     max_reply_bytes: int = 1024 * 1024
+    # Rows a history search (QueryActivities) looks at per call in the SQLite store when it
+    # filters on department, type or metadata (no index holds them); a page may come back
+    # short, with a cursor to go on.
+    history_scan_rows: int = 10_000
     # The most agents a status summary lists, and active sessions a snapshot lists.
     max_status_agents: int = 1000
     max_snapshot_sessions: int = 1000
@@ -151,6 +155,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "agents the idle sweep looks at per pass",
     ),
     ("--rate-limit", "COLLAB_RATE_LIMIT", "rate_limit", float, "records per second per agent (0 = off)"),
+    (
+        "--history-scan-rows",
+        "COLLAB_HISTORY_SCAN_ROWS",
+        "history_scan_rows",
+        int,
+        "rows a history search looks at per call (SQLite) when filtering on department, type or metadata",
+    ),
     ("--max-metadata-bytes", "COLLAB_MAX_METADATA_BYTES", "max_metadata_bytes", int, "metadata size cap"),
     (
         "--max-reply-bytes",
@@ -303,6 +314,7 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "agent_retire_batch",
         "otlp_max_spans",
         "otlp_span_index",
+        "history_scan_rows",
         "max_open_activities",
         "max_open_activity_bytes",
         "max_active_session_bytes",

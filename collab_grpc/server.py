@@ -160,6 +160,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         synchronous=config.sqlite_synchronous,
         commit_delay=config.sqlite_commit_delay,
         retention=Retention(count=config.retain_count, seconds=config.retain_seconds, max_bytes=config.max_db_bytes),
+        history_scan_rows=config.history_scan_rows,
     )
     await store.attach(state)
     store.start()

@@ -39,6 +39,7 @@ from collab_grpc.errors import (
     Unauthenticated,
 )
 from collab_grpc.events import Subscription
+from collab_grpc.history import ActivityQuery
 from collab_grpc.model import Activity
 from collab_grpc.readahead import ReadAhead
 from collab_grpc.state import CollaborationState
@@ -282,7 +283,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self.state = state
-        self.store: Store = store or MemoryStore()
+        self.store: Store = store or MemoryStore(state)
         self.status_interval = status_interval
         self.status_read_min_interval = status_read_min_interval
         self.subscriber_queue = subscriber_queue
@@ -632,6 +633,31 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             response.next_cursor = encode_cursor("ended", response.collaborations[-1].session_id)
         return response
 
+    # -- history search ---------------------------------------------------------------
+
+    async def QueryActivities(  # noqa: N802
+        self, request: pb.QueryActivitiesRequest, context: Context
+    ) -> pb.QueryActivitiesResponse:
+        try:
+            query = query_from_proto(request, self.state)
+            await self.store.fresh()
+            # One more than the page: whether another follows is known without a second read.
+            found = await self.store.query_activities(query, query.limit + 1)
+        except CollabError as error:
+            await abort_with(context, error)
+            raise AssertionError("unreachable: abort raises") from error
+        response = pb.QueryActivitiesResponse()
+        added, _, left = convert.fill_within(
+            response.activities, (convert.activity_to_proto(a) for a in found.activities), self.list_budget, query.limit
+        )
+        if left is not None and added:
+            # The key as the store holds it (a Timestamp read back may differ in its last digit).
+            response.next_cursor = query.cursor_after(found.activities[added - 1])
+        elif left is None and found.scanned_to is not None:
+            # The store stopped at its scan budget before the page was full: go on from there.
+            response.next_cursor = query.cursor_at(found.scanned_to)
+        return response
+
     async def CheckCredential(  # noqa: N802
         self, request: pb.CheckCredentialRequest, context: Context
     ) -> pb.CheckCredentialResponse:
@@ -814,3 +840,39 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                 continue
         context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(SHUTTING_DOWN)
+
+
+def query_from_proto(request: pb.QueryActivitiesRequest, state: CollaborationState) -> ActivityQuery:
+    """The checked query a request asks for (InvalidArgument naming a bad filter)."""
+    types = []
+    for value in request.activity_types:
+        if value not in convert.ACTIVITY_TYPE_FROM_PROTO:
+            raise InvalidArgument(f"activity_types: {value} is not a known activity type")
+        types.append(convert.ACTIVITY_TYPE_FROM_PROTO[value].value)
+    statuses = []
+    for status in request.statuses:
+        if status not in _STATUS_FROM_PROTO:
+            raise InvalidArgument(f"statuses: {status} is not a known activity status")
+        statuses.append(_STATUS_FROM_PROTO[status])
+    return ActivityQuery.build(
+        state.limits,
+        agent_ids=request.agent_ids,
+        departments=request.departments,
+        activity_types=types,
+        statuses=statuses,
+        session_ids=request.session_ids,
+        parent_activity_ids=request.parent_activity_ids,
+        since=convert.seconds_from_timestamp(request.since) if request.HasField("since") else None,
+        until=convert.seconds_from_timestamp(request.until) if request.HasField("until") else None,
+        metadata=[(match.key, match.value) for match in request.metadata],
+        order="asc" if request.oldest_first else "desc",
+        cursor=request.cursor,
+        limit=request.limit,
+    )
+
+
+_STATUS_FROM_PROTO: dict[int, str] = {
+    pb.ACTIVITY_STATUS_ACTIVE: "active",
+    pb.ACTIVITY_STATUS_COMPLETED: "completed",
+    pb.ACTIVITY_STATUS_FAILED: "failed",
+}

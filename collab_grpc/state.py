@@ -464,6 +464,13 @@ class CollaborationState:
                 continue
             yield activity
 
+    def held_activities(self) -> Iterator[Activity]:
+        """Every activity this state holds: the history, then the open ones evicted from it."""
+        yield from self._history.values()
+        for activity_id, activity in self._open.items():
+            if activity_id not in self._history:
+                yield activity
+
     @property
     def live_agent_count(self) -> int:
         return len(self._agents)

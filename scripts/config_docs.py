@@ -54,7 +54,12 @@ def _block(name: str) -> re.Pattern[str]:
 def render(document: str) -> str:
     """``document`` with each generated table replaced by what the code says now."""
     for name in TABLES:
-        document, found = _block(name).subn(lambda match, name=name: match[1] + table(name) + "\n" + match[2], document)
+        generated = table(name)
+
+        def replace(match: re.Match[str], generated: str = generated) -> str:
+            return match[1] + generated + "\n" + match[2]
+
+        document, found = _block(name).subn(replace, document)
         if found != 1:
             raise SystemExit(f"{DOC}: no <!-- config:{name} --> ... <!-- /config:{name} --> block")
     return document

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from collab_grpc.errors import CollabError
+from collab_grpc.history import ActivityQuery, Found, query_held
 from collab_grpc.state import CollaborationState
 
 __all__ = ["MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
@@ -50,6 +51,11 @@ class Store(Protocol):
     async def close(self) -> None:
         """Store what is pending and release the store."""
 
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
+        """The first ``count`` activities of the retained history that ``query`` matches,
+        in its order (each store says what it retains); a store may stop looking after a
+        bound of its own (Found.scanned_to)."""
+
 
 # Reusable, and cheaper than a generator-based context manager on every write.
 _NO_LOCK: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
@@ -70,12 +76,22 @@ class SingleProcessStore:
 
 
 class MemoryStore(SingleProcessStore):
-    """Keeps nothing beyond the process: every change is final at once."""
+    """Keeps nothing beyond the process: every change is final at once. The history it
+    can search is what the state holds: the newest activities (``history_limit``, 1,000
+    by default) and every open one."""
 
     description = "memory (nothing survives a restart)"
 
+    def __init__(self, state: CollaborationState | None = None) -> None:
+        self._state = state
+
     async def attach(self, state: CollaborationState) -> None:
-        pass
+        self._state = state
+
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
+        if self._state is None:
+            return Found([])
+        return query_held(self._state.held_activities(), query, count)
 
     def start(self) -> None:
         pass

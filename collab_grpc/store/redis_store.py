@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from collab_grpc import metrics
+from collab_grpc.history import ActivityQuery, Found, query_held
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -442,6 +443,15 @@ class RedisStore:
             ops.append(["HSET", key("idempotency"), f"{method}\x00{idem_key}", dumps([method, idem_key, *rest])])
         ops.append(["XTRIM", key("events"), "MAXLEN", "~", self.retain])
         return ops
+
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
+        """From this replica's state (caught up by the caller's ``fresh``): the newest
+        ``history_limit`` activities and every open one, as the memory store. Redis keeps
+        more (``retain``) only as bodies in a hash without the indexes a search needs, so
+        older activities are not searched; the SQLite store searches its whole retention."""
+        if self._state is None:
+            return Found([])
+        return query_held(self._state.held_activities(), query, count)
 
     async def durable(self, seq: int) -> None:
         """Appends happen inside ``writing``; by now ``seq`` is stored or refused."""

@@ -15,6 +15,7 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -28,6 +29,7 @@ from typing import Any
 
 from collab_grpc import metrics
 from collab_grpc.files import create_private_file, make_private_dir
+from collab_grpc.history import ActivityQuery, Found
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
@@ -48,7 +50,7 @@ __all__ = ["Retention", "SQLiteStore"]
 log = logging.getLogger("collab_grpc.store.sqlite")
 
 APPLICATION_ID = 0x636F6C62  # "colb": this file is a collab store
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 FILE_NAME = "collab.db"
 
 SCHEMA = """
@@ -98,8 +100,10 @@ _INSERT_EVENTS = (
     f"{_FROM_CHUNK}"
 )
 _INSERT_ACTIVITIES = (
-    f"INSERT INTO activities (activity_id, seq, status, body) SELECT {_field(4)}, {_field(0)}, {_field(5)}, "
-    f"{_field(3)} {_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
+    "INSERT INTO activities (activity_id, seq, status, body, agent_id, session_id, parent_activity_id, recorded_at) "
+    f"SELECT {_field(4)}, {_field(0)}, {_field(5)}, {_field(3)}, json_extract(value, '$[3].agent_id'), "
+    "json_extract(value, '$[3].session_id'), json_extract(value, '$[3].parent_activity_id'), "
+    f"json_extract(value, '$[3].timestamp') {_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_RECORDED.value}'"
 )
 _COMPLETE_ACTIVITIES = (
     "UPDATE activities SET status = done.status, completed_at = done.completed_at, body = done.body FROM "
@@ -121,6 +125,117 @@ UPDATE agents SET seen_at = coalesce((SELECT coalesce(completed_at, json_extract
     FROM activities WHERE activities.activity_id = agents.last_activity_id), 0);
 CREATE INDEX agents_seen ON agents (seen_at);
 """
+
+
+# Schema version 2 -> 3: the history search (query_activities). An activity's agent,
+# session, parent and time get columns of their own, written when it is recorded and never
+# changed after, so their indexes cost a completion nothing (an index on the JSON body
+# would be rewritten by every completion, which rewrites the body). Each index orders by
+# (recorded_at, activity_id), the search's order and cursor, after the filter it serves;
+# department, type and metadata are read from the rows the indexes give. A new file is
+# made at version 2 and taken through this step in the same transaction.
+SEARCH_INDEXES = (
+    "activities_by_time",
+    "activities_by_agent",
+    "activities_by_session",
+    "activities_by_parent",
+    "activities_failed",
+)
+_MIGRATE_TO_3 = """
+ALTER TABLE activities ADD COLUMN agent_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN session_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN parent_activity_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE activities ADD COLUMN recorded_at REAL NOT NULL DEFAULT 0;
+UPDATE activities SET agent_id = json_extract(body, '$.agent_id'), session_id = json_extract(body, '$.session_id'),
+    parent_activity_id = json_extract(body, '$.parent_activity_id'), recorded_at = json_extract(body, '$.timestamp');
+CREATE INDEX activities_by_time ON activities (recorded_at, activity_id);
+CREATE INDEX activities_by_agent ON activities (agent_id, recorded_at, activity_id);
+CREATE INDEX activities_by_session ON activities (session_id, recorded_at, activity_id) WHERE session_id != '';
+CREATE INDEX activities_by_parent ON activities (parent_activity_id, recorded_at, activity_id)
+    WHERE parent_activity_id != '';
+CREATE INDEX activities_failed ON activities (recorded_at, activity_id) WHERE status = 'failed';
+"""
+_HISTORY_TIME = "recorded_at"
+# A metadata match: a top-level key whose scalar value is the text given (a string), the
+# number given, or true/false/null (history.MetadataMatch says the same in Python).
+_METADATA_MATCH = (
+    "EXISTS (SELECT 1 FROM json_each(body, '$.metadata') AS entry WHERE entry.key = ? AND ("
+    "(entry.type = 'text' AND entry.atom = ?) OR (entry.type IN ('integer', 'real') AND entry.atom = ?) "
+    "OR (entry.type IN ('true', 'false', 'null') AND entry.type = ?)))"
+)
+# Rows a search looks at per call, at most, when it filters on what no index holds
+# (department, type, metadata): a page may come back short, with a cursor to go on.
+HISTORY_SCAN_ROWS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class HistorySQL:
+    """The statements answering a query: ``select`` its rows; with filters no index
+    serves, it reads a window of at most the scan budget of rows the indexes give, and
+    ``window_end`` finds the last row of a full window (where the next page continues)."""
+
+    select: str
+    parameters: list[Any]
+    window_end: str | None = None
+    window_parameters: list[Any] = dataclasses.field(default_factory=list)
+
+
+def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_ROWS) -> HistorySQL:
+    """The statements answering ``query`` (its first ``count`` rows)."""
+    # What the indexes serve (the window), then what is read from each row of it.
+    indexed: list[str] = []
+    indexed_parameters: list[Any] = []
+    residual: list[str] = []
+    residual_parameters: list[Any] = []
+
+    def any_of(conditions: list[str], parameters: list[Any], expression: str, values: Sequence[str]) -> None:
+        if values:
+            conditions.append(f"{expression} IN ({', '.join('?' * len(values))})")
+            parameters.extend(values)
+
+    any_of(indexed, indexed_parameters, "agent_id", query.agent_ids)
+    any_of(indexed, indexed_parameters, "session_id", query.session_ids)
+    any_of(indexed, indexed_parameters, "parent_activity_id", query.parent_activity_ids)
+    if query.session_ids:  # what lets the planner use the partial index
+        indexed.append("session_id != ''")
+    if query.parent_activity_ids:
+        indexed.append("parent_activity_id != ''")
+    if query.statuses:
+        # Checked enum values, written in the statement (one as `=`) so that a query of
+        # the failed ones can use their partial index.
+        if len(query.statuses) == 1:
+            indexed.append(f"status = '{query.statuses[0].value}'")
+        else:
+            indexed.append(f"status IN ({', '.join(repr(s.value) for s in query.statuses)})")
+    if query.since is not None:
+        indexed.append(f"{_HISTORY_TIME} >= ?")
+        indexed_parameters.append(query.since)
+    if query.until is not None:
+        indexed.append(f"{_HISTORY_TIME} < ?")
+        indexed_parameters.append(query.until)
+    if query.after is not None:
+        indexed.append(f"({_HISTORY_TIME}, activity_id) {'<' if query.newest_first else '>'} (?, ?)")
+        indexed_parameters.extend(query.after)
+    any_of(residual, residual_parameters, "json_extract(body, '$.department')", query.departments)
+    any_of(
+        residual, residual_parameters, "json_extract(body, '$.activity_type')", [t.value for t in query.activity_types]
+    )
+    for match in query.metadata:
+        residual.append(_METADATA_MATCH)
+        literal = match.value if match.value in ("true", "false", "null") else ""
+        residual_parameters.extend((match.key, match.value, match.number, literal))
+    direction = "DESC" if query.newest_first else "ASC"
+    order = f"ORDER BY {_HISTORY_TIME} {direction}, activity_id {direction}"
+    where = f"WHERE {' AND '.join(indexed)} " if indexed else ""
+    if not residual:
+        return HistorySQL(f"SELECT body FROM activities {where}{order} LIMIT ?", [*indexed_parameters, count])
+    window = f"SELECT body, activity_id, recorded_at FROM activities {where}{order} LIMIT ?"
+    return HistorySQL(
+        f"SELECT body FROM ({window}) WHERE {' AND '.join(residual)} {order} LIMIT ?",
+        [*indexed_parameters, scan_rows, *residual_parameters, count],
+        f"SELECT {_HISTORY_TIME}, activity_id FROM activities {where}{order} LIMIT 1 OFFSET ?",
+        [*indexed_parameters, scan_rows - 1],
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +295,10 @@ class SQLiteStore(SingleProcessStore):
         retention: Retention | None = None,
         commit_delay: float = COMMIT_DELAY,
         commit_quiet: float = COMMIT_QUIET,
+        history_scan_rows: int = HISTORY_SCAN_ROWS,
     ) -> None:
         self.path = data_dir / FILE_NAME
+        self.history_scan_rows = history_scan_rows
         self.commit_delay = commit_delay
         self.commit_quiet = commit_quiet
         self._last_commit = 0.0
@@ -209,6 +326,10 @@ class SQLiteStore(SingleProcessStore):
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
+        # The history search reads through a connection of its own in a thread of its own,
+        # so it neither waits for a commit nor holds one up (WAL: readers see the last commit).
+        self._reader: sqlite3.Connection | None = None
+        self._read_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collab-sqlite-read")
         # Bytes of the file's pages in use (free pages left by retention excluded), as
         # of the last commit: read by the loop, written by the writer thread.
         self.used_bytes = 0
@@ -238,9 +359,13 @@ class SQLiteStore(SingleProcessStore):
             if application_id == APPLICATION_ID:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
                 if version == 1:
-                    connection.executescript(f"BEGIN; {_MIGRATE_TO_2} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_2} PRAGMA user_version = 2; COMMIT;")
                     log.info("store upgraded to schema version 2", extra={"path": str(self.path)})
-                    version = SCHEMA_VERSION
+                    version = 2
+                if version == 2:
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_3} PRAGMA user_version = 3; COMMIT;")
+                    log.info("store upgraded to schema version 3 (history search)", extra={"path": str(self.path)})
+                    version = 3
                 if version != SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
                 check = connection.execute("PRAGMA quick_check").fetchone()[0]
@@ -263,7 +388,8 @@ class SQLiteStore(SingleProcessStore):
         """Schema, epoch and the file's identity in one transaction: a crash leaves
         either an empty file or a complete store."""
         connection.executescript(
-            f"BEGIN; {SCHEMA} INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
+            f"BEGIN; {SCHEMA} {_MIGRATE_TO_3} "
+            f"INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
             f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
 
@@ -274,6 +400,7 @@ class SQLiteStore(SingleProcessStore):
     def open(self, state: CollaborationState) -> None:
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()
+        self._open_reader()
         self._state = state
         self._agent_idle_ttl = state.settings.agent_idle_ttl
         self._load(state)
@@ -388,6 +515,40 @@ class SQLiteStore(SingleProcessStore):
                 "agents": len(agents),
             },
         )
+
+    # -- history search -------------------------------------------------------------
+
+    def _open_reader(self) -> None:
+        """The search's read-only connection."""
+        reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        reader.execute("PRAGMA query_only = ON")
+        self._reader = reader
+
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
+        """Every activity the file retains (Retention: open ones, and the newest completed
+        ones up to its count and age), as of the last commit; with filters no index
+        serves, looking at ``history_scan_rows`` rows at most."""
+        if self._reader is None:
+            return Found([])
+        sql = history_sql(query, count, self.history_scan_rows)
+        reader = self._reader
+
+        def read() -> Found:
+            reader.execute("BEGIN")  # both statements read the same commit
+            try:
+                rows = reader.execute(sql.select, sql.parameters).fetchall()
+                scanned_to = None
+                if sql.window_end is not None and len(rows) < count:
+                    end = reader.execute(sql.window_end, sql.window_parameters).fetchone()
+                    scanned_to = (float(end[0]), str(end[1])) if end is not None else None
+            finally:
+                reader.execute("COMMIT")
+            return Found([decode_activity(_json(body)) for (body,) in rows], scanned_to)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
 
     # -- writing --------------------------------------------------------------------
 
@@ -731,6 +892,10 @@ class SQLiteStore(SingleProcessStore):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._executor, self._connection.close)
         self._executor.shutdown(wait=True)
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await asyncio.get_running_loop().run_in_executor(self._read_executor, reader.close)
+        self._read_executor.shutdown(wait=True)
 
 
 # UPDATE ... FROM (the completions of a commit) came in SQLite 3.33.

@@ -1320,7 +1320,9 @@ class GetCollaborationResponse(_message.Message):
     def session(self) -> Global___CollaborationSession: ...
     @_builtins.property
     def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
-        """The session's activities still in history, oldest first."""
+        """The session's activities still in history, oldest first (QueryActivities with
+        `session_ids` pages through every one the store retains, ended session or not).
+        """
 
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
@@ -1639,6 +1641,130 @@ class ListDecisionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDecisionsResponse: _TypeAlias = ListDecisionsResponse  # noqa: Y015
+
+@_typing.final
+class MetadataMatch(_message.Message):
+    """-- History search --
+
+    A top-level metadata key whose scalar value is `value`: a string equal to it, a number
+    equal to it read as a number, or true / false / null.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    value: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataMatch: _TypeAlias = MetadataMatch  # noqa: Y015
+
+@_typing.final
+class QueryActivitiesRequest(_message.Message):
+    """Every repeated filter matches any of its values; empty means no filter. The filters
+    combine with AND.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    DEPARTMENTS_FIELD_NUMBER: _builtins.int
+    ACTIVITY_TYPES_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    PARENT_ACTIVITY_IDS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    OLDEST_FIRST_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    oldest_first: _builtins.bool
+    """Oldest first; newest first when false (the default)."""
+    limit: _builtins.int
+    """1 to 500; 0 means the default, 50 (fewer when the reply budget is reached)."""
+    cursor: _builtins.str
+    """Continue after the page that gave this `next_cursor` (with the same filters and order)."""
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def departments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def activity_types(self) -> _containers.RepeatedScalarFieldContainer[Global___ActivityType.ValueType]: ...
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[Global___ActivityStatus.ValueType]: ...
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def parent_activity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Activities recorded at or after `since` and before `until`."""
+
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def metadata(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataMatch]: ...
+    def __init__(
+        self,
+        *,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        departments: _abc.Iterable[_builtins.str] | None = ...,
+        activity_types: _abc.Iterable[Global___ActivityType.ValueType] | None = ...,
+        statuses: _abc.Iterable[Global___ActivityStatus.ValueType] | None = ...,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        parent_activity_ids: _abc.Iterable[_builtins.str] | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        metadata: _abc.Iterable[Global___MetadataMatch] | None = ...,
+        oldest_first: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_types", b"activity_types", "agent_ids", b"agent_ids", "cursor", b"cursor", "departments", b"departments", "limit", b"limit", "metadata", b"metadata", "oldest_first", b"oldest_first", "parent_activity_ids", b"parent_activity_ids", "session_ids", b"session_ids", "since", b"since", "statuses", b"statuses", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryActivitiesRequest: _TypeAlias = QueryActivitiesRequest  # noqa: Y015
+
+@_typing.final
+class QueryActivitiesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITIES_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    """Set when more activities may follow: pass it as `cursor` to read them."""
+    @_builtins.property
+    def activities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Activity]:
+        """In (timestamp, activity_id) order, newest or oldest first as asked."""
+
+    def __init__(
+        self,
+        *,
+        activities: _abc.Iterable[Global___Activity] | None = ...,
+        next_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activities", b"activities", "next_cursor", b"next_cursor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryActivitiesResponse: _TypeAlias = QueryActivitiesResponse  # noqa: Y015
 
 @_typing.final
 class CheckCredentialRequest(_message.Message):

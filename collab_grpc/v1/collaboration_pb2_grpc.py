@@ -137,6 +137,11 @@ class CollaborationServiceStub:
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.SerializeToString,
                 response_deserializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.FromString,
                 _registered_method=True)
+        self.QueryActivities = channel.unary_unary(
+                '/collab.v1.CollaborationService/QueryActivities',
+                request_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
+                response_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
+                _registered_method=True)
         self.CheckCredential = channel.unary_unary(
                 '/collab.v1.CollaborationService/CheckCredential',
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.SerializeToString,
@@ -287,6 +292,16 @@ class CollaborationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryActivities(self, request, context):
+        """Searches the whole history the store retains (not only the activities held in
+        memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+        its retention; the memory and Redis stores the activities the server holds (the
+        newest 1,000 and every open one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckCredential(self, request, context):
         """What the caller's own credential grants and until when (UNAUTHENTICATED when it
         is not valid): the bridge asks it for each credential its clients hold, to end
@@ -383,6 +398,11 @@ def add_CollaborationServiceServicer_to_server(servicer, server):
                     servicer.ListDecisions,
                     request_deserializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.FromString,
                     response_serializer=collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.SerializeToString,
+            ),
+            'QueryActivities': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryActivities,
+                    request_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.FromString,
+                    response_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.SerializeToString,
             ),
             'CheckCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckCredential,
@@ -866,6 +886,33 @@ class CollaborationService:
             '/collab.v1.CollaborationService/ListDecisions',
             collab_dot_v1_dot_collaboration__pb2.ListDecisionsRequest.SerializeToString,
             collab_dot_v1_dot_collaboration__pb2.ListDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryActivities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collab.v1.CollaborationService/QueryActivities',
+            collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
+            collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

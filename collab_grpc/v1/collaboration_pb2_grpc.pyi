@@ -96,6 +96,12 @@ class CollaborationServiceStub:
     """
     ListDecisions: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]
     """A session's decisions, oldest first, a page at a time."""
+    QueryActivities: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.QueryActivitiesRequest, _collaboration_pb2.QueryActivitiesResponse]
+    """Searches the whole history the store retains (not only the activities held in
+    memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+    its retention; the memory and Redis stores the activities the server holds (the
+    newest 1,000 and every open one).
+    """
     CheckCredential: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
     is not valid): the bridge asks it for each credential its clients hold, to end
@@ -165,6 +171,12 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     """
     ListDecisions: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.ListDecisionsRequest, _collaboration_pb2.ListDecisionsResponse]  # type: ignore[assignment]
     """A session's decisions, oldest first, a page at a time."""
+    QueryActivities: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.QueryActivitiesRequest, _collaboration_pb2.QueryActivitiesResponse]  # type: ignore[assignment]
+    """Searches the whole history the store retains (not only the activities held in
+    memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+    its retention; the memory and Redis stores the activities the server holds (the
+    newest 1,000 and every open one).
+    """
     CheckCredential: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]  # type: ignore[assignment]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
     is not valid): the bridge asks it for each credential its clients hold, to end
@@ -333,6 +345,18 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_collaboration_pb2.ListDecisionsResponse, _abc.Awaitable[_collaboration_pb2.ListDecisionsResponse]]:
         """A session's decisions, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def QueryActivities(
+        self,
+        request: _collaboration_pb2.QueryActivitiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.QueryActivitiesResponse, _abc.Awaitable[_collaboration_pb2.QueryActivitiesResponse]]:
+        """Searches the whole history the store retains (not only the activities held in
+        memory): filters, newest or oldest first, a page at a time. The SQLite store searches
+        its retention; the memory and Redis stores the activities the server holds (the
+        newest 1,000 and every open one).
+        """
 
     @_abc_1.abstractmethod
     def CheckCredential(

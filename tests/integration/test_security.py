@@ -91,6 +91,7 @@ READ_RPCS = frozenset(
         "StreamAgentStatus",
         "ListAgents",
         "ListDecisions",
+        "QueryActivities",
         "CheckCredential",
     }
 )
@@ -385,6 +386,7 @@ def rpc_requests(known: dict[str, Any]) -> dict[str, Message]:
         "StreamAgentStatus": pb.StreamAgentStatusRequest(),
         "ListAgents": pb.ListAgentsRequest(limit=10),
         "ListDecisions": pb.ListDecisionsRequest(session_id=session_id),
+        "QueryActivities": pb.QueryActivitiesRequest(agent_ids=["sec_agent"]),
         "CheckCredential": pb.CheckCredentialRequest(),
     }
 

@@ -1,4 +1,4 @@
-"""The user commands of `collab` (status, tail, record, complete), over the Python SDK."""
+"""The user commands of `collab` (status, tail, history, record, complete), over the Python SDK."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import TextIO
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from collab import ACTIVITY_TYPES, EVENT_KINDS, Client
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["add_commands", "complete", "record", "status", "tail"]
+__all__ = ["add_commands", "complete", "history", "record", "status", "tail"]
 
 _COLOURS = {
     "activity_recorded": "\033[36m",  # cyan
@@ -125,6 +127,106 @@ def tail(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+# `collab history`: how many activities it shows at most (--limit), and the statuses.
+MAX_HISTORY_ROWS = 100_000
+STATUSES = ("active", "completed", "failed")
+_AGO = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Epoch seconds from epoch seconds, an ISO 8601 time (naive: UTC) or a span ago
+    (``90s``, ``15m``, ``2h``, ``7d``); ValueError saying what is accepted."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if len(text) > 1 and text[-1] in _AGO and text[:-1].isdigit():
+        return (now if now is not None else datetime.now(UTC).timestamp()) - int(text[:-1]) * _AGO[text[-1]]
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not epoch seconds, an ISO 8601 time or a span ago like 15m, 2h, 7d") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return float(stamp.seconds + stamp.nanos / 1e9)
+
+
+def _duration(activity: pb.Activity, now: float) -> str:
+    end = _seconds(activity.completed_at) if activity.HasField("completed_at") else now
+    seconds = max(0.0, end - _seconds(activity.timestamp))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def history(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        since = parse_time(args.since) if args.since else None
+        until = parse_time(args.until) if args.until else None
+    except ValueError as error:
+        print(f"collab history: --since/--until: {error}", file=sys.stderr)
+        return 2
+    metadata: dict[str, str] = {}
+    for pair in args.meta or []:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            print(f"collab history: --meta must be key=value, got {pair!r}", file=sys.stderr)
+            return 2
+        metadata[key] = value
+    if not 1 <= args.limit <= MAX_HISTORY_ROWS:
+        print(f"collab history: --limit must be between 1 and {MAX_HISTORY_ROWS}", file=sys.stderr)
+        return 2
+    now = datetime.now(UTC).timestamp()
+    rows = [("TIME (UTC)", "AGENT", "DEPARTMENT", "TYPE", "STATUS", "TOOK", "ACTIVITY", "SESSION")]
+    with _client(args) as hub:
+        found = hub.query_activities(
+            agent_ids=args.agent or (),
+            departments=args.department or (),
+            activity_types=args.activity_type or (),
+            statuses=args.status or (),
+            session_ids=args.session or (),
+            parent_activity_ids=args.parent or (),
+            since=since,
+            until=until,
+            metadata=metadata,
+            order=args.order,
+            page_size=min(args.limit, 500),
+        )
+        for shown, activity in enumerate(found, 1):
+            if args.json:
+                from google.protobuf.json_format import MessageToDict
+
+                out.write(json.dumps(MessageToDict(activity, preserving_proto_field_name=True)) + "\n")
+            else:
+                status = _name(pb.ActivityStatus, activity.status, "ACTIVITY_STATUS_")
+                if activity.failure_reason:
+                    status = f"{status} ({activity.failure_reason})"
+                rows.append(
+                    (
+                        datetime.fromtimestamp(_seconds(activity.timestamp), UTC).strftime("%Y-%m-%d %H:%M:%S"),
+                        activity.agent_id,
+                        activity.department or "-",
+                        _name(pb.ActivityType, activity.activity_type, "ACTIVITY_TYPE_"),
+                        status,
+                        _duration(activity, now),
+                        activity.activity_id,
+                        activity.session_id or "-",
+                    )
+                )
+            if shown >= args.limit:
+                break
+    if not args.json:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+        out.write(f"{len(rows) - 1} activities\n")
+    return 0
+
+
 def record(args: argparse.Namespace, out: TextIO) -> int:
     try:
         metadata = json.loads(args.metadata) if args.metadata else {}
@@ -181,6 +283,30 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     follow.add_argument("--count", type=int, help="stop after this many events")
     follow.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
     follow.set_defaults(run=tail)
+
+    search = commands.add_parser(
+        "history",
+        help="search the history the hub retains (a table, or JSON lines with --json)",
+        description="Every filter may repeat (any of its values); different filters combine with AND.",
+    )
+    hub_options(search)
+    search.add_argument("--agent", action="append", help="agent id (repeatable)")
+    search.add_argument("--department", action="append", help="department (repeatable)")
+    search.add_argument(
+        "--activity-type", action="append", choices=sorted(ACTIVITY_TYPES), help="activity type (repeatable)"
+    )
+    search.add_argument("--status", action="append", choices=STATUSES, help="activity status (repeatable)")
+    search.add_argument("--session", action="append", help="session id (repeatable)")
+    search.add_argument("--parent", action="append", help="parent activity id: its children (repeatable)")
+    search.add_argument("--since", help="recorded at or after: epoch seconds, ISO 8601 (UTC if naive) or 15m/2h/7d ago")
+    search.add_argument("--until", help="recorded before: as --since")
+    search.add_argument("--meta", action="append", help="key=value: a top-level metadata value (repeatable)")
+    search.add_argument("--order", choices=("desc", "asc"), default="desc", help="newest (default) or oldest first")
+    search.add_argument(
+        "--limit", type=int, default=50, help=f"show at most this many (default 50, at most {MAX_HISTORY_ROWS})"
+    )
+    search.add_argument("--json", action="store_true", help="one JSON object per activity and line")
+    search.set_defaults(run=history)
 
     new = commands.add_parser("record", help="record an activity; prints its id")
     hub_options(new)

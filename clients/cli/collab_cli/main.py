@@ -1,4 +1,4 @@
-"""`collab`: the hub's command line: `up`, `status`, `tail`, `record`, `complete`.
+"""`collab`: the hub's command line: `up`, `status`, `tail`, `history`, `record`, `complete`.
 
 `collab up` starts the gRPC server and the bridge for one machine with no
 configuration, prints where to connect and with which token, and stops everything on

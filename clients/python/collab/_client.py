@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -182,6 +183,47 @@ class Client:
     def ended_collaborations(self, limit: int = 50) -> list[pb.CollaborationSession]:
         reply = self._call("ListEndedCollaborations", pb.ListEndedCollaborationsRequest(limit=limit))
         return list(reply.collaborations)
+
+    def query_activities(
+        self,
+        *,
+        agent_ids: Iterable[str] = (),
+        departments: Iterable[str] = (),
+        activity_types: Iterable[str] = (),
+        statuses: Iterable[str] = (),
+        session_ids: Iterable[str] = (),
+        parent_activity_ids: Iterable[str] = (),
+        since: float | datetime | None = None,
+        until: float | datetime | None = None,
+        metadata: Mapping[str, requests.MetadataScalar] | None = None,
+        order: str = "desc",
+        page_size: int = 50,
+    ) -> Iterator[pb.Activity]:
+        """Search the history the hub retains, every page in turn (one call a page of
+        ``page_size``, 1 to 500, as the reply budget allows), following the cursor: the
+        activities of any of ``agent_ids``, and of any of ``departments``, ... recorded at
+        or after ``since`` and before ``until`` (epoch seconds or datetimes, naive ones
+        UTC), whose metadata has each key of ``metadata`` with that scalar value; newest
+        first, or oldest first with ``order="asc"``. Break off at any time."""
+        request = requests.query_activities(
+            agent_ids=agent_ids,
+            departments=departments,
+            activity_types=activity_types,
+            statuses=statuses,
+            session_ids=session_ids,
+            parent_activity_ids=parent_activity_ids,
+            since=since,
+            until=until,
+            metadata=metadata,
+            order=order,
+            page_size=page_size,
+        )
+        while True:
+            reply = self._call("QueryActivities", request)
+            yield from reply.activities
+            if not reply.next_cursor:
+                return
+            request.cursor = reply.next_cursor
 
     # -- the event stream -------------------------------------------------------------
 

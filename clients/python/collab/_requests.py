@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -22,10 +23,18 @@ __all__ = [
     "bulk_messages",
     "messages_to_resend",
     "new_key",
+    "query_activities",
     "record_activity",
     "struct",
     "subscribe",
 ]
+
+ACTIVITY_STATUSES = {
+    name.removeprefix("ACTIVITY_STATUS_").lower(): number
+    for name, number in pb.ActivityStatus.items()
+    if number != pb.ACTIVITY_STATUS_UNSPECIFIED
+}
+MetadataScalar = str | int | float | bool | None
 
 # Activities per message of a bulk stream: one message each would cost the hub a gRPC
 # message per activity, several times the cost of recording it (docs/BENCHMARKS.md).
@@ -230,3 +239,56 @@ class BulkProgress:
             return False
         self.messages = messages_to_resend(pending, self.messages, answered)
         return False
+
+
+def _metadata_text(value: MetadataScalar) -> str:
+    """A metadata value as the search matches it: true/false/null, a number, or the text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, str) else repr(value)
+
+
+def _seconds(value: float | datetime) -> float:
+    """Epoch seconds, or a datetime (naive: UTC)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return (value - datetime(1970, 1, 1)).total_seconds()
+        return value.timestamp()
+    return float(value)
+
+
+def query_activities(
+    *,
+    agent_ids: Iterable[str] = (),
+    departments: Iterable[str] = (),
+    activity_types: Iterable[str] = (),
+    statuses: Iterable[str] = (),
+    session_ids: Iterable[str] = (),
+    parent_activity_ids: Iterable[str] = (),
+    since: float | datetime | None = None,
+    until: float | datetime | None = None,
+    metadata: Mapping[str, MetadataScalar] | None = None,
+    order: str = "desc",
+    page_size: int = 50,
+) -> pb.QueryActivitiesRequest:
+    """The first page's request; ValueError for an unknown type, status or order."""
+    if order not in ("desc", "asc"):
+        raise ValueError(f"order must be 'desc' or 'asc', got {order!r}")
+    request = pb.QueryActivitiesRequest(
+        agent_ids=list(agent_ids),
+        departments=list(departments),
+        activity_types=[activity_type(name) for name in activity_types],
+        statuses=[_enum(ACTIVITY_STATUSES, "status", name) for name in statuses],
+        session_ids=list(session_ids),
+        parent_activity_ids=list(parent_activity_ids),
+        metadata=[pb.MetadataMatch(key=key, value=_metadata_text(value)) for key, value in (metadata or {}).items()],
+        oldest_first=order == "asc",
+        limit=page_size,
+    )
+    if since is not None:
+        request.since.FromNanoseconds(round(_seconds(since) * 1e9))
+    if until is not None:
+        request.until.FromNanoseconds(round(_seconds(until) * 1e9))
+    return request
