@@ -766,6 +766,8 @@ async function backfill() {
     }
     $("backfill-note").textContent = `newest first; ${loaded} from before this page opened, then live`;
     timeline.fitted = false;
+    // A search answered from what the page holds is answered again now that it holds more.
+    if (route.view === "search" && searchAvailable === false) runSearch();
   } catch (error) {
     $("backfill-note").textContent = `the hub's history could not be loaded (${error.message}); showing live events only`;
   }

@@ -7,6 +7,7 @@ import { typeColour } from "/static/words.js";
 const LANE = 20;
 const AXIS = 22;
 const NAMES = 170;
+const STACK = 3; // rows a lane splits into for overlapping activities
 const MIN_SPAN = 5; // seconds on screen, zoomed in fully
 const MAX_SPAN = 7 * 24 * 3600;
 
@@ -79,7 +80,7 @@ export class Timeline {
 
   _pick(x, y) {
     for (const bar of this.drawn) {
-      if (x >= bar.x - 2 && x <= bar.x + bar.width + 2 && y >= bar.y && y <= bar.y + LANE - 4) {
+      if (x >= bar.x - 2 && x <= bar.x + bar.width + 2 && y >= bar.y && y <= bar.y + bar.height) {
         this.onPick(bar.activity_id);
         return;
       }
@@ -102,7 +103,7 @@ export class Timeline {
 
   /** What the last frame drew (the tests read it: a canvas has no DOM to query). */
   bars() {
-    return this.drawn.map(({ activity_id, agent_id, x, width, status }) => ({ activity_id, agent_id, x, width, status }));
+    return this.drawn.map(({ activity_id, agent_id, x, y, width, height, status }) => ({ activity_id, agent_id, x, y, width, height, status }));
   }
 
   /** Draw the lanes in view; true when something in view is still growing. */
@@ -152,26 +153,37 @@ export class Timeline {
       g.beginPath();
       g.rect(NAMES, y, plot, LANE);
       g.clip();
+      // Activities of one agent that overlap in time share the lane in up to STACK rows.
+      const shown = [];
+      const rowEnds = [];
       for (const activity of this.store.laneActivities(lane.agent_id)) {
         const begin = activity.timestamp;
         const open = activity.status === "active";
         const finish = open ? now : activity.completed_at ?? begin;
         if (finish < start || begin > this.end) continue;
+        let row = rowEnds.findIndex((end) => end <= begin);
+        if (row < 0) row = rowEnds.length < STACK ? rowEnds.length : STACK - 1;
+        rowEnds[row] = Math.max(rowEnds[row] ?? 0, finish);
+        shown.push([activity, begin, finish, open, row]);
+      }
+      const rowHeight = (LANE - 6) / Math.max(1, rowEnds.length);
+      for (const [activity, begin, finish, open, row] of shown) {
         const x = xOf(begin);
+        const top = y + 3 + row * rowHeight;
         const barWidth = Math.max(2, xOf(finish) - x);
         g.globalAlpha = open ? 1 : 0.75;
         g.fillStyle = typeColour(activity.activity_type);
-        g.fillRect(x, y + 3, barWidth, LANE - 6);
+        g.fillRect(x, top, barWidth, rowHeight - (rowEnds.length > 1 ? 1 : 0));
         if (activity.status === "failed") {
           g.strokeStyle = "#f85149";
           g.lineWidth = 2;
-          g.strokeRect(x + 1, y + 4, Math.max(1, barWidth - 2), LANE - 8);
+          g.strokeRect(x + 1, top + 1, Math.max(1, barWidth - 2), Math.max(1, rowHeight - 2));
         } else if (open) {
           g.fillStyle = "#ffffff";
-          g.fillRect(x + barWidth - 2, y + 3, 2, LANE - 6); // the growing edge
+          g.fillRect(x + barWidth - 2, top, 2, rowHeight); // the growing edge
           growing = true;
         }
-        drawn.push({ activity_id: activity.activity_id, agent_id: lane.agent_id, x, y: y + 3, width: barWidth, status: activity.status });
+        drawn.push({ activity_id: activity.activity_id, agent_id: lane.agent_id, x, y: top, height: rowHeight, width: barWidth, status: activity.status });
       }
       g.restore();
       g.globalAlpha = 1;

@@ -11,8 +11,8 @@ const LABELS = {
 export const ACTIVITY_TYPES = Object.keys(LABELS);
 
 // One colour per activity type (the timeline's bars, the legend, the tree).
-const COLOURS = ["#58a6ff", "#3fb950", "#d29922", "#bc8cff", "#ff7b72", "#39c5cf", "#f778ba", "#a5d6ff",
-  "#7ee787", "#e3b341", "#ffa657", "#8b949e"];
+const COLOURS = ["#58a6ff", "#3fb950", "#d29922", "#bc8cff", "#ff7b72", "#39c5cf", "#f2cc60", "#a5d6ff",
+  "#7ee787", "#f778ba", "#ffa657", "#8b949e"];
 export const typeColour = (type) => COLOURS[Math.max(0, ACTIVITY_TYPES.indexOf(type)) % COLOURS.length];
 
 export const label = (type) => LABELS[type] || String(type || "activity").replaceAll("_", " ");
