@@ -29,7 +29,8 @@ from typing import Any
 import httpx
 from playwright.async_api import Browser, Page, async_playwright
 
-from tests.support.rpc import WRITE_KEY
+from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, Stack, running_stack
 
 __all__ = ["CHROMIUM", "CHROMIUM_ARGS", "FrameResult", "Team", "main", "measure"]
@@ -66,16 +67,21 @@ class Team:
     def __init__(self, http: httpx.AsyncClient, agents: int = 12, departments: int = 4, pace: float = 0.0) -> None:
         self.http = http
         self.pace = pace  # seconds between the steps of a council or a task: work that takes time
+        self.members = self.roster(agents, departments)
+        self.department = dict(self.members)
+        self.random = random.Random(7)
+
+    @staticmethod
+    def roster(agents: int, departments: int) -> list[tuple[str, str]]:
+        """(agent_id, department) of ``agents`` agents spread over ``departments``."""
         names = DEPARTMENTS[:departments] + [f"dept_{n}" for n in range(len(DEPARTMENTS), departments)]
-        self.members = [
+        return [
             (
                 f"{SHORT.get(names[n % departments], names[n % departments])}_{n // departments + 1}",
                 names[n % departments],
             )
             for n in range(agents)
         ]
-        self.department = dict(self.members)
-        self.random = random.Random(7)
 
     async def _post(self, route: str, body: dict[str, Any]) -> dict[str, Any]:
         response = await self.http.post(f"{API}/{route}", json=body)
@@ -232,10 +238,13 @@ async def open_dashboard(browser: Browser, stack: Stack, query: str = "", width:
     return page
 
 
-async def _paced_load(http: httpx.AsyncClient, agents: int, rate: float, seconds: float) -> int:
-    """``rate`` events a second (half recordings, half completions) for ``seconds``; the number sent."""
-    team = Team(http, agents=agents, departments=4)
-    names = [name for name, _ in team.members]
+async def _paced_load(target: str, agents: int, rate: float, seconds: float) -> int:
+    """``rate`` events a second (half recordings, half completions) for ``seconds``, over
+    gRPC straight to the server (the REST route's client cannot pace 500 a second on the
+    machine that also runs the browser); the number sent."""
+    names = [name for name, _ in Team.roster(agents, 4)]
+    department = dict(Team.roster(agents, 4))
+    client = Client.connect(target)
     sent = 0
     open_ids: list[str] = []
     in_flight: set[asyncio.Task[Any]] = set()
@@ -244,22 +253,30 @@ async def _paced_load(http: httpx.AsyncClient, agents: int, rate: float, seconds
     async def one(n: int) -> None:
         nonlocal sent
         if n % 2 and open_ids:
-            await team.complete(open_ids.pop(0), success=n % 19 != 1)
+            done = pb.CompleteActivityRequest(activity_id=open_ids.pop(0), success=n % 19 != 1)
+            await client.stub.CompleteActivity(done, metadata=client.metadata)
         else:
             agent = names[(n // 2) % len(names)]
-            open_ids.append(await team.record(agent, "task_assigned", metadata={"task": f"step {n}", "n": n}))
+            request = pb.RecordActivityRequest(
+                agent_id=agent, activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED, department=department[agent]
+            )
+            request.metadata.update({"task": f"step {n}", "gen_ai.request.model": MODELS[n % len(MODELS)]})
+            open_ids.append((await client.stub.RecordActivity(request, metadata=client.metadata)).activity_id)
         sent += 1
 
-    n = 0
-    while (elapsed := time.monotonic() - start) < seconds:
-        due = int(elapsed * rate)
-        while n < due and len(in_flight) < 64:
-            task = asyncio.create_task(one(n))
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-            n += 1
-        await asyncio.sleep(0.005)
-    await asyncio.gather(*in_flight, return_exceptions=True)
+    try:
+        n = 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate)
+            while n < due and len(in_flight) < 64:
+                task = asyncio.create_task(one(n))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                n += 1
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*in_flight, return_exceptions=True)
+    finally:
+        await client.close()
     return sent
 
 
@@ -267,7 +284,9 @@ async def measure(browser: Browser, stack: Stack, agents: int, rate: float, seco
     async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=30) as http:
         team = Team(http, agents=agents, departments=4)
         # Every agent known (one finished activity each) before the page opens.
-        await asyncio.gather(*(team.record(name, "agent_started") for name, _ in team.members[:agents]))
+        for first in range(0, agents, 50):
+            batch = team.members[first : first + 50]
+            await asyncio.gather(*(team.record(name, "agent_started") for name, _ in batch))
         page = await open_dashboard(browser, stack, f"&view={view}")
         await page.evaluate(
             """() => { window.frameGaps = []; window.longTasks = 0; let last = performance.now();
@@ -278,7 +297,7 @@ async def measure(browser: Browser, stack: Stack, agents: int, rate: float, seco
                 window.collabDashboard.drawTimes.length = 0; }"""
         )
         started = time.monotonic()
-        sent = await _paced_load(http, agents, rate, seconds)
+        sent = await _paced_load(stack.server.target, agents, rate, seconds)
         took = time.monotonic() - started
         gaps: list[float] = await page.evaluate("window.frameGaps.slice(1)")
         draws: list[float] = await page.evaluate("window.collabDashboard.drawTimes.slice()")

@@ -28,6 +28,8 @@ const TERMINAL = new Set(["completed", "failed"]);
 const DONE_STATUSES = { true: "completed", false: "failed" };
 
 const $ = (id) => document.getElementById(id);
+// Writes only a change: an unchanged write still costs a layout.
+const setText = (node, value) => { if (node.textContent !== value) node.textContent = value; };
 const el = (tag, props = {}, ...children) => {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
@@ -64,11 +66,17 @@ const model = {
   agents: new Map(), // agent_id -> AgentView (+ department)
   activities: new Map(), // activity_id -> activity (+ completed_at once known)
   lanes: new Map(), // agent_id -> activities, oldest first
+  byTime: [], // every activity held, oldest first (the feed reads it from the end)
   sessions: new Map(), // session_id -> session (active and recently ended)
   decisions: new Map(), // decision_id -> decision
   memory: [],
   agentsOmitted: 0,
   dirty: new Set(),
+  changedAgents: new Set(), // agents whose card alone needs drawing
+  touchAgent(id) {
+    this.changedAgents.add(id);
+    schedule();
+  },
   touch(...parts) {
     for (const part of parts) this.dirty.add(part);
     schedule();
@@ -100,6 +108,9 @@ const model = {
     let at = lane.length;
     while (at > 0 && lane[at - 1].timestamp > entry.timestamp) at -= 1;
     lane.splice(at, 0, entry);
+    at = this.byTime.length;
+    while (at > 0 && this.byTime[at - 1].timestamp > entry.timestamp) at -= 1;
+    this.byTime.splice(at, 0, entry);
     this.agent(entry.agent_id, entry.department);
     if (this.activities.size > MAX_ACTIVITIES) this.evict();
     return entry;
@@ -115,6 +126,8 @@ const model = {
   evict() {
     const oldest = [...this.activities.values()].filter((a) => TERMINAL.has(a.status))
       .sort((a, b) => a.timestamp - b.timestamp).slice(0, Math.ceil(MAX_ACTIVITIES / 10));
+    const dropped = new Set(oldest);
+    this.byTime = this.byTime.filter((activity) => !dropped.has(activity));
     for (const activity of oldest) {
       this.activities.delete(activity.activity_id);
       const lane = this.lanes.get(activity.agent_id);
@@ -158,6 +171,8 @@ function frame() {
   const view = route.view;
   if (view === "overview") {
     if (dirty.has("agents")) drawAgents();
+    else if (model.changedAgents.size) drawAgents(model.changedAgents);
+    model.changedAgents = new Set();
     if (dirty.has("feed")) drawFeed();
     if (dirty.has("sessions")) drawSessions();
     if (dirty.has("decisions")) drawDecisions();
@@ -165,6 +180,8 @@ function frame() {
   } else {
     // Drawn when the overview is shown again.
     for (const part of ["agents", "feed", "sessions", "decisions", "memory"]) if (dirty.has(part)) model.dirty.add(part);
+    if (model.changedAgents.size) model.dirty.add("agents");
+    model.changedAgents = new Set();
   }
   if (view === "timeline" && timeline.draw(timelineLanes())) model.dirty.add("timeline");
   if (view === "graph" && (dirty.has("graph") || dirty.has("feed"))) drawGraphSoon();
@@ -181,8 +198,43 @@ setInterval(() => model.touch("agents", "panel"), 1000);
 
 const cards = new Map(); // agent_id -> card element
 const departmentBoxes = new Map();
-function drawAgents() {
+function agentCard(id, now) {
+  const agent = model.agents.get(id);
+  let card = cards.get(id);
+  if (!card) {
+    card = el("div", { className: "agent", dataset: { agent: id }, on: { click: () => navigate({ agent: id, session: null, activity: null }) } },
+      el("div", { className: "id" }, el("span"), el("span", { className: "badge", hidden: true })),
+      el("div", { className: "doing" }), el("div", { className: "meta" }));
+    cards.set(id, card);
+  }
+  const doing = model.doing(id);
+  const open = doing ? now - doing.timestamp : 0;
+  const isStalled = Boolean(doing) && open > STALLED_SECONDS;
+  if (card.dataset.status !== agent.status) card.dataset.status = agent.status;
+  if (card.dataset.stalled !== String(isStalled)) card.dataset.stalled = String(isStalled);
+  const [name, badge] = card.firstChild.children;
+  setText(name, id);
+  if (badge.hidden === isStalled) badge.hidden = !isStalled;
+  setText(badge, isStalled ? `stalled ${duration(open)}` : "");
+  setText(card.children[1], doing
+    ? `${label(doing.activity_type)} for ${duration(open)}`
+    : agent.status === "active" ? "working" : "idle");
+  const last = !doing && agent.last_activity && model.activities.get(agent.last_activity);
+  setText(card.children[2], doing
+    ? summary(doing.metadata) || (doing.session_id ? `in ${sessionName(model.sessions.get(doing.session_id))}` : "")
+    : last ? `last: ${label(last.activity_type)} at ${clock(last.completed_at ?? last.timestamp)}` : "");
+  card.stalled = isStalled;
+  return card;
+}
+
+/** Only the cards of agents whose activity changed; everything (grouping, counts, the
+ * clock's durations) when `changed` is null: on a snapshot, a new agent, and once a second. */
+function drawAgents(changed = null) {
   const now = Date.now() / 1000;
+  if (changed && cards.size === model.agents.size && [...changed].every((id) => cards.has(id) || !model.agents.has(id))) {
+    for (const id of changed) if (model.agents.has(id)) agentCard(id, now);
+    return;
+  }
   const byDepartment = new Map();
   for (const [id, agent] of model.agents) {
     const department = agent.department || "no department";
@@ -199,51 +251,27 @@ function drawAgents() {
       departmentBoxes.set(department, box);
     }
     const active = ids.filter((id) => model.agents.get(id).status === "active").length;
-    box.firstChild.textContent = `${department} · ${ids.length} agents, ${active} working`;
-    const row = [];
-    for (const id of ids) {
-      const agent = model.agents.get(id);
-      let card = cards.get(id);
-      if (!card) {
-        card = el("div", { className: "agent", dataset: { agent: id }, on: { click: () => navigate({ agent: id, session: null, activity: null }) } },
-          el("div", { className: "id" }, el("span"), el("span", { className: "badge", hidden: true })),
-          el("div", { className: "doing" }), el("div", { className: "meta" }));
-        cards.set(id, card);
-      }
-      const doing = model.doing(id);
-      const open = doing ? now - doing.timestamp : 0;
-      const isStalled = Boolean(doing) && open > STALLED_SECONDS;
-      if (isStalled) stalled += 1;
-      card.dataset.status = agent.status;
-      card.dataset.stalled = String(isStalled);
-      const [name, badge] = card.firstChild.children;
-      name.textContent = id;
-      badge.hidden = !isStalled;
-      badge.textContent = isStalled ? `stalled ${duration(open)}` : "";
-      card.children[1].textContent = doing
-        ? `${label(doing.activity_type)} for ${duration(open)}`
-        : agent.status === "active" ? "working" : "idle";
-      const last = !doing && agent.last_activity && model.activities.get(agent.last_activity);
-      card.children[2].textContent = doing
-        ? summary(doing.metadata) || (doing.session_id ? `in ${sessionName(model.sessions.get(doing.session_id))}` : "")
-        : last ? `last: ${label(last.activity_type)} at ${clock(last.completed_at ?? last.timestamp)}` : "";
-      row.push(card);
-    }
+    setText(box.firstChild, `${department} · ${ids.length} agents, ${active} working`);
+    const row = ids.map((id) => agentCard(id, now));
+    stalled += row.filter((card) => card.stalled).length;
     syncChildren(box.lastChild, row);
     boxes.push(box);
   }
   for (const [id, card] of cards) if (!model.agents.has(id)) { cards.delete(id); card.remove(); }
   syncChildren($("agents"), boxes);
-  $("stalled-note").textContent = `grouped by department; stalled = one activity open over ${duration(STALLED_SECONDS)}` +
-    (stalled ? ` (${stalled} now)` : "") + (model.agentsOmitted ? `; ${model.agentsOmitted} more agents not listed by the hub's snapshot` : "");
+  setText($("stalled-note"), `grouped by department; stalled = one activity open over ${duration(STALLED_SECONDS)}` +
+    (stalled ? ` (${stalled} now)` : "") + (model.agentsOmitted ? `; ${model.agentsOmitted} more agents not listed by the hub's snapshot` : ""));
 }
 
-/** Put exactly `nodes` in `parent`, in order, moving only what moved. */
+/** Put exactly `nodes` in `parent`, in order, moving only what moved (new rows at the
+ * top of a list cost one insertion each, not a rebuild: layout is the expensive part). */
 function syncChildren(parent, nodes) {
-  const current = parent.children;
-  let same = current.length === nodes.length;
-  for (let i = 0; same && i < nodes.length; i += 1) same = current[i] === nodes[i];
-  if (!same) parent.replaceChildren(...nodes);
+  const wanted = new Set(nodes);
+  for (const child of [...parent.children]) if (!wanted.has(child)) child.remove();
+  for (let i = 0; i < nodes.length; i += 1) {
+    const here = parent.children[i];
+    if (here !== nodes[i]) parent.insertBefore(nodes[i], here || null);
+  }
 }
 
 const feedRows = new Map();
@@ -259,9 +287,9 @@ function drawFeed() {
   const typeFilter = $("filter-type").value;
   const shown = [];
   // Newest first: walk the lanes' ends is not ordered across agents, so sort the candidates.
-  const all = [...model.activities.values()];
-  all.sort((a, b) => b.timestamp - a.timestamp);
-  for (const activity of all) {
+  const all = model.byTime;
+  for (let at = all.length - 1; at >= 0; at -= 1) {
+    const activity = all[at];
     if (agentFilter && !activity.agent_id.includes(agentFilter)) continue;
     if (typeFilter && activity.activity_type !== typeFilter) continue;
     shown.push(activity);
@@ -794,8 +822,11 @@ hub.addEventListener("collaboration_state", ({ detail }) => {
   model.touch("agents", "sessions");
 });
 hub.addEventListener("agent_status_update", ({ detail }) => {
-  for (const [id, update] of Object.entries(detail.agents)) Object.assign(model.agent(id), update);
-  model.touch("agents");
+  for (const [id, update] of Object.entries(detail.agents)) {
+    if (!model.agents.has(id)) model.dirty.add("agents");
+    Object.assign(model.agent(id), update);
+    model.touchAgent(id);
+  }
 });
 hub.addEventListener("agent_activity", ({ detail: { activity } }) => {
   model.putActivity(activity);
@@ -803,7 +834,8 @@ hub.addEventListener("agent_activity", ({ detail: { activity } }) => {
   if (activity.status === "active") Object.assign(known, { status: "active", current_activity: activity.activity_id, last_activity: activity.activity_id });
   const session = activity.session_id && model.sessions.get(activity.session_id);
   if (session) session.activity_count += 1;
-  model.touch("feed", "agents", "timeline", "sessions", ...(panelMentions(activity) ? ["panel"] : []));
+  model.touchAgent(activity.agent_id);
+  model.touch("feed", "timeline", ...(session ? ["sessions"] : []), ...(panelMentions(activity) ? ["panel"] : []));
 });
 hub.addEventListener("activity_completed", ({ detail }) => {
   const done = model.complete(detail.activity_id, detail.status || DONE_STATUSES[detail.success], epoch(detail.timestamp), detail.failure_reason);
@@ -813,7 +845,8 @@ hub.addEventListener("activity_completed", ({ detail }) => {
     const next = model.doing(detail.agent_id);
     Object.assign(known, next ? { current_activity: next.activity_id } : { status: "idle", current_activity: null });
   }
-  model.touch("feed", "agents", "timeline", ...(done && panelMentions(done) ? ["panel"] : []));
+  model.touchAgent(detail.agent_id);
+  model.touch("feed", "timeline", ...(done && panelMentions(done) ? ["panel"] : []));
 });
 hub.addEventListener("collaboration_started", ({ detail: { session } }) => {
   model.sessions.set(session.session_id, { activity_count: 0, decision_count: 0, ...session });
