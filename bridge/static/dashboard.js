@@ -379,6 +379,7 @@ function timelineLanes() {
 }
 
 let graph = null;
+const legendChips = new Map();
 let graphDrawnAt = 0;
 let graphTimer = null;
 // The graph is re-weighted at most once a second: a layout engine is not a per-event thing.
@@ -416,6 +417,9 @@ function drawGraphSoon() {
   $("graph-note").textContent = `${edges.size} pairs that worked together in the last ${duration(GRAPH_WINDOW)}: ` +
     "named in related_agents, messages, shared sessions; thicker = more traffic; colour = department; click an agent";
   window.collabDashboard.graphEdges = Object.fromEntries(edges);
+  syncChildren($("graph-legend"), [...graph.departments].map(([name, colour]) =>
+    legendChips.get(`${name}${colour}`) || legendChips.set(`${name}${colour}`,
+      el("span", { className: "dim" }, el("i", { className: "chip", style: `background:${colour}` }), name || "no department")).get(`${name}${colour}`)));
 }
 
 // ---------------------------------------------------------------- the side panel
@@ -680,7 +684,7 @@ function failedSearch(error, query) {
       const held = localSearch(query);
       showResults(held, null);
       $("search-status").textContent = "search needs a newer hub: this one has no history search " +
-        `(GET /api/v1/collaboration/activities answered 404). Below: the ${held.length} matching activities among the ${model.activities.size} this page holds.`;
+        `(it has no GET /api/v1/collaboration/activities). Below: the ${held.length} matching activities among the ${model.activities.size} this page holds.`;
     } else {
       $("search-status").textContent = `the hub refused this search: ${error.message}`;
     }

@@ -16,10 +16,10 @@ export class Graph {
       minZoom: 0.1,
       maxZoom: 4,
       style: [
-        { selector: "node", style: { label: "data(label)", color: "#d8dee6", "font-size": 11, "text-valign": "bottom",
+        { selector: "node", style: { label: "data(label)", color: "#d8dee6", "font-size": 14, "text-valign": "bottom",
           "text-margin-y": 4, "background-color": "data(colour)", width: "data(size)", height: "data(size)" } },
         { selector: "node[?active]", style: { "border-width": 3, "border-color": "#3fb950" } },
-        { selector: "edge", style: { width: "data(width)", "line-color": "#4b5b6b", "curve-style": "haystack",
+        { selector: "edge", style: { width: "data(width)", "line-color": "#6b7d90", "curve-style": "haystack",
           opacity: 0.8 } },
         { selector: ":selected", style: { "border-width": 3, "border-color": "#ffffff" } },
       ],
@@ -45,7 +45,7 @@ export class Graph {
       for (const agent of agents) {
         present.add(agent.agent_id);
         const data = { label: agent.agent_id, colour: this.colour(agent.department || ""),
-          size: 18 + Math.min(30, Math.sqrt(agent.count) * 3), active: agent.status === "active" };
+          size: 26 + Math.min(34, Math.sqrt(agent.count) * 4), active: agent.status === "active" };
         const node = cy.getElementById(agent.agent_id);
         if (node.empty()) {
           cy.add({ group: "nodes", data: { id: agent.agent_id, ...data } });
@@ -59,7 +59,7 @@ export class Graph {
         if (!present.has(a) || !present.has(b)) continue;
         const id = `e:${key}`;
         wanted.add(id);
-        const data = { width: 1 + Math.min(10, Math.log2(1 + weight) * 1.5), weight };
+        const data = { width: 1 + Math.min(12, Math.log2(1 + weight) * 2.5), weight };
         const edge = cy.getElementById(id);
         if (edge.empty()) cy.add({ group: "edges", data: { id, source: a, target: b, ...data } });
         else edge.data(data);
@@ -71,9 +71,12 @@ export class Graph {
 
   layout() {
     const many = this.cy.nodes().length > FORCE_LAYOUT_LIMIT;
+    const box = this.cy.container();
+    const boundingBox = { x1: 0, y1: 0, w: Math.max(300, box.clientWidth), h: Math.max(300, box.clientHeight) };
     this.cy.layout(many
-      ? { name: "concentric", concentric: (node) => node.degree(), levelWidth: () => 2, animate: false, fit: false }
-      : { name: "cose", animate: false, nodeRepulsion: () => 12000, idealEdgeLength: () => 110, randomize: false, fit: false }).run();
+      ? { name: "concentric", concentric: (node) => node.degree(), levelWidth: () => 2, animate: false, fit: false, boundingBox }
+      : { name: "cose", animate: false, randomize: true, nodeRepulsion: () => 400000, idealEdgeLength: () => 120,
+        nodeOverlap: 20, componentSpacing: 120, fit: false, boundingBox }).run();
     this.fit();
   }
 
@@ -85,8 +88,8 @@ export class Graph {
   // Fitted, but never zoomed in so far that a dozen agents fill the screen with giant labels.
   fit() {
     this.cy.fit(undefined, 40);
-    if (this.cy.zoom() > 1.3) {
-      this.cy.zoom(1.3);
+    if (this.cy.zoom() > 1.6) {
+      this.cy.zoom(1.6);
       this.cy.center();
     }
   }
