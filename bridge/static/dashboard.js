@@ -13,17 +13,23 @@ import { ACTIVITY_TYPES, clock, duration, epoch, flatten, label, sessionName, su
 
 const params = new URLSearchParams(location.search);
 const token = params.get("token") || "";
-// An activity open longer than this marks its agent stalled (?stalled=<seconds> to change).
-const STALLED_SECONDS = Number(params.get("stalled")) > 0 ? Number(params.get("stalled")) : 300;
+/** A budget the URL may change (?name=value), kept within [low, high]. */
+const setting = (name, fallback, low, high) => {
+  const asked = Number(params.get(name));
+  return Number.isFinite(asked) && asked > 0 ? Math.min(high, Math.max(low, asked)) : fallback;
+};
+// An activity open longer than this marks its agent stalled.
+const STALLED_SECONDS = setting("stalled", 300, 5, 86400);
 // Budgets: what the page holds in memory and draws.
-const MAX_ACTIVITIES = 20000; // activities kept (oldest completed dropped first)
-const FEED_SIZE = 150; // rows in the activity list
+const MAX_ACTIVITIES = setting("max_activities", 20000, 500, 200000); // oldest completed dropped first
+const FEED_SIZE = setting("feed", 150, 10, 1000); // rows in the activity list
 const BACKFILL_PAGES = 4; // activity-feed pages of 500 fetched on opening
 const BACKFILL_SESSIONS = 12; // sessions whose decisions are fetched on opening
 const MAX_DECISIONS = 500;
 const MEMORY_SIZE = 150;
 const SEARCH_PAGE = 100;
 const TREE_NODES = 300; // activities shown in one trace tree
+const LOOKUPS = 32; // activities fetched at once to name what an agent is doing
 const TERMINAL = new Set(["completed", "failed"]);
 const DONE_STATUSES = { true: "completed", false: "failed" };
 
@@ -208,6 +214,7 @@ function agentCard(id, now) {
     cards.set(id, card);
   }
   const doing = model.doing(id);
+  if (!doing && agent.current_activity) lookUp(agent.current_activity, id);
   const open = doing ? now - doing.timestamp : 0;
   const isStalled = Boolean(doing) && open > STALLED_SECONDS;
   if (card.dataset.status !== agent.status) card.dataset.status = agent.status;
@@ -225,6 +232,18 @@ function agentCard(id, now) {
     : last ? `last: ${label(last.activity_type)} at ${clock(last.completed_at ?? last.timestamp)}` : "");
   card.stalled = isStalled;
   return card;
+}
+
+// An agent busy with an activity the page has not seen (older than the back-fill): fetch
+// it once, so the card says what it is rather than showing its id.
+const lookups = new Set();
+function lookUp(activityId, agentId) {
+  if (lookups.has(activityId) || lookups.size >= LOOKUPS) return;
+  lookups.add(activityId);
+  api(`activities/${encodeURIComponent(activityId)}`)
+    .then(({ activity }) => { model.putActivity(activity); model.touchAgent(agentId); })
+    .catch(() => {})
+    .finally(() => setTimeout(() => lookups.delete(activityId), 30000));
 }
 
 /** Only the cards of agents whose activity changed; everything (grouping, counts, the
