@@ -443,7 +443,7 @@ function drawGraphSoon() {
 
 // ---------------------------------------------------------------- the side panel
 
-const panelCache = { session: null, sessionData: null, activityTree: null };
+const panelCache = { session: null, sessionData: null, activityTree: null, treeIds: new Set() };
 
 function drawPanel() {
   const { agent, session, activity } = route;
@@ -607,6 +607,7 @@ function drawTree(tree, selected, now) {
     for (const child of (children.get(node.activity_id) || []).sort((a, b) => a.timestamp - b.timestamp)) walk(child, depth + 1);
   };
   walk(root, 0);
+  panelCache.treeIds = new Set(rows.map(([a]) => a.activity_id));
   const start = Math.min(...rows.map(([a]) => a.timestamp));
   const finish = Math.max(...rows.map(([a]) => a.completed_at ?? (a.status === "active" ? now : a.timestamp)), start + 0.001);
   const span = finish - start;
@@ -899,7 +900,8 @@ hub.addEventListener("memory_update", ({ detail: { update } }) => {
 
 function panelMentions(activity) {
   return route.agent === activity.agent_id || (route.session && route.session === activity.session_id) ||
-    (route.activity && panelCache.activityTree?.root !== null);
+    (route.activity && (route.activity === activity.activity_id || panelCache.treeIds.has(activity.activity_id) ||
+      panelCache.treeIds.has(activity.parent_activity_id)));
 }
 
 applyRoute();

@@ -145,6 +145,9 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     await page.wait_for_function(f"id => ({bar})(id).x < {done['x'] - 3}", arg=activity_id, timeout=10000)
     moved: dict[str, Any] = await page.evaluate(bar, activity_id)
     assert abs(moved["width"] - done["width"]) < 0.5, "a completed bar keeps its length as the view follows live"
+    await page.click("#zoom-in")
+    await page.wait_for_function(f"id => ({bar})(id).width > {moved['width'] * 1.9}", arg=activity_id, timeout=5000)
+    moved = await page.evaluate(bar, activity_id)
     # A click on the bar opens its details.
     lanes = await page.query_selector("#lanes canvas")
     assert lanes is not None
@@ -154,6 +157,19 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     )
     facts = await page.text_content("#activity-facts")
     assert facts is not None and "failed: the model refused" in facts
+    no_errors(page)
+
+
+async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Browser, stack: Stack, team: Team) -> None:
+    activity_id = await team.record("slow_agent", "council_debate", metadata={"topic": "a long one"})
+    page = await open_page(browser, stack, "&stalled=5")
+    card = '#agents [data-agent="slow_agent"]'
+    await page.wait_for_selector(f'{card}[data-stalled="true"]', timeout=15000)
+    badge = await page.text_content(f"{card} .badge")
+    assert badge is not None and badge.startswith("stalled "), badge
+    assert "one activity open over 5.0 s" in (await page.text_content("#stalled-note") or "")
+    await team.complete(activity_id)
+    await page.wait_for_selector(f'{card}[data-stalled="false"]', timeout=5000)
     no_errors(page)
 
 
