@@ -321,12 +321,14 @@ function drawFeed() {
         el("span", { className: "dim" }), el("b"), " ", el("span", { className: "what" }));
       feedRows.set(activity.activity_id, row);
     }
-    const words = activityWords(activity);
-    if (row.dataset.status !== activity.status || row.lastChild.textContent !== words) {
+    // Words are worked out again only when the activity changed (it completed or failed).
+    const version = `${activity.status} ${activity.completed_at ?? ""}`;
+    if (row.version !== version) {
+      row.version = version;
       row.dataset.status = activity.status;
       row.children[0].textContent = `${clock(activity.timestamp)} `;
       row.children[1].textContent = activity.agent_id;
-      row.lastChild.textContent = words;
+      row.lastChild.textContent = activityWords(activity);
     }
     return row;
   });
