@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: run test bench lint typecheck protos protos-check buf-lint buf-breaking unit clean frontend screenshots
+.PHONY: run test bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+.PHONY: frontend screenshots
+# The dashboard's npm libraries, installed exactly as bridge/frontend/package-lock.json pins
+# them and copied (with their licences) into bridge/static/vendor, which is committed: pip
+# install and CI need no npm. Run after changing package.json (then `npm install` there).
+frontend:
+	cd bridge/frontend && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
+
+# Screenshots of each dashboard view, with a simulated team, into docs/img/ (needs Chromium).
+screenshots: $(STAMP)
+	$(BIN)/python -m bench.frames --screenshots docs/img
+
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
@@ -48,16 +59,6 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
-
-# The dashboard's npm libraries, installed exactly as bridge/frontend/package-lock.json pins
-# them and copied (with their licences) into bridge/static/vendor, which is committed: pip
-# install and CI need no npm. Run after changing package.json (then `npm install` there).
-frontend:
-	cd bridge/frontend && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
-
-# Screenshots of each dashboard view, with a simulated team, into docs/img/ (needs Chromium).
-screenshots: $(STAMP)
-	$(BIN)/python -m bench.frames --screenshots docs/img
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
