@@ -43,6 +43,17 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+.PHONY: frontend screenshots
+# The dashboard's npm libraries, installed exactly as bridge/frontend/package-lock.json pins
+# them and copied (with their licences) into bridge/static/vendor, which is committed: pip
+# install and CI need no npm. Run after changing package.json (then `npm install` there).
+frontend:
+	cd bridge/frontend && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
+
+# Screenshots of each dashboard view, with a simulated team, into docs/img/ (needs Chromium).
+screenshots: $(STAMP)
+	$(BIN)/python -m bench.frames --screenshots docs/img
+
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from bridge.config import BridgeConfig
 from bridge.limits import BodySizeLimit
@@ -152,6 +153,10 @@ def create_app(config: BridgeConfig) -> FastAPI:
     )
     async def js_client() -> FileResponse:
         return FileResponse(JS_CLIENT, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+    # The dashboard's other modules, styles and vendored libraries (static/vendor, with their
+    # licences): all package data, so an installed bridge serves them with no CDN.
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     if config.allowed_origins:

@@ -1,0 +1,322 @@
+"""The dashboard (the cockpit) in a real headless Chromium against real collab-server and
+collab-bridge processes: back-fill then live, the timeline, the trace tree and the session
+view of a council, search in the URL, deep links and the back button, a bridge restart.
+Without /usr/bin/chromium these tests skip, unless COLLAB_REQUIRE_BROWSER=1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright
+
+from bench.frames import CHROMIUM_ARGS, Team
+from tests.support.rpc import WRITE_KEY, Client
+from tests.support.stack import API, AUTH, Stack, running_stack
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+STATIC = Path(__file__).resolve().parents[2] / "bridge" / "static"
+FRONTEND = Path(__file__).resolve().parents[2] / "bridge" / "frontend"
+NO_SEARCH = (
+    "the history query route (GET /api/v1/collaboration/activities) is not in this hub yet: "
+    "it answered 404, or redirected to the one-activity route /activities/"
+)
+
+
+def test_the_vendored_libraries_are_the_locked_versions_with_their_licences() -> None:
+    lock = json.loads((FRONTEND / "package-lock.json").read_text())
+    wanted = json.loads((FRONTEND / "package.json").read_text())["dependencies"]
+    manifest = json.loads((STATIC / "vendor" / "manifest.json").read_text())
+    assert set(manifest) == set(wanted), "every dependency vendored, nothing else"
+    for name, entry in manifest.items():
+        locked = lock["packages"][f"node_modules/{name}"]
+        assert entry["version"] == locked["version"] == wanted[name], name
+        assert entry["license"] == locked["license"], name
+        shipped = (STATIC / "vendor" / entry["file"]).read_text()
+        assert f'"{locked["version"]}"' in shipped, f"{entry['file']} is not {name} {locked['version']}"
+        assert (STATIC / "vendor" / name / "LICENSE").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    with running_stack(tmp_path_factory.mktemp("cockpit")) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def browser(stack: Stack) -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+@pytest_asyncio.fixture
+async def team(http: httpx.AsyncClient) -> Team:
+    return Team(http)
+
+
+async def open_page(browser: Browser, stack: Stack, query: str = "", *, wait_live: bool = True) -> Page:
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    setattr(page, "errors", errors)  # noqa: B010 - read back by no_errors()
+    await page.goto(f"{stack.bridge.http}/?token={WRITE_KEY}{query}")
+    if wait_live:
+        await page.wait_for_selector('#state[data-state="live"]', timeout=10000)
+    return page
+
+
+def no_errors(page: Page) -> None:
+    errors: list[str] = getattr(page, "errors")  # noqa: B009
+    assert not errors, errors
+
+
+async def feed_ids(page: Page) -> list[str]:
+    ids: list[str] = await page.eval_on_selector_all("#feed li", "items => items.map(i => i.dataset.activity)")
+    return ids
+
+
+async def search_route(http: httpx.AsyncClient) -> bool:
+    """Whether the hub has the history query: a hub without it answers 404, or redirects
+    /activities to the one-activity route /activities/."""
+    response = await http.get(f"{API}/activities", params={"limit": 1}, follow_redirects=False)
+    return response.status_code == 200
+
+
+async def test_it_opens_back_filled_then_stays_live_with_no_gap_and_no_duplicate(
+    browser: Browser, stack: Stack, team: Team
+) -> None:
+    before = [await team.record(f"fill_{n % 4}", "task_assigned", metadata={"task": f"before {n}"}) for n in range(40)]
+    for activity_id in before[::2]:
+        await team.complete(activity_id)
+    page = await open_page(browser, stack, wait_live=False)
+    # Recorded while the page opens, its back-fill in flight: each must show once.
+    during = [await team.record(f"fill_{n % 4}", "task_assigned", metadata={"task": f"during {n}"}) for n in range(20)]
+    await team.complete(during[0])
+    await page.wait_for_selector('#state[data-state="live"]', timeout=10000)
+    after = [await team.record("fill_0", "memory_write", metadata={"item_id": f"after {n}"}) for n in range(5)]
+    wanted = before + during + after
+    await page.wait_for_function(
+        'ids => ids.every(id => document.querySelector(`#feed [data-activity="${id}"]`))', arg=wanted, timeout=10000
+    )
+    shown = await feed_ids(page)
+    for activity_id in wanted:
+        assert shown.count(activity_id) == 1, activity_id
+    statuses: dict[str, str] = await page.evaluate(
+        "ids => Object.fromEntries(ids.map(id => [id, window.collabDashboard.model.activities.get(id).status]))", wanted
+    )
+    assert [statuses[a] for a in before[::2] + during[:1]] == ["completed"] * 21
+    assert {statuses[a] for a in before[1::2] + during[1:] + after} == {"active"}
+    # The agent cards say what each does, in words, never an activity id.
+    card = await page.text_content('#agents [data-agent="fill_0"]')
+    assert card is not None and "Writing memory for" in card and "act_" not in card, card
+    no_errors(page)
+
+
+async def test_timeline_bars_grow_while_open_and_stop_when_completed(
+    browser: Browser, stack: Stack, team: Team
+) -> None:
+    page = await open_page(browser, stack, "&view=timeline")
+    await page.wait_for_function("document.querySelector('#backfill-note').textContent.includes('then live')")
+    activity_id = await team.record("lane_agent", "council_debate", metadata={"topic": "lanes"})
+    bar = "id => window.collabDashboard.timeline.bars().find(b => b.activity_id === id)"
+    await page.wait_for_function(f"id => ({bar})(id)", arg=activity_id, timeout=5000)
+    first: dict[str, Any] = await page.evaluate(bar, activity_id)
+    assert first["status"] == "active"
+    await page.wait_for_function(f"id => ({bar})(id).width > {first['width'] + 3}", arg=activity_id, timeout=10000)
+    await team.complete(activity_id, success=False, failure_reason="the model refused")
+    await page.wait_for_function(f"id => ({bar})(id).status === 'failed'", arg=activity_id, timeout=5000)
+    done: dict[str, Any] = await page.evaluate(bar, activity_id)
+    await page.wait_for_function(f"id => ({bar})(id).x < {done['x'] - 3}", arg=activity_id, timeout=10000)
+    moved: dict[str, Any] = await page.evaluate(bar, activity_id)
+    assert abs(moved["width"] - done["width"]) < 0.5, "a completed bar keeps its length as the view follows live"
+    await page.click("#zoom-in")
+    await page.wait_for_function(f"id => ({bar})(id).width > {moved['width'] * 1.9}", arg=activity_id, timeout=5000)
+    moved = await page.evaluate(bar, activity_id)
+    # A click on the bar opens its details.
+    lanes = await page.query_selector("#lanes canvas")
+    assert lanes is not None
+    await lanes.click(position={"x": moved["x"] + moved["width"] / 2, "y": moved["y"] + 3})
+    await page.wait_for_function(
+        "document.querySelector('#activity-title').textContent === 'Council debate by lane_agent'"
+    )
+    facts = await page.text_content("#activity-facts")
+    assert facts is not None and "failed: the model refused" in facts
+    no_errors(page)
+
+
+async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Browser, stack: Stack, team: Team) -> None:
+    activity_id = await team.record("slow_agent", "council_debate", metadata={"topic": "a long one"})
+    page = await open_page(browser, stack, "&stalled=5")
+    card = '#agents [data-agent="slow_agent"]'
+    await page.wait_for_selector(f'{card}[data-stalled="true"]', timeout=15000)
+    badge = await page.text_content(f"{card} .badge")
+    assert badge is not None and badge.startswith("stalled "), badge
+    assert "one activity open over 5.0 s" in (await page.text_content("#stalled-note") or "")
+    await team.complete(activity_id)
+    await page.wait_for_selector(f'{card}[data-stalled="false"]', timeout=5000)
+    no_errors(page)
+
+
+async def test_a_council_as_a_session_view_and_a_trace_tree(browser: Browser, stack: Stack, team: Team) -> None:
+    people = ["chair_a", "member_b", "member_c"]
+    session_id = await team.council(people, "cache eviction policy", fail_one=True)
+    page = await open_page(browser, stack, f"&session={session_id}")
+    await page.wait_for_function("document.querySelectorAll('#timeline li').length === 7", timeout=10000)
+    title = await page.text_content("#session-title")
+    assert title == "council with chair_a, member_b, member_c", title
+    entries: list[dict[str, Any]] = await page.eval_on_selector_all(
+        "#timeline li",
+        "items => items.map(i => ({activity: i.dataset.activity, decision: i.dataset.decision, text: i.textContent}))",
+    )
+    times: list[float] = await page.evaluate(
+        """ids => ids.map(([a, d]) => a ? window.collabDashboard.model.activities.get(a).timestamp
+                                           : window.collabDashboard.model.decisions.get(d).timestamp)""",
+        [[e["activity"], e["decision"]] for e in entries],
+    )
+    assert times == sorted(times), "in time order"
+    decision = entries[-1]["text"]
+    assert "chair_a decided “adopt the plan for cache eviction policy”" in decision, decision
+    assert "because" in decision and "chair_a: yes" in decision and "member_b: yes" in decision, decision
+    # From the session to the debate: its tree, the members' work as its children.
+    await page.click("#timeline li[data-activity] button.link")
+    await page.wait_for_function("document.querySelectorAll('#tree .row').length === 6", timeout=10000)
+    rows: list[dict[str, str]] = await page.eval_on_selector_all(
+        "#tree .row", "rows => rows.map(r => ({depth: r.dataset.depth, status: r.dataset.status, text: r.textContent}))"
+    )
+    assert rows[0] == {"depth": "0", "status": "completed", "text": "chair_a: Council debate"}, rows
+    assert [r["depth"] for r in rows[1:]] == ["1"] * 5
+    assert [r["status"] for r in rows].count("failed") == 1
+    assert "cache eviction policy" in (await page.text_content("#metadata") or "")
+    assert "session=" not in page.url and "activity=" in page.url
+    await page.go_back()
+    await page.wait_for_function("!document.querySelector('#panel-session').hidden", timeout=5000)
+    assert f"session={session_id}" in page.url
+    no_errors(page)
+
+
+async def test_the_graph_links_who_worked_together(browser: Browser, stack: Stack, team: Team) -> None:
+    await team.council(["graph_a", "graph_b", "graph_c"], "API versioning")
+    page = await open_page(browser, stack, "&view=graph")
+    await page.wait_for_function(
+        "(window.collabDashboard.graphEdges || {})['graph_a\\u0000graph_b'] > 1", timeout=10000
+    )
+    edges: dict[str, int] = await page.evaluate("window.collabDashboard.graphEdges")
+    # graph_b and graph_c only share the session; graph_a names them and hears from them.
+    assert edges["graph_b\u0000graph_c"] == 1 and edges["graph_a\u0000graph_c"] > 1, edges
+    no_errors(page)
+
+
+async def test_search_by_url_survives_a_reload(
+    browser: Browser, stack: Stack, team: Team, http: httpx.AsyncClient
+) -> None:
+    if not await search_route(http):
+        pytest.skip(NO_SEARCH)
+    failed = []
+    for n in range(3):
+        activity_id = await team.record("searched", "council_debate", metadata={"round": n})
+        await team.complete(activity_id, success=n == 1)
+        if n != 1:
+            failed.append(activity_id)
+    noise = await team.record("searched", "memory_write")
+    await team.complete(noise, success=False)
+    query = "&view=search&agent_id=searched&activity_type=council_debate&status=failed"
+    page = await open_page(browser, stack, query)
+    rows = "Array.from(document.querySelectorAll('#search-results tbody tr')).map(r => r.dataset.activity)"
+    await page.wait_for_function(f"{rows}.length === 2", timeout=10000)
+    assert await page.evaluate(rows) == failed[::-1], "newest first"
+    assert await page.input_value('#search-form [name="agent_id"]') == "searched"
+    await page.reload()
+    await page.wait_for_function(f"{rows}.length === 2", timeout=10000)
+    await page.select_option('#search-form [name="order"]', "asc")
+    await page.click('#search-form button[type="submit"]')
+    await page.wait_for_function(f"{rows}[0] === {json.dumps(failed[0])}", timeout=10000)
+    assert "order=asc" in page.url and "status=failed" in page.url
+    await page.go_back()
+    await page.wait_for_function(f"{rows}[0] === {json.dumps(failed[1])}", timeout=10000)
+    no_errors(page)
+
+
+async def test_without_the_history_route_search_says_so_and_searches_what_the_page_holds(
+    browser: Browser, stack: Stack, team: Team, http: httpx.AsyncClient
+) -> None:
+    if await search_route(http):
+        pytest.skip("this hub has the history query: the fallback is not used")
+    activity_id = await team.record("fallback_agent", "council_debate")
+    await team.complete(activity_id, success=False)
+    page = await open_page(browser, stack, "&view=search&agent_id=fallback_agent&status=failed")
+    await page.wait_for_function(
+        "document.querySelector('#search-status').textContent.includes('search needs a newer hub')"
+    )
+    await page.wait_for_selector(f'#search-results tr[data-activity="{activity_id}"]', timeout=5000)
+    assert len(await page.query_selector_all("#search-results tbody tr")) == 1
+    no_errors(page)
+
+
+async def test_deep_links_reload_and_the_back_button(browser: Browser, stack: Stack, team: Team) -> None:
+    activity_id = await team.record("linked_agent", "task_assigned", metadata={"gen_ai.tool.name": "web_search"})
+    page = await open_page(browser, stack, f"&activity={activity_id}")
+    title = "document.querySelector('#activity-title').textContent"
+    await page.wait_for_function(f"{title} === 'Task assigned by linked_agent'", timeout=10000)
+    await page.reload()
+    await page.wait_for_function(f"{title} === 'Task assigned by linked_agent'", timeout=10000)
+    assert "web_search" in (await page.text_content("#metadata") or "")
+    await page.click('#activity-facts button.link:text("linked_agent")')
+    await page.wait_for_function("!document.querySelector('#panel-agent').hidden")
+    assert "agent=linked_agent" in page.url and "activity=" not in page.url
+    await page.go_back()
+    await page.wait_for_function("!document.querySelector('#panel-activity').hidden")
+    assert f"activity={activity_id}" in page.url
+    await page.go_forward()
+    await page.wait_for_function("!document.querySelector('#panel-agent').hidden")
+    panel = await page.text_content("#panel-agent")
+    assert panel is not None and "Task assigned" in panel and activity_id not in panel
+    no_errors(page)
+
+
+# Last: it restarts the module's bridge.
+async def test_after_a_bridge_restart_it_resumes_with_nothing_missed_or_repeated(
+    browser: Browser, stack: Stack, http: httpx.AsyncClient
+) -> None:
+    team = Team(http)
+    page = await open_page(browser, stack, "&view=timeline")
+    before = await team.record("restart_b", "task_assigned")
+    await page.wait_for_function(f"window.collabDashboard.model.activities.has({json.dumps(before)})", timeout=5000)
+    port = stack.bridge.port
+    assert await asyncio.to_thread(stack.bridge.stop) == 0
+    await page.wait_for_selector('#state[data-state="reconnecting"]', timeout=5000)
+    server = Client.connect(stack.server.target)
+    try:
+        missed = await server.record("restart_b", session_id="")
+    finally:
+        await server.close()
+    await asyncio.to_thread(stack.bridge.start, port)
+    await page.wait_for_selector('#state[data-state="resumed"]', timeout=20000)
+    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as again:
+        await Team(again).complete(before)
+    bars = "window.collabDashboard.timeline.bars()"
+    await page.wait_for_function(
+        f"{bars}.some(b => b.activity_id === {json.dumps(missed)}) && "
+        f"{bars}.some(b => b.activity_id === {json.dumps(before)} && b.status === 'completed')",
+        timeout=10000,
+    )
+    await page.evaluate("window.collabDashboard.navigate({view: 'overview'})")
+    await page.wait_for_selector(f'#feed [data-activity="{missed}"]', timeout=5000)
+    shown = await feed_ids(page)
+    assert shown.count(missed) == 1 and shown.count(before) == 1
+    no_errors(page)
