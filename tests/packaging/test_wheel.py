@@ -35,6 +35,12 @@ SERVED_FILES = {
     "/": "bridge/static/index.html",
     "/dashboard.js": "bridge/static/dashboard.js",
     "/client/collab.js": "bridge/static/collab.js",
+    "/static/timeline.js": "bridge/static/timeline.js",
+    "/static/graph.js": "bridge/static/graph.js",
+    "/static/words.js": "bridge/static/words.js",
+    "/static/cockpit.css": "bridge/static/cockpit.css",
+    "/static/vendor/cytoscape/cytoscape.esm.min.js": "bridge/static/vendor/cytoscape/cytoscape.esm.min.js",
+    "/static/vendor/cytoscape/LICENSE": "bridge/static/vendor/cytoscape/LICENSE",
 }
 # Top-level names that only make sense in the checkout.
 NOT_SHIPPED = {"bench", "tests", "scripts"}
