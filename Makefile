@@ -43,7 +43,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-.PHONY: frontend screenshots
+.PHONY: frontend screenshots integration-screenshots
 # The dashboard's npm libraries, installed exactly as bridge/frontend/package-lock.json pins
 # them and copied (with their licences) into bridge/static/vendor, which is committed: pip
 # install and CI need no npm. Run after changing package.json (then `npm install` there).
@@ -53,6 +53,11 @@ frontend:
 # Screenshots of each dashboard view, with a simulated team, into docs/img/ (needs Chromium).
 screenshots: $(STAMP)
 	$(BIN)/python -m bench.frames --screenshots docs/img
+
+# Screenshots of the dashboard with each agent framework's agents (OpenAI Agents SDK,
+# LangGraph, Pydantic AI, an OTLP exporter), run offline on test models, into docs/img/.
+integration-screenshots: $(STAMP)
+	$(BIN)/python -m bench.integration_screenshots --out docs/img
 
 protos: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
