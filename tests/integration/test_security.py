@@ -36,7 +36,8 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
@@ -71,6 +72,8 @@ PUBLIC_ROUTES = frozenset(
         ("GET", "/redoc"),
     }
 )
+# The dashboard's modules, styles and vendored libraries: files, public as the page is.
+STATIC_ROUTES = frozenset({("GET", "/static/{path}")})
 # Not in the OpenAPI document; checked below with the same credentials as REST.
 STREAM_ROUTES = frozenset({("WEBSOCKET", WS_PATH), ("GET", SSE_PATH)})
 # Closed by a token of its own (COLLAB_METRICS_TOKEN), not by the hub's credentials.
@@ -228,6 +231,9 @@ def app_routes() -> set[tuple[str, str]]:
         if isinstance(route, WebSocketRoute):
             found.add(("WEBSOCKET", route.path))
             continue
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):  # files only, never data
+            found.add(("GET", f"{route.path}/{{path}}"))
+            continue
         methods = getattr(route, "methods", None)
         assert isinstance(route, Route) or methods is not None, f"a route of an unknown kind: {route!r}"
         # path_format: the template as OpenAPI writes it (`{activity_id:path}` as `{activity_id}`).
@@ -276,10 +282,10 @@ def test_every_route_is_public_protected_or_a_stream(stack: Stack) -> None:
     OpenAPI operations, which the walk below calls with every credential."""
     spec = httpx.get(stack.bridge.http + "/openapi.json").json()
     protected = spec_operations(spec) - PUBLIC_ROUTES
-    assert app_routes() == PUBLIC_ROUTES | STREAM_ROUTES | METRICS_ROUTES | OTLP_ROUTES | protected
+    assert app_routes() == PUBLIC_ROUTES | STATIC_ROUTES | STREAM_ROUTES | METRICS_ROUTES | OTLP_ROUTES | protected
     assert {method for method, _ in protected} <= {"GET", "POST"}, "decide whether a new method reads or writes"
     assert all(path.startswith(API + "/") for _, path in protected)
-    for _, path in sorted(PUBLIC_ROUTES):
+    for _, path in [*sorted(PUBLIC_ROUTES), ("GET", "/static/cockpit.css")]:
         response = httpx.get(stack.bridge.http + path)
         assert response.status_code == 200, (path, response.text)
     print(f"routes: {len(PUBLIC_ROUTES)} public, {len(protected)} protected REST, 2 streams, /metrics")
