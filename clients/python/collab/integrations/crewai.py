@@ -63,7 +63,7 @@ from crewai.events.types.memory_events import (
 from crewai.events.types.tool_usage_events import ToolUsageStartedEvent
 
 from collab._client import Client
-from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans
+from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 
 __all__ = ["DELEGATION_TOOLS", "CollabEventListener"]
@@ -171,7 +171,7 @@ def _failure(event: Any) -> str | None:
     return None
 
 
-class CollabEventListener(BaseEventListener):  # type: ignore[misc]  # crewai untyped in the dev venv
+class CollabEventListener(ReportsLiveSpans, BaseEventListener):  # type: ignore[misc]  # crewai untyped in the dev venv
     """``client``: the hub to report to (default: a Client from COLLAB_* variables, closed
     on ``shutdown``). ``max_open`` scopes tracked at once; ``max_batch``, ``max_delay``,
     ``max_buffer`` as for `collab.integrations.spans.SpanSender`. Registers itself on
@@ -190,14 +190,6 @@ class CollabEventListener(BaseEventListener):  # type: ignore[misc]  # crewai un
             SERVICE, client, max_open=max_open, max_batch=max_batch, max_delay=max_delay, max_buffer=max_buffer
         )
         super().__init__()
-
-    @property
-    def dropped(self) -> int:
-        return self.spans.dropped
-
-    @property
-    def rejected(self) -> int:
-        return self.spans.rejected
 
     def started(self, event: Any) -> None:
         parent = event.parent_event_id if event.parent_event_id and self.spans.is_open(event.parent_event_id) else None
@@ -236,11 +228,3 @@ class CollabEventListener(BaseEventListener):  # type: ignore[misc]  # crewai un
         for end in _event_classes(SCOPE_ENDING_EVENTS):
             crewai_event_bus.on(end)(on_end)
         crewai_event_bus.on(A2AMessageSentEvent)(on_message)
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Send what is queued; False if it could not all be sent within ``timeout`` seconds."""
-        return self.spans.flush(timeout)
-
-    def shutdown(self) -> None:
-        """Send what is queued (waiting up to the client's timeout), then stop."""
-        self.spans.shutdown()

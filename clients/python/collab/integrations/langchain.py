@@ -42,7 +42,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from collab._client import Client
-from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans
+from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 
 __all__ = ["CollabCallbackHandler"]
@@ -87,7 +87,7 @@ def _usage(response: Any) -> dict[str, Any]:
     return {"gen_ai.usage.input_tokens": inputs, "gen_ai.usage.output_tokens": outputs}
 
 
-class CollabCallbackHandler(BaseCallbackHandler):
+class CollabCallbackHandler(ReportsLiveSpans, BaseCallbackHandler):
     """``client``: the hub to report to (default: a Client from COLLAB_* variables, closed
     on ``shutdown``). ``agent_nodes``: the graph nodes that are agents (default: every
     node not in ``tool_nodes``). ``max_open`` runs tracked at once; ``max_batch``,
@@ -118,14 +118,6 @@ class CollabCallbackHandler(BaseCallbackHandler):
         self._last_agent: dict[str, str] = {}
         self._tool_node_agent: dict[str, str] = {}
         self._roots: set[str] = set()
-
-    @property
-    def dropped(self) -> int:
-        return self.spans.dropped
-
-    @property
-    def rejected(self) -> int:
-        return self.spans.rejected
 
     def _is_agent_node(self, name: str) -> bool:
         if name.startswith("__") or name in self.tool_nodes:
@@ -270,11 +262,3 @@ class CollabCallbackHandler(BaseCallbackHandler):
         self.spans.end(str(run_id), error=_error(error))
 
     # -- the handler's own lifetime ----------------------------------------------------------
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Send what is queued; False if it could not all be sent within ``timeout`` seconds."""
-        return self.spans.flush(timeout)
-
-    def shutdown(self) -> None:
-        """Send what is queued (waiting up to the client's timeout), then stop."""
-        self.spans.shutdown()

@@ -35,7 +35,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from collab._client import Client
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY, SpanSender
 
-__all__ = ["DEFAULT_MAX_OPEN", "LiveSpans"]
+__all__ = ["DEFAULT_MAX_OPEN", "LiveSpans", "ReportsLiveSpans"]
 
 DEFAULT_MAX_OPEN = 10_000
 # Longest string attribute value encoded (the hub keeps at most 256 characters anyway).
@@ -232,3 +232,26 @@ class LiveSpans:
     def shutdown(self) -> None:
         """Send what is queued (waiting up to the client's timeout), then stop."""
         self.sender.shutdown()
+
+
+class ReportsLiveSpans:
+    """What every framework hook built on `LiveSpans` (its ``spans``) offers its user: the
+    counts of what was not sent or was refused, and its lifetime."""
+
+    spans: LiveSpans
+
+    @property
+    def dropped(self) -> int:
+        return self.spans.dropped
+
+    @property
+    def rejected(self) -> int:
+        return self.spans.rejected
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Send what is queued; False if it could not all be sent within ``timeout`` seconds."""
+        return self.spans.flush(timeout)
+
+    def shutdown(self) -> None:
+        """Send what is queued (waiting up to the client's timeout), then stop."""
+        self.spans.shutdown()

@@ -42,7 +42,7 @@ from agents.tracing.span_data import (
 )
 
 from collab._client import Client
-from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans
+from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 
 __all__ = ["CollabTracingProcessor"]
@@ -121,7 +121,7 @@ def _failure(error: Any) -> str | None:
     return f"{message}: {cause}" if cause else message
 
 
-class CollabTracingProcessor(TracingProcessor):
+class CollabTracingProcessor(ReportsLiveSpans, TracingProcessor):
     """``client``: the hub to report to (default: a Client from COLLAB_* variables, closed
     on shutdown). ``max_open`` spans tracked at once; ``max_batch``, ``max_delay``,
     ``max_buffer`` as for `collab.integrations.spans.SpanSender`."""
@@ -138,14 +138,6 @@ class CollabTracingProcessor(TracingProcessor):
         self.spans = LiveSpans(
             SERVICE, client, max_open=max_open, max_batch=max_batch, max_delay=max_delay, max_buffer=max_buffer
         )
-
-    @property
-    def dropped(self) -> int:
-        return self.spans.dropped
-
-    @property
-    def rejected(self) -> int:
-        return self.spans.rejected
 
     def on_trace_start(self, trace: Trace) -> None:
         group = getattr(trace, "group_id", None)
