@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from playwright.async_api import async_playwright
 from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
-from tests.integration.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM_ARGS, require_chromium
 from tests.support.contract import validate_rest
 from tests.support.processes import ServerProcess
 from tests.support.rpc import WRITE_KEY, Client
@@ -183,11 +182,7 @@ async def test_the_ttl_setting_is_checked_at_start(tmp_path: Path) -> None:
 @pytest.fixture
 def chromium() -> str:
     """Debian's Chromium, as test_browser.py drives it (skipped without it, unless required)."""
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
-    return CHROMIUM
+    return require_chromium()
 
 
 async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, chromium: str) -> None:

@@ -5,8 +5,6 @@ Playwright). Without /usr/bin/chromium these tests skip, unless COLLAB_REQUIRE_B
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,30 +13,16 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# This machine has no network beyond package registries: keep Chromium from trying.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    require_chromium()
     with running_stack(tmp_path_factory.mktemp("browser")) as running:
         yield running
 

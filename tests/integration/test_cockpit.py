@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,13 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright
 
-from bench.frames import CHROMIUM_ARGS, Team
+from bench.frames import Team
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 STATIC = Path(__file__).resolve().parents[2] / "bridge" / "static"
 FRONTEND = Path(__file__).resolve().parents[2] / "bridge" / "frontend"
 NO_SEARCH = (
@@ -49,10 +47,7 @@ def test_the_vendored_libraries_are_the_locked_versions_with_their_licences() ->
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    require_chromium()
     with running_stack(tmp_path_factory.mktemp("cockpit")) as running:
         yield running
 

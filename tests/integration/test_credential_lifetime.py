@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ from websockets.exceptions import ConnectionClosed
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.processes import ServerProcess
 from tests.support.rpc import EOF, JWT_SECRET, READ_KEY, WRITE_KEY, bearer
 from tests.support.stack import API, AUTH, SERVER_ENV, Stack, opened, recv, running_stack, wait_ready
@@ -230,16 +229,10 @@ async def test_a_removed_key_is_refused_at_connect_after_the_restart(tmp_path: P
 
 # -- in a browser: the clients stop instead of retrying with the expired token --------------------
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-
 
 @pytest_asyncio.fixture
 async def page(stack: Stack) -> AsyncIterator[Page]:
-    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - one stat before the browser starts
-        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    require_chromium()
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         opened_page = await browser.new_page()

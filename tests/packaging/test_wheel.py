@@ -10,7 +10,6 @@ COLLAB_REQUIRE_BROWSER=1, where it fails."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import httpx
 import pytest
 from playwright.sync_api import sync_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.processes import OutputLines
 
 # Building and installing take most of the time: one build and one venv for the module.
@@ -46,17 +46,6 @@ SERVED_FILES = {
 NOT_SHIPPED = {"bench", "tests", "scripts"}
 BUILD_TIMEOUT = 300
 INSTALL_TIMEOUT = 600
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# The same switches as tests/integration/test_browser.py: no network beyond the hub.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @dataclass(frozen=True)
@@ -164,10 +153,7 @@ def test_the_installed_hub_serves_its_files_from_the_package(installed: Installe
 
 
 def test_the_installed_hub_dashboard_goes_live_in_chromium(hub: RunningHub) -> None:
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("COLLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"Chromium is required (COLLAB_REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    require_chromium()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
