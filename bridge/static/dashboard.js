@@ -68,6 +68,30 @@ async function api(path) {
 
 // ---------------------------------------------------------------- the model
 
+// A span exported over OpenTelemetry reaches the hub when it ends (or later, in a batch);
+// the hub stamps the activity with its arrival, and the span's own times travel in its
+// metadata. The page draws the span when it ran; the arrival stays as `recorded_at`.
+function spanStart(activity) {
+  const start = activity.metadata?.["otel.start_time"];
+  return typeof start === "number" && start > 0 ? start : null;
+}
+
+function spanEnd(activity) {
+  const end = activity.metadata?.["otel.end_time"];
+  return typeof end === "number" && end > 0 ? end : null;
+}
+
+function spanTimes(activity) {
+  const start = spanStart(activity);
+  if (start !== null && activity.recorded_at === undefined) {
+    activity.recorded_at = activity.timestamp;
+    activity.timestamp = start;
+  }
+  const end = spanEnd(activity);
+  if (end !== null && TERMINAL.has(activity.status)) activity.completed_at = end;
+  return activity;
+}
+
 const model = {
   agents: new Map(), // agent_id -> AgentView (+ department)
   activities: new Map(), // activity_id -> activity (+ completed_at once known)
@@ -104,10 +128,10 @@ const model = {
     const known = this.activities.get(activity.activity_id);
     if (known) {
       if (TERMINAL.has(known.status) && !TERMINAL.has(activity.status)) return known;
-      Object.assign(known, activity, { completed_at: activity.completed_at ?? known.completed_at });
-      return known;
+      Object.assign(known, activity, { timestamp: known.timestamp, recorded_at: known.recorded_at, completed_at: activity.completed_at ?? known.completed_at });
+      return spanTimes(known);
     }
-    const entry = { ...activity };
+    const entry = spanTimes({ ...activity });
     this.activities.set(entry.activity_id, entry);
     let lane = this.lanes.get(entry.agent_id);
     if (!lane) this.lanes.set(entry.agent_id, (lane = []));
@@ -125,7 +149,7 @@ const model = {
     const known = this.activities.get(activityId);
     if (!known) return null;
     known.status = status;
-    known.completed_at = known.completed_at ?? at;
+    known.completed_at = known.completed_at ?? spanEnd(known) ?? at;
     if (failureReason) known.failure_reason = failureReason;
     return known;
   },
@@ -581,6 +605,7 @@ function drawActivityPanel(id) {
     ["status", el("span", { className: activity.status === "failed" ? "failed" : "", textContent: `${statusWord(activity.status)}${activity.failure_reason ? `: ${activity.failure_reason}` : ""}` })],
     ["agent", agentLink(activity.agent_id)], ["department", activity.department || "none"],
     ["started", new Date(activity.timestamp * 1000).toLocaleString()],
+    ...(activity.recorded_at !== undefined ? [["reported", `${new Date(activity.recorded_at * 1000).toLocaleString()} (an OpenTelemetry span, drawn at its own times)`]] : []),
     ["took", end ? `${duration(end - activity.timestamp)}${activity.status === "active" ? " so far" : ""}` : ""],
     ["session", activity.session_id ? el("button", { className: "link", textContent: sessionName(session), on: { click: () => navigate({ session: activity.session_id, activity: null }) } }) : "none"],
     ["part of", parent ? activityLink(parent) : activity.parent_activity_id ? "an activity this page has not loaded" : "nothing (a root)"],

@@ -155,6 +155,44 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     no_errors(page)
 
 
+def otlp_agent_span(agent: str, start: float, end: float) -> dict[str, Any]:
+    """An OTLP/JSON export of one finished agent run, as an exporter sends it after the end."""
+    attributes = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent}
+    span = {
+        "traceId": "5b8efff798038103d269b633813fc60c",
+        "spanId": "eee19b7ec3c1b174",
+        "name": f"invoke_agent {agent}",
+        "startTimeUnixNano": str(int(start * 1e9)),
+        "endTimeUnixNano": str(int(end * 1e9)),
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attributes.items()],
+    }
+    return {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": [span]}]}]}
+
+
+async def test_an_exported_span_is_drawn_at_its_own_times(
+    browser: Browser, stack: Stack, http: httpx.AsyncClient
+) -> None:
+    page = await open_page(browser, stack, "&view=timeline")
+    now = (await page.evaluate("Date.now()")) / 1000
+    # It ran from 20 s to 17 s ago (in the 30 s the view shows at least) and reaches the hub only now.
+    response = await http.post("/v1/traces", json=otlp_agent_span("late_exporter", now - 20, now - 17))
+    assert response.status_code == 200, response.text
+    held = """() => [...window.collabDashboard.model.activities.values()]
+        .find(a => a.agent_id === 'late_exporter' && a.status === 'completed')"""
+    await page.wait_for_function(held, timeout=10000)
+    activity: dict[str, Any] = await page.evaluate(held)
+    assert abs(activity["timestamp"] - (now - 20)) < 0.01, "the bar starts when the span started"
+    assert abs(activity["completed_at"] - (now - 17)) < 0.01, "and ends when it ended"
+    assert activity["recorded_at"] > now - 5, "the hub's arrival time is kept beside them"
+    bar = "id => window.collabDashboard.timeline.bars().find(b => b.activity_id === id)"
+    await page.wait_for_function(f"id => ({bar})(id)", arg=activity["activity_id"], timeout=5000)
+    await page.evaluate("id => window.collabDashboard.navigate({ activity: id })", activity["activity_id"])
+    await page.wait_for_function("document.querySelector('#activity-facts').textContent.includes('reported')")
+    facts = await page.text_content("#activity-facts")
+    assert facts is not None and "3.0 s" in facts, facts
+    no_errors(page)
+
+
 async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Browser, stack: Stack, team: Team) -> None:
     activity_id = await team.record("slow_agent", "council_debate", metadata={"topic": "a long one"})
     page = await open_page(browser, stack, "&stalled=5")
