@@ -29,9 +29,9 @@ is applied:
 
 Refusals: a span the hub cannot take (bad ids, metadata over the limit...) is counted in
 ``partial_success.rejected_spans`` with the first reasons in ``error_message``; the others
-are recorded. An agent over its rate limit ends the call with RESOURCE_EXHAUSTED and a
-``retry-after`` trailer (exporters retry; what was recorded is not recorded again). A
-request with more spans than ``max_spans`` is refused whole with INVALID_ARGUMENT.
+are recorded. An agent over its rate limit ends the call with RESOURCE_EXHAUSTED, a
+``retry-after`` trailer and google.rpc.RetryInfo (exporters wait that long and retry;
+what was recorded is not recorded again). A request with more spans than ``max_spans`` is refused whole with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.descriptor_pb2 import MethodOptions
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 
 from collab_grpc import convert, metrics
 from collab_grpc.auth import TOKEN_EXPIRED, Access, Grant
@@ -191,15 +194,34 @@ class SharedStatus:
         )
 
 
+def retry_trailers(code: grpc.StatusCode, message: str, retry_after: float) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailers that tell a client when to retry, in each form clients read: whole
+    seconds in ``retry-after`` (collab's SDKs), and google.rpc.RetryInfo both alone in
+    ``google.rpc.retryinfo-bin`` (OpenTelemetry's Python exporter) and inside the rich
+    status ``grpc-status-details-bin`` (gRPC's error model: the Go and Java exporters)."""
+    delay = Duration()
+    delay.FromNanoseconds(max(1, math.ceil(retry_after * 1e9)))
+    retry_info = error_details_pb2.RetryInfo(retry_delay=delay)
+    detail = AnyMessage()
+    detail.Pack(retry_info)
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return (
+        ("retry-after", str(max(1, math.ceil(retry_after)))),
+        ("google.rpc.retryinfo-bin", retry_info.SerializeToString()),
+        ("grpc-status-details-bin", status.SerializeToString()),
+    )
+
+
 async def abort_with(context: Context, error: CollabError) -> None:
-    """End the call with the status code for ``error``; RateLimited adds `retry-after`."""
+    """End the call with the status code for ``error``; RateLimited adds when to retry."""
     metrics.refused(error)
-    trailers: tuple[tuple[str, str], ...] = ()
+    code = STATUS_FOR_ERROR[type(error)]
+    trailers: tuple[tuple[str, str | bytes], ...] = ()
     if isinstance(error, RateLimited):
-        trailers = (("retry-after", str(max(1, math.ceil(error.retry_after)))),)
+        trailers = retry_trailers(code, str(error), error.retry_after)
     elif isinstance(error, BudgetExhausted):  # full until something is freed: no retry-after
         trailers = ((BUDGET_TRAILER, error.budget),)
-    await context.abort(STATUS_FOR_ERROR[type(error)], str(error), trailing_metadata=trailers)
+    await context.abort(code, str(error), trailing_metadata=trailers)
 
 
 def _unary(

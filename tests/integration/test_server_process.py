@@ -15,12 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import ServerProcess
-from tests.support.rpc import WRITE_KEY, Client, activity, bearer, drain, take, trailer
+from tests.support.rpc import WRITE_KEY, Client, activity, bearer, binary_trailer, drain, take, trailer
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +90,14 @@ async def test_default_rate_limit_is_ten_per_second_per_agent(tmp_path: Path) ->
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert "rate limit of 10 records per second" in (error.details() or "")
                     assert int(trailer(error, "retry-after")) >= 1
+                    # google.rpc.RetryInfo as OpenTelemetry's exporters read it: alone, and in the rich status.
+                    delay = RetryInfo.FromString(binary_trailer(error, "google.rpc.retryinfo-bin")).retry_delay
+                    assert 0 < delay.ToNanoseconds() <= 1_000_000_000
+                    status = Status.FromString(binary_trailer(error, "grpc-status-details-bin"))
+                    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                    assert status.message == error.details()
+                    unpacked = RetryInfo()
+                    assert status.details[0].Unpack(unpacked) and unpacked.retry_delay == delay
                     outcomes.append("limited")
             assert outcomes[:10] == ["ok"] * 10 and "limited" in outcomes
             assert await client.record("calm_agent")  # the limit is per agent

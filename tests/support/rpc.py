@@ -101,6 +101,14 @@ def trailer(error: grpc.aio.AioRpcError, name: str) -> str:
     return values[0]
 
 
+def binary_trailer(error: grpc.aio.AioRpcError, name: str) -> bytes:
+    """One binary (``-bin``) trailing metadata value of a failed call."""
+    pairs = cast("Sequence[tuple[str, bytes]]", error.trailing_metadata() or ())
+    values = [value for key, value in pairs if key == name]
+    assert values, f"no {name!r} trailer in {[key for key, _ in pairs]}"
+    return values[0]
+
+
 async def drain(stream: grpc.aio.UnaryStreamCall[Any, Any], per_message_timeout: float = 10.0) -> int:
     """Read ``stream`` to its end; the number of messages read. A final error status
     is raised as AioRpcError, as the stream itself raises it."""
