@@ -201,7 +201,13 @@ function frame() {
   const view = route.view;
   if (view === "overview") {
     if (dirty.has("agents")) drawAgents();
-    else if (model.changedAgents.size) drawAgents(model.changedAgents);
+    else if (model.changedAgents.size || dirty.has("clock")) {
+      // The clock ages the cards on screen only: one off screen is brought up to date
+      // when it scrolls into view (the observer below marks it changed).
+      if (dirty.has("clock")) for (const id of cardsInView) model.changedAgents.add(id);
+      drawAgents(model.changedAgents);
+      if (dirty.has("clock")) drawStalledNote(Date.now() / 1000);
+    }
     model.changedAgents = new Set();
     if (dirty.has("feed")) drawFeed();
     if (dirty.has("sessions")) drawSessions();
@@ -210,7 +216,7 @@ function frame() {
   } else {
     // Drawn when the overview is shown again.
     for (const part of ["agents", "feed", "sessions", "decisions", "memory"]) if (dirty.has(part)) model.dirty.add(part);
-    if (model.changedAgents.size) model.dirty.add("agents");
+    if (model.changedAgents.size || dirty.has("clock")) model.dirty.add("agents");
     model.changedAgents = new Set();
   }
   if (view === "timeline" && timeline.draw(timelineLanes())) model.dirty.add("timeline");
@@ -222,12 +228,23 @@ function frame() {
   if (model.dirty.size) schedule();
 }
 // Durations and "stalled" marks age with the clock, not with events.
-setInterval(() => model.touch("agents", "panel"), 1000);
+setInterval(() => model.touch("clock", "panel"), 1000);
 
 // ---------------------------------------------------------------- overview
 
 const cards = new Map(); // agent_id -> card element
 const departmentBoxes = new Map();
+// The agents whose card is on screen. A card off screen is neither laid out (CSS
+// content-visibility) nor aged by the clock; it is redrawn as it comes into view.
+const cardsInView = new Set();
+const cardWatch = new IntersectionObserver((entries) => {
+  for (const entry of entries) {
+    const id = entry.target.dataset.agent;
+    if (!entry.isIntersecting) { cardsInView.delete(id); continue; }
+    cardsInView.add(id);
+    if (model.agents.has(id)) model.touchAgent(id);
+  }
+});
 function agentCard(id, now) {
   const agent = model.agents.get(id);
   let card = cards.get(id);
@@ -236,6 +253,7 @@ function agentCard(id, now) {
       el("div", { className: "id" }, el("span"), el("span", { className: "badge", hidden: true })),
       el("div", { className: "doing" }), el("div", { className: "meta" }));
     cards.set(id, card);
+    cardWatch.observe(card);
   }
   const doing = model.doing(id);
   if (!doing && agent.current_activity) lookUp(agent.current_activity, id);
@@ -300,8 +318,28 @@ function drawAgents(changed = null) {
     syncChildren(box.lastChild, row);
     boxes.push(box);
   }
-  for (const [id, card] of cards) if (!model.agents.has(id)) { cards.delete(id); card.remove(); }
+  for (const [id, card] of cards) {
+    if (model.agents.has(id)) continue;
+    cards.delete(id);
+    cardsInView.delete(id);
+    cardWatch.unobserve(card);
+    card.remove();
+  }
   syncChildren($("agents"), boxes);
+  writeStalledNote(stalled);
+}
+
+/** The count of stalled agents, from the model (cards off screen may be stale). */
+function drawStalledNote(now) {
+  let stalled = 0;
+  for (const id of model.agents.keys()) {
+    const doing = model.doing(id);
+    if (doing && now - doing.timestamp > STALLED_SECONDS) stalled += 1;
+  }
+  writeStalledNote(stalled);
+}
+
+function writeStalledNote(stalled) {
   setText($("stalled-note"), `grouped by department; stalled = one activity open over ${duration(STALLED_SECONDS)}` +
     (stalled ? ` (${stalled} now)` : "") + (model.agentsOmitted ? `; ${model.agentsOmitted} more agents not listed by the hub's snapshot` : ""));
 }

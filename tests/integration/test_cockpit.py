@@ -206,6 +206,27 @@ async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Brows
     no_errors(page)
 
 
+async def test_a_card_off_screen_is_aged_when_it_scrolls_into_view(
+    browser: Browser, stack: Stack, team: Team
+) -> None:
+    # Enough working agents that the last department's cards are below the fold.
+    for n in range(150):
+        await team.record(f"crowd_{n:03d}", "task_assigned", department="zz_crowd", metadata={"task": f"job {n}"})
+    page = await open_page(browser, stack, "&stalled=3")
+    last = '#agents [data-agent="crowd_149"]'
+    await page.wait_for_selector(last, state="attached", timeout=10000)
+    in_view = "sel => { const r = document.querySelector(sel).getBoundingClientRect(); return r.top < innerHeight; }"
+    assert not await page.evaluate(in_view, last), "the test needs this card off screen"
+    # The note counts every stalled agent, off screen or not, from the model.
+    await page.wait_for_function(
+        "document.querySelector('#stalled-note').textContent.match(/\\((\\d+) now\\)/)?.[1] >= 150", timeout=15000
+    )
+    assert await page.get_attribute(last, "data-stalled") == "false", "off screen, the clock does not redraw it"
+    await page.locator(last).scroll_into_view_if_needed()
+    await page.wait_for_selector(f'{last}[data-stalled="true"]', timeout=5000)
+    no_errors(page)
+
+
 async def test_a_council_as_a_session_view_and_a_trace_tree(browser: Browser, stack: Stack, team: Team) -> None:
     people = ["chair_a", "member_b", "member_c"]
     session_id = await team.council(people, "cache eviction policy", fail_one=True)
