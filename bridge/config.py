@@ -80,8 +80,8 @@ class BridgeConfig:
     credential_recheck_concurrency: int = option(
         8, "credential checks in flight at once during a recheck round", minimum=1, maximum=1000
     )
-    log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
-    log_format: str = option("json", "json or text", choices=LOG_FORMATS)
+    log_level: str = option("info", "the least severe log lines written", choices=LOG_LEVELS)
+    log_format: str = option("json", "log lines on stderr: a JSON object each, or text", choices=LOG_FORMATS)
     # HTTPS/WSS for browsers (PEM paths, both or neither), and the CA that signed the
     # server's certificate: set, the bridge talks TLS to the server.
     tls_cert: Path | None = option(None, "PEM certificate (chain): serve HTTPS and WSS")
@@ -103,7 +103,7 @@ class BridgeConfig:
     )
     max_credential_bytes: int = option(
         DEFAULT_MAX_CREDENTIAL_BYTES,
-        f"longest token accepted (at most {MAX_CREDENTIAL_BYTES_LIMIT}); longer: 401 / close 4401",
+        "longest token accepted; longer: 401 / close 4401",
         minimum=1,
         maximum=MAX_CREDENTIAL_BYTES_LIMIT,
     )

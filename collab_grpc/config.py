@@ -48,7 +48,11 @@ class ServerConfig:
     store: str = option(
         "sqlite", "sqlite (a file in the data dir), memory, or redis://host:port/db[?prefix=name] for replicas"
     )
-    sqlite_synchronous: str = option("full", "full (fsync) or normal", choices=("full", "normal"))
+    sqlite_synchronous: str = option(
+        "full",
+        "full: every commit is fsynced and survives power loss; normal: faster, survives a crash of the process only",
+        choices=("full", "normal"),
+    )
     # Seconds a busy server holds a commit open for more writes (group commit); 0: never.
     sqlite_commit_delay: float = option(
         0.010,
@@ -57,8 +61,8 @@ class ServerConfig:
         maximum=1,
     )
     retain_count: int = option(100_000, "events and completed activities kept", minimum=1)
-    retain_seconds: float = option(7 * 24 * 3600.0, "age after which they are dropped", minimum=0)
-    auth: bool = option(True, "on, or off to accept calls without credentials")
+    retain_seconds: float = option(7 * 24 * 3600.0, "seconds after which they are dropped", minimum=0)
+    auth: bool = option(True, "off: accept calls without credentials")
     api_keys: tuple[str, ...] = option((), "comma-separated read+write API keys")
     read_keys: tuple[str, ...] = option((), "comma-separated read-only API keys")
     jwt_secret: str = option("", "HS256 secret for JWTs with a `scope` claim", secret=True)
@@ -109,14 +113,14 @@ class ServerConfig:
     status_interval: float = option(2.0, "seconds between status updates", above=0)
     status_read_min_interval: float = option(
         1.0,
-        "shortest StreamAgentStatus interval a read-only credential may ask for (seconds, 0.1 to 3600)",
+        "shortest StreamAgentStatus interval a read-only credential may ask for, in seconds",
         minimum=0.1,
         maximum=3600,
     )
     subscriber_queue: int = option(10_000, "events a subscriber may lag", minimum=1)
     shutdown_grace: float = option(5.0, "seconds in-flight calls get on stop", minimum=0)
-    log_level: str = option("info", "debug, info, warning or error", choices=LOG_LEVELS)
-    log_format: str = option("json", "json or text", choices=LOG_FORMATS)
+    log_level: str = option("info", "the least severe log lines written", choices=LOG_LEVELS)
+    log_format: str = option("json", "log lines on stderr: a JSON object each, or text", choices=LOG_FORMATS)
     # None: DEFAULT_METRICS_ADDR, where a port already taken only turns metrics off;
     # "off": no metrics port; else host:port, which must be free.
     metrics_addr: str | None = option(

@@ -30,6 +30,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Option",
+    "Rules",
     "build_parser",
     "comma_list",
     "names",
@@ -87,16 +88,39 @@ def shown(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class _Declared:
-    """What option() records in the field's metadata; Option adds what the field says."""
+class Rules:
+    """What a declaration says besides the default: help, parser, bounds, choices (see option())."""
 
     help: str
-    parse: Callable[[str], object] | None
-    minimum: float | None
-    maximum: float | None
-    above: float | None
-    choices: tuple[str, ...] | None
-    shown_default: str | None
+    parse: Callable[[str], object] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    above: float | None = None
+    choices: tuple[str, ...] | None = None
+    shown_default: str | None = None
+
+    @property
+    def accepts(self) -> str:
+        """What a value must be, in words (``at least 1 and at most 1000``, ``one of a, b``); or empty."""
+        if self.choices is not None:
+            return f"one of {', '.join(self.choices)}"
+        bounds = (("at least", self.minimum), ("more than", self.above), ("at most", self.maximum))
+        return " and ".join(f"{relation} {shown(bound)}" for relation, bound in bounds if bound is not None)
+
+    def check(self, value: object) -> None:
+        """ValueError when a number is not finite or out of bounds, or a text not one of the choices."""
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"expected {self.accepts}")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        if (
+            (self.minimum is not None and value < self.minimum)
+            or (self.above is not None and value <= self.above)
+            or (self.maximum is not None and value > self.maximum)
+        ):
+            raise ValueError(f"must be {self.accepts}")
 
 
 def option(
@@ -115,68 +139,58 @@ def option(
 
     ``parse`` reads the text (default: by the field's type, see ``_PARSER_OF_TYPE``); a number
     must be finite, at least ``minimum``, more than ``above`` and at most ``maximum``; a text
-    with ``choices`` is one of them in any case (kept in lower case). ``secret`` keeps the
-    value out of the dataclass's repr and out of error messages. ``shown_default`` is what
-    --help and the docs say when the default itself says nothing (None standing for a value).
+    with ``choices`` is one of them in any case (kept in lower case); --help and the docs say
+    so. ``secret`` keeps the value out of the dataclass's
+    repr and out of error messages. ``shown_default`` is what --help and the docs say when the
+    default itself says nothing (None standing for a value).
     """
-    declared = _Declared(help, parse, minimum, maximum, above, choices, shown_default)
-    return field(default=default, repr=not secret, metadata={_METADATA_KEY: declared})
+    rules = Rules(help, parse, minimum, maximum, above, choices, shown_default)
+    return field(default=default, repr=not secret, metadata={_METADATA_KEY: rules})
 
 
 @dataclass(frozen=True)
 class Option:
-    """One setting: its field, flag, variable, default, and how its text is read and checked."""
+    """One setting: its field, default, how its text is read, and the rules it was declared with."""
 
     name: str
-    flag: str
-    variable: str
     default: object
-    help: str
     read: Callable[[str], object]
-    minimum: float | None
-    maximum: float | None
-    above: float | None
-    choices: tuple[str, ...] | None
     secret: bool
-    default_text: str
+    rules: Rules
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def variable(self) -> str:
+        return ENV_PREFIX + self.name.upper()
 
     @property
     def names(self) -> str:
         """``--flag / COLLAB_VARIABLE``, as error messages name a setting."""
         return f"{self.flag} / {self.variable}"
 
+    @property
+    def help(self) -> str:
+        return self.rules.help
+
+    @property
+    def accepts(self) -> str:
+        """What a value must be, in words; empty when any text of its type will do."""
+        return "on or off" if self.read is on_off else self.rules.accepts
+
+    @property
+    def default_text(self) -> str:
+        return self.rules.shown_default or shown(self.default)
+
     def convert(self, text: str) -> object:
         """The value of ``text``; ValueError saying why when it is not one."""
         value = self.read(text)
-        if self.choices is not None and isinstance(value, str):
+        if self.rules.choices is not None and isinstance(value, str):
             value = value.lower()
-            if value not in self.choices:
-                raise ValueError(f"expected one of {', '.join(self.choices)}")
-        self.check(value)
+        self.rules.check(value)
         return value
-
-    def check(self, value: object) -> None:
-        """ValueError when a number is not finite or out of this option's bounds."""
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        if (
-            (self.minimum is not None and value < self.minimum)
-            or (self.above is not None and value <= self.above)
-            or (self.maximum is not None and value > self.maximum)
-        ):
-            raise ValueError(f"must be {self.bounds}")
-
-    @property
-    def bounds(self) -> str:
-        """The bounds in words (``at least 1 and at most 1000``); empty when there are none."""
-        words = [
-            f"{relation} {shown(bound)}"
-            for relation, bound in (("at least", self.minimum), ("more than", self.above), ("at most", self.maximum))
-            if bound is not None
-        ]
-        return " and ".join(words)
 
 
 def _parser_for(hint: object) -> Callable[[str], object] | None:
@@ -193,30 +207,14 @@ def options_of(config_type: type[DataclassInstance]) -> tuple[Option, ...]:
     """The options declared on ``config_type``, in field order."""
     hints = typing.get_type_hints(config_type)
     found = []
-    for declared_field in fields(config_type):
-        declared = declared_field.metadata.get(_METADATA_KEY)
-        if not isinstance(declared, _Declared):
+    for declared in fields(config_type):
+        rules = declared.metadata.get(_METADATA_KEY)
+        if not isinstance(rules, Rules):
             continue
-        read = declared.parse or _parser_for(hints[declared_field.name])
+        read = rules.parse or _parser_for(hints[declared.name])
         if read is None:
-            raise TypeError(f"{config_type.__name__}.{declared_field.name}: no parser for its type; give parse=")
-        default = declared_field.default
-        found.append(
-            Option(
-                name=declared_field.name,
-                flag="--" + declared_field.name.replace("_", "-"),
-                variable=ENV_PREFIX + declared_field.name.upper(),
-                default=default,
-                help=declared.help,
-                read=read,
-                minimum=declared.minimum,
-                maximum=declared.maximum,
-                above=declared.above,
-                choices=declared.choices,
-                secret=not declared_field.repr,
-                default_text=declared.shown_default or shown(default),
-            )
-        )
+            raise TypeError(f"{config_type.__name__}.{declared.name}: no parser for its type; give parse=")
+        found.append(Option(declared.name, declared.default, read, secret=not declared.repr, rules=rules))
     return tuple(found)
 
 
@@ -233,7 +231,7 @@ def require_together(config: DataclassInstance, *field_names: str) -> None:
 
 
 def build_parser(config_type: type[DataclassInstance], prog: str, description: str) -> argparse.ArgumentParser:
-    """The argparse parser of ``config_type``: a flag per option, its help naming the variable and default."""
+    """The argparse parser of ``config_type``: a flag per option; its help names the variable, default and bounds."""
     parser = argparse.ArgumentParser(
         prog=prog,
         usage="%(prog)s [--option VALUE ...]",
@@ -241,7 +239,7 @@ def build_parser(config_type: type[DataclassInstance], prog: str, description: s
         epilog="Every flag can also be set with the environment variable shown; a flag wins over it.",
     )
     for each in options_of(config_type):
-        text = f"{each.help} [{each.variable}, default {each.default_text}]"
+        text = f"{each.help} [{', '.join(filter(None, (each.variable, 'default ' + each.default_text, each.accepts)))}]"
         parser.add_argument(each.flag, dest=each.name, default=None, help=text.replace("%", "%%"))
     return parser
 

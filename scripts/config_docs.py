@@ -21,11 +21,12 @@ TABLES = {"server": ServerConfig, "bridge": BridgeConfig}
 
 
 def table(name: str) -> str:
-    """The markdown table of one process's options: variable, flag, default, what it sets."""
-    lines = ["| variable | flag | default | what it sets |", "|---|---|---|---|"]
+    """The markdown table of one process's options: variable, flag, default, what it accepts, what it sets."""
+    lines = ["| variable | flag | default | accepts | what it sets |", "|---|---|---|---|---|"]
     for each in options_of(TABLES[name]):
         help_text = each.help.replace("|", "\\|")
-        lines.append(f"| `{each.variable}` | `{each.flag}` | `{each.default_text}` | {help_text} |")
+        row = f"| `{each.variable}` | `{each.flag}` | `{each.default_text}` | {each.accepts} | {help_text} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
