@@ -1,5 +1,5 @@
-"""The configuration tables of docs/OPERATIONS.md, made from the processes' own option
-lists, so `--help` and the docs cannot drift (tests/test_config_docs.py checks them).
+"""The configuration tables of docs/OPERATIONS.md, made from the declarations `--help` is
+made from (ServerConfig, BridgeConfig), so the two cannot drift (tests/test_config_docs.py).
 
     python scripts/config_docs.py          # print both tables
     python scripts/config_docs.py --write  # rewrite them in docs/OPERATIONS.md
@@ -10,40 +10,23 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-from bridge import config as bridge_config
-from collab_grpc import config as server_config
+from bridge.config import BridgeConfig
+from collab_grpc.config import ServerConfig
+from collab_grpc.options import options_of
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "OPERATIONS.md"
-TABLES: dict[str, tuple[Any, Any]] = {
-    "server": (server_config.ServerConfig(), server_config._OPTIONS),
-    "bridge": (bridge_config.BridgeConfig(), bridge_config._OPTIONS),
-}
-
-
-def _shown(value: object) -> str:
-    if value is None or value == "" or value == ():
-        return "none"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, tuple):
-        return ",".join(str(part) for part in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+TABLES = {"server": ServerConfig, "bridge": BridgeConfig}
 
 
 def table(name: str) -> str:
-    """The markdown table of one process's options: variable, flag, default, what it sets."""
-    defaults, options = TABLES[name]
-    default_of = {field.name: getattr(defaults, field.name) for field in fields(defaults)}
-    lines = ["| variable | flag | default | what it sets |", "|---|---|---|---|"]
-    for flag, variable, dest, _parse, text in options:
-        help_text = text.replace("|", "\\|")
-        lines.append(f"| `{variable}` | `{flag}` | `{_shown(default_of[dest])}` | {help_text} |")
+    """The markdown table of one process's options: variable, flag, default, what it accepts, what it sets."""
+    lines = ["| variable | flag | default | accepts | what it sets |", "|---|---|---|---|---|"]
+    for each in options_of(TABLES[name]):
+        help_text = each.help.replace("|", "\\|")
+        row = f"| `{each.variable}` | `{each.flag}` | `{each.default_text}` | {each.accepts} | {help_text} |"
+        lines.append(row)
     return "\n".join(lines)
 
 

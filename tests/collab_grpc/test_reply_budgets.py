@@ -43,11 +43,11 @@ def test_config_default_budget_matches_the_servicer_and_holds_the_largest_item()
 @pytest.mark.parametrize(
     ("argv", "fragment"),
     [
-        (["--max-reply-bytes", "100000"], "max-reply-bytes must be between"),
+        (["--max-reply-bytes", "100000"], "--max-reply-bytes / COLLAB_MAX_REPLY_BYTES: invalid value 100000"),
         (["--max-reply-bytes", str(4 * 1024 * 1024)], "what a gRPC receiver accepts"),
-        (["--max-metadata-bytes", str(1024 * 1024)], "the largest item max-metadata-bytes 1048576 lets in"),
-        (["--max-status-agents", "0"], "max-status-agents must be at least 1"),
-        (["--max-snapshot-sessions", "0"], "max-snapshot-sessions must be at least 1"),
+        (["--max-metadata-bytes", str(1024 * 1024)], "the largest item --max-metadata-bytes 1048576 lets in"),
+        (["--max-status-agents", "0"], "--max-status-agents / COLLAB_MAX_STATUS_AGENTS: invalid value '0': must be"),
+        (["--max-snapshot-sessions", "0"], "COLLAB_MAX_SNAPSHOT_SESSIONS: invalid value '0': must be at least 1"),
     ],
 )
 def test_budgets_the_limits_cannot_fit_are_refused_at_start(

@@ -201,7 +201,7 @@ async def test_roster_agents_are_known_before_they_record(tmp_path: Path) -> Non
     [
         (["--rate-limit", "fast"], "--rate-limit / COLLAB_RATE_LIMIT: invalid value 'fast'"),
         (["--auth", "maybe"], "expected on or off"),
-        (["--history-limit", "0"], "history-limit must be at least 1"),
+        (["--history-limit", "0"], "--history-limit / COLLAB_HISTORY_LIMIT: invalid value '0': must be at least 1"),
         (["--roster", "/nonexistent/roster.json"], "No such file"),
         (["--grpc-addr", "256.1.1.1:1"], "cannot listen on 256.1.1.1:1"),
     ],
