@@ -4,9 +4,11 @@ interpreter (issue 18). The same for the table alone and for the `collab` comman
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,12 @@ def test_importing_the_sdk_loads_no_server_module(statement: str, expected: set[
     loaded = loaded_by(statement)
     assert {name for name in loaded if name == "collab_grpc" or name.startswith("collab_grpc.")} == expected
     assert not sorted(name for name in loaded if name.split(".")[0] in SERVER_PACKAGES)
+
+
+def test_the_generated_package_imports_nothing() -> None:
+    """As Temporal's temporalio/api: importing a generated module loads only what it needs."""
+    init = Path(collab_grpc.__file__).parent / "v1" / "__init__.py"
+    assert not [node for node in ast.walk(ast.parse(init.read_text())) if isinstance(node, ast.Import | ast.ImportFrom)]
 
 
 def test_the_embedding_names_are_still_there_when_asked_for() -> None:
