@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed-dev
 
 .PHONY: run test test-crewai bench lint typecheck protos protos-check buf-lint buf-breaking unit clean
 
-# openai-agents (for its integration's tests) pins websockets<17, collab websockets>=17.4:
-# pip installs it with 16, then 17.4 goes back (agents.tracing never imports websockets).
+# The dev venv has the hub ([dev] pulls in [server], [redis] and [otel]) and every tool.
+# openai-agents (for its integration's tests) pins websockets<17, the hub's [server]
+# websockets>=17.4: pip installs it with 16, then 17.4 goes back (agents.tracing never
+# imports websockets).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -23,12 +25,13 @@ test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
 	$(BIN)/python -m pytest
 
 # CrewAI's integration test, in a venv of its own: CrewAI is about 1 GB installed and pins
-# pydantic<2.13 and openai<3, which the dev venv's other frameworks do not allow.
+# pydantic<2.13 and openai<3, which the dev venv's other frameworks do not allow. The test
+# reports to a real collab-server: [server] too.
 CREWAI_VENV := .venv-crewai
 $(CREWAI_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CREWAI_VENV)
 	$(CREWAI_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CREWAI_VENV)/bin/python -m pip install --quiet -e '.[crewai]' 'pytest>=9' 'pytest-timeout>=2.4' 'pytest-asyncio>=1.5'
+	$(CREWAI_VENV)/bin/python -m pip install --quiet -e '.[server,crewai]' 'pytest>=9' 'pytest-timeout>=2.4' 'pytest-asyncio>=1.5'
 	touch $@
 
 test-crewai: $(CREWAI_VENV)/.installed

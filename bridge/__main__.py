@@ -1,3 +1,3 @@
-from bridge.main import main
+from collab_grpc.extras import bridge_command
 
-main()
+bridge_command()

@@ -15,6 +15,14 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
+# ACTIVITY_TYPES and MEMORY_OPERATIONS are passed on (in __all__) for the REST routes' requests.
+from collab_grpc.names import (
+    ACTIVITY_STATUS_NAMES,
+    ACTIVITY_TYPE_NAMES,
+    ACTIVITY_TYPES,
+    MEMORY_OPERATION_NAMES,
+    MEMORY_OPERATIONS,
+)
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
@@ -40,26 +48,13 @@ __all__ = [
 JSON = dict[str, Any]
 
 
-def _enum_names(enum: Any, prefix: str) -> dict[int, str]:
-    """Proto enum number -> the guide's lower-case name (`ACTIVITY_TYPE_MEMORY_WRITE` -> `memory_write`)."""
-    return {
-        number: name.removeprefix(prefix).lower() for name, number in enum.items() if not name.endswith("_UNSPECIFIED")
-    }
-
-
-_ACTIVITY_TYPE = _enum_names(pb.ActivityType, "ACTIVITY_TYPE_")
-_ACTIVITY_STATUS = _enum_names(pb.ActivityStatus, "ACTIVITY_STATUS_")
-_MEMORY_OPERATION = _enum_names(pb.MemoryOperation, "MEMORY_OPERATION_")
-# Guide name -> proto number, for requests.
-ACTIVITY_TYPES: dict[str, int] = {name: number for number, name in _ACTIVITY_TYPE.items()}
-MEMORY_OPERATIONS: dict[str, int] = {name: number for number, name in _MEMORY_OPERATION.items()}
 # Struct stores numbers as doubles; integral ones within float precision go back out as
 # ints, so `{"size_bytes": 1024}` is not turned into 1024.0.
 _MAX_EXACT_INT = 2**53
 
 
 def activity_type_name(number: int) -> str:
-    return _ACTIVITY_TYPE[number]
+    return ACTIVITY_TYPE_NAMES[number]
 
 
 def seconds(stamp: timestamp_pb2.Timestamp) -> float:
@@ -101,11 +96,11 @@ def activity_json(activity: pb.Activity) -> JSON:
         "activity_id": activity.activity_id,
         "agent_id": activity.agent_id,
         "department": activity.department,
-        "activity_type": _ACTIVITY_TYPE[activity.activity_type],
+        "activity_type": ACTIVITY_TYPE_NAMES[activity.activity_type],
         "timestamp": seconds(activity.timestamp),
         "metadata": struct_json(activity.metadata),
         "related_agents": list(activity.related_agents),
-        "status": _ACTIVITY_STATUS[activity.status],
+        "status": ACTIVITY_STATUS_NAMES[activity.status],
         "session_id": activity.session_id or None,
         "parent_activity_id": activity.parent_activity_id or None,
     }
@@ -144,7 +139,7 @@ def decision_json(decision: pb.Decision) -> JSON:
 
 def memory_update_json(update: pb.MemoryUpdate) -> JSON:
     return {
-        "operation": _MEMORY_OPERATION[update.operation],
+        "operation": MEMORY_OPERATION_NAMES[update.operation],
         "item_id": update.item_id,
         "agent_id": update.agent_id,
         "timestamp": seconds(update.timestamp),
@@ -205,8 +200,8 @@ def event_json(event: pb.Event) -> JSON:
             "activity_id": done.activity.activity_id,
             "success": done.success,
             "agent_id": done.activity.agent_id,
-            "activity_type": _ACTIVITY_TYPE[done.activity.activity_type],
-            "status": _ACTIVITY_STATUS[done.activity.status],
+            "activity_type": ACTIVITY_TYPE_NAMES[done.activity.activity_type],
+            "status": ACTIVITY_STATUS_NAMES[done.activity.status],
             "failure_reason": done.activity.failure_reason or None,
         }
     elif kind == "memory_updated":

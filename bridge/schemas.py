@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from collab_grpc.names import ActivityStatusName, ActivityTypeName
+
 __all__ = [
     "ActivityBody",
     "ActivityFeedBody",
@@ -36,21 +38,6 @@ __all__ = [
     "SessionChangeBody",
     "SuccessBody",
     "documented",
-]
-
-ActivityTypeName = Literal[
-    "agent_started",
-    "agent_completed",
-    "memory_write",
-    "memory_read",
-    "council_debate",
-    "council_synthesis",
-    "decision_made",
-    "task_assigned",
-    "task_completed",
-    "message_sent",
-    "collaboration_started",
-    "collaboration_ended",
 ]
 
 
@@ -99,7 +86,7 @@ class ActivityBody(_Body):
     timestamp: float
     metadata: dict[str, Any]
     related_agents: list[str]
-    status: Literal["active", "completed", "failed"]
+    status: ActivityStatusName
     session_id: str | None
     parent_activity_id: str | None
     # Only once completed (failure_reason only when it failed with one).

@@ -3,8 +3,9 @@
 The domain core (``model``, ``state``, ``events``, ``validation``, ``idempotency``,
 ``ratelimit``, ``auth``, ``history``, ``otlp``) imports no grpc and is tested directly;
 ``servicer``, ``interceptors`` and ``server`` put it on the wire; ``v1`` is the generated
-code. The names below are imported when first used, so importing the generated code
-(``collab_grpc.v1``, as the SDK does) loads nothing of the server.
+code and ``names`` the guide's names for its enums; ``extras`` what the hub's commands need
+beyond the SDK. The names below are imported when first used, so importing the generated
+code (``collab_grpc.v1``, as the SDK does) loads nothing of the server.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from collab_grpc import names
 from collab_grpc.errors import InvalidArgument
 from collab_grpc.events import EventFilter
 from collab_grpc.model import (
@@ -62,20 +63,19 @@ __all__ = [
     "timestamp_from_seconds",
 ]
 
+# The domain enums' values are the guide's names: mapped through the shared table.
 ACTIVITY_TYPE_TO_PROTO: dict[ActivityType, pb.ActivityType.ValueType] = {
-    t: pb.ActivityType.Value(f"ACTIVITY_TYPE_{t.value.upper()}") for t in ActivityType
+    t: names.ACTIVITY_TYPES[t.value] for t in ActivityType
 }
 ACTIVITY_TYPE_FROM_PROTO = {v: k for k, v in ACTIVITY_TYPE_TO_PROTO.items()}
 MEMORY_OPERATION_TO_PROTO: dict[MemoryOperation, pb.MemoryOperation.ValueType] = {
-    o: pb.MemoryOperation.Value(f"MEMORY_OPERATION_{o.value.upper()}") for o in MemoryOperation
+    o: names.MEMORY_OPERATIONS[o.value] for o in MemoryOperation
 }
 MEMORY_OPERATION_FROM_PROTO = {v: k for k, v in MEMORY_OPERATION_TO_PROTO.items()}
-EVENT_KIND_TO_PROTO: dict[EventKind, pb.EventKind.ValueType] = {
-    k: pb.EventKind.Value(f"EVENT_KIND_{k.value.upper()}") for k in EventKind
-}
+EVENT_KIND_TO_PROTO: dict[EventKind, pb.EventKind.ValueType] = {k: names.EVENT_KINDS[k.value] for k in EventKind}
 EVENT_KIND_FROM_PROTO = {v: k for k, v in EVENT_KIND_TO_PROTO.items()}
 _ACTIVITY_STATUS_TO_PROTO: dict[ActivityStatus, pb.ActivityStatus.ValueType] = {
-    s: pb.ActivityStatus.Value(f"ACTIVITY_STATUS_{s.value.upper()}") for s in ActivityStatus
+    s: names.ACTIVITY_STATUSES[s.value] for s in ActivityStatus
 }
 
 

@@ -27,7 +27,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from collab_grpc import convert, metrics
+from collab_grpc import convert, metrics, names
 from collab_grpc.auth import TOKEN_EXPIRED, Access, Grant
 from collab_grpc.decoding import Undecodable
 from collab_grpc.errors import (
@@ -873,9 +873,9 @@ def query_from_proto(request: pb.QueryActivitiesRequest, state: CollaborationSta
         types.append(convert.ACTIVITY_TYPE_FROM_PROTO[value].value)
     statuses = []
     for status in request.statuses:
-        if status not in _STATUS_FROM_PROTO:
+        if status not in names.ACTIVITY_STATUS_NAMES:
             raise InvalidArgument(f"statuses: {status} is not a known activity status")
-        statuses.append(_STATUS_FROM_PROTO[status])
+        statuses.append(names.ACTIVITY_STATUS_NAMES[status])
     return ActivityQuery.build(
         state.limits,
         agent_ids=request.agent_ids,
@@ -891,10 +891,3 @@ def query_from_proto(request: pb.QueryActivitiesRequest, state: CollaborationSta
         cursor=request.cursor,
         limit=request.limit,
     )
-
-
-_STATUS_FROM_PROTO: dict[int, str] = {
-    pb.ACTIVITY_STATUS_ACTIVE: "active",
-    pb.ACTIVITY_STATUS_COMPLETED: "completed",
-    pb.ACTIVITY_STATUS_FAILED: "failed",
-}

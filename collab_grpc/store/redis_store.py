@@ -28,8 +28,13 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from collab_grpc.extras import REDIS_INSTALL
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ModuleNotFoundError as missing:  # the [redis] extra is not installed
+    raise ModuleNotFoundError(f"the Redis store needs the redis package: {REDIS_INSTALL}", name=missing.name) from None
 
 from collab_grpc import metrics
 from collab_grpc.history import ActivityQuery, Found, query_held

@@ -1,6 +1,13 @@
-"""The hub as a user installs it: the sdist and the wheel built from this checkout, the
-wheel installed into a clean venv outside it, `collab up` run in an empty folder, and
-the dashboard watched going live in a headless Chromium (Debian's, driven by Playwright).
+"""collab as a user installs it: the sdist and the wheel built from this checkout, the
+wheel installed into clean venvs outside it, one per way of installing it (issue 18):
+
+- `collab-hub` alone (the SDK and the command line's client commands): only protobuf and
+  grpcio come with it; `import collab` and `collab record`/`collab history` work against
+  a hub run from the checkout, and `collab up`, `collab-server` and `collab-bridge` say
+  in one line how to install the server;
+- `collab-hub[server]`: `collab up` run in an empty folder, its files served from the
+  package, and the dashboard watched going live in a headless Chromium (Debian's, driven
+  by Playwright).
 
 The build runs with this venv's setuptools (--no-isolation: no download); installing the
 wheel fetches its dependencies as `pip install` does for a user (the configured index,
@@ -9,6 +16,7 @@ COLLAB_REQUIRE_BROWSER=1, where it fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,9 +31,11 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-from tests.support.processes import OutputLines
+from tests.support.processes import OutputLines, ServerProcess
+from tests.support.rpc import WRITE_KEY
 
-# Building and installing take most of the time: one build and one venv for the module.
+# Building and installing take most of the time: one build for the module, one venv for
+# each way of installing.
 pytestmark = [pytest.mark.packaging, pytest.mark.integration, pytest.mark.timeout(900)]
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -42,8 +52,13 @@ SERVED_FILES = {
     "/static/vendor/cytoscape/cytoscape.esm.min.js": "bridge/static/vendor/cytoscape/cytoscape.esm.min.js",
     "/static/vendor/cytoscape/LICENSE": "bridge/static/vendor/cytoscape/LICENSE",
 }
-# Top-level names that only make sense in the checkout.
-NOT_SHIPPED = {"bench", "tests", "scripts"}
+# Every top-level name the wheel installs: collab's packages and its metadata, nothing
+# generic (no `bench`, `tests`, `scripts`: they only make sense in the checkout).
+TOP_LEVEL = {"collab", "collab_cli", "collab_grpc", "bridge", "collab_hub-0.1.0.dist-info"}
+# What `pip install collab-hub` brings: the SDK's two dependencies and typing-extensions,
+# grpcio's own.
+SDK_DISTRIBUTIONS = {"collab-hub", "grpcio", "protobuf", "typing-extensions"}
+SERVER_INSTALL_LINE = "pip install 'collab-hub[server]'"
 BUILD_TIMEOUT = 300
 INSTALL_TIMEOUT = 600
 
@@ -56,6 +71,14 @@ class Installed:
     @property
     def bin(self) -> Path:
         return self.venv / "bin"
+
+    def distributions(self) -> set[str]:
+        """The distributions installed in the venv, by their normalised names."""
+        probe = (
+            "import importlib.metadata, json, re; print(json.dumps(sorted("
+            "re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() for d in importlib.metadata.distributions())))"
+        )
+        return set(json.loads(run([str(self.bin / "python"), "-c", probe], 60, self.venv)))
 
 
 @dataclass(frozen=True)
@@ -81,19 +104,35 @@ def run(argv: list[str], timeout: float, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    work = tmp_path_factory.mktemp("packaging")
-    dist = work / "dist"
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
     # The sdist first, then the wheel from it (what `python -m build` does): the sdist must
     # carry every file the wheel needs, and the checkout gets no build/ directory.
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(CHECKOUT)], BUILD_TIMEOUT, work)
-    (wheel,) = dist.glob("*.whl")
+    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(CHECKOUT)], BUILD_TIMEOUT, dist)
+    (built,) = dist.glob("*.whl")
+    return built
+
+
+def install(wheel: Path, requirement: str, work: Path) -> Installed:
+    """A clean venv in ``work`` with ``requirement`` (the wheel, with extras or not) installed."""
     venv = work / "venv"
     # Without pip of its own: this venv's pip installs into it (--python), so nothing is fetched for pip.
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], BUILD_TIMEOUT, work)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet"]
-    run([*pip, str(wheel)], INSTALL_TIMEOUT, work)
+    run([*pip, requirement], INSTALL_TIMEOUT, work)
     return Installed(wheel, venv)
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """`pip install 'collab-hub[server]'`: the hub."""
+    return install(wheel, f"{wheel}[server]", tmp_path_factory.mktemp("server-install"))
+
+
+@pytest.fixture(scope="module")
+def sdk_installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """`pip install collab-hub`: the SDK and the command line, without the hub."""
+    return install(wheel, str(wheel), tmp_path_factory.mktemp("sdk-install"))
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +167,7 @@ def test_the_wheel_ships_what_the_hub_serves_and_nothing_of_the_checkout(install
         names = set(wheel.namelist())
         assert set(SERVED_FILES.values()) <= names, sorted(names)
         assert wheel.read("bridge/static/collab.js") == JS_CLIENT_SOURCE.read_bytes()
-    top_level = {PurePosixPath(name).parts[0] for name in names}
-    assert not top_level & NOT_SHIPPED, sorted(top_level)
+    assert {PurePosixPath(name).parts[0] for name in names} == TOP_LEVEL
     found = run(
         [
             str(installed.bin / "python"),
@@ -141,6 +179,90 @@ def test_the_wheel_ships_what_the_hub_serves_and_nothing_of_the_checkout(install
     ).split()
     assert found[0].startswith(str(installed.venv)), f"the bridge was imported from {found[0]}, not the venv"
     assert found[1] == "None", "a module named bench is installed"
+
+
+def test_the_sdk_installs_with_protobuf_and_grpcio_only(sdk_installed: Installed) -> None:
+    # The venv has no pip of its own (see install), so no pip or setuptools to leave out.
+    assert sdk_installed.distributions() - {"pip", "setuptools"} == SDK_DISTRIBUTIONS
+
+
+def test_the_sdk_and_the_client_commands_work_without_the_hub_installed(
+    sdk_installed: Installed, tmp_path: Path
+) -> None:
+    """`import collab` and `collab record`/`history` from the SDK-only venv, against a hub
+    run from the checkout (this venv's)."""
+    with ServerProcess(tmp_path / "hub", env={"COLLAB_API_KEYS": WRITE_KEY}) as server:
+        env = {**clean_env(), "COLLAB_GRPC_TARGET": server.target, "COLLAB_TOKEN": WRITE_KEY}
+        script = (
+            "import collab, sys\n"
+            "with collab.Client(sys.argv[1], sys.argv[2]) as hub:\n"
+            "    print(hub.record_activity('sdk_agent', 'task_assigned', department='sdk'))\n"
+            "print(collab.__file__)\n"
+        )
+        sdk = subprocess.run(
+            [str(sdk_installed.bin / "python"), "-c", script, server.target, WRITE_KEY],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sdk.returncode == 0, sdk.stderr
+        sdk_activity, sdk_module = sdk.stdout.split()
+        assert sdk_module.startswith(str(sdk_installed.venv)), f"collab was imported from {sdk_module}"
+
+        collab = str(sdk_installed.bin / "collab")
+        recorded = subprocess.run(
+            [collab, "record", "cli_agent", "council_debate", "--department", "sdk"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert recorded.returncode == 0, recorded.stderr
+        cli_activity = recorded.stdout.strip()
+        history = subprocess.run(
+            [collab, "history", "--department", "sdk", "--json"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert history.returncode == 0, history.stderr
+        found = {
+            (a["activity_id"], a["agent_id"], a["activity_type"])
+            for a in map(json.loads, history.stdout.split("\n")[:-1])
+        }
+        assert found == {
+            (sdk_activity, "sdk_agent", "ACTIVITY_TYPE_TASK_ASSIGNED"),
+            (cli_activity, "cli_agent", "ACTIVITY_TYPE_COUNCIL_DEBATE"),
+        }
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [(["collab", "up"], "collab up"), (["collab-server"], "collab-server"), (["collab-bridge"], "collab-bridge")],
+)
+def test_the_hubs_commands_without_the_server_extra_say_how_to_install_it(
+    sdk_installed: Installed, tmp_path: Path, argv: list[str], command: str
+) -> None:
+    result = subprocess.run(
+        [str(sdk_installed.bin / argv[0]), *argv[1:]],
+        cwd=tmp_path,  # an empty folder
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"{command}: the hub's server is not installed (missing ")
+    assert line.endswith(f"): {SERVER_INSTALL_LINE}")
+    assert list(tmp_path.iterdir()) == [], "nothing is started, nothing is written"
 
 
 def test_the_installed_hub_serves_its_files_from_the_package(installed: Installed, hub: RunningHub) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TextIO
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from collab import ACTIVITY_TYPES, EVENT_KINDS, Client
+from collab_grpc.names import ACTIVITY_STATUS_NAMES, ACTIVITY_TYPE_NAMES, MEMORY_OPERATION_NAMES
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = ["add_commands", "complete", "history", "record", "status", "tail"]
@@ -36,8 +37,9 @@ def _client(args: argparse.Namespace) -> Client:
         raise SystemExit(2) from None
 
 
-def _name(enum: object, number: int, prefix: str) -> str:
-    return str(enum.Name(number)).removeprefix(prefix).lower()  # type: ignore[attr-defined]
+def _name(names: Mapping[int, str], number: int) -> str:
+    """The guide's name of an enum value; the number itself for one newer than this CLI."""
+    return names.get(number, str(number))
 
 
 def status(args: argparse.Namespace, out: TextIO) -> int:
@@ -77,14 +79,14 @@ def describe(event: pb.Event) -> tuple[str, str, str]:
     if kind == "activity_recorded":
         a = event.activity_recorded
         where = f" in {a.session_id}" if a.session_id else ""
-        return kind, a.agent_id, f"{_name(pb.ActivityType, a.activity_type, 'ACTIVITY_TYPE_')} {a.activity_id}{where}"
+        return kind, a.agent_id, f"{_name(ACTIVITY_TYPE_NAMES, a.activity_type)} {a.activity_id}{where}"
     if kind == "activity_completed":
         done = event.activity_completed
         outcome = "completed" if done.success else f"FAILED ({done.activity.failure_reason or 'no reason'})"
         return kind, done.activity.agent_id, f"{done.activity.activity_id} {outcome}"
     if kind == "memory_updated":
         m = event.memory_updated
-        return kind, m.agent_id, f"{_name(pb.MemoryOperation, m.operation, 'MEMORY_OPERATION_')} {m.item_id}"
+        return kind, m.agent_id, f"{_name(MEMORY_OPERATION_NAMES, m.operation)} {m.item_id}"
     if kind in ("collaboration_started", "collaboration_ended"):
         s = getattr(event, kind)
         return kind, ",".join(s.participants), f"{s.session_id} ({s.session_type})"
@@ -202,7 +204,7 @@ def history(args: argparse.Namespace, out: TextIO) -> int:
 
                 out.write(json.dumps(MessageToDict(activity, preserving_proto_field_name=True)) + "\n")
             else:
-                status = _name(pb.ActivityStatus, activity.status, "ACTIVITY_STATUS_")
+                status = _name(ACTIVITY_STATUS_NAMES, activity.status)
                 if activity.failure_reason:
                     status = f"{status} ({activity.failure_reason})"
                 rows.append(
@@ -210,7 +212,7 @@ def history(args: argparse.Namespace, out: TextIO) -> int:
                         datetime.fromtimestamp(_seconds(activity.timestamp), UTC).strftime("%Y-%m-%d %H:%M:%S"),
                         activity.agent_id,
                         activity.department or "-",
-                        _name(pb.ActivityType, activity.activity_type, "ACTIVITY_TYPE_"),
+                        _name(ACTIVITY_TYPE_NAMES, activity.activity_type),
                         status,
                         _duration(activity, now),
                         activity.activity_id,
@@ -251,7 +253,7 @@ def record(args: argparse.Namespace, out: TextIO) -> int:
 def complete(args: argparse.Namespace, out: TextIO) -> int:
     with _client(args) as hub:
         activity = hub.complete_activity(args.activity_id, success=not args.failed, failure_reason=args.reason or "")
-    out.write(f"{activity.activity_id} {_name(pb.ActivityStatus, activity.status, 'ACTIVITY_STATUS_')}\n")
+    out.write(f"{activity.activity_id} {_name(ACTIVITY_STATUS_NAMES, activity.status)}\n")
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from collab_cli import commands
 from collab_cli.supervisor import Child, StopRequested, Supervisor
+from collab_grpc.extras import require_server
 
 __all__ = ["choose_log_format", "main"]
 
@@ -110,5 +111,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_commands(subcommands)
     args = parser.parse_args(argv)
     if args.command == "up":
+        require_server("collab up")  # before any child starts: one line, not two tracebacks
         sys.exit(asyncio.run(_up(args)))
     sys.exit(commands.run(args))

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from collab._errors import CollabError
+from collab_grpc.names import ACTIVITY_STATUSES, ACTIVITY_TYPES, EVENT_KINDS, MEMORY_OPERATIONS
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
@@ -29,11 +30,6 @@ __all__ = [
     "subscribe",
 ]
 
-ACTIVITY_STATUSES = {
-    name.removeprefix("ACTIVITY_STATUS_").lower(): number
-    for name, number in pb.ActivityStatus.items()
-    if number != pb.ACTIVITY_STATUS_UNSPECIFIED
-}
 MetadataScalar = str | int | float | bool | None
 
 # Activities per message of a bulk stream: one message each would cost the hub a gRPC
@@ -42,22 +38,6 @@ ACTIVITIES_PER_MESSAGE = 100
 # ...and bytes per message, well under gRPC's 4 MiB default (an activity's metadata may
 # be 64 KiB); a larger single activity still goes alone.
 BYTES_PER_MESSAGE = 1024 * 1024
-
-ACTIVITY_TYPES = {
-    name.removeprefix("ACTIVITY_TYPE_").lower(): number
-    for name, number in pb.ActivityType.items()
-    if number != pb.ACTIVITY_TYPE_UNSPECIFIED
-}
-MEMORY_OPERATIONS = {
-    name.removeprefix("MEMORY_OPERATION_").lower(): number
-    for name, number in pb.MemoryOperation.items()
-    if number != pb.MEMORY_OPERATION_UNSPECIFIED
-}
-EVENT_KINDS = {
-    name.removeprefix("EVENT_KIND_").lower(): number
-    for name, number in pb.EventKind.items()
-    if number != pb.EVENT_KIND_UNSPECIFIED
-}
 
 
 def new_key() -> str:
