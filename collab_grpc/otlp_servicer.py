@@ -31,7 +31,8 @@ Refusals: a span the hub cannot take (bad ids, metadata over the limit...) is co
 ``partial_success.rejected_spans`` with the first reasons in ``error_message``; the others
 are recorded. An agent over its rate limit ends the call with RESOURCE_EXHAUSTED, a
 ``retry-after`` trailer and google.rpc.RetryInfo (exporters wait that long and retry;
-what was recorded is not recorded again). A request with more spans than ``max_spans`` is refused whole with INVALID_ARGUMENT.
+what was recorded is not recorded again). A request with more spans than ``max_spans``
+is refused whole with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
