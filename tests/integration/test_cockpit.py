@@ -206,9 +206,7 @@ async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Brows
     no_errors(page)
 
 
-async def test_a_card_off_screen_is_aged_when_it_scrolls_into_view(
-    browser: Browser, stack: Stack, team: Team
-) -> None:
+async def test_a_card_off_screen_is_aged_when_it_scrolls_into_view(browser: Browser, stack: Stack, team: Team) -> None:
     # Enough working agents that the last department's cards are below the fold.
     for n in range(150):
         await team.record(f"crowd_{n:03d}", "task_assigned", department="zz_crowd", metadata={"task": f"job {n}"})
