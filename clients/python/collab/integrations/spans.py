@@ -66,7 +66,7 @@ class SpanSender:
             raise ValueError("max_batch and max_buffer must be at least 1, max_delay positive")
         self._owns_client = client is None
         self.client = client if client is not None else Client()
-        self._stub = otlp_grpc.TraceServiceStub(self.client._channel)  # type: ignore[no-untyped-call]
+        self._stub = otlp_grpc.TraceServiceStub(self.client.channel)  # type: ignore[no-untyped-call]
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_buffer = max_buffer
