@@ -66,8 +66,10 @@ class Client(core.ClientBase[grpc.Channel]):
         rpc = getattr(self._stub, method)
         retries = core.Retries(self.settings)
         while True:
+            # A client-streaming call's messages (a list) go as a fresh iterator each attempt.
+            sent = iter(request) if isinstance(request, list) else request
             try:
-                return rpc(request, metadata=self.settings.metadata, timeout=self.settings.timeout)
+                return rpc(sent, metadata=self.settings.metadata, timeout=self.settings.timeout)
             except grpc.RpcError as error:
                 time.sleep(retries.delay_after(error))
 

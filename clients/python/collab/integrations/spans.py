@@ -28,7 +28,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 
-from collab._client import Client
+from collab import Client
 from collab._errors import RateLimited, Unavailable, error_from_rpc
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_BUFFER", "DEFAULT_MAX_DELAY", "SpanKey", "SpanSender"]
