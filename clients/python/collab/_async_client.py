@@ -27,6 +27,7 @@ class AsyncClient(core.ClientBase[grpc.aio.Channel]):
     ``async with AsyncClient() as hub:``."""
 
     _stub: pb_grpc.CollaborationServiceAsyncStub
+    asynchronous = True
 
     async def __aenter__(self) -> AsyncClient:
         return self

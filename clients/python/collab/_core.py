@@ -17,7 +17,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, overload
 
 import grpc
 from google.protobuf.message import Message
@@ -113,22 +113,34 @@ class UnaryCall(Generic[T]):
 class _Method:
     """A method of both clients made from a builder in _requests: it has the builder's
     parameters and docstring (so ``help()`` and ``inspect.signature`` show the real ones)
-    and hands what the builder makes to the client's own I/O (``run``)."""
+    and hands what the builder makes to the client's own I/O. ``blocking`` is the
+    method on a blocking client, ``asynchronous`` on an asyncio one: an ``async def``
+    (or async generator) there, so that frameworks that check for a coroutine function
+    before awaiting a callback (Starlette's background tasks...) await it."""
 
-    def __init__(self, run: Callable[..., Any], build: Callable[..., Any], returns: Any) -> None:
+    def __init__(
+        self,
+        build: Callable[..., Any],
+        blocking: tuple[Callable[..., Any], str],
+        asynchronous: tuple[Callable[..., Any], str],
+    ) -> None:
+        """``blocking`` and ``asynchronous``: each function with the return annotation it shows."""
         signature = inspect.signature(build)
         parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *signature.parameters.values()]
-        run.__signature__ = signature.replace(parameters=parameters, return_annotation=returns)  # type: ignore[attr-defined]
-        run.__doc__ = build.__doc__
-        self._function = run
+        self._functions = {False: blocking[0], True: asynchronous[0]}
+        for function, returns in (blocking, asynchronous):
+            function.__signature__ = signature.replace(parameters=parameters, return_annotation=returns)  # type: ignore[attr-defined]
+            function.__doc__ = build.__doc__
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self._function.__name__ = name
-        self._function.__qualname__ = f"{owner.__qualname__}.{name}"
-        self._function.__module__ = owner.__module__
+        for function in self._functions.values():
+            function.__name__ = name
+            function.__qualname__ = f"{owner.__qualname__}.{name}"
+            function.__module__ = owner.__module__
 
-    def _bind(self, client: object) -> Any:
-        return self._function if client is None else types.MethodType(self._function, client)
+    def _bind(self, client: object, owner: type[ClientBase[Any]]) -> Any:
+        function = self._functions[owner.asynchronous]
+        return function if client is None else types.MethodType(function, client)
 
 
 class Call(_Method, Generic[P, T]):
@@ -139,7 +151,11 @@ class Call(_Method, Generic[P, T]):
         def call(client: Any, /, *args: Any, **kwargs: Any) -> Any:
             return client._unary(UnaryCall(method, build(*args, **kwargs), result))
 
-        super().__init__(call, build, inspect.signature(result).return_annotation)
+        async def call_async(client: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return await call(client, *args, **kwargs)
+
+        returns = str(inspect.signature(result).return_annotation)
+        super().__init__(build, (call, returns), (call_async, returns))
 
     @overload
     def __get__(self, client: None, owner: type) -> Callable[..., Any]: ...
@@ -147,8 +163,8 @@ class Call(_Method, Generic[P, T]):
     def __get__(self, client: ClientBase[grpc.Channel], owner: type) -> Callable[P, T]: ...
     @overload
     def __get__(self, client: ClientBase[grpc.aio.Channel], owner: type) -> Callable[P, Coroutine[Any, Any, T]]: ...
-    def __get__(self, client: object, owner: type) -> Any:
-        return self._bind(client)
+    def __get__(self, client: object, owner: type[ClientBase[Any]]) -> Any:
+        return self._bind(client, owner)
 
 
 class Iteration(_Method, Generic[P, ItemT]):
@@ -161,7 +177,13 @@ class Iteration(_Method, Generic[P, ItemT]):
         def iterate(client: Any, /, *args: Any, **kwargs: Any) -> Any:
             return getattr(client, driver)(functools.partial(build, *args, **kwargs))
 
-        super().__init__(iterate, build, f"Iterator[{item.__name__}]")
+        async def iterate_async(client: Any, /, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async with contextlib.aclosing(iterate(client, *args, **kwargs)) as items:
+                async for each in items:
+                    yield each
+
+        name = item.__name__
+        super().__init__(build, (iterate, f"Iterator[{name}]"), (iterate_async, f"AsyncIterator[{name}]"))
 
     @overload
     def __get__(self, client: None, owner: type) -> Callable[..., Any]: ...
@@ -169,8 +191,8 @@ class Iteration(_Method, Generic[P, ItemT]):
     def __get__(self, client: ClientBase[grpc.Channel], owner: type) -> Callable[P, Iterator[ItemT]]: ...
     @overload
     def __get__(self, client: ClientBase[grpc.aio.Channel], owner: type) -> Callable[P, AsyncIterator[ItemT]]: ...
-    def __get__(self, client: object, owner: type) -> Any:
-        return self._bind(client)
+    def __get__(self, client: object, owner: type[ClientBase[Any]]) -> Any:
+        return self._bind(client, owner)
 
 
 # What the caller gets from each reply.
@@ -332,6 +354,8 @@ class ClientBase(Generic[ChannelT]):
     ``_unary`` (a UnaryCall), ``_search`` (Pages) and ``_follow`` (an EventCursor)."""
 
     _stub: Any
+    # Whether the I/O is asyncio's: the methods are then coroutine functions.
+    asynchronous: ClassVar[bool] = False
 
     def __init__(
         self,
