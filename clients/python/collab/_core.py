@@ -17,7 +17,7 @@ import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, ParamSpec, TypeVar, overload
+from typing import Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
 import grpc
 from google.protobuf.message import Message
@@ -100,8 +100,7 @@ class Retries:
         return self.settings.backoff(self.attempts)
 
 
-@dataclass(frozen=True)
-class UnaryCall(Generic[T]):
+class UnaryCall(NamedTuple, Generic[T]):
     """One unary call as data: the RPC's name, its request, and what the caller gets
     from the reply."""
 
