@@ -11,8 +11,9 @@
 `AsyncClient` is the same over asyncio.
 """
 
-from collab._async_client import ActivityHandle, AsyncBatchRecorder, AsyncClient, RecordFailure
+from collab._async_client import AsyncBatchRecorder, AsyncClient
 from collab._client import BatchRecorder, Client
+from collab._core import ActivityHandle, RecordFailure
 from collab._errors import (
     CollabError,
     Conflict,

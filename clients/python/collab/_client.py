@@ -1,52 +1,33 @@
-"""The synchronous client: `Client`, its `activity()` context manager, `events()` and
-the batching recorder. Method for method the same as `AsyncClient`."""
+"""The synchronous client: `Client` and its `BatchRecorder`, the shared core
+(_core.py) driven with blocking grpc calls and a background thread."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
+from collab import _core as core
 from collab import _requests as requests
-from collab._async_client import RESUMABLE, ActivityHandle, RecordFailure, sort_results
-from collab._errors import CollabError, ResumeFailed, Unavailable, error_from_rpc
-from collab._settings import Settings
+from collab._errors import CollabError, error_from_rpc
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["BatchRecorder", "Client"]
 
-Reply = TypeVar("Reply", bound=Message)
-log = logging.getLogger("collab")
+T = TypeVar("T")
 
 
-class Client:
-    """The hub over gRPC. Arguments default from COLLAB_* variables; see
-    Settings.resolve. Use as ``with Client() as hub:``."""
+class Client(core.ClientBase[grpc.Channel]):
+    """The hub over gRPC, blocking. Arguments default from COLLAB_* variables; see
+    Settings.resolve. Use as ``with Client() as hub:``. Its calls are declared on
+    `ClientBase`; `AsyncClient` has the same ones over asyncio."""
 
-    def __init__(
-        self,
-        target: str | None = None,
-        token: str | None = None,
-        *,
-        timeout: float | None = None,
-        retries: int | None = None,
-        channel: grpc.Channel | None = None,
-        tls_ca: str | Path | None = None,
-    ) -> None:
-        """``channel``: one to use instead of connecting to ``target`` (interceptors, tests).
-        ``tls_ca``: PEM CA file to trust; set (or COLLAB_GRPC_TLS_CA), the channel uses TLS."""
-        self.settings = Settings.resolve(target, token, timeout=timeout, retries=retries, tls_ca=tls_ca)
-        self._channel = channel if channel is not None else self.settings.channel()
-        self._stub = pb_grpc.CollaborationServiceStub(self._channel)
+    _stub: pb_grpc.CollaborationServiceStub
 
     def __enter__(self) -> Client:
         return self
@@ -57,92 +38,11 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method: str, request: Message) -> Any:
-        """One unary call, retried with backoff while UNAVAILABLE (every write carries an
-        idempotency key, so a retry never records twice)."""
-        rpc = getattr(self._stub, method)
-        attempt = 0
-        while True:
-            try:
-                return rpc(request, metadata=self.settings.metadata, timeout=self.settings.timeout)
-            except grpc.RpcError as error:
-                failure = error_from_rpc(error)
-                attempt += 1
-                if not isinstance(failure, Unavailable) or attempt > self.settings.retries:
-                    raise failure from None
-                time.sleep(self.settings.backoff(attempt))
-
-    # -- writes ---------------------------------------------------------------------
-
-    def record_activity(
-        self,
-        agent_id: str,
-        activity_type: str,
-        *,
-        department: str = "",
-        metadata: Mapping[str, Any] | None = None,
-        related_agents: Iterable[str] = (),
-        session_id: str | None = None,
-        parent_activity_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> str:
-        """Record an activity; its id. ``activity_type`` is a guide name (`memory_write`...)."""
-        request = requests.record_activity(
-            agent_id,
-            activity_type,
-            department=department,
-            metadata=metadata,
-            related_agents=related_agents,
-            session_id=session_id,
-            parent_activity_id=parent_activity_id,
-            idempotency_key=idempotency_key,
-        )
-        reply = self._call("RecordActivity", request)
-        return str(reply.activity_id)
-
-    def complete_activity(
-        self, activity_id: str, *, success: bool = True, failure_reason: str = "", idempotency_key: str | None = None
-    ) -> pb.Activity:
-        request = requests.complete_activity(activity_id, success, failure_reason, idempotency_key)
-        reply = self._call("CompleteActivity", request)
-        activity: pb.Activity = reply.activity
-        return activity
-
-    def start_collaboration(
-        self, participants: Iterable[str], *, session_type: str = "general", metadata: Mapping[str, Any] | None = None
-    ) -> str:
-        request = requests.start_collaboration(participants, session_type, metadata)
-        return str((self._call("StartCollaboration", request)).session_id)
-
-    def end_collaboration(self, session_id: str) -> pb.CollaborationSession:
-        request = requests.end_collaboration(session_id)
-        session: pb.CollaborationSession = (self._call("EndCollaboration", request)).session
-        return session
-
-    def record_decision(
-        self,
-        session_id: str,
-        agent_id: str,
-        decision: str,
-        *,
-        rationale: str = "",
-        votes: Mapping[str, str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> str:
-        request = requests.record_decision(session_id, agent_id, decision, rationale, votes, metadata)
-        return str((self._call("RecordDecision", request)).decision_id)
-
-    def record_memory_update(
-        self, operation: str, item_id: str, agent_id: str, *, metadata: Mapping[str, Any] | None = None
-    ) -> pb.MemoryUpdate:
-        request = requests.record_memory_update(operation, item_id, agent_id, metadata)
-        update: pb.MemoryUpdate = (self._call("RecordMemoryUpdate", request)).update
-        return update
-
     @contextlib.contextmanager
-    def activity(self, agent_id: str, activity_type: str, **fields: Any) -> Iterator[ActivityHandle]:
-        """Recorded on enter; completed on exit, or failed with the exception's type name."""
-        handle = ActivityHandle(self.record_activity(agent_id, activity_type, **fields))
+    def activity(self, agent_id: str, activity_type: str, **fields: Any) -> Iterator[core.ActivityHandle]:
+        """Recorded on enter (as ``record_activity``); completed on exit, or failed with
+        the exception's type name."""
+        handle = core.ActivityHandle(self.record_activity(agent_id, activity_type, **fields))
         try:
             yield handle
         except BaseException as error:
@@ -150,155 +50,79 @@ class Client:
             raise
         self.complete_activity(handle.activity_id)
 
-    def recorder(self, *, max_batch: int = 500, max_delay: float = 0.2, max_buffer: int = 10_000) -> BatchRecorder:
+    def recorder(
+        self, *, max_batch: int = core.MAX_BATCH, max_delay: float = core.MAX_DELAY, max_buffer: int = core.MAX_BUFFER
+    ) -> BatchRecorder:
         """A batching recorder over the client-streaming RPC, for high-volume agents."""
         return BatchRecorder(self, max_batch=max_batch, max_delay=max_delay, max_buffer=max_buffer)
 
-    # -- reads ----------------------------------------------------------------------
+    # -- the I/O the core asks for ----------------------------------------------------------
 
-    def agent_status(self) -> pb.AgentStatusSummary:
-        status: pb.AgentStatusSummary = (self._call("GetAgentStatus", pb.GetAgentStatusRequest())).agent_status
-        return status
+    def _connect(self) -> grpc.Channel:
+        return self.settings.channel()
 
-    def activity_feed(
-        self, *, agent_id: str | None = None, limit: int = 50, session_id: str | None = None
-    ) -> list[pb.Activity]:
-        request = requests.activity_feed(agent_id, limit, session_id)
-        return list((self._call("GetActivityFeed", request)).activities)
-
-    def get_activity(self, activity_id: str) -> pb.Activity:
-        activity: pb.Activity = (self._call("GetActivity", pb.GetActivityRequest(activity_id=activity_id))).activity
-        return activity
-
-    def active_collaborations(self) -> list[pb.CollaborationSession]:
-        reply = self._call("ListActiveCollaborations", pb.ListActiveCollaborationsRequest())
-        return list(reply.collaborations)
-
-    def get_collaboration(self, session_id: str) -> pb.GetCollaborationResponse:
-        reply: pb.GetCollaborationResponse = self._call(
-            "GetCollaboration", pb.GetCollaborationRequest(session_id=session_id)
-        )
-        return reply
-
-    def ended_collaborations(self, limit: int = 50) -> list[pb.CollaborationSession]:
-        reply = self._call("ListEndedCollaborations", pb.ListEndedCollaborationsRequest(limit=limit))
-        return list(reply.collaborations)
-
-    def query_activities(
-        self,
-        *,
-        agent_ids: Iterable[str] = (),
-        departments: Iterable[str] = (),
-        activity_types: Iterable[str] = (),
-        statuses: Iterable[str] = (),
-        session_ids: Iterable[str] = (),
-        parent_activity_ids: Iterable[str] = (),
-        since: float | datetime | None = None,
-        until: float | datetime | None = None,
-        metadata: Mapping[str, requests.MetadataScalar] | None = None,
-        order: str = "desc",
-        page_size: int = 50,
-    ) -> Iterator[pb.Activity]:
-        """Search the history the hub retains, every page in turn (one call a page of
-        ``page_size``, 1 to 500, as the reply budget allows), following the cursor: the
-        activities of any of ``agent_ids``, and of any of ``departments``, ... recorded at
-        or after ``since`` and before ``until`` (epoch seconds or datetimes, naive ones
-        UTC), whose metadata has each key of ``metadata`` with that scalar value; newest
-        first, or oldest first with ``order="asc"``. Break off at any time."""
-        request = requests.query_activities(
-            agent_ids=agent_ids,
-            departments=departments,
-            activity_types=activity_types,
-            statuses=statuses,
-            session_ids=session_ids,
-            parent_activity_ids=parent_activity_ids,
-            since=since,
-            until=until,
-            metadata=metadata,
-            order=order,
-            page_size=page_size,
-        )
+    def _call(self, method: str, request: Any) -> Any:
+        """``method`` called with ``request``, tried again as `core.Retries` says."""
+        rpc = getattr(self._stub, method)
+        retries = core.Retries(self.settings)
         while True:
-            reply = self._call("QueryActivities", request)
-            yield from reply.activities
-            if not reply.next_cursor:
-                return
-            request.cursor = reply.next_cursor
+            # A client-streaming call's messages (a list) go as a fresh iterator each attempt.
+            sent = iter(request) if isinstance(request, list) else request
+            try:
+                return rpc(sent, metadata=self.settings.metadata, timeout=self.settings.timeout)
+            except grpc.RpcError as error:
+                time.sleep(retries.delay_after(error))
 
-    # -- the event stream -------------------------------------------------------------
+    def _unary(self, call: core.UnaryCall[T]) -> T:
+        return call.result(self._call(call.method, call.request))
 
-    def events(
-        self,
-        *,
-        types: Iterable[str] | None = None,
-        agent_ids: Iterable[str] | None = None,
-        activity_types: Iterable[str] | None = None,
-        since: int | None = None,
-        epoch: str | None = None,
-    ) -> Iterator[pb.Event]:
-        """Every event from ``since`` (default: now) on, following the log for as long as
-        it is iterated. A broken stream (server restart, network, falling behind) is
-        reconnected with backoff and resumed after the last event yielded: no gap, no
-        duplicate. ResumeFailed if the hub can no longer fill the gap."""
-        kinds, agents, narrowed = list(types or ()), list(agent_ids or ()), list(activity_types or ())
-        position: tuple[str, int] | None = None
-        if since is not None:
-            position = (epoch or self._current_epoch(), since)
-        attempt = 0
+    def _search(self, first: Callable[[], pb.QueryActivitiesRequest]) -> Iterator[pb.Activity]:
+        pages = core.Pages(first())
+        while not pages.done:
+            yield from pages.take(self._call(pages.method, pages.request))
+
+    def _follow(self, start: Callable[[], core.EventCursor]) -> Iterator[pb.Event]:
+        cursor = start()
+        if cursor.needs_epoch:
+            cursor.start_in(self._first_message(core.epoch_probe()))
         while True:
-            request = requests.subscribe(kinds, agents, narrowed, position)
-            request.include_snapshot = position is None
-            stream = self._stub.SubscribeEvents(request, metadata=self.settings.metadata)
+            stream = self._stub.SubscribeEvents(cursor.request(), metadata=self.settings.metadata)
+            broken: grpc.RpcError | None = None
             try:
                 for message in stream:
-                    attempt = 0
-                    kind = message.WhichOneof("message")
-                    if kind == "snapshot":
-                        position = (message.snapshot.epoch, message.snapshot.seq)
-                    elif kind == "resume" and not message.resume.recovered:
-                        raise ResumeFailed(message.resume.reason)
-                    elif kind == "event":
-                        position = (message.event.epoch, message.event.seq)
-                        yield message.event
+                    if (event := cursor.take(message)) is not None:
+                        yield event
             except grpc.RpcError as error:
-                failure = error_from_rpc(error)
-                if error.code() not in RESUMABLE:
-                    raise failure from None
+                broken = error
             finally:
                 stream.cancel()  # type: ignore[no-untyped-call]
-            attempt += 1
-            time.sleep(self.settings.backoff(attempt))
+            time.sleep(cursor.delay_after(broken, self.settings))
 
-    def _current_epoch(self) -> str:
-        stream = self._stub.SubscribeEvents(
-            pb.SubscribeEventsRequest(include_snapshot=True), metadata=self.settings.metadata
-        )
+    def _first_message(self, request: pb.SubscribeEventsRequest) -> pb.SubscribeEventsResponse:
+        stream = self._stub.SubscribeEvents(request, metadata=self.settings.metadata)
         try:
-            first = next(iter(stream))
+            return next(iter(stream))
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         finally:
             stream.cancel()  # type: ignore[no-untyped-call]
-        assert isinstance(first, pb.SubscribeEventsResponse)
-        return first.snapshot.epoch
+
+    def _record_batch(self, batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordResult]:
+        """``batch`` over as many bulk streams as the hub's answers take."""
+        progress = core.BulkProgress(batch)
+        while not progress.take(self._call(progress.method, progress.messages)):
+            pass
+        return progress.results
 
 
-class BatchRecorder:
-    """Buffers activities and sends them in batches over BulkRecordActivities: when
-    ``max_batch`` are waiting, every ``max_delay`` seconds (from a background thread),
-    and on close. At most ``max_buffer`` wait; ``record`` then flushes first
-    (backpressure, never loss). Refused activities are kept in ``failures``; ``recorded``
-    holds the ids."""
+class BatchRecorder(core.Batching[Client]):
+    """Buffers activities and sends them in batches over BulkRecordActivities, at the
+    thresholds of `core.Batching` (the same as `AsyncBatchRecorder`'s); its ticker is a
+    background thread, started by ``with``. Safe to share between threads."""
 
     def __init__(self, client: Client, *, max_batch: int, max_delay: float, max_buffer: int) -> None:
-        self.client = client
-        self.max_batch = max_batch
-        self.max_delay = max_delay
-        self.max_buffer = max_buffer
-        self.recorded: list[str] = []
-        self.failures: list[RecordFailure] = []
-        self._buffer: list[pb.RecordActivityRequest] = []
-        self._lock = threading.Lock()
+        super().__init__(client, max_batch=max_batch, max_delay=max_delay, max_buffer=max_buffer)
+        self._lock = threading.RLock()  # record() holds it across the flushes it makes
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="collab-recorder", daemon=True)
 
@@ -310,55 +134,30 @@ class BatchRecorder:
         self.close()
 
     def record(self, agent_id: str, activity_type: str, **fields: Any) -> None:
+        """Buffer an activity (the arguments of ``Client.record_activity``)."""
         request = requests.record_activity(agent_id, activity_type, **fields)
         with self._lock:
-            self._buffer.append(request)
-            full = len(self._buffer) >= min(self.max_batch, self.max_buffer)
-        if full:
-            self.flush()
+            if self._full():
+                self.flush()
+            if self._add(request):
+                self.flush()
 
     def _tick(self) -> None:
         while not self._stop.wait(self.max_delay):
-            if self._buffer:
+            if self.pending:
                 try:
                     self.flush()
-                except CollabError as error:  # kept buffered; the next tick or close() tries again
-                    log.warning("batch flush failed: %s", error)
+                except CollabError as error:
+                    self._tick_failed(error)
 
     def flush(self) -> None:
         """Send what is buffered; retried while UNAVAILABLE (the keys make that safe)."""
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            if not batch:
-                return
-            settings = self.client.settings
-            progress = requests.BulkProgress(batch)
-            attempt = 0
-            try:
-                while True:
-                    try:
-                        reply = self.client._stub.BulkRecordActivities(
-                            iter(progress.messages),
-                            metadata=settings.metadata,
-                            timeout=settings.timeout,
-                        )
-                    except grpc.RpcError as error:
-                        failure = error_from_rpc(error)
-                        attempt += 1
-                        if not isinstance(failure, Unavailable) or attempt > settings.retries:
-                            raise failure from None
-                        time.sleep(settings.backoff(attempt))
-                        continue
-                    if progress.take(reply):
-                        break
-            except CollabError:
-                self._buffer[:0] = batch  # kept for the next flush, not lost
-                raise
-            recorded, failures = sort_results(batch, progress.results)
-            self.recorded += recorded
-            self.failures += failures
+        with self._lock, self._flushing() as batch:
+            if batch:
+                self._settle(batch, self.client._record_batch(batch))
 
     def close(self) -> None:
+        """Stop the ticker and send the rest."""
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join()

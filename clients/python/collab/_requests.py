@@ -1,4 +1,6 @@
-"""Request building shared by the sync and asyncio clients."""
+"""What each call of the hub sends: one function a call, with the client method's
+signature and docstring (the clients take both from here, see _core.Call), that checks
+its arguments (ValueError before anything is sent) and builds the request."""
 
 from __future__ import annotations
 
@@ -19,13 +21,23 @@ __all__ = [
     "BYTES_PER_MESSAGE",
     "EVENT_KINDS",
     "MEMORY_OPERATIONS",
-    "BulkProgress",
-    "activity_type",
+    "active_collaborations",
+    "activity_feed",
+    "activity_type_number",
+    "agent_status",
     "bulk_messages",
+    "complete_activity",
+    "end_collaboration",
+    "ended_collaborations",
+    "get_activity",
+    "get_collaboration",
     "messages_to_resend",
     "new_key",
     "query_activities",
     "record_activity",
+    "record_decision",
+    "record_memory_update",
+    "start_collaboration",
     "struct",
     "subscribe",
 ]
@@ -46,6 +58,7 @@ def new_key() -> str:
 
 
 def struct(data: Mapping[str, Any] | None) -> struct_pb2.Struct:
+    """``data`` as a protobuf Struct (empty for None)."""
     value = struct_pb2.Struct()
     if data:
         value.update(data)
@@ -59,13 +72,17 @@ def _enum(table: Mapping[str, int], field: str, name: str) -> Any:
         raise ValueError(f"{field} must be one of {', '.join(table)}, got {name!r}") from None
 
 
-def activity_type(name: str) -> Any:
+def activity_type_number(name: str) -> Any:
+    """The enum value of a guide activity type name (`memory_write`...); ValueError if unknown."""
     return _enum(ACTIVITY_TYPES, "activity_type", name)
+
+
+# -- writes ---------------------------------------------------------------------------------
 
 
 def record_activity(
     agent_id: str,
-    kind: str,
+    activity_type: str,
     *,
     department: str = "",
     metadata: Mapping[str, Any] | None = None,
@@ -74,9 +91,10 @@ def record_activity(
     parent_activity_id: str | None = None,
     idempotency_key: str | None = None,
 ) -> pb.RecordActivityRequest:
+    """Record an activity; its id. ``activity_type`` is a guide name (`memory_write`...)."""
     return pb.RecordActivityRequest(
         agent_id=agent_id,
-        activity_type=activity_type(kind),
+        activity_type=activity_type_number(activity_type),
         department=department,
         metadata=struct(metadata),
         related_agents=list(related_agents),
@@ -86,30 +104,11 @@ def record_activity(
     )
 
 
-def memory_operation(name: str) -> Any:
-    return _enum(MEMORY_OPERATIONS, "operation", name)
-
-
-def subscribe(
-    types: Iterable[str] | None,
-    agent_ids: Iterable[str] | None,
-    activity_types: Iterable[str] | None,
-    position: tuple[str, int] | None,
-) -> pb.SubscribeEventsRequest:
-    """A SubscribeEvents request; ``types`` are event kind names (`activity_recorded`, ...)."""
-    request = pb.SubscribeEventsRequest(
-        kinds=[_enum(EVENT_KINDS, "types", name) for name in types or ()],
-        agent_ids=list(agent_ids or ()),
-        activity_types=[activity_type(name) for name in activity_types or ()],
-    )
-    if position is not None:
-        request.epoch, request.since_seq = position
-    return request
-
-
 def complete_activity(
-    activity_id: str, success: bool, failure_reason: str, idempotency_key: str | None
+    activity_id: str, *, success: bool = True, failure_reason: str = "", idempotency_key: str | None = None
 ) -> pb.CompleteActivityRequest:
+    """Complete an activity, or fail it (``success=False``) with ``failure_reason``; the
+    activity as it now is."""
     return pb.CompleteActivityRequest(
         activity_id=activity_id,
         success=success,
@@ -119,14 +118,16 @@ def complete_activity(
 
 
 def start_collaboration(
-    participants: Iterable[str], session_type: str, metadata: Mapping[str, Any] | None
+    participants: Iterable[str], *, session_type: str = "general", metadata: Mapping[str, Any] | None = None
 ) -> pb.StartCollaborationRequest:
+    """Start a collaboration session of ``participants``; its id."""
     return pb.StartCollaborationRequest(
         participants=list(participants), session_type=session_type, metadata=struct(metadata), idempotency_key=new_key()
     )
 
 
 def end_collaboration(session_id: str) -> pb.EndCollaborationRequest:
+    """End a collaboration session; the session as it now is."""
     return pb.EndCollaborationRequest(session_id=session_id, idempotency_key=new_key())
 
 
@@ -134,10 +135,12 @@ def record_decision(
     session_id: str,
     agent_id: str,
     decision: str,
-    rationale: str,
-    votes: Mapping[str, str] | None,
-    metadata: Mapping[str, Any] | None,
+    *,
+    rationale: str = "",
+    votes: Mapping[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> pb.RecordDecisionRequest:
+    """Record a decision taken in a session; its id."""
     return pb.RecordDecisionRequest(
         session_id=session_id,
         agent_id=agent_id,
@@ -150,10 +153,11 @@ def record_decision(
 
 
 def record_memory_update(
-    operation: str, item_id: str, agent_id: str, metadata: Mapping[str, Any] | None
+    operation: str, item_id: str, agent_id: str, *, metadata: Mapping[str, Any] | None = None
 ) -> pb.RecordMemoryUpdateRequest:
+    """Record a memory operation (`read`, `write`...) on ``item_id``; the update recorded."""
     return pb.RecordMemoryUpdateRequest(
-        operation=memory_operation(operation),
+        operation=_enum(MEMORY_OPERATIONS, "operation", operation),
         item_id=item_id,
         agent_id=agent_id,
         metadata=struct(metadata),
@@ -161,64 +165,56 @@ def record_memory_update(
     )
 
 
-def activity_feed(agent_id: str | None, limit: int, session_id: str | None) -> pb.GetActivityFeedRequest:
+# -- reads ----------------------------------------------------------------------------------
+
+
+def agent_status() -> pb.GetAgentStatusRequest:
+    """Every agent's state and the totals."""
+    return pb.GetAgentStatusRequest()
+
+
+def activity_feed(
+    *, agent_id: str | None = None, limit: int = 50, session_id: str | None = None
+) -> pb.GetActivityFeedRequest:
+    """The latest ``limit`` activities, newest first (of one agent, of one session)."""
     return pb.GetActivityFeedRequest(agent_id=agent_id or "", limit=limit, session_id=session_id or "")
 
 
-def bulk_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
-    """``batch`` as the messages of one bulk stream, in order: up to ACTIVITIES_PER_MESSAGE
-    and BYTES_PER_MESSAGE in each (at least one activity)."""
-    messages: list[pb.BulkRecordActivitiesRequest] = []
-    current: list[pb.RecordActivityRequest] = []
-    size = 0
-    for item in batch:
-        item_size = item.ByteSize()
-        if current and (len(current) >= ACTIVITIES_PER_MESSAGE or size + item_size > BYTES_PER_MESSAGE):
-            messages.append(pb.BulkRecordActivitiesRequest(activities=current))
-            current, size = [], 0
-        current.append(item)
-        size += item_size
-    if current:
-        messages.append(pb.BulkRecordActivitiesRequest(activities=current))
-    return messages
+def get_activity(activity_id: str) -> pb.GetActivityRequest:
+    """One activity; NotFound if the hub has no such activity."""
+    return pb.GetActivityRequest(activity_id=activity_id)
 
 
-def messages_to_resend(
-    batch: list[pb.RecordActivityRequest], sent: list[pb.BulkRecordActivitiesRequest], answered: int
-) -> list[pb.BulkRecordActivitiesRequest]:
-    """When the hub answered ``answered`` items for ``batch`` sent as ``sent``: the batch
-    one activity a message, which any hub answers item by item (a message it cannot decode
-    is answered as one failed item, and a hub older than ``activities`` answers each message
-    as one); its idempotency keys make sending it again safe. CollabError when it already
-    went one a message."""
-    if len(sent) == len(batch):
-        raise CollabError(f"the hub answered {answered} results for {len(batch)} activities")
-    return [pb.BulkRecordActivitiesRequest(activity=item) for item in batch]
+def active_collaborations() -> pb.ListActiveCollaborationsRequest:
+    """The sessions not yet ended."""
+    return pb.ListActiveCollaborationsRequest()
 
 
-class BulkProgress:
-    """A batch sent over one or more bulk streams: the results so far, the messages to
-    send next. The hub answers within its reply budget: an answer that reached it says
-    ``incomplete`` and covers the first items only; the rest goes on a new stream."""
+def get_collaboration(session_id: str) -> pb.GetCollaborationRequest:
+    """One session with its decisions."""
+    return pb.GetCollaborationRequest(session_id=session_id)
 
-    def __init__(self, batch: list[pb.RecordActivityRequest]) -> None:
-        self.batch = batch
-        self.results: list[pb.BulkRecordResult] = []
-        self.messages = bulk_messages(batch)
 
-    def take(self, reply: pb.BulkRecordActivitiesResponse) -> bool:
-        """Take in one stream's answer; True once every item of the batch is answered."""
-        pending = self.batch[len(self.results) :]
-        answered = len(reply.results)
-        if answered == len(pending):
-            self.results += reply.results
-            return True
-        if reply.incomplete and 0 < answered < len(pending):
-            self.results += reply.results
-            self.messages = bulk_messages(pending[answered:])
-            return False
-        self.messages = messages_to_resend(pending, self.messages, answered)
-        return False
+def ended_collaborations(limit: int = 50) -> pb.ListEndedCollaborationsRequest:
+    """The latest ``limit`` ended sessions."""
+    return pb.ListEndedCollaborationsRequest(limit=limit)
+
+
+def subscribe(
+    types: Iterable[str] | None,
+    agent_ids: Iterable[str] | None,
+    activity_types: Iterable[str] | None,
+    position: tuple[str, int] | None,
+) -> pb.SubscribeEventsRequest:
+    """A SubscribeEvents request; ``types`` are event kind names (`activity_recorded`, ...)."""
+    request = pb.SubscribeEventsRequest(
+        kinds=[_enum(EVENT_KINDS, "types", name) for name in types or ()],
+        agent_ids=list(agent_ids or ()),
+        activity_types=[activity_type_number(name) for name in activity_types or ()],
+    )
+    if position is not None:
+        request.epoch, request.since_seq = position
+    return request
 
 
 def _metadata_text(value: MetadataScalar) -> str:
@@ -253,13 +249,19 @@ def query_activities(
     order: str = "desc",
     page_size: int = 50,
 ) -> pb.QueryActivitiesRequest:
-    """The first page's request; ValueError for an unknown type, status or order."""
+    """Search the history the hub retains, every page in turn (one call a page of
+    ``page_size``, 1 to 500, as the reply budget allows), following the cursor: the
+    activities of any of ``agent_ids``, and of any of ``departments``, ... recorded at
+    or after ``since`` and before ``until`` (epoch seconds or datetimes, naive ones
+    UTC), whose metadata has each key of ``metadata`` with that scalar value; newest
+    first, or oldest first with ``order="asc"``. Break off at any time. ValueError for
+    an unknown type, status or order."""
     if order not in ("desc", "asc"):
         raise ValueError(f"order must be 'desc' or 'asc', got {order!r}")
     request = pb.QueryActivitiesRequest(
         agent_ids=list(agent_ids),
         departments=list(departments),
-        activity_types=[activity_type(name) for name in activity_types],
+        activity_types=[activity_type_number(name) for name in activity_types],
         statuses=[_enum(ACTIVITY_STATUSES, "status", name) for name in statuses],
         session_ids=list(session_ids),
         parent_activity_ids=list(parent_activity_ids),
@@ -272,3 +274,37 @@ def query_activities(
     if until is not None:
         request.until.FromNanoseconds(round(_seconds(until) * 1e9))
     return request
+
+
+# -- the recorder's batches -----------------------------------------------------------------
+
+
+def bulk_messages(batch: list[pb.RecordActivityRequest]) -> list[pb.BulkRecordActivitiesRequest]:
+    """``batch`` as the messages of one bulk stream, in order: up to ACTIVITIES_PER_MESSAGE
+    and BYTES_PER_MESSAGE in each (at least one activity)."""
+    messages: list[pb.BulkRecordActivitiesRequest] = []
+    current: list[pb.RecordActivityRequest] = []
+    size = 0
+    for item in batch:
+        item_size = item.ByteSize()
+        if current and (len(current) >= ACTIVITIES_PER_MESSAGE or size + item_size > BYTES_PER_MESSAGE):
+            messages.append(pb.BulkRecordActivitiesRequest(activities=current))
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        messages.append(pb.BulkRecordActivitiesRequest(activities=current))
+    return messages
+
+
+def messages_to_resend(
+    batch: list[pb.RecordActivityRequest], sent: list[pb.BulkRecordActivitiesRequest], answered: int
+) -> list[pb.BulkRecordActivitiesRequest]:
+    """When the hub answered ``answered`` items for ``batch`` sent as ``sent``: the batch
+    one activity a message, which any hub answers item by item (a message it cannot decode
+    is answered as one failed item, and a hub older than ``activities`` answers each message
+    as one); its idempotency keys make sending it again safe. CollabError when it already
+    went one a message."""
+    if len(sent) == len(batch):
+        raise CollabError(f"the hub answered {answered} results for {len(batch)} activities")
+    return [pb.BulkRecordActivitiesRequest(activity=item) for item in batch]

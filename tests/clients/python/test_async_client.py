@@ -198,3 +198,25 @@ async def test_the_recorder_keeps_flushing_after_a_failed_flush(make_hub: HubFac
                     break
                 await asyncio.sleep(0.02)
             assert calls >= 2 and len(recorder.recorded) == 1
+
+
+async def test_a_flush_cut_short_by_close_is_sent_again_not_lost(make_hub: HubFactory) -> None:
+    running, _ = await make_hub()
+    async with AsyncClient(f"127.0.0.1:{running.port}", WRITE_KEY, timeout=5) as hub:
+        real = hub._stub.BulkRecordActivities
+        inside = asyncio.Event()
+
+        async def hangs_once(*args: Any, **kwargs: Any) -> Any:
+            if not inside.is_set():
+                inside.set()
+                await asyncio.Event().wait()  # a flush that hangs until close() cancels the ticker
+            return await real(*args, **kwargs)
+
+        hub._stub.BulkRecordActivities = hangs_once  # type: ignore[assignment]
+        recorder = hub.recorder(max_batch=1000, max_delay=0.01)
+        async with recorder:
+            for n in range(3):
+                await recorder.record("agent_1", "message_sent", metadata={"n": n})
+            await asyncio.wait_for(inside.wait(), 10)
+        assert recorder.pending == 0 and len(recorder.recorded) == 3
+        assert (await hub.agent_status()).active_activities == 3

@@ -62,7 +62,7 @@ from crewai.events.types.memory_events import (
 )
 from crewai.events.types.tool_usage_events import ToolUsageStartedEvent
 
-from collab._client import Client
+from collab import Client
 from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 

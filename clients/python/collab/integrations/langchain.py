@@ -41,7 +41,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 
-from collab._client import Client
+from collab import Client
 from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 

@@ -32,7 +32,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from collab._client import Client
+from collab import Client
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY, SpanSender
 
 __all__ = ["DEFAULT_MAX_OPEN", "LiveSpans", "ReportsLiveSpans"]

@@ -38,7 +38,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
-from collab._client import Client
+from collab import Client
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY, SpanSender
 from collab_grpc.otlp import OPERATION, OPERATIONS
 

@@ -28,7 +28,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 
-from collab._client import Client
+from collab import Client
 from collab._errors import RateLimited, Unavailable, error_from_rpc
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_BUFFER", "DEFAULT_MAX_DELAY", "SpanKey", "SpanSender"]
@@ -66,7 +66,7 @@ class SpanSender:
             raise ValueError("max_batch and max_buffer must be at least 1, max_delay positive")
         self._owns_client = client is None
         self.client = client if client is not None else Client()
-        self._stub = otlp_grpc.TraceServiceStub(self.client._channel)  # type: ignore[no-untyped-call]
+        self._stub = otlp_grpc.TraceServiceStub(self.client.channel)  # type: ignore[no-untyped-call]
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.max_buffer = max_buffer
