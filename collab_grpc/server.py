@@ -226,6 +226,12 @@ async def _serve_metrics(config: ServerConfig, running: RunningServer) -> Metric
 async def _serve(config: ServerConfig) -> None:
     running = await start_server(config)
     metrics = await _serve_metrics(config, running)
+    # The signal handlers first: a supervisor may stop the server as soon as it reads the
+    # "listening" line, and a SIGTERM before them would kill it without a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     host = config.grpc_addr.rsplit(":", 1)[0]
     print(f"collab-server listening on {host}:{running.port} epoch={running.servicer.state.epoch}", flush=True)
     log.info(
@@ -237,10 +243,6 @@ async def _serve(config: ServerConfig) -> None:
             "tls": config.tls_cert is not None,
         },
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace})
     await running.stop(config.shutdown_grace)

@@ -210,3 +210,11 @@ def test_bad_configuration_fails_at_start_with_a_clear_message(tmp_path: Path, a
     result = run_server("--data-dir", str(tmp_path), *args, env={"COLLAB_API_KEYS": WRITE_KEY})
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+def test_a_sigterm_right_after_the_listening_line_stops_it_cleanly(tmp_path: Path) -> None:
+    # A supervisor may stop the server the moment it announces itself: the signal handlers
+    # are in place before the line is printed, so the stop is the graceful one (exit 0).
+    for attempt in range(5):
+        server = ServerProcess(tmp_path / str(attempt), env={"COLLAB_API_KEYS": WRITE_KEY}).start()
+        assert server.stop() == 0, f"attempt {attempt}: killed by the signal instead of stopping"
