@@ -20,6 +20,8 @@ would only fail as gRPC metadata.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
 
 __all__ = [
     "DEFAULT_MAX_CREDENTIAL_BYTES",
@@ -28,6 +30,8 @@ __all__ = [
     "Credential",
     "InvalidCredential",
     "credential_from_headers",
+    "credential_from_scope",
+    "query_params",
     "token_of",
 ]
 
@@ -85,6 +89,19 @@ def credential_from_headers(
     if api_key is not None and (token := api_key.decode("latin-1").strip(_OWS)):
         return ("x-api-key", _checked(token, "X-API-Key value", max_bytes))
     return None
+
+
+def query_params(scope: Mapping[str, Any]) -> dict[str, str]:
+    """Parse the request's query string, the last value of a repeated name winning and empty values dropped."""
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+def credential_from_scope(
+    scope: Mapping[str, Any], query: Mapping[str, str], max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
+) -> Credential:
+    """Read the credential of a WebSocket or event-stream request: ``?token=`` (browsers
+    cannot set headers there), else its headers; raises InvalidCredential for a malformed one."""
+    return credential_from_headers(scope.get("headers", ()), query, max_bytes=max_bytes)
 
 
 def token_of(credential: Credential) -> str:
