@@ -52,6 +52,7 @@ __all__ = [
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNAUTHORIZED",
     "CollaborationWebSocket",
+    "close_for",
 ]
 
 log = logging.getLogger("bridge.websocket")
@@ -75,7 +76,7 @@ _CLOSE_FOR_STATUS = {
 }
 
 
-def _refusal(failure: grpc.aio.AioRpcError | ServerUnavailable) -> tuple[int, str]:
+def close_for(failure: grpc.aio.AioRpcError | ServerUnavailable) -> tuple[int, str]:
     """Return the close code and reason for a call made on a connecting client's behalf that failed."""
     if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
         failure = ServerUnavailable.from_rpc(failure)  # its details may name addresses
@@ -150,7 +151,7 @@ class CollaborationWebSocket:
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
         except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
-            await refuse(*_refusal(failure))
+            await refuse(*close_for(failure))
             return
         # Counted once the token is known good: a wrong one is refused as such above.
         slot = self.runtime.connection_limit.take(token_key(credential))
@@ -194,7 +195,7 @@ class CollaborationWebSocket:
             held.callback(watched.release)
             await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
         except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
-            await refuse(*_refusal(failure), accepted=True)
+            await refuse(*close_for(failure), accepted=True)
             return
         self.connections.add(subscriber)
         self.accepted += 1
