@@ -199,13 +199,13 @@ def create_app(config: BridgeConfig) -> FastAPI:
 
 
 def create_asgi_app(config: BridgeConfig) -> Observe:
-    """What uvicorn serves: the FastAPI app, with the WebSocket dispatched before it, and
-    request ids and request metrics around both."""
+    """Build what uvicorn serves: the FastAPI app, with the WebSocket dispatched before it,
+    and request ids and request metrics around both."""
     return asgi_app(create_app(config))
 
 
 def asgi_app(app: FastAPI) -> Observe:
-    """``app`` (from create_app) as uvicorn serves it; see create_asgi_app."""
+    """Wrap ``app`` (from create_app) as uvicorn serves it; see create_asgi_app."""
     return Observe(WebSocketFirst(app, app.state.websocket), app.state.metrics, untimed={SSE_PATH})
 
 

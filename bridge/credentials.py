@@ -55,6 +55,7 @@ class InvalidCredential(ValueError):
 
 
 def _checked(token: str, where: str, max_bytes: int) -> str:
+    """Return ``token`` if it is 1 to ``max_bytes`` visible ASCII characters, else raise InvalidCredential."""
     if not token:
         raise InvalidCredential(f"the {where} is empty")
     if len(token) > max_bytes:
@@ -69,7 +70,7 @@ def _checked(token: str, where: str, max_bytes: int) -> str:
 def credential_from_headers(
     headers: Iterable[tuple[bytes, bytes]], query: Mapping[str, str] | None = None, *, max_bytes: int
 ) -> Credential:
-    """The caller's credential from ASGI ``headers`` (lower-case names) and, where the
+    """Read the caller's credential from ASGI ``headers`` (lower-case names) and, where the
     endpoint takes one, the parsed ``query``; None when none was sent. Raises
     InvalidCredential for one that is malformed."""
     if query is not None and query.get(QUERY_NAME):
@@ -105,7 +106,7 @@ def credential_from_scope(
 
 
 def token_of(credential: Credential) -> str:
-    """The token itself ("" for none): the same token sent two ways is one token."""
+    """Return the token itself ("" for none): the same token sent two ways is one token."""
     if credential is None:
         return ""
     name, value = credential

@@ -66,7 +66,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 
 def _route_label(scope: Scope) -> str:
-    """The route's template (``/activities/{activity_id}``), never the raw path, so
+    """Return the route's template (``/activities/{activity_id}``), never the raw path, so
     labels stay bounded whatever paths clients try."""
     # path_format: the template without convertors (`{activity_id:path}` reads `{activity_id}`).
     template: str | None = getattr(scope.get("route"), "path_format", None)  # set by FastAPI's routes
@@ -204,7 +204,7 @@ class BridgeMetrics:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """``GET /metrics``: the app's registry (``app.state.metrics``) in the format the scraper asks for."""
+    """Answer ``GET /metrics`` with the app's registry (``app.state.metrics``) in the format the scraper asks for."""
     metrics: BridgeMetrics = request.app.state.metrics
     if (refusal := metrics.refusal(request)) is not None:
         return refusal

@@ -63,6 +63,7 @@ class _Refused(Exception):
 
 
 def _ids_to_base64(holder: Any, where: str) -> None:
+    """Rewrite the hex trace and span ids in ``holder`` as the base64 protobuf's JSON mapping reads."""
     if not isinstance(holder, dict):
         return
     for name in _HEX_IDS:
@@ -80,12 +81,13 @@ def _ids_to_base64(holder: Any, where: str) -> None:
 
 
 def _items(holder: Any, name: str) -> list[Any]:
+    """Return ``holder[name]`` when it is a list, else an empty one."""
     value = holder.get(name) if isinstance(holder, dict) else None
     return value if isinstance(value, list) else []
 
 
 def _from_json(body: bytes) -> otlp.ExportTraceServiceRequest:
-    """OTLP/JSON: the protobuf JSON mapping, but ids in hex (translated here first)."""
+    """Parse OTLP/JSON: the protobuf JSON mapping, but ids in hex (translated here first)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as error:
@@ -109,6 +111,7 @@ def _from_json(body: bytes) -> otlp.ExportTraceServiceRequest:
 
 
 def _inflate(body: bytes, limit: int) -> bytes:
+    """Gunzip ``body``, refusing one that inflates past ``limit`` bytes (413) or is not whole gzip (400)."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         data = inflater.decompress(body, limit + 1)
@@ -122,7 +125,7 @@ def _inflate(body: bytes, limit: int) -> bytes:
 
 
 async def export_traces(request: Request) -> Response:
-    """``POST /v1/traces``: forward the request's trace export to the server and answer in its encoding."""
+    """Forward a ``POST /v1/traces`` export to the server and answer in the request's encoding."""
     runtime: BridgeRuntime = request.app.state.runtime
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     encoding = JSON if media_type == JSON else PROTOBUF

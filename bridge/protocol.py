@@ -42,7 +42,7 @@ NAME_SHOWN = 64
 
 
 def _shown(name: str) -> str:
-    """A client's name as an error quotes it: escaped unless printable (a JSON escape
+    """Quote a client's name as an error shows it: escaped unless printable (a JSON escape
     such as "\\ud800" decodes to a lone surrogate, which no UTF-8 frame can carry)."""
     cut = name[:NAME_SHOWN] + ("..." if len(name) > NAME_SHOWN else "")
     return cut if cut.isprintable() else ascii(cut)

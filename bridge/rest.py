@@ -57,7 +57,7 @@ assert set(get_args(ActivityTypeName)) == set(mapping.ACTIVITY_TYPES), "the REST
 
 
 def credential_from_request(request: Request, max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES) -> Credential:
-    """The caller's credential (bridge/credentials.py); a malformed one is a 401."""
+    """Read the caller's credential (bridge/credentials.py), raising a 401 HubError for a malformed one."""
     try:
         return credential_from_headers(request.scope["headers"], max_bytes=max_bytes)
     except InvalidCredential as refused:
@@ -74,7 +74,7 @@ Message = TypeVar("Message", bound=ProtoMessage)
 
 
 def _metadata_problem(data: dict[str, Any]) -> str | None:
-    """What keeps ``data`` from being sent as metadata, if anything; walked level by
+    """Say what keeps ``data`` from being sent as metadata, if anything; walked level by
     level (not recursively), so no nesting can exhaust the stack."""
     level: list[Any] = [data]
     for depth in range(1, MAX_METADATA_DEPTH + 2):
@@ -94,6 +94,7 @@ def _metadata_problem(data: dict[str, Any]) -> str | None:
 
 
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    """Convert the caller's ``metadata`` to a Struct, refusing (400) what the hub cannot store."""
     if problem := _metadata_problem(data):
         raise HubError(400, "INVALID_ARGUMENT", problem)
     struct = struct_pb2.Struct()
@@ -105,7 +106,7 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def _message(kind: type[Message], **fields: Any) -> Message:
-    """The request for the server, built from what the caller sent. The body fits the
+    """Build the request for the server from what the caller sent. The body fits the
     route's schema, yet protobuf can still refuse a value (a string with a lone surrogate
     from a JSON escape, which is not UTF-8): that is the caller's input, so 400."""
     try:
@@ -160,6 +161,7 @@ def _seconds(field: str, text: str) -> float:
 
 
 def _metadata_match(pair: str) -> pb.MetadataMatch:
+    """Parse one ``meta=key=value`` query parameter, refusing (400) one without ``=`` or a key."""
     key, equals, value = pair.partition("=")
     if not equals or not key:
         raise HubError(400, "INVALID_ARGUMENT", f"meta must be key=value, got {pair!r:.80}")

@@ -36,7 +36,7 @@ Credential = tuple[str, str] | None
 
 
 def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
-    """The metadata of an RPC made for a caller: its credential, and the id of the
+    """Build the metadata of an RPC made for a caller: its credential, and the id of the
     request being served, so that the server's log lines about the call carry it."""
     metadata = (credential,) if credential else ()
     request_id = REQUEST_ID.get()
@@ -86,6 +86,7 @@ class BridgeRuntime:
         return self._upstream
 
     async def start(self) -> None:
+        """Open the channel to the server and start following its streams and rechecking credentials."""
         self._channel = upstream_channel(self.config.grpc_target, self.config.grpc_tls_ca)
         self._stub = pb_grpc.CollaborationServiceStub(self._channel)
         self._upstream = Upstream(
@@ -112,6 +113,7 @@ class BridgeRuntime:
             raise ServerUnavailable("the bridge is not following the server yet; retry") from None
 
     async def stop(self) -> None:
+        """Stop the credential rechecks and the upstream streams, then close the channel."""
         await self.credentials.stop()
         await self.upstream.stop()
         await self.channel.close(None)

@@ -63,6 +63,7 @@ class EventStream:
             await self._serve(scope, receive, send, held)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
+        """Admit the request and stream events to it; a refusal before the 200 is an HTTP error."""
         if (refused_origin := self.origins.refusal(scope)) is not None:
             await hub_error_response(HubError(403, "PERMISSION_DENIED", refused_origin))(scope, receive, send)
             return
@@ -159,6 +160,7 @@ class EventStream:
         await self._wait_for_disconnect(receive, subscriber)
 
     async def _wait_for_disconnect(self, receive: Receive, subscriber: Subscriber) -> None:
+        """Hold the stream open until the client leaves, then take it out of the hub."""
         self.clients += 1
         try:
             while (await receive())["type"] != "http.disconnect":

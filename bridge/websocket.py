@@ -108,6 +108,7 @@ class CollaborationWebSocket:
             await self._serve(scope, receive, send, held)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
+        """Admit the connection (origin, query, credential, budgets), open it and converse until it ends."""
         if (await receive())["type"] != "websocket.connect":
             return
         query = query_params(scope)
@@ -115,7 +116,7 @@ class CollaborationWebSocket:
         client_type = query.get("client_type") or "general"
 
         async def refuse(code: int, reason: str, *, accepted: bool = False) -> None:
-            """An `error` message saying why, then the close code (browsers see both)."""
+            """Send an `error` message saying why, then the close code (browsers see both)."""
             self.refused[code] = self.refused.get(code, 0) + 1
             log.info("websocket refused", extra={"client_id": client_id, "code": code, "reason": reason})
             if not accepted:
@@ -207,6 +208,7 @@ class CollaborationWebSocket:
             subscriber.closed = True
 
     async def _converse(self, subscriber: Subscriber, receive: Receive) -> None:
+        """Answer the client's messages until it disconnects, dropping them, then closing, when it floods."""
         max_bytes = self.runtime.config.max_ws_message_bytes
         rate = MessageRate(self.runtime.config.ws_messages_per_second, time.monotonic())
         while True:
