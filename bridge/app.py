@@ -141,6 +141,16 @@ async def js_client() -> FileResponse:
     return FileResponse(JS_CLIENT, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the app's runtime; at shutdown, let its clients know and stop it."""
+    runtime: BridgeRuntime = app.state.runtime
+    await runtime.start()
+    yield
+    await drain(app)  # collab-bridge drains before this (bridge/main.py); other servers may not
+    await runtime.stop()
+
+
 def create_app(config: BridgeConfig) -> FastAPI:
     """Build the bridge's FastAPI app for ``config``: its runtime, endpoints and metrics on
     ``app.state``, its routes, error handlers and middleware."""
@@ -148,14 +158,6 @@ def create_app(config: BridgeConfig) -> FastAPI:
     websocket = CollaborationWebSocket(runtime)
     events = EventStream(runtime)
     metrics = BridgeMetrics(config, runtime, websocket, events)
-
-    @asynccontextmanager
-    async def lifespan(started: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
-        yield
-        await drain(started)  # collab-bridge drains before this (bridge/main.py); other servers may not
-        await runtime.stop()
-
     app = FastAPI(
         title="collab bridge",
         summary="The Real-Time Collaboration Guide's REST routes, WebSocket and event stream.",

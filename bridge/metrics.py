@@ -138,7 +138,7 @@ class BridgeCollector(Collector):
 
 
 class BridgeMetrics:
-    """One app's registry, its request metrics and its ``/metrics`` endpoint."""
+    """One app's registry and its request metrics, served by ``metrics_endpoint``."""
 
     def __init__(
         self, config: BridgeConfig, runtime: BridgeRuntime, websocket: CollaborationWebSocket, events: EventStream
