@@ -92,6 +92,12 @@ class ServerUnavailable(Exception):
         _unreachable.record(detail=details)
         return cls(details, retry_after_of(failure))
 
+    @classmethod
+    def of(cls, failure: grpc.aio.AioRpcError | ServerUnavailable) -> ServerUnavailable:
+        """Return ``failure`` if it is one, else what an UNAVAILABLE failure that did not pass
+        calling_server stands for (its details may name addresses: they are removed)."""
+        return failure if isinstance(failure, ServerUnavailable) else cls.from_rpc(failure)
+
 
 @contextmanager
 def calling_server() -> Iterator[None]:
@@ -115,11 +121,11 @@ class HubError(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def from_rpc(cls, failure: grpc.aio.AioRpcError) -> HubError:
-        """Map the server's answer to a call (any status but UNAVAILABLE: see calling_server) to its HTTP status."""
+    def from_rpc(cls, failure: grpc.aio.AioRpcError | ServerUnavailable) -> HubError:
+        """Map a failed call to the server to its HTTP answer (an unreachable server: 503)."""
+        if isinstance(failure, ServerUnavailable) or failure.code() == grpc.StatusCode.UNAVAILABLE:
+            return cls.unavailable(ServerUnavailable.of(failure))
         code = failure.code()
-        if code == grpc.StatusCode.UNAVAILABLE:  # through calling_server: its details may name addresses
-            return cls.unavailable(ServerUnavailable.from_rpc(failure))
         status = HTTP_STATUS.get(code, 502)
         # A memory budget is full, not a rate: 507, and retrying soon does not help
         # (429 with Retry-After stays the rate limit's).

@@ -41,13 +41,6 @@ def sse_encode(frame: Frame) -> str:
     return f"{head}event: {frame.type}\ndata: {frame.text}\n\n"
 
 
-def _refusal(failure: grpc.aio.AioRpcError | ServerUnavailable) -> HubError:
-    """Return the HTTP answer to a call made for a connecting client that failed (before the 200)."""
-    if isinstance(failure, ServerUnavailable):
-        return HubError.unavailable(failure)
-    return HubError.from_rpc(failure)
-
-
 class EventStream:
     """The event-stream endpoint (a plain ASGI app); ``clients`` counts the streams open now."""
 
@@ -102,7 +95,7 @@ class EventStream:
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
         except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
-            await hub_error_response(_refusal(failure))(scope, receive, send)
+            await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
         slot = limit.take(token_key(credential))
         if slot is None:
@@ -155,7 +148,7 @@ class EventStream:
             if started:
                 await close(0, "")
             else:
-                await hub_error_response(_refusal(failure))(scope, receive, send)
+                await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
         await self._wait_for_disconnect(receive, subscriber)
 

@@ -78,10 +78,8 @@ _CLOSE_FOR_STATUS = {
 
 def close_for(failure: grpc.aio.AioRpcError | ServerUnavailable) -> tuple[int, str]:
     """Return the close code and reason for a call made on a connecting client's behalf that failed."""
-    if isinstance(failure, grpc.aio.AioRpcError) and failure.code() == grpc.StatusCode.UNAVAILABLE:
-        failure = ServerUnavailable.from_rpc(failure)  # its details may name addresses
-    if isinstance(failure, ServerUnavailable):
-        return CLOSE_TRY_AGAIN, failure.detail
+    if isinstance(failure, ServerUnavailable) or failure.code() == grpc.StatusCode.UNAVAILABLE:
+        return CLOSE_TRY_AGAIN, ServerUnavailable.of(failure).detail
     code = _CLOSE_FOR_STATUS.get(failure.code(), CLOSE_TRY_AGAIN)
     reason = failure.details() or failure.code().name
     if code == CLOSE_TRY_AGAIN:

@@ -51,7 +51,9 @@ def test_server_unavailable_is_one_503_over_http_with_retry_after_when_known() -
     plain = hub_error_response(HubError.unavailable(ServerUnavailable("")))
     assert "retry-after" not in plain.headers
     assert json.loads(bytes(plain.body))["detail"] == "the collab server is unavailable: retry later"
-    # An UNAVAILABLE that reached HubError.from_rpc anyway is told the same, addresses removed.
+    raised = HubError.from_rpc(ServerUnavailable(UNREACHABLE, "2"))
+    assert (raised.status, raised.code, raised.detail, raised.retry_after) == (503, "UNAVAILABLE", TOLD, "2")
+    # An UNAVAILABLE that reached HubError.from_rpc without calling_server is told the same, addresses removed.
     direct = HubError.from_rpc(rpc_error(grpc.StatusCode.UNAVAILABLE, UNREACHABLE))
     assert (direct.status, direct.code, direct.detail, direct.retry_after) == (503, "UNAVAILABLE", TOLD, None)
 
