@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 
+from bridge.errors import ServerUnavailable
+
 __all__ = ["CLOSE_FORBIDDEN", "CLOSE_UNAUTHORIZED", "TOKEN_EXPIRED", "CredentialWatch", "Watched"]
 
 log = logging.getLogger("bridge.credentials")
@@ -35,7 +37,8 @@ TOKEN_EXPIRED = "token has expired"
 # Ends a connection: (close code, reason).
 End = Callable[[int, str], None]
 # Asks the server about a credential (as the connection sent it): its expiry (epoch
-# seconds) or None; raises grpc.aio.AioRpcError when the server refuses it or cannot be asked.
+# seconds) or None; raises grpc.aio.AioRpcError when the server refuses it, ServerUnavailable
+# when it cannot be asked.
 Check = Callable[[Any], Awaitable[float | None]]
 
 # Server answers that mean the credential is no good any more; anything else (the server
@@ -92,7 +95,8 @@ class CredentialWatch:
     async def enter(self, key: str, credential: Any, end: End) -> Watched:
         """Watch a connection opening with ``credential`` (its token: ``key``):
         ``end(code, reason)`` is called when it expires or the server stops accepting it.
-        Raises grpc.aio.AioRpcError when the server refuses it now."""
+        Raises grpc.aio.AioRpcError when the server refuses it now, ServerUnavailable when
+        it cannot be asked."""
         entry = self._entries.get(key)
         expires_at = entry.expires_at if entry is not None else await self._ask(key, credential)
         entry = self._entries.get(key)  # another connection may have made it meanwhile
@@ -193,6 +197,9 @@ class CredentialWatch:
             return  # its connections have all gone meanwhile
         try:
             expires_at = await self._check(entry.credential)
+        except ServerUnavailable:
+            log.debug("credential recheck inconclusive: the server is unavailable")
+            return
         except grpc.aio.AioRpcError as failure:
             code = _REFUSED.get(failure.code())
             if code is None:

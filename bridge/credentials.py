@@ -20,6 +20,8 @@ would only fail as gRPC metadata.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl
 
 __all__ = [
     "DEFAULT_MAX_CREDENTIAL_BYTES",
@@ -28,6 +30,8 @@ __all__ = [
     "Credential",
     "InvalidCredential",
     "credential_from_headers",
+    "credential_from_scope",
+    "query_params",
     "token_of",
 ]
 
@@ -51,6 +55,7 @@ class InvalidCredential(ValueError):
 
 
 def _checked(token: str, where: str, max_bytes: int) -> str:
+    """Return ``token`` if it is 1 to ``max_bytes`` visible ASCII characters, else raise InvalidCredential."""
     if not token:
         raise InvalidCredential(f"the {where} is empty")
     if len(token) > max_bytes:
@@ -65,7 +70,7 @@ def _checked(token: str, where: str, max_bytes: int) -> str:
 def credential_from_headers(
     headers: Iterable[tuple[bytes, bytes]], query: Mapping[str, str] | None = None, *, max_bytes: int
 ) -> Credential:
-    """The caller's credential from ASGI ``headers`` (lower-case names) and, where the
+    """Read the caller's credential from ASGI ``headers`` (lower-case names) and, where the
     endpoint takes one, the parsed ``query``; None when none was sent. Raises
     InvalidCredential for one that is malformed."""
     if query is not None and query.get(QUERY_NAME):
@@ -87,8 +92,21 @@ def credential_from_headers(
     return None
 
 
+def query_params(scope: Mapping[str, Any]) -> dict[str, str]:
+    """Parse the request's query string, the last value of a repeated name winning and empty values dropped."""
+    return dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+
+
+def credential_from_scope(
+    scope: Mapping[str, Any], query: Mapping[str, str], max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
+) -> Credential:
+    """Read the credential of a WebSocket or event-stream request: ``?token=`` (browsers
+    cannot set headers there), else its headers; raises InvalidCredential for a malformed one."""
+    return credential_from_headers(scope.get("headers", ()), query, max_bytes=max_bytes)
+
+
 def token_of(credential: Credential) -> str:
-    """The token itself ("" for none): the same token sent two ways is one token."""
+    """Return the token itself ("" for none): the same token sent two ways is one token."""
     if credential is None:
         return ""
     name, value = credential

@@ -8,7 +8,6 @@ can be rebuilt from the server: on restart the bridge starts again from a snapsh
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -17,9 +16,10 @@ from itertools import islice
 
 from bridge import mapping
 from bridge.fanout import Fanout, Frame, Subscriber
+from bridge.mapping import dumps
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["Join", "SnapshotTooOld", "StreamHub", "dumps"]
+__all__ = ["Join", "SnapshotTooOld", "StreamHub"]
 
 log = logging.getLogger("bridge.hub")
 
@@ -27,10 +27,6 @@ log = logging.getLogger("bridge.hub")
 class SnapshotTooOld(Exception):
     """A client's snapshot predates every buffered frame: events between would be lost.
     Fetch a fresh snapshot and open again."""
-
-
-def dumps(message: mapping.JSON) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
 def collaboration_state(snapshot: pb.Snapshot, **extra: object) -> mapping.JSON:

@@ -8,6 +8,7 @@ Envelope ``timestamp`` is ISO 8601 UTC with offset; ``activity.timestamp`` and
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ __all__ = [
     "agent_status_json",
     "agents_json",
     "decision_json",
+    "dumps",
     "event_json",
     "iso",
     "iso_now",
@@ -228,3 +230,13 @@ def event_json(event: pb.Event) -> JSON:
     message["timestamp"] = iso(event.time)
     message["seq"] = event.seq
     return message
+
+
+# Built once: json.dumps with any option set builds a new encoder on every call (REST
+# bodies have their own, built once too: bridge.errors.CompactJSONResponse).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def dumps(message: JSON) -> str:
+    """Encode ``message`` as compact JSON text, non-ASCII characters as they are."""
+    return _ENCODER.encode(message)

@@ -32,11 +32,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
 
 from bridge.config import BridgeConfig
+from bridge.errors import HubError, hub_error_response
 from bridge.fanout import Subscriber
 from bridge.request_id import HEADER, REQUEST_ID, request_id_from_headers
-from bridge.rest import HubError, hub_error_response
 from bridge.runtime import BridgeRuntime
 from bridge.sse import EventStream
 from bridge.websocket import (
@@ -46,13 +47,9 @@ from bridge.websocket import (
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     CollaborationWebSocket,
-    Message,
-    Receive,
-    Scope,
-    Send,
 )
 
-__all__ = ["LATENCY_BUCKETS", "BridgeCollector", "BridgeMetrics", "Observe"]
+__all__ = ["LATENCY_BUCKETS", "BridgeCollector", "BridgeMetrics", "Observe", "metrics_endpoint"]
 
 log = logging.getLogger("bridge.http")
 
@@ -69,7 +66,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 
 def _route_label(scope: Scope) -> str:
-    """The route's template (``/activities/{activity_id}``), never the raw path, so
+    """Return the route's template (``/activities/{activity_id}``), never the raw path, so
     labels stay bounded whatever paths clients try."""
     # path_format: the template without convertors (`{activity_id:path}` reads `{activity_id}`).
     template: str | None = getattr(scope.get("route"), "path_format", None)  # set by FastAPI's routes
@@ -141,7 +138,7 @@ class BridgeCollector(Collector):
 
 
 class BridgeMetrics:
-    """One app's registry, its request metrics and its ``/metrics`` endpoint."""
+    """One app's registry and its request metrics, served by ``metrics_endpoint``."""
 
     def __init__(
         self, config: BridgeConfig, runtime: BridgeRuntime, websocket: CollaborationWebSocket, events: EventStream
@@ -188,7 +185,8 @@ class BridgeMetrics:
             fields = {"method": method, "route": route, "path": scope["path"], "status": status}
             log.log(level, "%s %s %d", method, scope["path"], status, extra={**fields, "duration_ms": seconds * 1e3})
 
-    def _refusal(self, request: Request) -> Response | None:
+    def refusal(self, request: Request) -> Response | None:
+        """Answer a scrape that may not read the metrics (401/403), or None when it may."""
         if self.public:
             return None
         if not self.token:
@@ -204,12 +202,14 @@ class BridgeMetrics:
             )
         return None
 
-    async def endpoint(self, request: Request) -> Response:
-        """``GET /metrics``: the registry in the format the scraper asks for."""
-        if (refusal := self._refusal(request)) is not None:
-            return refusal
-        encode, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(encode(self.registry), headers={"Content-Type": content_type})
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Answer ``GET /metrics`` with the app's registry (``app.state.metrics``) in the format the scraper asks for."""
+    metrics: BridgeMetrics = request.app.state.metrics
+    if (refusal := metrics.refusal(request)) is not None:
+        return refusal
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(metrics.registry), headers={"Content-Type": content_type})
 
 
 class Observe:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import zlib
-from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -29,10 +28,11 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otl
 from starlette.requests import Request
 from starlette.responses import Response
 
+from bridge.errors import ServerUnavailable, calling_server, retry_after_of
 from bridge.rest import credential_from_request
 from bridge.runtime import BridgeRuntime, credential_metadata
 
-__all__ = ["PATH", "OtlpTraces"]
+__all__ = ["PATH", "export_traces"]
 
 PATH = "/v1/traces"
 PROTOBUF = "application/x-protobuf"
@@ -45,7 +45,6 @@ _HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 # OTLP/JSON writes these bytes fields in hex, where protobuf's JSON mapping has base64.
@@ -53,6 +52,8 @@ _HEX_IDS = ("traceId", "spanId", "parentSpanId")
 
 
 class _Refused(Exception):
+    """A refused export: its HTTP status, and the gRPC code and message its google.rpc.Status body carries."""
+
     def __init__(self, status: int, code: grpc.StatusCode, message: str, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status = status
@@ -62,6 +63,7 @@ class _Refused(Exception):
 
 
 def _ids_to_base64(holder: Any, where: str) -> None:
+    """Rewrite the hex trace and span ids in ``holder`` as the base64 protobuf's JSON mapping reads."""
     if not isinstance(holder, dict):
         return
     for name in _HEX_IDS:
@@ -79,12 +81,13 @@ def _ids_to_base64(holder: Any, where: str) -> None:
 
 
 def _items(holder: Any, name: str) -> list[Any]:
+    """Return ``holder[name]`` when it is a list, else an empty one."""
     value = holder.get(name) if isinstance(holder, dict) else None
     return value if isinstance(value, list) else []
 
 
 def _from_json(body: bytes) -> otlp.ExportTraceServiceRequest:
-    """OTLP/JSON: the protobuf JSON mapping, but ids in hex (translated here first)."""
+    """Parse OTLP/JSON: the protobuf JSON mapping, but ids in hex (translated here first)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as error:
@@ -108,6 +111,7 @@ def _from_json(body: bytes) -> otlp.ExportTraceServiceRequest:
 
 
 def _inflate(body: bytes, limit: int) -> bytes:
+    """Gunzip ``body``, refusing one that inflates past ``limit`` bytes (413) or is not whole gzip (400)."""
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         data = inflater.decompress(body, limit + 1)
@@ -120,75 +124,70 @@ def _inflate(body: bytes, limit: int) -> bytes:
     return data
 
 
-class OtlpTraces:
-    """The ``POST /v1/traces`` endpoint of one bridge."""
-
-    def __init__(self, runtime: BridgeRuntime, max_bytes: int) -> None:
-        self.runtime = runtime
-        self.max_bytes = max_bytes
-
-    async def export(self, request: Request) -> Response:
-        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        encoding = JSON if media_type == JSON else PROTOBUF
-        try:
-            if media_type not in (PROTOBUF, JSON):
-                raise _Refused(
-                    415,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Content-Type must be {PROTOBUF} or {JSON}, got {media_type or 'none'!r}",
-                )
-            message = self._decode(await request.body(), request.headers.get("content-encoding", ""), encoding)
-            reply = await self._forward(request, message)
-        except _Refused as refused:
-            headers = {"Retry-After": refused.retry_after} if refused.retry_after else {}
-            if refused.status == 401:
-                headers["WWW-Authenticate"] = "Bearer"
-            status = status_pb2.Status(code=refused.code.value[0], message=refused.message)
-            return self._answer(status, encoding, refused.status, headers)
-        return self._answer(reply, encoding, 200, {})
-
-    def _decode(self, body: bytes, content_encoding: str, encoding: str) -> otlp.ExportTraceServiceRequest:
-        coding = content_encoding.strip().lower()
-        if coding == "gzip":
-            body = _inflate(body, self.max_bytes)
-        elif coding not in ("", "identity"):
+async def export_traces(request: Request) -> Response:
+    """Forward a ``POST /v1/traces`` export to the server and answer in the request's encoding."""
+    runtime: BridgeRuntime = request.app.state.runtime
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    encoding = JSON if media_type == JSON else PROTOBUF
+    try:
+        if media_type not in (PROTOBUF, JSON):
             raise _Refused(
-                415, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Encoding {coding!r} is not supported; use gzip"
+                415,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Content-Type must be {PROTOBUF} or {JSON}, got {media_type or 'none'!r}",
             )
-        if len(body) > self.max_bytes:
-            raise _Refused(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the body is larger than {self.max_bytes} bytes")
-        if encoding == JSON:
-            return _from_json(body)
-        try:
-            return otlp.ExportTraceServiceRequest.FromString(body)
-        except DecodeError as error:
-            raise _Refused(400, grpc.StatusCode.INVALID_ARGUMENT, f"not an OTLP trace export: {error}") from None
+        body = await request.body()
+        message = _decode(body, request.headers.get("content-encoding", ""), encoding, runtime.config.otlp_max_bytes)
+        reply = await _forward(request, runtime, message)
+    except _Refused as refused:
+        headers = {"Retry-After": refused.retry_after} if refused.retry_after else {}
+        if refused.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        status = status_pb2.Status(code=refused.code.value[0], message=refused.message)
+        return _answer(status, encoding, refused.status, headers)
+    return _answer(reply, encoding, 200, {})
 
-    async def _forward(
-        self, request: Request, message: otlp.ExportTraceServiceRequest
-    ) -> otlp.ExportTraceServiceResponse:
-        stub = otlp_grpc.TraceServiceStub(self.runtime.channel)  # type: ignore[no-untyped-call]
-        metadata = credential_metadata(credential_from_request(request))
-        try:
+
+def _decode(body: bytes, content_encoding: str, encoding: str, max_bytes: int) -> otlp.ExportTraceServiceRequest:
+    """Read the export from ``body`` (inflated when gzip), refusing one over ``max_bytes`` or malformed."""
+    coding = content_encoding.strip().lower()
+    if coding == "gzip":
+        body = _inflate(body, max_bytes)
+    elif coding not in ("", "identity"):
+        raise _Refused(415, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Encoding {coding!r} is not supported; use gzip")
+    if len(body) > max_bytes:
+        raise _Refused(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the body is larger than {max_bytes} bytes")
+    if encoding == JSON:
+        return _from_json(body)
+    try:
+        return otlp.ExportTraceServiceRequest.FromString(body)
+    except DecodeError as error:
+        raise _Refused(400, grpc.StatusCode.INVALID_ARGUMENT, f"not an OTLP trace export: {error}") from None
+
+
+async def _forward(
+    request: Request, runtime: BridgeRuntime, message: otlp.ExportTraceServiceRequest
+) -> otlp.ExportTraceServiceResponse:
+    """Send the export to the server's TraceService with the caller's credential; its refusal as _Refused."""
+    stub = otlp_grpc.TraceServiceStub(runtime.channel)  # type: ignore[no-untyped-call]
+    metadata = credential_metadata(credential_from_request(request))
+    try:
+        with calling_server():
             reply: otlp.ExportTraceServiceResponse = await stub.Export(
-                message, metadata=metadata, timeout=self.runtime.config.rpc_timeout
+                message, metadata=metadata, timeout=runtime.config.rpc_timeout
             )
-        except grpc.aio.AioRpcError as failure:
-            code = failure.code()
-            retry_after = None
-            for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
-                if key == "retry-after":
-                    retry_after = str(value)
-            if code == grpc.StatusCode.UNAVAILABLE:
-                retry_after = retry_after or UNAVAILABLE_RETRY_AFTER
-            status = _HTTP_STATUS.get(code, 502)
-            raise _Refused(status, code, failure.details() or code.name, retry_after) from None
-        return reply
+    except ServerUnavailable as unavailable:
+        # Exporters retry a 503 after Retry-After (the server may give its own).
+        retry_after = unavailable.retry_after or UNAVAILABLE_RETRY_AFTER
+        raise _Refused(503, grpc.StatusCode.UNAVAILABLE, unavailable.detail, retry_after) from None
+    except grpc.aio.AioRpcError as failure:
+        code = failure.code()
+        status = _HTTP_STATUS.get(code, 502)
+        raise _Refused(status, code, failure.details() or code.name, retry_after_of(failure)) from None
+    return reply
 
-    @staticmethod
-    def _answer(message: Message, encoding: str, status: int, headers: dict[str, str]) -> Response:
-        if encoding == JSON:
-            body = json_format.MessageToJson(message, indent=None).encode()
-        else:
-            body = message.SerializeToString()
-        return Response(body, status_code=status, media_type=encoding, headers=headers)
+
+def _answer(message: Message, encoding: str, status: int, headers: dict[str, str]) -> Response:
+    """``message`` as the response body, in the request's encoding."""
+    body = json_format.MessageToJson(message, indent=None).encode() if encoding == JSON else message.SerializeToString()
+    return Response(body, status_code=status, media_type=encoding, headers=headers)

@@ -17,7 +17,7 @@ from typing import Any
 from bridge.fanout import ClientFilter
 from bridge.mapping import ACTIVITY_TYPES, JSON, iso_now
 
-__all__ = ["ACTIVITY_ONLY_TYPES", "MESSAGE_TYPES", "error", "handle_client_message"]
+__all__ = ["ACTIVITY_ONLY_TYPES", "MESSAGE_TYPES", "error", "handle_client_message", "in_force", "subscribe"]
 
 # Messages a client can select with `subscribe`; the connection's first two are always sent.
 MESSAGE_TYPES = frozenset(
@@ -42,28 +42,29 @@ NAME_SHOWN = 64
 
 
 def _shown(name: str) -> str:
-    """A client's name as an error quotes it: escaped unless printable (a JSON escape
+    """Quote a client's name as an error shows it: escaped unless printable (a JSON escape
     such as "\\ud800" decodes to a lone surrogate, which no UTF-8 frame can carry)."""
     cut = name[:NAME_SHOWN] + ("..." if len(name) > NAME_SHOWN else "")
     return cut if cut.isprintable() else ascii(cut)
 
 
 def error(text: str, **extra: Any) -> JSON:
+    """Build an `error` message saying ``text``, with ``extra`` fields beside it."""
     return {"type": "error", "error": text, "timestamp": iso_now(), **extra}
 
 
 def in_force(current: ClientFilter) -> list[str]:
-    """The names a `subscribed` reply lists: what the client now receives."""
+    """List the names a `subscribed` reply gives: what the client now receives."""
     names = set(MESSAGE_TYPES if current.message_types is None else current.message_types)
     if current.activity_types is not None:
         names |= current.activity_types
     return sorted(names)
 
 
-def _subscribe(message: dict[str, Any], current: ClientFilter) -> tuple[JSON, ClientFilter]:
-    names = message.get("activity_types")
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        return error("subscribe needs `activity_types`: a list of message or activity type names"), current
+def subscribe(names: list[str], current: ClientFilter) -> tuple[JSON, ClientFilter]:
+    """Return the reply to a subscription to ``names`` (`subscribed`, or an `error` naming
+    the unknown ones) and the filter in force after it; the WebSocket's `subscribe` message
+    and the event stream's ``?types=`` both come here."""
     unknown = sorted(set(names) - MESSAGE_TYPES - ACTIVITY_ONLY_TYPES)
     if unknown:
         shown = ", ".join(_shown(name) for name in unknown[:MAX_NAMES_SHOWN])
@@ -91,7 +92,7 @@ def _subscribe(message: dict[str, Any], current: ClientFilter) -> tuple[JSON, Cl
 def handle_client_message(
     text: str | None, data: bytes | None, current: ClientFilter, max_bytes: int
 ) -> tuple[JSON, ClientFilter]:
-    """The reply to one client message and the filter in force after it."""
+    """Return the reply to one client message and the filter in force after it."""
     if text is None:
         size = len(data or b"")
         return error(f"binary frames are not supported ({size} bytes received); send JSON text"), current
@@ -110,7 +111,10 @@ def handle_client_message(
     if kind == "ping":
         return {"type": "pong", "timestamp": iso_now()}, current
     if kind == "subscribe":
-        return _subscribe(message, current)
+        names = message.get("activity_types")
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            return error("subscribe needs `activity_types`: a list of message or activity type names"), current
+        return subscribe(names, current)
     if not isinstance(kind, str):
         return error("message needs a string `type`: `ping` or `subscribe`"), current
     shown = repr(kind[:NAME_SHOWN]) + ("..." if len(kind) > NAME_SHOWN else "")

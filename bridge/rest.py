@@ -2,30 +2,28 @@
 
 Each route calls one unary RPC with the caller's own credential: the server stays the one
 place that authenticates, authorises, validates and rate-limits. gRPC statuses become
-HTTP statuses with a JSON body ``{"detail": "<what is wrong>", "code": "<STATUS>"}``.
+HTTP statuses with a JSON body ``{"detail": "<what is wrong>", "code": "<STATUS>"}``
+(bridge/errors.py). The routes are module-level functions on ``router``; each reads the
+bridge's runtime from the app's state (``request.app.state.runtime``, set by bridge/app.py).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar, cast, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import grpc
 from fastapi import APIRouter, Header, Query, Request, Security
-from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPBearer
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
-from pydantic import BaseModel, ConfigDict, Field
 
 from bridge import mapping
 from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
-from bridge.limits import ThrottledLog
+from bridge.errors import HubError, calling_server
 from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
@@ -35,112 +33,31 @@ from bridge.schemas import (
     AgentStatusBody,
     CollaborationBody,
     CollaborationsBody,
+    CompleteActivityBody,
     DecisionsPageBody,
+    EndCollaborationBody,
     OneActivityBody,
+    RecordActivityBody,
+    RecordDecisionBody,
     RecordedActivityBody,
     RecordedDecisionBody,
+    RecordMemoryUpdateBody,
     SessionChangeBody,
+    StartCollaborationBody,
     SuccessBody,
     documented,
 )
-from collab_grpc.errors import BUDGET_TRAILER
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = [
-    "HTTP_STATUS",
-    "HubError",
-    "build_router",
-    "credential_from_request",
-    "hub_error_response",
-    "unavailable_detail",
-    "without_addresses",
-]
+__all__ = ["CREDENTIALS", "credential_from_request", "router"]
 
 log = logging.getLogger("bridge.rest")
-
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 
 assert set(get_args(ActivityTypeName)) == set(mapping.ACTIVITY_TYPES), "the REST enum must match the proto"
 
 
-class HubError(Exception):
-    """A failed call to the server, as the HTTP answer it becomes."""
-
-    def __init__(self, status: int, code: str, detail: str, retry_after: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.retry_after = retry_after
-
-    @classmethod
-    def from_rpc(cls, failure: grpc.aio.AioRpcError) -> HubError:
-        code = failure.code()
-        detail = unavailable_detail(failure) or failure.details() or code.name
-        retry_after = None
-        status = HTTP_STATUS.get(code, 502)
-        # The type stubs mistype metadata entries; they are (key, value) pairs.
-        for key, value in cast("Sequence[tuple[str, str]]", failure.trailing_metadata() or ()):
-            if key == "retry-after":
-                retry_after = str(value)
-            elif key == BUDGET_TRAILER and code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                # A memory budget is full, not a rate: 507, and retrying soon does not help
-                # (429 with Retry-After stays the rate limit's).
-                status = 507
-        return cls(status, code.name, detail, retry_after)
-
-
-# Why the server could not be reached names internal addresses (the server's, Redis's):
-# for the operator's log, not for whoever calls. What else the server said (the disk is
-# full, say) is the caller's to know.
-_unreachable = ThrottledLog(log, "calls to the collab server failed with UNAVAILABLE")
-_ADDRESS = re.compile(
-    r"\b(?:ipv4|ipv6|unix-abstract|unix|dns|vsock):(?:\[[^\]]*\]|[^\s,;\[\]])+?(?=:?(?:\s|$|[,;]))"  # gRPC's
-    r"|\[[0-9a-fA-F:.%]+\](?::\d+)?"  # [IPv6]:port
-    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?"  # IPv4:port
-    r"|\b[\w.-]+:\d{2,5}\b"  # name:port
-)
-
-
-def without_addresses(text: str) -> str:
-    """``text`` with every network address in it (IPs, host:port, gRPC's ipv4:/unix:
-    forms) replaced by ``[address]``."""
-    return _ADDRESS.sub("[address]", text)
-
-
-def unavailable_detail(failure: grpc.aio.AioRpcError) -> str | None:
-    """What a caller is told of an UNAVAILABLE failure: the details without addresses
-    (they are logged whole); None for any other status, whose details are the server's
-    answer to the caller."""
-    if failure.code() != grpc.StatusCode.UNAVAILABLE:
-        return None
-    details = failure.details() or ""
-    _unreachable.record(detail=details)
-    return f"the collab server is unavailable: {without_addresses(details) or 'retry later'}"
-
-
-def hub_error_response(error: HubError) -> JSONResponse:
-    headers = {}
-    if error.retry_after:
-        headers["Retry-After"] = error.retry_after
-    if error.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse({"detail": error.detail, "code": error.code}, status_code=error.status, headers=headers)
-
-
 def credential_from_request(request: Request, max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES) -> Credential:
-    """The caller's credential (bridge/credentials.py); a malformed one is a 401."""
+    """Read the caller's credential (bridge/credentials.py), raising a 401 HubError for a malformed one."""
     try:
         return credential_from_headers(request.scope["headers"], max_bytes=max_bytes)
     except InvalidCredential as refused:
@@ -157,7 +74,7 @@ Message = TypeVar("Message", bound=ProtoMessage)
 
 
 def _metadata_problem(data: dict[str, Any]) -> str | None:
-    """What keeps ``data`` from being sent as metadata, if anything; walked level by
+    """Say what keeps ``data`` from being sent as metadata, if anything; walked level by
     level (not recursively), so no nesting can exhaust the stack."""
     level: list[Any] = [data]
     for depth in range(1, MAX_METADATA_DEPTH + 2):
@@ -177,6 +94,7 @@ def _metadata_problem(data: dict[str, Any]) -> str | None:
 
 
 def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    """Convert the caller's ``metadata`` to a Struct, refusing (400) what the hub cannot store."""
     if problem := _metadata_problem(data):
         raise HubError(400, "INVALID_ARGUMENT", problem)
     struct = struct_pb2.Struct()
@@ -188,59 +106,13 @@ def _struct(data: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def _message(kind: type[Message], **fields: Any) -> Message:
-    """The request for the server, built from what the caller sent. The body fits the
+    """Build the request for the server from what the caller sent. The body fits the
     route's schema, yet protobuf can still refuse a value (a string with a lone surrogate
     from a JSON escape, which is not UTF-8): that is the caller's input, so 400."""
     try:
         return kind(**fields)
     except (TypeError, ValueError, DecodeError) as exc:
         raise HubError(400, "INVALID_ARGUMENT", f"the request cannot be encoded for the server: {exc}") from None
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class RecordActivityBody(_Body):
-    agent_id: str
-    activity_type: ActivityTypeName
-    department: str = ""
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    related_agents: list[str] = Field(default_factory=list)
-    session_id: str | None = None
-    parent_activity_id: str | None = None
-
-
-class CompleteActivityBody(_Body):
-    activity_id: str
-    success: bool = True
-    failure_reason: str | None = None
-
-
-class StartCollaborationBody(_Body):
-    participants: list[str]
-    session_type: str = "general"
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class EndCollaborationBody(_Body):
-    session_id: str
-
-
-class RecordMemoryUpdateBody(_Body):
-    operation: Literal["write", "read", "delete"]
-    item_id: str
-    agent_id: str
-    metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-class RecordDecisionBody(_Body):
-    session_id: str
-    agent_id: str
-    decision: str
-    rationale: str = ""
-    votes: dict[str, str] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 IdempotencyKey = Annotated[
@@ -289,6 +161,7 @@ def _seconds(field: str, text: str) -> float:
 
 
 def _metadata_match(pair: str) -> pb.MetadataMatch:
+    """Parse one ``meta=key=value`` query parameter, refusing (400) one without ``=`` or a key."""
     key, equals, value = pair.partition("=")
     if not equals or not key:
         raise HubError(400, "INVALID_ARGUMENT", f"meta must be key=value, got {pair!r:.80}")
@@ -303,312 +176,321 @@ CREDENTIALS = [
 ]
 
 
-def build_router(runtime: BridgeRuntime) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/collaboration", tags=["collaboration"], dependencies=CREDENTIALS)
-    timeout = runtime.config.rpc_timeout
+router = APIRouter(prefix="/api/v1/collaboration", tags=["collaboration"], dependencies=CREDENTIALS)
 
-    async def call(request: Request, method: str, message: Any) -> Any:
-        """``method`` of the server, with the caller's credential; failures as HubError."""
-        metadata = credential_metadata(credential_from_request(request, runtime.config.max_credential_bytes))
-        try:
-            return await getattr(runtime.stub, method)(message, metadata=metadata, timeout=timeout)
-        except grpc.aio.AioRpcError as failure:
-            raise HubError.from_rpc(failure) from None
 
-    @router.get(
-        "/agent-status",
-        summary="Agent status: counts and each agent's state",
-        response_model=None,
-        responses=documented(AgentStatusBody),
+async def call(request: Request, method: str, message: Any) -> Any:
+    """Call ``method`` of the server with the caller's credential, raising HubError when
+    it refuses and ServerUnavailable when it cannot be reached."""
+    runtime: BridgeRuntime = request.app.state.runtime
+    metadata = credential_metadata(credential_from_request(request, runtime.config.max_credential_bytes))
+    try:
+        with calling_server():
+            return await getattr(runtime.stub, method)(message, metadata=metadata, timeout=runtime.config.rpc_timeout)
+    except grpc.aio.AioRpcError as failure:
+        raise HubError.from_rpc(failure) from None
+
+
+@router.get(
+    "/agent-status",
+    summary="Agent status: counts and each agent's state",
+    response_model=None,
+    responses=documented(AgentStatusBody),
+)
+async def agent_status(request: Request) -> dict[str, Any]:
+    reply = await call(request, "GetAgentStatus", pb.GetAgentStatusRequest())
+    return mapping.agent_status_json(reply.agent_status)
+
+
+@router.get(
+    "/agents",
+    summary="Every agent, a page at a time, in agent_id order",
+    response_model=None,
+    responses=documented(AgentsPageBody, 400),
+)
+async def list_agents(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+    reply = await call(request, "ListAgents", _message(pb.ListAgentsRequest, limit=limit, cursor=cursor or ""))
+    return {
+        "agents": mapping.agents_json(reply.agents),
+        "total": reply.total,
+        "next_cursor": reply.next_cursor or None,
+    }
+
+
+@router.get(
+    "/activity-feed",
+    summary="The newest activities, newest first",
+    response_model=None,
+    responses=documented(ActivityFeedBody, 400),
+)
+async def activity_feed(
+    request: Request,
+    agent_id: str | None = None,
+    limit: Limit = 50,
+    session_id: str | None = None,
+    cursor: Cursor = None,
+) -> dict[str, Any]:
+    message = _message(
+        pb.GetActivityFeedRequest,
+        agent_id=agent_id or "",
+        limit=limit,
+        session_id=session_id or "",
+        cursor=cursor or "",
     )
-    async def agent_status(request: Request) -> dict[str, Any]:
-        reply = await call(request, "GetAgentStatus", pb.GetAgentStatusRequest())
-        return mapping.agent_status_json(reply.agent_status)
+    reply = await call(request, "GetActivityFeed", message)
+    return {
+        "activities": [mapping.activity_json(a) for a in reply.activities],
+        "total": reply.total,
+        "agent_id": agent_id,
+        "next_cursor": reply.next_cursor or None,
+    }
 
-    @router.get(
-        "/agents",
-        summary="Every agent, a page at a time, in agent_id order",
-        response_model=None,
-        responses=documented(AgentsPageBody, 400),
+
+# `/activities` itself: the route below needs a `/` and an id after it, so neither
+# shadows the other.
+@router.get(
+    "/activities",
+    summary="Search the retained history: filters, newest or oldest first, a page at a time",
+    response_model=None,
+    responses=documented(ActivityQueryBody, 400),
+)
+async def query_activities(
+    request: Request,
+    agent_id: Repeated = None,
+    department: Repeated = None,
+    activity_type: Annotated[list[ActivityTypeName] | None, Query(description="may repeat")] = None,
+    status: Annotated[list[StatusName] | None, Query(description="may repeat")] = None,
+    session_id: Repeated = None,
+    parent_activity_id: Repeated = None,
+    since: TimeBound = None,
+    until: TimeBound = None,
+    order: Annotated[Literal["desc", "asc"], Query(description="newest (desc) or oldest (asc) first")] = "desc",
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    meta: Annotated[
+        list[str] | None,
+        Query(description="`key=value`: a top-level metadata key with this scalar value; may repeat"),
+    ] = None,
+) -> dict[str, Any]:
+    message = _message(
+        pb.QueryActivitiesRequest,
+        agent_ids=agent_id or [],
+        departments=department or [],
+        activity_types=[mapping.ACTIVITY_TYPES[name] for name in activity_type or []],
+        statuses=[_STATUSES[name] for name in status or []],
+        session_ids=session_id or [],
+        parent_activity_ids=parent_activity_id or [],
+        metadata=[_metadata_match(pair) for pair in meta or []],
+        oldest_first=order == "asc",
+        limit=limit,
+        cursor=cursor or "",
     )
-    async def list_agents(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
-        reply = await call(request, "ListAgents", _message(pb.ListAgentsRequest, limit=limit, cursor=cursor or ""))
-        return {
-            "agents": mapping.agents_json(reply.agents),
-            "total": reply.total,
-            "next_cursor": reply.next_cursor or None,
-        }
+    for field, bound in (("since", since), ("until", until)):
+        if bound is not None:
+            getattr(message, field).FromNanoseconds(round(_seconds(field, bound) * 1e9))
+    reply = await call(request, "QueryActivities", message)
+    return {
+        "activities": [mapping.activity_json(a) for a in reply.activities],
+        "next_cursor": reply.next_cursor or None,
+    }
 
-    @router.get(
-        "/activity-feed",
-        summary="The newest activities, newest first",
-        response_model=None,
-        responses=documented(ActivityFeedBody, 400),
+
+# Path routes take any id the server accepts, `/` included: percent-encoded, it
+# arrives decoded, and `:path` lets it span segments.
+@router.get(
+    "/activities/{activity_id:path}",
+    summary="One activity, open or in history",
+    response_model=None,
+    responses=documented(OneActivityBody, 400, 404),
+)
+async def get_activity(request: Request, activity_id: str) -> dict[str, Any]:
+    reply = await call(request, "GetActivity", _message(pb.GetActivityRequest, activity_id=activity_id))
+    return {"activity": mapping.activity_json(reply.activity)}
+
+
+@router.get(
+    "/active-collaborations",
+    summary="Collaboration sessions not yet ended",
+    response_model=None,
+    responses=documented(CollaborationsBody, 400),
+)
+async def active_collaborations(request: Request, limit: OptionalLimit = None, cursor: Cursor = None) -> dict[str, Any]:
+    message = _message(pb.ListActiveCollaborationsRequest, limit=limit or 0, cursor=cursor or "")
+    reply = await call(request, "ListActiveCollaborations", message)
+    return {
+        "collaborations": [mapping.session_json(s) for s in reply.collaborations],
+        "total": reply.total,
+        "next_cursor": reply.next_cursor or None,
+    }
+
+
+@router.get(
+    "/ended-collaborations",
+    summary="Ended sessions, most recently ended first",
+    response_model=None,
+    responses=documented(CollaborationsBody, 400),
+)
+async def ended_collaborations(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+    message = _message(pb.ListEndedCollaborationsRequest, limit=limit, cursor=cursor or "")
+    reply = await call(request, "ListEndedCollaborations", message)
+    return {
+        "collaborations": [mapping.session_json(s) for s in reply.collaborations],
+        "total": reply.total,
+        "next_cursor": reply.next_cursor or None,
+    }
+
+
+# Before the session route: its `:path` would take `.../decisions` as a session id.
+@router.get(
+    "/collaborations/{session_id:path}/decisions",
+    summary="A session's decisions, oldest first, a page at a time",
+    response_model=None,
+    responses=documented(DecisionsPageBody, 400, 404),
+)
+async def list_decisions(request: Request, session_id: str, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
+    message = _message(pb.ListDecisionsRequest, session_id=session_id, limit=limit, cursor=cursor or "")
+    reply = await call(request, "ListDecisions", message)
+    return {
+        "decisions": [mapping.decision_json(d) for d in reply.decisions],
+        "total": reply.total,
+        "next_cursor": reply.next_cursor or None,
+    }
+
+
+@router.get(
+    "/collaborations/{session_id:path}",
+    summary="One session with its activities and decisions",
+    response_model=None,
+    responses=documented(CollaborationBody, 400, 404),
+)
+async def get_collaboration(request: Request, session_id: str) -> dict[str, Any]:
+    reply = await call(request, "GetCollaboration", _message(pb.GetCollaborationRequest, session_id=session_id))
+    return {
+        "session": mapping.session_json(reply.session),
+        "activities": [mapping.activity_json(a) for a in reply.activities],
+        "decisions": [mapping.decision_json(d) for d in reply.decisions],
+        "activities_omitted": reply.activities_omitted,
+        "decisions_omitted": reply.decisions_omitted,
+    }
+
+
+@router.post(
+    "/record-activity",
+    summary="Record an activity",
+    response_model=None,
+    responses=documented(RecordedActivityBody, 400, 404, 409, 429),
+)
+async def record_activity(
+    request: Request, body: RecordActivityBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(
+        pb.RecordActivityRequest,
+        agent_id=body.agent_id,
+        department=body.department,
+        activity_type=mapping.ACTIVITY_TYPES[body.activity_type],
+        metadata=_struct(body.metadata),
+        related_agents=body.related_agents,
+        session_id=body.session_id or "",
+        parent_activity_id=body.parent_activity_id or "",
+        idempotency_key=idempotency_key or "",
     )
-    async def activity_feed(
-        request: Request,
-        agent_id: str | None = None,
-        limit: Limit = 50,
-        session_id: str | None = None,
-        cursor: Cursor = None,
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.GetActivityFeedRequest,
-            agent_id=agent_id or "",
-            limit=limit,
-            session_id=session_id or "",
-            cursor=cursor or "",
-        )
-        reply = await call(request, "GetActivityFeed", message)
-        return {
-            "activities": [mapping.activity_json(a) for a in reply.activities],
-            "total": reply.total,
-            "agent_id": agent_id,
-            "next_cursor": reply.next_cursor or None,
-        }
+    reply = await call(request, "RecordActivity", message)
+    return {"success": True, "activity_id": reply.activity_id}
 
-    # `/activities` itself: the route below needs a `/` and an id after it, so neither
-    # shadows the other.
-    @router.get(
-        "/activities",
-        summary="Search the retained history: filters, newest or oldest first, a page at a time",
-        response_model=None,
-        responses=documented(ActivityQueryBody, 400),
+
+@router.post(
+    "/complete-activity",
+    summary="Complete an activity",
+    response_model=None,
+    responses=documented(RecordedActivityBody, 400, 404, 409),
+)
+async def complete_activity(
+    request: Request, body: CompleteActivityBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(
+        pb.CompleteActivityRequest,
+        activity_id=body.activity_id,
+        success=body.success,
+        failure_reason=body.failure_reason or "",
+        idempotency_key=idempotency_key or "",
     )
-    async def query_activities(
-        request: Request,
-        agent_id: Repeated = None,
-        department: Repeated = None,
-        activity_type: Annotated[list[ActivityTypeName] | None, Query(description="may repeat")] = None,
-        status: Annotated[list[StatusName] | None, Query(description="may repeat")] = None,
-        session_id: Repeated = None,
-        parent_activity_id: Repeated = None,
-        since: TimeBound = None,
-        until: TimeBound = None,
-        order: Annotated[Literal["desc", "asc"], Query(description="newest (desc) or oldest (asc) first")] = "desc",
-        limit: Limit = 50,
-        cursor: Cursor = None,
-        meta: Annotated[
-            list[str] | None,
-            Query(description="`key=value`: a top-level metadata key with this scalar value; may repeat"),
-        ] = None,
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.QueryActivitiesRequest,
-            agent_ids=agent_id or [],
-            departments=department or [],
-            activity_types=[mapping.ACTIVITY_TYPES[name] for name in activity_type or []],
-            statuses=[_STATUSES[name] for name in status or []],
-            session_ids=session_id or [],
-            parent_activity_ids=parent_activity_id or [],
-            metadata=[_metadata_match(pair) for pair in meta or []],
-            oldest_first=order == "asc",
-            limit=limit,
-            cursor=cursor or "",
-        )
-        for field, bound in (("since", since), ("until", until)):
-            if bound is not None:
-                getattr(message, field).FromNanoseconds(round(_seconds(field, bound) * 1e9))
-        reply = await call(request, "QueryActivities", message)
-        return {
-            "activities": [mapping.activity_json(a) for a in reply.activities],
-            "next_cursor": reply.next_cursor or None,
-        }
+    reply = await call(request, "CompleteActivity", message)
+    return {"success": True, "activity_id": reply.activity_id}
 
-    # Path routes take any id the server accepts, `/` included: percent-encoded, it
-    # arrives decoded, and `:path` lets it span segments.
-    @router.get(
-        "/activities/{activity_id:path}",
-        summary="One activity, open or in history",
-        response_model=None,
-        responses=documented(OneActivityBody, 400, 404),
+
+@router.post(
+    "/start-collaboration",
+    summary="Start a collaboration session",
+    response_model=None,
+    responses=documented(SessionChangeBody, 400, 409),
+)
+async def start_collaboration(
+    request: Request, body: StartCollaborationBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(
+        pb.StartCollaborationRequest,
+        participants=body.participants,
+        session_type=body.session_type,
+        metadata=_struct(body.metadata),
+        idempotency_key=idempotency_key or "",
     )
-    async def get_activity(request: Request, activity_id: str) -> dict[str, Any]:
-        reply = await call(request, "GetActivity", _message(pb.GetActivityRequest, activity_id=activity_id))
-        return {"activity": mapping.activity_json(reply.activity)}
+    reply = await call(request, "StartCollaboration", message)
+    return {"success": True, "session_id": reply.session_id}
 
-    @router.get(
-        "/active-collaborations",
-        summary="Collaboration sessions not yet ended",
-        response_model=None,
-        responses=documented(CollaborationsBody, 400),
+
+@router.post(
+    "/end-collaboration",
+    summary="End a collaboration session",
+    response_model=None,
+    responses=documented(SessionChangeBody, 400, 404, 409),
+)
+async def end_collaboration(
+    request: Request, body: EndCollaborationBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(pb.EndCollaborationRequest, session_id=body.session_id, idempotency_key=idempotency_key or "")
+    reply = await call(request, "EndCollaboration", message)
+    return {"success": True, "session_id": reply.session_id}
+
+
+@router.post(
+    "/record-memory-update",
+    summary="Record a memory write, read or delete",
+    response_model=None,
+    responses=documented(SuccessBody, 400, 409, 429),
+)
+async def record_memory_update(
+    request: Request, body: RecordMemoryUpdateBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(
+        pb.RecordMemoryUpdateRequest,
+        operation=mapping.MEMORY_OPERATIONS[body.operation],
+        item_id=body.item_id,
+        agent_id=body.agent_id,
+        metadata=_struct(body.metadata),
+        idempotency_key=idempotency_key or "",
     )
-    async def active_collaborations(
-        request: Request, limit: OptionalLimit = None, cursor: Cursor = None
-    ) -> dict[str, Any]:
-        message = _message(pb.ListActiveCollaborationsRequest, limit=limit or 0, cursor=cursor or "")
-        reply = await call(request, "ListActiveCollaborations", message)
-        return {
-            "collaborations": [mapping.session_json(s) for s in reply.collaborations],
-            "total": reply.total,
-            "next_cursor": reply.next_cursor or None,
-        }
+    await call(request, "RecordMemoryUpdate", message)
+    return {"success": True}
 
-    @router.get(
-        "/ended-collaborations",
-        summary="Ended sessions, most recently ended first",
-        response_model=None,
-        responses=documented(CollaborationsBody, 400),
+
+@router.post(
+    "/record-decision",
+    summary="Record a decision in an active session",
+    response_model=None,
+    responses=documented(RecordedDecisionBody, 400, 404, 409, 429),
+)
+async def record_decision(
+    request: Request, body: RecordDecisionBody, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    message = _message(
+        pb.RecordDecisionRequest,
+        session_id=body.session_id,
+        agent_id=body.agent_id,
+        decision=body.decision,
+        rationale=body.rationale,
+        votes=body.votes,
+        metadata=_struct(body.metadata),
+        idempotency_key=idempotency_key or "",
     )
-    async def ended_collaborations(request: Request, limit: Limit = 50, cursor: Cursor = None) -> dict[str, Any]:
-        message = _message(pb.ListEndedCollaborationsRequest, limit=limit, cursor=cursor or "")
-        reply = await call(request, "ListEndedCollaborations", message)
-        return {
-            "collaborations": [mapping.session_json(s) for s in reply.collaborations],
-            "total": reply.total,
-            "next_cursor": reply.next_cursor or None,
-        }
-
-    # Before the session route: its `:path` would take `.../decisions` as a session id.
-    @router.get(
-        "/collaborations/{session_id:path}/decisions",
-        summary="A session's decisions, oldest first, a page at a time",
-        response_model=None,
-        responses=documented(DecisionsPageBody, 400, 404),
-    )
-    async def list_decisions(
-        request: Request, session_id: str, limit: Limit = 50, cursor: Cursor = None
-    ) -> dict[str, Any]:
-        message = _message(pb.ListDecisionsRequest, session_id=session_id, limit=limit, cursor=cursor or "")
-        reply = await call(request, "ListDecisions", message)
-        return {
-            "decisions": [mapping.decision_json(d) for d in reply.decisions],
-            "total": reply.total,
-            "next_cursor": reply.next_cursor or None,
-        }
-
-    @router.get(
-        "/collaborations/{session_id:path}",
-        summary="One session with its activities and decisions",
-        response_model=None,
-        responses=documented(CollaborationBody, 400, 404),
-    )
-    async def get_collaboration(request: Request, session_id: str) -> dict[str, Any]:
-        reply = await call(request, "GetCollaboration", _message(pb.GetCollaborationRequest, session_id=session_id))
-        return {
-            "session": mapping.session_json(reply.session),
-            "activities": [mapping.activity_json(a) for a in reply.activities],
-            "decisions": [mapping.decision_json(d) for d in reply.decisions],
-            "activities_omitted": reply.activities_omitted,
-            "decisions_omitted": reply.decisions_omitted,
-        }
-
-    @router.post(
-        "/record-activity",
-        summary="Record an activity",
-        response_model=None,
-        responses=documented(RecordedActivityBody, 400, 404, 409, 429),
-    )
-    async def record_activity(
-        request: Request, body: RecordActivityBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.RecordActivityRequest,
-            agent_id=body.agent_id,
-            department=body.department,
-            activity_type=mapping.ACTIVITY_TYPES[body.activity_type],
-            metadata=_struct(body.metadata),
-            related_agents=body.related_agents,
-            session_id=body.session_id or "",
-            parent_activity_id=body.parent_activity_id or "",
-            idempotency_key=idempotency_key or "",
-        )
-        reply = await call(request, "RecordActivity", message)
-        return {"success": True, "activity_id": reply.activity_id}
-
-    @router.post(
-        "/complete-activity",
-        summary="Complete an activity",
-        response_model=None,
-        responses=documented(RecordedActivityBody, 400, 404, 409),
-    )
-    async def complete_activity(
-        request: Request, body: CompleteActivityBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.CompleteActivityRequest,
-            activity_id=body.activity_id,
-            success=body.success,
-            failure_reason=body.failure_reason or "",
-            idempotency_key=idempotency_key or "",
-        )
-        reply = await call(request, "CompleteActivity", message)
-        return {"success": True, "activity_id": reply.activity_id}
-
-    @router.post(
-        "/start-collaboration",
-        summary="Start a collaboration session",
-        response_model=None,
-        responses=documented(SessionChangeBody, 400, 409),
-    )
-    async def start_collaboration(
-        request: Request, body: StartCollaborationBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.StartCollaborationRequest,
-            participants=body.participants,
-            session_type=body.session_type,
-            metadata=_struct(body.metadata),
-            idempotency_key=idempotency_key or "",
-        )
-        reply = await call(request, "StartCollaboration", message)
-        return {"success": True, "session_id": reply.session_id}
-
-    @router.post(
-        "/end-collaboration",
-        summary="End a collaboration session",
-        response_model=None,
-        responses=documented(SessionChangeBody, 400, 404, 409),
-    )
-    async def end_collaboration(
-        request: Request, body: EndCollaborationBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.EndCollaborationRequest, session_id=body.session_id, idempotency_key=idempotency_key or ""
-        )
-        reply = await call(request, "EndCollaboration", message)
-        return {"success": True, "session_id": reply.session_id}
-
-    @router.post(
-        "/record-memory-update",
-        summary="Record a memory write, read or delete",
-        response_model=None,
-        responses=documented(SuccessBody, 400, 409, 429),
-    )
-    async def record_memory_update(
-        request: Request, body: RecordMemoryUpdateBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.RecordMemoryUpdateRequest,
-            operation=mapping.MEMORY_OPERATIONS[body.operation],
-            item_id=body.item_id,
-            agent_id=body.agent_id,
-            metadata=_struct(body.metadata),
-            idempotency_key=idempotency_key or "",
-        )
-        await call(request, "RecordMemoryUpdate", message)
-        return {"success": True}
-
-    @router.post(
-        "/record-decision",
-        summary="Record a decision in an active session",
-        response_model=None,
-        responses=documented(RecordedDecisionBody, 400, 404, 409, 429),
-    )
-    async def record_decision(
-        request: Request, body: RecordDecisionBody, idempotency_key: IdempotencyKey = None
-    ) -> dict[str, Any]:
-        message = _message(
-            pb.RecordDecisionRequest,
-            session_id=body.session_id,
-            agent_id=body.agent_id,
-            decision=body.decision,
-            rationale=body.rationale,
-            votes=body.votes,
-            metadata=_struct(body.metadata),
-            idempotency_key=idempotency_key or "",
-        )
-        reply = await call(request, "RecordDecision", message)
-        return {"success": True, "decision_id": reply.decision_id}
-
-    return router
+    reply = await call(request, "RecordDecision", message)
+    return {"success": True, "decision_id": reply.decision_id}

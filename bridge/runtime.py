@@ -12,9 +12,11 @@ import grpc
 
 from bridge.config import BridgeConfig
 from bridge.credential_watch import CredentialWatch
+from bridge.errors import ServerUnavailable, calling_server
 from bridge.fanout import CLOSE_TOO_SLOW, Frame, Subscriber
-from bridge.hub import SnapshotTooOld, StreamHub, dumps
+from bridge.hub import SnapshotTooOld, StreamHub
 from bridge.limits import ConnectionLimit
+from bridge.mapping import dumps
 from bridge.request_id import HEADER, REQUEST_ID
 from bridge.tls import upstream_channel
 from bridge.upstream import Upstream
@@ -33,15 +35,8 @@ RESUME_RETRY_AFTER = 1
 Credential = tuple[str, str] | None
 
 
-def _unavailable(details: str, retry_after: int | None = None) -> grpc.aio.AioRpcError:
-    """A refusal the endpoints turn into "retry later" (WebSocket 1013, HTTP 503 with
-    ``Retry-After`` when given)."""
-    trailers = grpc.aio.Metadata(("retry-after", str(retry_after))) if retry_after else grpc.aio.Metadata()
-    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailers, details, None)
-
-
 def credential_metadata(credential: Credential) -> tuple[tuple[str, str], ...]:
-    """The metadata of an RPC made for a caller: its credential, and the id of the
+    """Build the metadata of an RPC made for a caller: its credential, and the id of the
     request being served, so that the server's log lines about the call carry it."""
     metadata = (credential,) if credential else ()
     request_id = REQUEST_ID.get()
@@ -91,6 +86,7 @@ class BridgeRuntime:
         return self._upstream
 
     async def start(self) -> None:
+        """Open the channel to the server and start following its streams and rechecking credentials."""
         self._channel = upstream_channel(self.config.grpc_target, self.config.grpc_tls_ca)
         self._stub = pb_grpc.CollaborationServiceStub(self._channel)
         self._upstream = Upstream(
@@ -114,26 +110,26 @@ class BridgeRuntime:
         try:
             await asyncio.wait_for(self._synced.wait(), self.config.rpc_timeout)
         except TimeoutError:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                "the bridge is not following the server yet; retry",
-                None,
-            ) from None
+            raise ServerUnavailable("the bridge is not following the server yet; retry") from None
 
     async def stop(self) -> None:
+        """Stop the credential rechecks and the upstream streams, then close the channel."""
         await self.credentials.stop()
         await self.upstream.stop()
         await self.channel.close(None)
 
     async def check_credential(self, credential: Credential) -> float | None:
-        """When ``credential`` expires (epoch seconds; None: not by itself), as the server
-        says; grpc.aio.AioRpcError (UNAUTHENTICATED...) when it is not accepted."""
+        """Ask the server when ``credential`` expires (epoch seconds; None: not by itself).
+
+        Raises grpc.aio.AioRpcError (UNAUTHENTICATED...) when the server does not accept
+        it, ServerUnavailable when the server cannot be asked."""
         try:
-            reply = await self.stub.CheckCredential(
-                pb.CheckCredentialRequest(), metadata=credential_metadata(credential), timeout=self.config.rpc_timeout
-            )
+            with calling_server():
+                reply = await self.stub.CheckCredential(
+                    pb.CheckCredentialRequest(),
+                    metadata=credential_metadata(credential),
+                    timeout=self.config.rpc_timeout,
+                )
         except grpc.aio.AioRpcError as failure:
             if failure.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
@@ -148,40 +144,38 @@ class BridgeRuntime:
         return float(reply.expires_at.ToNanoseconds()) / 1e9
 
     async def fetch_snapshot(self, credential: Credential) -> pb.Snapshot:
-        """The state now, read with the caller's own credential, which the server checks."""
+        """Read the state now with the caller's own credential, which the server checks.
+
+        Raises grpc.aio.AioRpcError when the server refuses the credential,
+        ServerUnavailable when it cannot be reached or sends no snapshot."""
         call = self.stub.SubscribeEvents(
             pb.SubscribeEventsRequest(include_snapshot=True, kinds=[pb.EVENT_KIND_COLLABORATION_ENDED]),
             metadata=credential_metadata(credential),
             timeout=self.config.rpc_timeout,
         )
         try:
-            first = await call.read()
+            with calling_server():
+                first = await call.read()
         finally:
             call.cancel()
         if not isinstance(first, pb.SubscribeEventsResponse) or not first.HasField("snapshot"):
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                grpc.aio.Metadata(),
-                grpc.aio.Metadata(),
-                "no snapshot from the server",
-                None,
-            )
+            raise ServerUnavailable("no snapshot from the server")
         return first.snapshot
 
     @asynccontextmanager
     async def _resume_slot(self) -> AsyncIterator[None]:
-        """A turn to stream a resume from the server; waits at most ``rpc_timeout``, then
-        refuses with UNAVAILABLE (the client retries)."""
+        """Take a turn to stream a resume from the server, waiting at most ``rpc_timeout``
+        before refusing with ServerUnavailable (the client retries)."""
         try:
             await asyncio.wait_for(self._resume_slots.acquire(), self.config.rpc_timeout)
         except TimeoutError:
             self.resumes_refused += 1
             limit = self.config.max_concurrent_resumes
             log.info("resume refused: %d resumes from the server's log already under way", limit)
-            raise _unavailable(
+            raise ServerUnavailable(
                 f"too many clients resuming from the server's log at once (the most is {limit}: "
                 "COLLAB_MAX_CONCURRENT_RESUMES); retry with the same since/epoch",
-                RESUME_RETRY_AFTER,
+                str(RESUME_RETRY_AFTER),
             ) from None
         try:
             yield
@@ -196,13 +190,15 @@ class BridgeRuntime:
         epoch: str,
         since: int,
     ) -> bool:
-        """Resume a client whose position is older than the buffer from the server's log,
-        read with the caller's credential: ``connection_established`` (recovered), then
+        """Resume a client whose position is older than the buffer from the server's log;
+        False (nothing sent) when the server cannot replay it either (another epoch, no
+        longer retained).
+
+        Read with the caller's credential: ``connection_established`` (recovered), then
         each missed event streamed to the client as it arrives (waiting for a client that
-        is behind), up to where the buffer takes over; then live events. False (nothing
-        sent) when the server cannot replay them either (another epoch, no longer
-        retained); UNAVAILABLE when the replay breaks off (the client resumes again from
-        what it received)."""
+        is behind), up to where the buffer takes over; then live events. Raises
+        ServerUnavailable when the replay breaks off (the client resumes again from what
+        it received)."""
         hub = self.hub
         async with self._resume_slot():
             call = self.stub.SubscribeEvents(
@@ -223,7 +219,7 @@ class BridgeRuntime:
                 while reached + 1 < hub.first_buffered_seq and not subscriber.closed:
                     message = await call.read()
                     if not isinstance(message, pb.SubscribeEventsResponse):
-                        raise _unavailable("the server ended the replay early; resume again")
+                        raise ServerUnavailable("the server ended the replay early; resume again")
                     reached = message.event.seq
                     frame = hub.frame(message.event)
                     if frame is not None:
@@ -232,14 +228,15 @@ class BridgeRuntime:
                         await self._wait_drained(subscriber)
             except grpc.aio.AioRpcError as failure:
                 if failure.code() == grpc.StatusCode.UNAVAILABLE:
-                    raise
-                raise _unavailable(f"the replay of missed events failed: {failure.details()}; resume again") from None
+                    raise ServerUnavailable.from_rpc(failure) from None
+                failed = f"the replay of missed events failed: {failure.details()}; resume again"
+                raise ServerUnavailable(failed) from None
             finally:
                 call.cancel()
         if subscriber.closed:
             return True  # too slow, or gone: it resumes again from what it received
         if hub.epoch != epoch:  # the server restarted meanwhile
-            raise _unavailable("the server's history restarted during the resume; resume again")
+            raise ServerUnavailable("the server's history restarted during the resume; resume again")
         hub.continue_after(subscriber, reached)
         return True
 
@@ -286,4 +283,4 @@ class BridgeRuntime:
             except SnapshotTooOld:
                 await asyncio.sleep(0.05 * attempt)
                 snapshot = await self.fetch_snapshot(credential)
-        raise _unavailable("events arrive faster than a consistent snapshot can be taken; retry")
+        raise ServerUnavailable("events arrive faster than a consistent snapshot can be taken; retry")

@@ -1,6 +1,9 @@
-"""What the REST routes answer, as pydantic models: the OpenAPI spec at /openapi.json.
+"""What the REST routes take and answer, as pydantic models: the OpenAPI spec at /openapi.json.
 
-The routes build their bodies with bridge.mapping and return them as they are; these
+The request bodies (``RecordActivityBody``...) are validated strictly: unknown fields and
+values of another JSON type are refused with 422.
+
+The routes build their answers with bridge.mapping and return them as they are; these
 models only document them (no validation on the way out, so a body is never reshaped),
 and tests/integration/test_fuzz_rest.py checks every answer against them. They allow
 extra properties: the guide's shapes are the floor, fields are added, never removed.
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from collab_grpc.names import ActivityStatusName, ActivityTypeName
 
@@ -26,16 +29,22 @@ __all__ = [
     "AgentsPageBody",
     "CollaborationBody",
     "CollaborationsBody",
+    "CompleteActivityBody",
     "DecisionBody",
     "DecisionsPageBody",
+    "EndCollaborationBody",
     "ErrorBody",
     "HealthBody",
     "OneActivityBody",
     "ReadyBody",
+    "RecordActivityBody",
+    "RecordDecisionBody",
+    "RecordMemoryUpdateBody",
     "RecordedActivityBody",
     "RecordedDecisionBody",
     "SessionBody",
     "SessionChangeBody",
+    "StartCollaborationBody",
     "SuccessBody",
     "documented",
 ]
@@ -184,6 +193,54 @@ class ReadyBody(_Body):
     seq: int
     clients: int
     error: str | None
+
+
+# What the REST routes take: exactly these fields, each of exactly its JSON type (no
+# coercion), so a typo in a field name is a 422, not a silently ignored field.
+class _RequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RecordActivityBody(_RequestBody):
+    agent_id: str
+    activity_type: ActivityTypeName
+    department: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    related_agents: list[str] = Field(default_factory=list)
+    session_id: str | None = None
+    parent_activity_id: str | None = None
+
+
+class CompleteActivityBody(_RequestBody):
+    activity_id: str
+    success: bool = True
+    failure_reason: str | None = None
+
+
+class StartCollaborationBody(_RequestBody):
+    participants: list[str]
+    session_type: str = "general"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class EndCollaborationBody(_RequestBody):
+    session_id: str
+
+
+class RecordMemoryUpdateBody(_RequestBody):
+    operation: Literal["write", "read", "delete"]
+    item_id: str
+    agent_id: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RecordDecisionBody(_RequestBody):
+    session_id: str
+    agent_id: str
+    decision: str
+    rationale: str = ""
+    votes: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 _ERRORS: dict[int, str] = {

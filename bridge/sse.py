@@ -13,24 +13,22 @@ stops; it does not retry in a loop.
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import ExitStack
 from typing import Any
 
 import grpc
+from starlette.types import Receive, Scope, Send
 
 from bridge.credential_watch import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
-from bridge.credentials import InvalidCredential
+from bridge.credentials import InvalidCredential, credential_from_scope, query_params
+from bridge.errors import HubError, ServerUnavailable, hub_error_response
 from bridge.fanout import ClientFilter, Frame, Subscriber
-from bridge.hub import dumps
 from bridge.limits import token_key
-from bridge.mapping import iso_now
+from bridge.mapping import dumps, iso_now
 from bridge.origins import OriginPolicy
-from bridge.protocol import error, handle_client_message
-from bridge.rest import HubError, hub_error_response
+from bridge.protocol import error, subscribe
 from bridge.runtime import BridgeRuntime
-from bridge.websocket import Receive, Scope, Send, _query, credential_from_scope
 
 __all__ = ["EventStream", "sse_encode"]
 
@@ -38,11 +36,14 @@ log = logging.getLogger("bridge.sse")
 
 
 def sse_encode(frame: Frame) -> str:
+    """Encode ``frame`` as one Server-Sent Event: its seq as ``id:``, its type as ``event:``."""
     head = f"id: {frame.seq}\n" if frame.seq is not None else ""
     return f"{head}event: {frame.type}\ndata: {frame.text}\n\n"
 
 
 class EventStream:
+    """The event-stream endpoint (a plain ASGI app); ``clients`` counts the streams open now."""
+
     def __init__(self, runtime: BridgeRuntime) -> None:
         self.runtime = runtime
         self.origins = OriginPolicy(runtime.config.allowed_origins)
@@ -55,18 +56,17 @@ class EventStream:
             await self._serve(scope, receive, send, held)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
+        """Admit the request and stream events to it; a refusal before the 200 is an HTTP error."""
         if (refused_origin := self.origins.refusal(scope)) is not None:
             await hub_error_response(HubError(403, "PERMISSION_DENIED", refused_origin))(scope, receive, send)
             return
-        query = _query(scope)
+        query = query_params(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         hub = self.runtime.hub
         event_filter = ClientFilter()
         if query.get("types"):
             names = [name.strip() for name in query["types"].split(",") if name.strip()]
-            reply, event_filter = handle_client_message(
-                json.dumps({"type": "subscribe", "activity_types": names}), None, event_filter, 1 << 20
-            )
+            reply, event_filter = subscribe(names, event_filter)
             if reply["type"] == "error":
                 await hub_error_response(HubError(400, "INVALID_ARGUMENT", reply["error"]))(scope, receive, send)
                 return
@@ -94,7 +94,7 @@ class EventStream:
             return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
-        except grpc.aio.AioRpcError as failure:
+        except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
             await hub_error_response(HubError.from_rpc(failure))(scope, receive, send)
             return
         slot = limit.take(token_key(credential))
@@ -144,7 +144,7 @@ class EventStream:
             await self.runtime.open_client(
                 subscriber, snapshot, credential, established, since, query.get("epoch") or hub.epoch
             )
-        except grpc.aio.AioRpcError as failure:
+        except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
             if started:
                 await close(0, "")
             else:
@@ -153,6 +153,7 @@ class EventStream:
         await self._wait_for_disconnect(receive, subscriber)
 
     async def _wait_for_disconnect(self, receive: Receive, subscriber: Subscriber) -> None:
+        """Hold the stream open until the client leaves, then take it out of the hub."""
         self.clients += 1
         try:
             while (await receive())["type"] != "http.disconnect":

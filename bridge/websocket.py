@@ -27,22 +27,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import ExitStack
 from typing import Any
-from urllib.parse import parse_qs
 
 import grpc
+from starlette.types import Receive, Scope, Send
 
-from bridge.credentials import DEFAULT_MAX_CREDENTIAL_BYTES, InvalidCredential, credential_from_headers
+from bridge.credentials import InvalidCredential, credential_from_scope, query_params
+from bridge.errors import ServerUnavailable
 from bridge.fanout import Subscriber
-from bridge.hub import dumps
 from bridge.limits import Admission, MessageRate, token_key
-from bridge.mapping import iso_now
+from bridge.mapping import dumps, iso_now
 from bridge.origins import OriginPolicy
 from bridge.protocol import error, handle_client_message
-from bridge.rest import unavailable_detail
-from bridge.runtime import BridgeRuntime, Credential
+from bridge.runtime import BridgeRuntime
 from bridge.wire import direct_writer
 
 __all__ = [
@@ -54,15 +52,10 @@ __all__ = [
     "CLOSE_TRY_AGAIN",
     "CLOSE_UNAUTHORIZED",
     "CollaborationWebSocket",
-    "credential_from_scope",
+    "close_for",
 ]
 
 log = logging.getLogger("bridge.websocket")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CLOSE_BAD_REQUEST = 4400
 CLOSE_TOO_MANY = 4429
@@ -83,10 +76,10 @@ _CLOSE_FOR_STATUS = {
 }
 
 
-def _refusal(failure: grpc.aio.AioRpcError) -> tuple[int, str]:
-    """The close code and reason for a failed call made on a connecting client's behalf."""
-    if (unavailable := unavailable_detail(failure)) is not None:
-        return CLOSE_TRY_AGAIN, unavailable
+def close_for(failure: grpc.aio.AioRpcError | ServerUnavailable) -> tuple[int, str]:
+    """Return the close code and reason for a call made on a connecting client's behalf that failed."""
+    if isinstance(failure, ServerUnavailable) or failure.code() == grpc.StatusCode.UNAVAILABLE:
+        return CLOSE_TRY_AGAIN, ServerUnavailable.of(failure).detail
     code = _CLOSE_FOR_STATUS.get(failure.code(), CLOSE_TRY_AGAIN)
     reason = failure.details() or failure.code().name
     if code == CLOSE_TRY_AGAIN:
@@ -94,20 +87,10 @@ def _refusal(failure: grpc.aio.AioRpcError) -> tuple[int, str]:
     return code, reason
 
 
-def _query(scope: Scope) -> dict[str, str]:
-    parsed = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return {key: values[-1] for key, values in parsed.items()}
-
-
-def credential_from_scope(
-    scope: Scope, query: dict[str, str], max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES
-) -> Credential:
-    """``?token=`` (browsers cannot set headers), else the Authorization/X-API-Key header
-    (bridge/credentials.py). Raises InvalidCredential for a malformed one."""
-    return credential_from_headers(scope.get("headers", ()), query, max_bytes=max_bytes)
-
-
 class CollaborationWebSocket:
+    """The WebSocket endpoint: admits a connection, opens it from a snapshot (or resumes
+    it) and answers its messages; ``connections``, ``accepted`` and ``refused`` are its tallies."""
+
     def __init__(self, runtime: BridgeRuntime) -> None:
         self.runtime = runtime
         self.connections: set[Subscriber] = set()
@@ -123,14 +106,15 @@ class CollaborationWebSocket:
             await self._serve(scope, receive, send, held)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, held: ExitStack) -> None:
+        """Admit the connection (origin, query, credential, budgets), open it and converse until it ends."""
         if (await receive())["type"] != "websocket.connect":
             return
-        query = _query(scope)
+        query = query_params(scope)
         client_id = query.get("client_id") or f"client_{uuid.uuid4().hex[:12]}"
         client_type = query.get("client_type") or "general"
 
         async def refuse(code: int, reason: str, *, accepted: bool = False) -> None:
-            """An `error` message saying why, then the close code (browsers see both)."""
+            """Send an `error` message saying why, then the close code (browsers see both)."""
             self.refused[code] = self.refused.get(code, 0) + 1
             log.info("websocket refused", extra={"client_id": client_id, "code": code, "reason": reason})
             if not accepted:
@@ -165,8 +149,8 @@ class CollaborationWebSocket:
             return
         try:
             snapshot = await self.runtime.fetch_snapshot(credential)
-        except grpc.aio.AioRpcError as failure:
-            await refuse(*_refusal(failure))
+        except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
+            await refuse(*close_for(failure))
             return
         # Counted once the token is known good: a wrong one is refused as such above.
         slot = self.runtime.connection_limit.take(token_key(credential))
@@ -209,8 +193,8 @@ class CollaborationWebSocket:
             watched = await self.runtime.credentials.enter(token_key(credential), credential, subscriber.disconnect)
             held.callback(watched.release)
             await self.runtime.open_client(subscriber, snapshot, credential, established, since, epoch)
-        except grpc.aio.AioRpcError as failure:
-            await refuse(*_refusal(failure), accepted=True)
+        except (grpc.aio.AioRpcError, ServerUnavailable) as failure:
+            await refuse(*close_for(failure), accepted=True)
             return
         self.connections.add(subscriber)
         self.accepted += 1
@@ -222,6 +206,7 @@ class CollaborationWebSocket:
             subscriber.closed = True
 
     async def _converse(self, subscriber: Subscriber, receive: Receive) -> None:
+        """Answer the client's messages until it disconnects, dropping them, then closing, when it floods."""
         max_bytes = self.runtime.config.max_ws_message_bytes
         rate = MessageRate(self.runtime.config.ws_messages_per_second, time.monotonic())
         while True:

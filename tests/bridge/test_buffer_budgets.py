@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from bridge.config import BridgeConfig, parse_bridge_config
+from bridge.errors import HubError, ServerUnavailable
 from bridge.fanout import CLOSE_TOO_SLOW, Subscriber
 from bridge.hub import StreamHub
-from bridge.rest import HubError
 from bridge.runtime import BridgeRuntime
 from bridge.sse import EventStream
 from collab_grpc.errors import BUDGET_TRAILER
@@ -270,8 +270,8 @@ async def test_resumes_beyond_the_concurrency_limit_wait_then_are_refused_as_una
     done, pending = await asyncio.wait(opening, timeout=5, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1 and len(pending) == 2  # the third waited for a turn, then gave up
     refused = next(iter(done)).exception()
-    assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == grpc.StatusCode.UNAVAILABLE
-    assert "COLLAB_MAX_CONCURRENT_RESUMES" in (refused.details() or "")
+    assert isinstance(refused, ServerUnavailable) and refused.retry_after == "1"
+    assert "COLLAB_MAX_CONCURRENT_RESUMES" in refused.detail
     assert len(stub.calls) == 2 and runtime.resumes_refused == 1
     hold.set()
     await asyncio.wait_for(asyncio.gather(*pending), 5)

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from bridge.credential_watch import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, TOKEN_EXPIRED, CredentialWatch
+from bridge.errors import ServerUnavailable
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -39,8 +40,10 @@ class FakeServer:
         finally:
             self.in_flight -= 1
         answer = self.answers.get(credential, grpc.StatusCode.UNAUTHENTICATED)
+        if answer == grpc.StatusCode.UNAVAILABLE:  # as BridgeRuntime.check_credential raises it
+            raise ServerUnavailable("down")
         if isinstance(answer, grpc.StatusCode):
-            raise rpc_error(answer, "invalid credential" if answer != grpc.StatusCode.UNAVAILABLE else "down")
+            raise rpc_error(answer, "invalid credential")
         return answer
 
 

@@ -9,10 +9,10 @@ import logging
 import pytest
 
 from bridge.credentials import InvalidCredential, credential_from_headers, token_of
+from bridge.errors import without_addresses
 from bridge.limits import token_key
 from bridge.main import RedactSecrets, redact
 from bridge.origins import HostPolicy, parse_hosts
-from bridge.rest import without_addresses
 from collab_grpc.logs import TEXT_FORMAT, SafeTextFormatter, escape_controls
 from collab_grpc.store.redis_store import redacted_netloc
 

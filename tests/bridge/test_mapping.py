@@ -12,7 +12,8 @@ import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from bridge import mapping
-from bridge.hub import collaboration_state, dumps
+from bridge.hub import collaboration_state
+from bridge.mapping import dumps
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.contract import load_schema
 

@@ -11,8 +11,7 @@ from datetime import datetime, timedelta
 from hypothesis import strategies as st
 
 from bridge.fanout import ClientFilter
-from bridge.hub import dumps
-from bridge.mapping import JSON
+from bridge.mapping import JSON, dumps
 from bridge.protocol import ACTIVITY_ONLY_TYPES, MESSAGE_TYPES, handle_client_message, in_force
 from tests.support.fuzz import run_property, ws_messages, ws_texts
 

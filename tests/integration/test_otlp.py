@@ -415,8 +415,12 @@ def test_rate_limited_exports_are_retried_restarts_remember_spans(tmp_path: Path
         stack.server.start(port)
         post_until_taken(base, body)
         assert sorted(a["activity_id"] for a in feed()) == sorted(a["activity_id"] for a in recorded)
-        # The server gone: 503 with Retry-After, which exporters retry.
+        # The server gone: 503 with Retry-After, which exporters retry; the message says so,
+        # as REST and the WebSocket do, without the server's address.
         assert stack.server.stop() == 0
         response = httpx.post(base + "/v1/traces", content=body, headers={"Content-Type": PROTOBUF, **AUTH}, timeout=30)
         assert response.status_code == 503, response.text
         assert response.headers["Retry-After"] == "1"
+        told = status_of(response)
+        assert told.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert told.message.startswith("the collab server is unavailable: ") and str(port) not in told.message
