@@ -16,20 +16,11 @@ from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-# ACTIVITY_TYPES and MEMORY_OPERATIONS are passed on (in __all__) for the REST routes' requests.
-from collab_grpc.names import (
-    ACTIVITY_STATUS_NAMES,
-    ACTIVITY_TYPE_NAMES,
-    ACTIVITY_TYPES,
-    MEMORY_OPERATION_NAMES,
-    MEMORY_OPERATIONS,
-)
+from collab_grpc.names import ACTIVITY_STATUS_NAMES, ACTIVITY_TYPE_NAMES, MEMORY_OPERATION_NAMES
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = [
-    "ACTIVITY_TYPES",
     "JSON",
-    "MEMORY_OPERATIONS",
     "activity_json",
     "activity_type_name",
     "agent_json",

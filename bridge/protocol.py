@@ -15,7 +15,8 @@ import json
 from typing import Any
 
 from bridge.fanout import ClientFilter
-from bridge.mapping import ACTIVITY_TYPES, JSON, iso_now
+from bridge.mapping import JSON, iso_now
+from collab_grpc.names import ACTIVITY_TYPES
 
 __all__ = ["ACTIVITY_ONLY_TYPES", "MESSAGE_TYPES", "error", "handle_client_message", "in_force", "subscribe"]
 

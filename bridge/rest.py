@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 from fastapi import APIRouter, Header, Query, Request, Security
@@ -28,7 +28,6 @@ from bridge.runtime import BridgeRuntime, Credential, credential_metadata
 from bridge.schemas import (
     ActivityFeedBody,
     ActivityQueryBody,
-    ActivityTypeName,
     AgentsPageBody,
     AgentStatusBody,
     CollaborationBody,
@@ -47,13 +46,18 @@ from bridge.schemas import (
     SuccessBody,
     documented,
 )
+from collab_grpc.names import (
+    ACTIVITY_STATUSES,
+    ACTIVITY_TYPES,
+    MEMORY_OPERATIONS,
+    ActivityStatusName,
+    ActivityTypeName,
+)
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 __all__ = ["CREDENTIALS", "credential_from_request", "router"]
 
 log = logging.getLogger("bridge.rest")
-
-assert set(get_args(ActivityTypeName)) == set(mapping.ACTIVITY_TYPES), "the REST enum must match the proto"
 
 
 def credential_from_request(request: Request, max_bytes: int = DEFAULT_MAX_CREDENTIAL_BYTES) -> Credential:
@@ -133,12 +137,6 @@ Repeated = Annotated[list[str] | None, Query(description="may repeat: any of the
 TimeBound = Annotated[
     str | None, Query(max_length=64, description="epoch seconds or ISO 8601 (UTC unless it says otherwise)")
 ]
-StatusName = Literal["active", "completed", "failed"]
-_STATUSES: dict[str, pb.ActivityStatus.ValueType] = {
-    "active": pb.ACTIVITY_STATUS_ACTIVE,
-    "completed": pb.ACTIVITY_STATUS_COMPLETED,
-    "failed": pb.ACTIVITY_STATUS_FAILED,
-}
 # Epoch seconds the server's Timestamp can hold (years 1 to 9999).
 _EARLIEST, _LATEST = -62_135_596_800.0, 253_402_300_799.0
 
@@ -259,7 +257,7 @@ async def query_activities(
     agent_id: Repeated = None,
     department: Repeated = None,
     activity_type: Annotated[list[ActivityTypeName] | None, Query(description="may repeat")] = None,
-    status: Annotated[list[StatusName] | None, Query(description="may repeat")] = None,
+    status: Annotated[list[ActivityStatusName] | None, Query(description="may repeat")] = None,
     session_id: Repeated = None,
     parent_activity_id: Repeated = None,
     since: TimeBound = None,
@@ -276,8 +274,8 @@ async def query_activities(
         pb.QueryActivitiesRequest,
         agent_ids=agent_id or [],
         departments=department or [],
-        activity_types=[mapping.ACTIVITY_TYPES[name] for name in activity_type or []],
-        statuses=[_STATUSES[name] for name in status or []],
+        activity_types=[ACTIVITY_TYPES[name] for name in activity_type or []],
+        statuses=[ACTIVITY_STATUSES[name] for name in status or []],
         session_ids=session_id or [],
         parent_activity_ids=parent_activity_id or [],
         metadata=[_metadata_match(pair) for pair in meta or []],
@@ -387,7 +385,7 @@ async def record_activity(
         pb.RecordActivityRequest,
         agent_id=body.agent_id,
         department=body.department,
-        activity_type=mapping.ACTIVITY_TYPES[body.activity_type],
+        activity_type=ACTIVITY_TYPES[body.activity_type],
         metadata=_struct(body.metadata),
         related_agents=body.related_agents,
         session_id=body.session_id or "",
@@ -463,7 +461,7 @@ async def record_memory_update(
 ) -> dict[str, Any]:
     message = _message(
         pb.RecordMemoryUpdateRequest,
-        operation=mapping.MEMORY_OPERATIONS[body.operation],
+        operation=MEMORY_OPERATIONS[body.operation],
         item_id=body.item_id,
         agent_id=body.agent_id,
         metadata=_struct(body.metadata),

@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from bridge import mapping
 from bridge.hub import collaboration_state
 from bridge.mapping import dumps
+from collab_grpc import names
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.contract import load_schema
 
@@ -283,16 +284,16 @@ def test_activity_fields_beyond_the_guide_are_added() -> None:
 )
 def test_activity_types_have_the_guide_names(number: int, name: str, ws_schema: dict[str, Any]) -> None:
     assert mapping.activity_type_name(number) == name
-    assert mapping.ACTIVITY_TYPES[name] == number
+    assert names.ACTIVITY_TYPES[name] == number
     message = mapping.event_json(event(9, activity_recorded=activity(number)))
     assert message["activity"]["activity_type"] == name
     assert_valid_ws(ws_schema, message)
 
 
 def test_unspecified_enum_values_have_no_guide_name() -> None:
-    assert "unspecified" not in mapping.ACTIVITY_TYPES
-    assert "unspecified" not in mapping.MEMORY_OPERATIONS
-    assert set(mapping.MEMORY_OPERATIONS) == {"write", "read", "delete"}
+    assert "unspecified" not in names.ACTIVITY_TYPES
+    assert "unspecified" not in names.MEMORY_OPERATIONS
+    assert set(names.MEMORY_OPERATIONS) == {"write", "read", "delete"}
 
 
 @pytest.mark.parametrize("success", [True, False])

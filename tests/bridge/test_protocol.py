@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from bridge.fanout import ClientFilter, Frame
-from bridge.mapping import ACTIVITY_TYPES, JSON
+from bridge.mapping import JSON
 from bridge.protocol import ACTIVITY_ONLY_TYPES, MESSAGE_TYPES, handle_client_message
+from collab_grpc.names import ACTIVITY_TYPES
 
 MAX_BYTES = 64 * 1024
 

@@ -10,7 +10,7 @@ from typing import Any, get_args
 import pytest
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from bridge import mapping, schemas
+from bridge import mapping, protocol, rest, schemas
 from collab import _requests
 from collab_grpc import convert, model, names
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -73,8 +73,11 @@ def test_the_server_the_bridge_and_the_sdk_read_the_one_table() -> None:
     assert _requests.ACTIVITY_TYPES is names.ACTIVITY_TYPES
     assert _requests.EVENT_KINDS is names.EVENT_KINDS
     assert _requests.MEMORY_OPERATIONS is names.MEMORY_OPERATIONS
-    assert mapping.ACTIVITY_TYPES is names.ACTIVITY_TYPES
-    assert mapping.MEMORY_OPERATIONS is names.MEMORY_OPERATIONS
+    assert vars(rest)["ACTIVITY_TYPES"] is names.ACTIVITY_TYPES
+    assert vars(rest)["ACTIVITY_STATUSES"] is names.ACTIVITY_STATUSES
+    assert vars(rest)["MEMORY_OPERATIONS"] is names.MEMORY_OPERATIONS
+    assert vars(protocol)["ACTIVITY_TYPES"] is names.ACTIVITY_TYPES
+    assert vars(mapping)["ACTIVITY_TYPE_NAMES"] is names.ACTIVITY_TYPE_NAMES
     assert schemas.ActivityTypeName is names.ActivityTypeName
     for member, type_number in convert.ACTIVITY_TYPE_TO_PROTO.items():
         assert names.ACTIVITY_TYPES[member.value] == type_number
