@@ -170,7 +170,7 @@ async def _forward(
 ) -> otlp.ExportTraceServiceResponse:
     """Send the export to the server's TraceService with the caller's credential; its refusal as _Refused."""
     stub = otlp_grpc.TraceServiceStub(runtime.channel)  # type: ignore[no-untyped-call]
-    metadata = credential_metadata(credential_from_request(request))
+    metadata = credential_metadata(credential_from_request(request, runtime.config.max_credential_bytes))
     try:
         with calling_server():
             reply: otlp.ExportTraceServiceResponse = await stub.Export(
