@@ -98,6 +98,9 @@ class Team:
         }
         return str((await self._post("record-activity", body))["activity_id"])
 
+    async def memory(self, agent: str, operation: str, item_id: str) -> None:
+        await self._post("record-memory-update", {"operation": operation, "item_id": item_id, "agent_id": agent})
+
     async def complete(self, activity_id: str, success: bool = True, failure_reason: str | None = None) -> None:
         body: dict[str, Any] = {"activity_id": activity_id, "success": success}
         if failure_reason:
@@ -198,9 +201,7 @@ class Team:
             await self.complete(
                 task, success=n % 7 != 3, failure_reason="rate limited by the model provider" if n % 7 == 3 else None
             )
-            await self._post(
-                "record-memory-update", {"operation": "write", "item_id": f"scratch/{agent}", "agent_id": agent}
-            )
+            await self.memory(agent, "write", f"scratch/{agent}")
         sessions = []
         for n in range(councils):
             people = [self.members[(n * 3 + k) % len(self.members)][0] for k in range(4)]

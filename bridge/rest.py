@@ -35,6 +35,7 @@ from bridge.schemas import (
     CompleteActivityBody,
     DecisionsPageBody,
     EndCollaborationBody,
+    MemoryUpdatesPageBody,
     OneActivityBody,
     RecordActivityBody,
     RecordDecisionBody,
@@ -335,6 +336,25 @@ async def ended_collaborations(request: Request, limit: Limit = 50, cursor: Curs
         "collaborations": [mapping.session_json(s) for s in reply.collaborations],
         "total": reply.total,
         "next_cursor": reply.next_cursor or None,
+    }
+
+
+@router.get(
+    "/memory-updates",
+    summary="The newest memory updates the hub's event log retains, newest first, a page at a time",
+    response_model=None,
+    responses=documented(MemoryUpdatesPageBody, 400),
+)
+async def memory_updates(
+    request: Request, agent_id: str | None = None, limit: Limit = 50, cursor: Cursor = None
+) -> dict[str, Any]:
+    message = _message(pb.ListMemoryUpdatesRequest, agent_id=agent_id or "", limit=limit, cursor=cursor or "")
+    reply = await call(request, "ListMemoryUpdates", message)
+    return {
+        "memory_updates": [{"seq": u.seq, "update": mapping.memory_update_json(u.update)} for u in reply.updates],
+        "next_cursor": reply.next_cursor or None,
+        "oldest_retained_seq": reply.oldest_retained_seq,
+        "epoch": reply.epoch,
     }
 
 

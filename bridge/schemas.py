@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from collab_grpc.names import ActivityStatusName, ActivityTypeName
+from collab_grpc.names import ActivityStatusName, ActivityTypeName, MemoryOperationName
 
 __all__ = [
     "ActivityBody",
@@ -35,6 +35,8 @@ __all__ = [
     "EndCollaborationBody",
     "ErrorBody",
     "HealthBody",
+    "MemoryUpdateBody",
+    "MemoryUpdatesPageBody",
     "OneActivityBody",
     "ReadyBody",
     "RecordActivityBody",
@@ -42,6 +44,7 @@ __all__ = [
     "RecordMemoryUpdateBody",
     "RecordedActivityBody",
     "RecordedDecisionBody",
+    "RecordedMemoryUpdateBody",
     "SessionBody",
     "SessionChangeBody",
     "StartCollaborationBody",
@@ -167,6 +170,26 @@ class DecisionsPageBody(_Body):
     next_cursor: str | None
 
 
+class MemoryUpdateBody(_Body):
+    operation: MemoryOperationName
+    item_id: str
+    agent_id: str
+    timestamp: float
+    metadata: dict[str, Any]
+
+
+class RecordedMemoryUpdateBody(_Body):
+    seq: int = Field(description="the seq of the event that announced it (the WebSocket's `memory_update` carries it)")
+    update: MemoryUpdateBody
+
+
+class MemoryUpdatesPageBody(_Body):
+    memory_updates: list[RecordedMemoryUpdateBody] = Field(description="newest first")
+    next_cursor: str | None
+    oldest_retained_seq: int = Field(description="updates announced before this event seq are no longer served")
+    epoch: str
+
+
 class SuccessBody(_Body):
     success: Literal[True]
 
@@ -228,7 +251,7 @@ class EndCollaborationBody(_RequestBody):
 
 
 class RecordMemoryUpdateBody(_RequestBody):
-    operation: Literal["write", "read", "delete"]
+    operation: MemoryOperationName
     item_id: str
     agent_id: str
     metadata: dict[str, Any] = Field(default_factory=dict)

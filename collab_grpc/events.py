@@ -241,6 +241,12 @@ class EventLog:
             retained.popleft()
             self.retained_bytes -= sizes.popleft()
 
+    def newest(self, kind: EventKind, before_seq: int | None = None) -> Iterator[Event]:
+        """The retained events of ``kind``, newest first; with ``before_seq``, only older ones."""
+        for event in reversed(self._retained):
+            if event.kind is kind and (before_seq is None or event.seq < before_seq):
+                yield event
+
     def publish_through(self, seq: int) -> None:
         """The store made every event up to ``seq`` durable: publish them."""
         while self._pending and self._pending[0][0].seq <= seq:

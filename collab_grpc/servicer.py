@@ -43,7 +43,7 @@ from collab_grpc.errors import (
 )
 from collab_grpc.events import Subscription
 from collab_grpc.history import ActivityQuery
-from collab_grpc.model import Activity
+from collab_grpc.model import Activity, EventKind, MemoryUpdate
 from collab_grpc.readahead import ReadAhead
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
@@ -591,6 +591,27 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         )
         if left is not None and added:
             response.next_cursor = encode_cursor("decisions", offset + added)
+        return response
+
+    @_unary
+    def ListMemoryUpdates(self, request: pb.ListMemoryUpdatesRequest) -> pb.ListMemoryUpdatesResponse:  # noqa: N802
+        count = check_limit("limit", request.limit, self.state.limits)
+        agent_id = check_id("agent_id", request.agent_id, self.state.limits, required=False)
+        log = self.state.log
+        before = None
+        if request.cursor:
+            before, epoch = decode_cursor("cursor", request.cursor, "memory", int, str)
+            if epoch != log.epoch:
+                raise InvalidArgument("cursor is from an earlier history (the epoch changed); start again without one")
+        updates = (
+            pb.RecordedMemoryUpdate(seq=event.seq, update=convert.memory_update_to_proto(event.payload))
+            for event in log.newest(EventKind.MEMORY_UPDATED, before)
+            if isinstance(event.payload, MemoryUpdate) and (not agent_id or event.payload.agent_id == agent_id)
+        )
+        response = pb.ListMemoryUpdatesResponse(oldest_retained_seq=log.first_retained_seq, epoch=log.epoch)
+        added, _, left = convert.fill_within(response.updates, updates, self.list_budget, count)
+        if left is not None and added:
+            response.next_cursor = encode_cursor("memory", response.updates[-1].seq, log.epoch)
         return response
 
     @_unary

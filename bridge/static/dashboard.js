@@ -99,7 +99,7 @@ const model = {
   byTime: [], // every activity held, oldest first (the feed reads it from the end)
   sessions: new Map(), // session_id -> session (active and recently ended)
   decisions: new Map(), // decision_id -> decision
-  memory: [],
+  memory: [], // memory updates of this epoch, newest first, each with its event's seq
   agentsOmitted: 0,
   dirty: new Set(),
   changedAgents: new Set(), // agents whose card alone needs drawing
@@ -144,6 +144,14 @@ const model = {
     this.agent(entry.agent_id, entry.department);
     if (this.activities.size > MAX_ACTIVITIES) this.evict();
     return entry;
+  },
+  /** One memory update in its place by seq (the back-fill and the live events overlap). */
+  putMemory(seq, update) {
+    let at = 0;
+    while (at < this.memory.length && this.memory[at].seq > seq) at += 1;
+    if (this.memory[at]?.seq === seq) return;
+    this.memory.splice(at, 0, { ...update, seq });
+    if (this.memory.length > MEMORY_SIZE) this.memory.length = MEMORY_SIZE;
   },
   complete(activityId, status, at, failureReason) {
     const known = this.activities.get(activityId);
@@ -869,6 +877,11 @@ async function backfill() {
       cursor = page.next_cursor;
       if (!cursor) break;
     }
+    const memory = await api(`memory-updates?limit=${MEMORY_SIZE}`);
+    if (run !== backfillRun) return;
+    if (memory.epoch !== hub.epoch) model.memory = []; // another history: its seqs do not compare
+    for (const { seq, update } of memory.memory_updates) model.putMemory(seq, update);
+    model.touch("memory");
     const ended = await api("ended-collaborations?limit=30");
     if (run !== backfillRun) return;
     for (const session of ended.collaborations) model.sessions.set(session.session_id, { ...model.sessions.get(session.session_id), ...session });
@@ -893,7 +906,7 @@ async function backfill() {
 
 const hub = new CollabClient({ token, clientId: `dashboard_${Math.random().toString(36).slice(2, 8)}`, clientType: "dashboard" });
 window.collabDashboard = { hub, model, timeline, drawTimes, route, navigate, get graph() { return graph; } };
-$("memory-note").textContent = "since this page opened (the hub offers no route to fetch earlier ones)";
+$("memory-note").textContent = "newest first";
 
 hub.addEventListener("state", (event) => {
   const badge = $("state");
@@ -907,6 +920,8 @@ hub.addEventListener("collaboration_state", ({ detail }) => {
   for (const [id, session] of model.sessions) if (!session.ended_at) model.sessions.delete(id);
   for (const session of detail.active_collaborations) model.sessions.set(session.session_id, session);
   for (const activity of model.activities.values()) model.agent(activity.agent_id, activity.department);
+  if (detail.epoch !== model.epoch) model.memory = []; // a new history numbers its events anew
+  model.epoch = detail.epoch;
   backfill();
   model.touch("agents", "sessions");
 });
@@ -957,9 +972,8 @@ hub.addEventListener("agent_retired", ({ detail }) => {
   model.agents.delete(detail.agent_id);
   model.touch("agents", "timeline", "graph");
 });
-hub.addEventListener("memory_update", ({ detail: { update } }) => {
-  model.memory.unshift(update);
-  model.memory.length = Math.min(model.memory.length, MEMORY_SIZE);
+hub.addEventListener("memory_update", ({ detail: { update, seq } }) => {
+  model.putMemory(seq, update);
   model.touch("memory");
 });
 

@@ -1586,6 +1586,95 @@ class ListAgentsResponse(_message.Message):
 Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
+class ListMemoryUpdatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """Only this agent's updates; every agent's when empty."""
+    limit: _builtins.int
+    """1 to 500; 0 means the default, 50 (fewer when the reply budget is reached)."""
+    cursor: _builtins.str
+    """Continue with older updates after the page that gave this `next_cursor`."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "cursor", b"cursor", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryUpdatesRequest: _TypeAlias = ListMemoryUpdatesRequest  # noqa: Y015
+
+@_typing.final
+class RecordedMemoryUpdate(_message.Message):
+    """A memory update with the seq of the event that announced it (a client that also
+    follows the events tells the two apart by it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    @_builtins.property
+    def update(self) -> Global___MemoryUpdate: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        update: Global___MemoryUpdate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordedMemoryUpdate: _TypeAlias = RecordedMemoryUpdate  # noqa: Y015
+
+@_typing.final
+class ListMemoryUpdatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATES_FIELD_NUMBER: _builtins.int
+    NEXT_CURSOR_FIELD_NUMBER: _builtins.int
+    OLDEST_RETAINED_SEQ_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    next_cursor: _builtins.str
+    """Set when older updates may follow: pass it as `cursor` to read them."""
+    oldest_retained_seq: _builtins.int
+    """The oldest event seq the log retains: updates announced before it are not served."""
+    epoch: _builtins.str
+    """The epoch the seqs belong to."""
+    @_builtins.property
+    def updates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordedMemoryUpdate]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        updates: _abc.Iterable[Global___RecordedMemoryUpdate] | None = ...,
+        next_cursor: _builtins.str = ...,
+        oldest_retained_seq: _builtins.int = ...,
+        epoch: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "next_cursor", b"next_cursor", "oldest_retained_seq", b"oldest_retained_seq", "updates", b"updates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryUpdatesResponse: _TypeAlias = ListMemoryUpdatesResponse  # noqa: Y015
+
+@_typing.final
 class ListDecisionsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -142,6 +142,11 @@ class CollaborationServiceStub:
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
                 response_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
                 _registered_method=True)
+        self.ListMemoryUpdates = channel.unary_unary(
+                '/collab.v1.CollaborationService/ListMemoryUpdates',
+                request_serializer=collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesRequest.SerializeToString,
+                response_deserializer=collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesResponse.FromString,
+                _registered_method=True)
         self.CheckCredential = channel.unary_unary(
                 '/collab.v1.CollaborationService/CheckCredential',
                 request_serializer=collab_dot_v1_dot_collaboration__pb2.CheckCredentialRequest.SerializeToString,
@@ -302,6 +307,14 @@ class CollaborationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMemoryUpdates(self, request, context):
+        """The newest memory updates the event log still retains (COLLAB_EVENT_RETAIN events),
+        newest first, a page at a time: what a dashboard that opens now shows of memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CheckCredential(self, request, context):
         """What the caller's own credential grants and until when (UNAUTHENTICATED when it
         is not valid): the bridge asks it for each credential its clients hold, to end
@@ -403,6 +416,11 @@ def add_CollaborationServiceServicer_to_server(servicer, server):
                     servicer.QueryActivities,
                     request_deserializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.FromString,
                     response_serializer=collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.SerializeToString,
+            ),
+            'ListMemoryUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemoryUpdates,
+                    request_deserializer=collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesRequest.FromString,
+                    response_serializer=collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesResponse.SerializeToString,
             ),
             'CheckCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckCredential,
@@ -913,6 +931,33 @@ class CollaborationService:
             '/collab.v1.CollaborationService/QueryActivities',
             collab_dot_v1_dot_collaboration__pb2.QueryActivitiesRequest.SerializeToString,
             collab_dot_v1_dot_collaboration__pb2.QueryActivitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemoryUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/collab.v1.CollaborationService/ListMemoryUpdates',
+            collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesRequest.SerializeToString,
+            collab_dot_v1_dot_collaboration__pb2.ListMemoryUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,10 @@ class CollaborationServiceStub:
     its retention; the memory and Redis stores the activities the server holds (the
     newest 1,000 and every open one).
     """
+    ListMemoryUpdates: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.ListMemoryUpdatesRequest, _collaboration_pb2.ListMemoryUpdatesResponse]
+    """The newest memory updates the event log still retains (COLLAB_EVENT_RETAIN events),
+    newest first, a page at a time: what a dashboard that opens now shows of memory.
+    """
     CheckCredential: _grpc.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
     is not valid): the bridge asks it for each credential its clients hold, to end
@@ -176,6 +180,10 @@ class CollaborationServiceAsyncStub(CollaborationServiceStub):
     memory): filters, newest or oldest first, a page at a time. The SQLite store searches
     its retention; the memory and Redis stores the activities the server holds (the
     newest 1,000 and every open one).
+    """
+    ListMemoryUpdates: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.ListMemoryUpdatesRequest, _collaboration_pb2.ListMemoryUpdatesResponse]  # type: ignore[assignment]
+    """The newest memory updates the event log still retains (COLLAB_EVENT_RETAIN events),
+    newest first, a page at a time: what a dashboard that opens now shows of memory.
     """
     CheckCredential: _aio.UnaryUnaryMultiCallable[_collaboration_pb2.CheckCredentialRequest, _collaboration_pb2.CheckCredentialResponse]  # type: ignore[assignment]
     """What the caller's own credential grants and until when (UNAUTHENTICATED when it
@@ -356,6 +364,16 @@ class CollaborationServiceServicer(metaclass=_abc_1.ABCMeta):
         memory): filters, newest or oldest first, a page at a time. The SQLite store searches
         its retention; the memory and Redis stores the activities the server holds (the
         newest 1,000 and every open one).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemoryUpdates(
+        self,
+        request: _collaboration_pb2.ListMemoryUpdatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_collaboration_pb2.ListMemoryUpdatesResponse, _abc.Awaitable[_collaboration_pb2.ListMemoryUpdatesResponse]]:
+        """The newest memory updates the event log still retains (COLLAB_EVENT_RETAIN events),
+        newest first, a page at a time: what a dashboard that opens now shows of memory.
         """
 
     @_abc_1.abstractmethod

@@ -281,6 +281,16 @@ async def test_every_rest_route_answers_in_the_guides_shapes(http: httpx.AsyncCl
         json={"operation": "delete", "item_id": "item_9", "agent_id": "rest_agent"},
     )
     assert validate_rest("record-memory-update", memory.json()) == {"success": True}
+    listed = (await http.get(f"{API}/memory-updates?agent_id=rest_agent&limit=1")).json()
+    (newest,) = listed["memory_updates"]
+    assert newest["update"] == {
+        "operation": "delete",
+        "item_id": "item_9",
+        "agent_id": "rest_agent",
+        "timestamp": newest["update"]["timestamp"],
+        "metadata": {},
+    }
+    assert newest["seq"] >= listed["oldest_retained_seq"] and listed["epoch"]
     one = (await http.get(f"{API}/activities/{activity_id}")).json()
     assert one["activity"]["status"] == "completed"
 
@@ -328,6 +338,8 @@ async def test_rest_errors_have_the_documented_status_and_say_what_is_wrong(
         ("get", "activity-feed?limit=0", None, 422, "limit"),
         ("get", "activity-feed?limit=501", None, 422, "limit"),
         ("get", "ended-collaborations?limit=501", None, 422, "limit"),
+        ("get", "memory-updates?limit=501", None, 422, "limit"),
+        ("get", "memory-updates?cursor=made-up", None, 400, "not a cursor"),
     ]
     for method, route, body, status, fragment in cases:
         response = await http.request(method, f"{API}/{route}", json=body)

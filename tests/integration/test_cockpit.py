@@ -99,16 +99,33 @@ async def test_it_opens_back_filled_then_stays_live_with_no_gap_and_no_duplicate
     before = [await team.record(f"fill_{n % 4}", "task_assigned", metadata={"task": f"before {n}"}) for n in range(40)]
     for activity_id in before[::2]:
         await team.complete(activity_id)
+    for n in range(6):
+        await team.memory(f"fill_{n % 4}", "write", f"notes/before_{n}")
     page = await open_page(browser, stack, wait_live=False)
     # Recorded while the page opens, its back-fill in flight: each must show once.
     during = [await team.record(f"fill_{n % 4}", "task_assigned", metadata={"task": f"during {n}"}) for n in range(20)]
     await team.complete(during[0])
+    for n in range(3):
+        await team.memory("fill_1", "read", f"notes/during_{n}")
     await page.wait_for_selector('#state[data-state="live"]', timeout=10000)
     after = [await team.record("fill_0", "memory_write", metadata={"item_id": f"after {n}"}) for n in range(5)]
+    await team.memory("fill_2", "delete", "notes/after_0")
     wanted = before + during + after
     await page.wait_for_function(
         'ids => ids.every(id => document.querySelector(`#feed [data-activity="${id}"]`))', arg=wanted, timeout=10000
     )
+    # Memory updates from before the page opened, during its back-fill and after: each once, newest first.
+    items = [f"notes/before_{n}" for n in range(6)] + [f"notes/during_{n}" for n in range(3)] + ["notes/after_0"]
+    await page.wait_for_function(
+        "items => items.every(i => [...document.querySelectorAll('#memory li')]"
+        ".some(li => li.textContent.includes(i)))",
+        arg=items,
+        timeout=10000,
+    )
+    memory: list[str] = await page.eval_on_selector_all("#memory li", "items => items.map(i => i.textContent)")
+    shown_items = [next(i for i in items if i in text) for text in memory if any(i in text for i in items)]
+    assert shown_items == list(reversed(items)), shown_items
+    assert "fill_2 delete notes/after_0" in memory[0], memory[0]
     shown = await feed_ids(page)
     for activity_id in wanted:
         assert shown.count(activity_id) == 1, activity_id

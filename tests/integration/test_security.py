@@ -94,6 +94,7 @@ READ_RPCS = frozenset(
         "StreamAgentStatus",
         "ListAgents",
         "ListDecisions",
+        "ListMemoryUpdates",
         "QueryActivities",
         "CheckCredential",
     }
@@ -392,6 +393,7 @@ def rpc_requests(known: dict[str, Any]) -> dict[str, Message]:
         "StreamAgentStatus": pb.StreamAgentStatusRequest(),
         "ListAgents": pb.ListAgentsRequest(limit=10),
         "ListDecisions": pb.ListDecisionsRequest(session_id=session_id),
+        "ListMemoryUpdates": pb.ListMemoryUpdatesRequest(limit=10),
         "QueryActivities": pb.QueryActivitiesRequest(agent_ids=["sec_agent"]),
         "CheckCredential": pb.CheckCredentialRequest(),
     }

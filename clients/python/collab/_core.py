@@ -239,6 +239,10 @@ def _whole(reply: pb.GetCollaborationResponse) -> pb.GetCollaborationResponse:
     return reply
 
 
+def _memory_updates(reply: pb.ListMemoryUpdatesResponse) -> list[pb.RecordedMemoryUpdate]:
+    return list(reply.updates)
+
+
 # -- the history search ---------------------------------------------------------------------
 
 
@@ -396,6 +400,7 @@ class ClientBase(Generic[ChannelT]):
     active_collaborations = Call("ListActiveCollaborations", requests.active_collaborations, _collaborations)
     get_collaboration = Call("GetCollaboration", requests.get_collaboration, _whole)
     ended_collaborations = Call("ListEndedCollaborations", requests.ended_collaborations, _collaborations)
+    memory_updates = Call("ListMemoryUpdates", requests.memory_updates, _memory_updates)
     query_activities = Iteration(requests.query_activities, "_search", pb.Activity)
     events = Iteration(events, "_follow", pb.Event)
 

@@ -31,6 +31,7 @@ __all__ = [
     "ended_collaborations",
     "get_activity",
     "get_collaboration",
+    "memory_updates",
     "messages_to_resend",
     "new_key",
     "query_activities",
@@ -198,6 +199,12 @@ def get_collaboration(session_id: str) -> pb.GetCollaborationRequest:
 def ended_collaborations(limit: int = 50) -> pb.ListEndedCollaborationsRequest:
     """The latest ``limit`` ended sessions."""
     return pb.ListEndedCollaborationsRequest(limit=limit)
+
+
+def memory_updates(agent_id: str | None = None, limit: int = 50) -> pb.ListMemoryUpdatesRequest:
+    """The newest ``limit`` memory updates the hub's event log retains (``agent_id``'s
+    only, when given), newest first, each with the seq of the event that announced it."""
+    return pb.ListMemoryUpdatesRequest(agent_id=agent_id or "", limit=limit)
 
 
 def subscribe(

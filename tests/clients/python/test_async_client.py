@@ -38,6 +38,7 @@ async def test_every_method(make_hub: HubFactory) -> None:
         ended = await hub.end_collaboration(session_id)
         assert ended.HasField("ended_at")
         assert [s.session_id for s in await hub.ended_collaborations()] == [session_id]
+        assert [u.update.item_id for u in await hub.memory_updates(limit=5)] == ["item_1"]
         assert [a.activity_id for a in await hub.activity_feed(agent_id="agent_1")] == [activity_id]
         status = await hub.agent_status()
         assert {a.agent_id for a in status.agents} == {"agent_1", "agent_2"}

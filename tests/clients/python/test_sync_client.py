@@ -30,6 +30,9 @@ def test_every_method_and_the_activity_context_manager(tmp_path: Path) -> None:
         assert [s.session_id for s in hub.active_collaborations()] == [session_id]
         hub.end_collaboration(session_id)
         assert [s.session_id for s in hub.ended_collaborations()] == [session_id]
+        [recorded] = hub.memory_updates(agent_id="agent_1")
+        assert (recorded.update.item_id, recorded.update.operation) == ("item_1", pb.MEMORY_OPERATION_WRITE)
+        assert recorded.seq > 0 and hub.memory_updates(agent_id="agent_2") == []
         assert len(hub.activity_feed(limit=10)) == 2
         assert hub.agent_status().total_agents == 2
         with pytest.raises(NotFound):
