@@ -90,6 +90,11 @@ class BridgeConfig:
     event_buffer_bytes: int = 32 * 1024 * 1024
     client_backlog_bytes: int = 4 * 1024 * 1024
     max_concurrent_resumes: int = 4
+    # A client resuming from a seq the server has reached but this bridge's upstream not
+    # yet (it comes from a bridge a few events ahead) waits up to this many seconds for
+    # it, with at most this many waiting at once; then it gets a fresh state (reset).
+    resume_wait: float = 2.0
+    max_resume_waiters: int = 1000
 
     @property
     def host(self) -> str:
@@ -277,6 +282,21 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         "clients resumed from the server's log at once (older than the buffer); others wait up to "
         "--rpc-timeout, then WebSocket 1013 / SSE stream ended, to retry",
     ),
+    (
+        "--resume-wait",
+        "COLLAB_RESUME_WAIT",
+        "resume_wait",
+        float,
+        "seconds a client resuming from a seq this bridge has not received yet waits for it (0: none); "
+        "then it gets a fresh state",
+    ),
+    (
+        "--max-resume-waiters",
+        "COLLAB_MAX_RESUME_WAITERS",
+        "max_resume_waiters",
+        int,
+        "clients waiting at once for this bridge to reach their seq; more: WebSocket 1013 / HTTP 503, to retry",
+    ),
 ]
 
 
@@ -315,6 +335,7 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "event_buffer_bytes",
         "client_backlog_bytes",
         "max_concurrent_resumes",
+        "max_resume_waiters",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
@@ -329,6 +350,8 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     for name in ("max_connections_per_token", "ws_messages_per_second", "ws_frames_per_second"):
         if not 0 <= getattr(config, name) < float("inf"):
             parser.error(f"{name.replace('_', '-')} must be 0 (no limit) or more")
+    if not 0 <= config.resume_wait <= 60:  # also refuses NaN
+        parser.error(f"resume-wait must be between 0 and 60 seconds, got {config.resume_wait}")
     recheck = config.credential_recheck_interval
     if not 0.1 <= recheck <= 24 * 3600.0:  # also refuses NaN
         parser.error(f"credential-recheck-interval must be between 0.1 and 86400 seconds, got {recheck}")
