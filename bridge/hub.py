@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 
+import orjson
+
 from bridge import mapping
 from bridge.fanout import Fanout, Frame, Subscriber
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -30,7 +32,13 @@ class SnapshotTooOld(Exception):
 
 
 def dumps(message: mapping.JSON) -> str:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON text, as ``json.dumps(separators=(",", ":"), ensure_ascii=False)``
+    writes it; made once per event, and several times faster with orjson, which keeps
+    the bridge's upstream ahead of a burst (a bulk ingest) with clients to serve."""
+    try:
+        return orjson.dumps(message).decode()
+    except orjson.JSONEncodeError:  # what orjson refuses (an integer past 64 bits), the json module writes
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
 
 
 def collaboration_state(snapshot: pb.Snapshot, **extra: object) -> mapping.JSON:

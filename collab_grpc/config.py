@@ -11,7 +11,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from collab_grpc.state import RosterEntry
@@ -79,7 +79,10 @@ class ServerConfig:
     status_interval: float = 2.0
     # The shortest StreamAgentStatus interval a read-only credential may ask for.
     status_read_min_interval: float = 1.0
-    subscriber_queue: int = 10_000
+    # At most half of event_retain (derived from it when not set): a subscriber cut for
+    # lagging this many events resumes from the retained ones, which must reach back past
+    # its position, with room for what was in flight and what came while it reconnected.
+    subscriber_queue: int = 5_000
     shutdown_grace: float = 5.0
     log_level: str = "info"
     log_format: str = "json"
@@ -192,7 +195,14 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         float,
         "shortest StreamAgentStatus interval a read-only credential may ask for (seconds, 0.1 to 3600)",
     ),
-    ("--subscriber-queue", "COLLAB_SUBSCRIBER_QUEUE", "subscriber_queue", int, "events a subscriber may lag"),
+    (
+        "--subscriber-queue",
+        "COLLAB_SUBSCRIBER_QUEUE",
+        "subscriber_queue",
+        int,
+        "events a subscriber may lag before its stream ends (to resume); at most half of --event-retain, "
+        "and half of it when not set",
+    ),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
     ("--log-format", "COLLAB_LOG_FORMAT", "log_format", str, "json or text"),
@@ -251,7 +261,7 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "COLLAB_EVENT_RETAIN_BYTES",
         "event_retain_bytes",
         int,
-        "bytes of newest events kept in memory for resuming subscribers (and a subscriber's most lag)",
+        "bytes of newest events kept in memory for resuming subscribers (half of it: a subscriber's most lag)",
     ),
     (
         "--idempotency-bytes",
@@ -303,6 +313,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         except ValueError as exc:
             parser.error(f"{flag} / {variable}: invalid value {raw!r}: {exc}")
     config = ServerConfig(**{**defaults.__dict__, **values})
+    if "subscriber_queue" not in values:  # derived: half of what is retained
+        config = replace(config, subscriber_queue=max(1, config.event_retain // 2))
     for name in (
         "history_limit",
         "event_retain",
@@ -325,6 +337,12 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
+    if config.subscriber_queue > config.event_retain // 2:
+        parser.error(
+            f"subscriber-queue ({config.subscriber_queue}) must be at most half of event-retain "
+            f"({config.event_retain}): a subscriber cut for lagging that far resumes from the retained "
+            "events, which must reach back past it; lower --subscriber-queue or raise --event-retain"
+        )
     if config.max_db_bytes < 0:
         parser.error(f"max-db-bytes must be 0 (no budget) or more, got {config.max_db_bytes}")
     positive = {"activity_ttl", "status_interval", "agent_idle_ttl"}

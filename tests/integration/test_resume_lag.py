@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -41,6 +43,12 @@ async def bulk_record(client: Client, agent_id: str, count: int) -> None:
         messages.append(pb.BulkRecordActivitiesRequest(activities=items))
     response = await client.stub.BulkRecordActivities(iter(messages), metadata=client.metadata, timeout=300)
     assert response.recorded == count, response
+
+
+async def bulk_ingest(client: Client, count: int, per_stream: int = 5_000) -> None:
+    """``count`` activities, over streams of ``per_stream`` (each answer fits the reply budget)."""
+    for start in range(0, count, per_stream):
+        await bulk_record(client, f"bulk{start // per_stream}", min(per_stream, count - start))
 
 
 async def scrape(url: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -114,3 +122,56 @@ async def test_a_client_resuming_on_a_bridge_that_is_behind_gets_every_event(tmp
             if bridge.process is not None and bridge.process.poll() is None:
                 resume(bridge)
         kill_all(first, second, server)
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while not await condition():
+        assert time.monotonic() < deadline, f"not {what} within {within} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: Path) -> None:
+    """100,000 activities in bulk with browsers following. Midway the bridge is stopped
+    until the server finds its upstream's queue full, and let go at once: the upstream
+    keeps its place (the server reads on from the events it retains), catches up, and
+    every browser gets every event, in order, never a fresh state."""
+    # Lower than the defaults (10,000 retained, half of it queued), to fill the queue sooner.
+    server_env = {**SERVER_ENV, "COLLAB_EVENT_RETAIN": "4000"}
+    server = ServerProcess(tmp_path / "server", env=server_env).start()
+    bridge_env = {**BRIDGE_ENV, "COLLAB_METRICS_PUBLIC": "on"}
+    bridge = BridgeProcess(server.target, data_dir=tmp_path / "bridge", env=bridge_env).start()
+    client = Client.connect(server.target)
+    browsers = [Browser([bridge.ws], f"browser{n}") for n in range(3)]
+    following: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.to_thread(wait_ready, Stack(server, bridge))
+        following = [asyncio.create_task(browser.follow(within=600)) for browser in browsers]
+        await until_connected(browsers)
+        ingest = asyncio.create_task(bulk_ingest(client, BULK_ITEMS))
+
+        async def a_tenth_ingested() -> bool:
+            return ingest.done() or await head_seq(client) >= BULK_ITEMS // 10
+
+        async def upstream_behind() -> bool:
+            return ingest.done() or (await scrape(server.metrics_url, "collab_stream_subscribers_behind"))[()] >= 1
+
+        await until(a_tenth_ingested, "a tenth ingested", 300)
+        stop(bridge)
+        try:
+            await until(upstream_behind, "the upstream's queue full", 300)
+        finally:
+            resume(bridge)
+        assert not ingest.done(), "the ingest ended before the bridge fell behind: nothing was tested"
+        await ingest
+        last = await head_seq(client)
+        await follow_to_the_end(browsers, following, last)
+        assert_gap_free(browsers, last)
+        reconnects = await scrape(bridge.metrics_url, "collab_bridge_upstream_reconnects_total")
+        assert reconnects[(("stream", "events"),)] == 0, reconnects  # never cut: it kept its place
+        print(f"\nbulk ingest of {BULK_ITEMS}: {[b.summary() for b in browsers]}")
+    finally:
+        await client.close()
+        if bridge.process is not None and bridge.process.poll() is None:
+            resume(bridge)
+        kill_all(bridge, server)
