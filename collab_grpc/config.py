@@ -79,9 +79,9 @@ class ServerConfig:
     status_interval: float = 2.0
     # The shortest StreamAgentStatus interval a read-only credential may ask for.
     status_read_min_interval: float = 1.0
-    # At most half of event_retain (derived from it when not set): a subscriber cut for
-    # lagging this many events resumes from the retained ones, which must reach back past
-    # its position, with room for what was in flight and what came while it reconnected.
+    # At most half of event_retain (derived from it when not set): past its queue a
+    # subscriber reads on from the retained events, which then still reach well back past
+    # its position (what was in flight to it, what came meanwhile).
     subscriber_queue: int = 5_000
     shutdown_grace: float = 5.0
     log_level: str = "info"
@@ -200,8 +200,8 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "COLLAB_SUBSCRIBER_QUEUE",
         "subscriber_queue",
         int,
-        "events a subscriber may lag before its stream ends (to resume); at most half of --event-retain, "
-        "and half of it when not set",
+        "events queued for a subscriber; past it the subscriber reads on from the retained events, its stream "
+        "ending only once they no longer reach back to it; at most half of --event-retain (half when not set)",
     ),
     ("--shutdown-grace", "COLLAB_SHUTDOWN_GRACE", "shutdown_grace", float, "seconds in-flight calls get on stop"),
     ("--log-level", "COLLAB_LOG_LEVEL", "log_level", str, "debug, info, warning or error"),
@@ -340,8 +340,8 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
     if config.subscriber_queue > config.event_retain // 2:
         parser.error(
             f"subscriber-queue ({config.subscriber_queue}) must be at most half of event-retain "
-            f"({config.event_retain}): a subscriber cut for lagging that far resumes from the retained "
-            "events, which must reach back past it; lower --subscriber-queue or raise --event-retain"
+            f"({config.event_retain}): a subscriber whose queue fills reads on from the retained events, "
+            "which must reach well back past it; lower --subscriber-queue or raise --event-retain"
         )
     if config.max_db_bytes < 0:
         parser.error(f"max-db-bytes must be 0 (no budget) or more, got {config.max_db_bytes}")
