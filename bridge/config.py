@@ -163,6 +163,20 @@ class BridgeConfig:
         "--rpc-timeout, then WebSocket 1013 / SSE stream ended, to retry",
         minimum=1,
     )
+    # A client resuming from a seq the server has reached but this bridge's upstream not
+    # yet (it comes from a bridge a few events ahead) waits for it, a bounded number at once.
+    resume_wait: float = option(
+        2.0,
+        "seconds a client resuming from a seq this bridge has not received yet waits for it (0: none); "
+        "then it gets a fresh state",
+        minimum=0,
+        maximum=60,
+    )
+    max_resume_waiters: int = option(
+        1000,
+        "clients waiting at once for this bridge to reach their seq; more: WebSocket 1013 / HTTP 503, to retry",
+        minimum=1,
+    )
 
     @property
     def host(self) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from collab_grpc.names import ACTIVITY_STATUS_NAMES, ACTIVITY_TYPE_NAMES, MEMORY_OPERATION_NAMES
@@ -229,5 +230,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(message: JSON) -> str:
-    """Encode ``message`` as compact JSON text, non-ASCII characters as they are."""
-    return _ENCODER.encode(message)
+    """Encode ``message`` as compact JSON text, non-ASCII characters as they are: with
+    orjson (made once per event, it keeps the bridge's upstream ahead of a burst such as a
+    bulk ingest), or the json module for what orjson refuses (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(message).decode()
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(message)

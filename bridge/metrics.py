@@ -129,6 +129,15 @@ class BridgeCollector(Collector):
         for stream, count in sorted(upstream.reconnects.items()):
             reconnects.add_metric([stream], count)
         yield reconnects
+        waits = CounterMetricFamily(
+            "collab_bridge_resume_waits",
+            "Resuming clients that waited for the upstream to reach their seq, by how the wait ended "
+            "(caught_up; expired: given a fresh state; refused: too many waiting, told to retry)",
+            labels=["outcome"],
+        )
+        for outcome, count in self.runtime.catch_up.outcomes.items():
+            waits.add_metric([outcome.value], count)
+        yield waits
         yield GaugeMetricFamily(
             "collab_bridge_upstream_last_seq", "The seq of the newest event received from the server", upstream.last_seq
         )

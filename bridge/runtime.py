@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 import grpc
 
+from bridge.catchup import CatchUp, Outcome
 from bridge.config import BridgeConfig
 from bridge.credential_watch import CredentialWatch
 from bridge.errors import ServerUnavailable, calling_server
@@ -54,6 +55,9 @@ class BridgeRuntime:
         # streamed, holding one message and the client's bounded backlog at a time.
         self._resume_slots = asyncio.Semaphore(config.max_concurrent_resumes)
         self.resumes_refused = 0
+        # Clients resuming from a position the server has reached but this bridge's
+        # upstream has not yet (they come from another bridge): they wait for it.
+        self.catch_up = CatchUp(config.max_resume_waiters)
         # One budget per token across the WebSocket and SSE endpoints.
         self.connection_limit = ConnectionLimit(config.max_connections_per_token)
         # The open connections' credentials: ended when they expire or are revoked.
@@ -93,7 +97,7 @@ class BridgeRuntime:
             self._channel,
             self.config.resolve_upstream_token(),
             on_snapshot=self._on_snapshot,
-            on_event=self.hub.on_event,
+            on_event=self._on_event,
             on_status=self.hub.on_status,
         )
         self._upstream.start()
@@ -102,6 +106,11 @@ class BridgeRuntime:
     def _on_snapshot(self, snapshot: pb.Snapshot, reset: bool) -> None:
         self.hub.on_snapshot(snapshot, reset)
         self._synced.set()
+        self.catch_up.on_snapshot()
+
+    def _on_event(self, event: pb.Event) -> None:
+        self.hub.on_event(event)
+        self.catch_up.on_event(event.seq)
 
     async def _wait_synced(self) -> None:
         """Wait (at most the RPC timeout) for the upstream's first snapshot. A client that
@@ -253,6 +262,47 @@ class BridgeRuntime:
                 f"{subscriber.written_seq}",
             )
 
+    async def _wait_for_upstream(self, snapshot: pb.Snapshot, epoch: str, since: int) -> None:
+        """Let a client resuming from ``(epoch, since)`` wait, at most ``resume_wait``
+        seconds, for this bridge's upstream to get there: the server has (``snapshot``,
+        just read from it, says so) but this bridge, a few events or one restart behind
+        the bridge the client comes from, has not yet. Past the wait the client is given
+        a fresh state; with ``max_resume_waiters`` waiting already it is refused
+        (UNAVAILABLE: WebSocket 1013 / HTTP 503 with Retry-After) to retry as it is."""
+        if snapshot.epoch != epoch or snapshot.seq < since:
+            return  # a position the server is not at either: nothing will come to wait for
+        hub, catch_up = self.hub, self.catch_up
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.resume_wait
+        waited = False
+        while hub.epoch != epoch or hub.last_seq < since:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if not catch_up.has_room():
+                catch_up.outcomes[Outcome.REFUSED] += 1
+                limit = self.config.max_resume_waiters
+                raise ServerUnavailable(
+                    f"the bridge is behind the server and {limit} clients already wait for it to catch up "
+                    "(COLLAB_MAX_RESUME_WAITERS); retry with the same since/epoch",
+                    str(RESUME_RETRY_AFTER),
+                )
+            waited = True
+            # In another epoch than the client's, the upstream's next snapshot brings it.
+            if not await catch_up.wait(since if hub.epoch == epoch else None, remaining):
+                break
+        if not waited:
+            return
+        if hub.epoch == epoch and hub.last_seq >= since:
+            catch_up.outcomes[Outcome.CAUGHT_UP] += 1
+        else:
+            catch_up.outcomes[Outcome.EXPIRED] += 1
+            log.warning(
+                "a resuming client is ahead of this bridge's upstream after %g s; it gets a fresh state",
+                self.config.resume_wait,
+                extra={"epoch": epoch, "since": since, "upstream_epoch": hub.epoch, "upstream_seq": hub.last_seq},
+            )
+
     async def open_client(
         self,
         subscriber: Subscriber,
@@ -268,6 +318,8 @@ class BridgeRuntime:
         subscriber.max_backlog_bytes = self.config.client_backlog_bytes
         if not self._synced.is_set():
             await self._wait_synced()
+        if since is not None:
+            await self._wait_for_upstream(snapshot, epoch, since)
         if since is not None and epoch == self.hub.epoch and since + 1 < self.hub.first_buffered_seq:
             # Older than this bridge's buffer (it restarted, say): the server may still have them.
             resumed = await self.resume_from_server(subscriber, credential, established, epoch, since)

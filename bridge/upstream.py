@@ -22,6 +22,10 @@ __all__ = ["Backoff", "Upstream"]
 
 log = logging.getLogger("bridge.upstream")
 
+# Events the server may send in one message when several wait: a burst (a bulk ingest)
+# costs the bridge one read per batch instead of one per event, so it keeps up.
+UPSTREAM_BATCH = 500
+
 
 class Backoff:
     """Exponential backoff with full jitter, reset after a success."""
@@ -115,18 +119,17 @@ class Upstream:
 
     async def _follow_events(self, backoff: Backoff) -> None:
         if self.epoch:
-            request = pb.SubscribeEventsRequest(since_seq=self.last_seq, epoch=self.epoch)
+            request = pb.SubscribeEventsRequest(since_seq=self.last_seq, epoch=self.epoch, max_batch=UPSTREAM_BATCH)
         else:
-            request = pb.SubscribeEventsRequest(include_snapshot=True)
+            request = pb.SubscribeEventsRequest(include_snapshot=True, max_batch=UPSTREAM_BATCH)
         stream = self.stub.SubscribeEvents(request, metadata=self.metadata)
         async for message in stream:
             kind = message.WhichOneof("message")
             if kind == "event":
-                event = message.event
-                if event.seq <= self.last_seq:
-                    continue  # already handed on before the stream broke
-                self.last_seq = event.seq
-                self.on_event(event)
+                self._take(message.event)
+            elif kind == "events":
+                for event in message.events.events:
+                    self._take(event)
             elif kind == "resume":
                 if message.resume.recovered:
                     self._connected(backoff)
@@ -138,6 +141,12 @@ class Upstream:
                 self.epoch, self.last_seq = snapshot.epoch, snapshot.seq
                 self._connected(backoff)
                 self.on_snapshot(snapshot, reset)
+
+    def _take(self, event: pb.Event) -> None:
+        if event.seq <= self.last_seq:
+            return  # already handed on before the stream broke
+        self.last_seq = event.seq
+        self.on_event(event)
 
     def _connected(self, backoff: Backoff) -> None:
         self.events_connected = True

@@ -117,7 +117,15 @@ class ServerConfig:
         minimum=0.1,
         maximum=3600,
     )
-    subscriber_queue: int = option(10_000, "events a subscriber may lag", minimum=1)
+    # Past its queue a subscriber reads on from the retained events, which must then still
+    # reach well back past its position (what was in flight to it, what came meanwhile).
+    subscriber_queue: int = option(
+        0,
+        "events queued for a subscriber; past it the subscriber reads on from the retained events, its stream "
+        "ending only once they no longer reach back to it; at most half of --event-retain (0: half of it)",
+        minimum=0,
+        shown_default="half of --event-retain",
+    )
     shutdown_grace: float = option(5.0, "seconds in-flight calls get on stop", minimum=0)
     log_level: str = option("info", "the least severe log lines written", choices=LOG_LEVELS)
     log_format: str = option("json", "log lines on stderr: a JSON object each, or text", choices=LOG_FORMATS)
@@ -170,6 +178,11 @@ class ServerConfig:
         minimum=0,
     )
 
+    @property
+    def subscriber_queue_size(self) -> int:
+        """The subscriber queue in effect: as set, or half of what the event log retains."""
+        return self.subscriber_queue or max(1, self.event_retain // 2)
+
 
 def _check(config: ServerConfig) -> None:
     """What no single option can say: the reply budget holds the largest item; TLS needs both files."""
@@ -181,6 +194,12 @@ def _check(config: ServerConfig) -> None:
             f"around it) and {MAX_REPLY_BYTES_CEILING} (what a gRPC receiver accepts by default)"
         )
     require_together(config, "tls_cert", "tls_key")
+    if config.subscriber_queue_size > config.event_retain // 2:
+        raise ValueError(
+            f"{names(ServerConfig, 'subscriber_queue')}: {config.subscriber_queue_size} must be at most half of "
+            f"event-retain ({config.event_retain}): a subscriber whose queue fills reads on from the retained "
+            "events, which must reach well back past it; lower it or raise --event-retain"
+        )
 
 
 def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:

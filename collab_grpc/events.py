@@ -1,8 +1,11 @@
 """The event log: every change gets the next ``seq``; subscribers get what matches.
 
 Sans-I/O: a Subscription is a bounded queue with a wake-up callback. The async layer
-sets the callback and drains the queue; the log never waits for anyone, so a slow
-subscriber can only overflow its own queue, after which it is closed with a reason.
+sets the callback and drains the queue; the log never waits for anyone. A subscriber
+that lets its queue fill reads on from the log's retained events instead (a burst, a
+bulk ingest, a reader slower for a while): it keeps its place, with nothing queued for
+it, and is closed with a reason only once the events it still needs are no longer
+retained, which a resume could not fill either.
 """
 
 from __future__ import annotations
@@ -101,10 +104,19 @@ class Subscription:
     """A subscriber's bounded queue of events not yet taken."""
 
     def __init__(
-        self, event_filter: EventFilter, capacity: int, after_seq: int = 0, max_bytes: int | None = None
+        self,
+        event_filter: EventFilter,
+        capacity: int,
+        after_seq: int = 0,
+        max_bytes: int | None = None,
+        log: EventLog | None = None,
     ) -> None:
         self.filter = event_filter
         self.capacity = capacity
+        # Where it reads on from once its queue is full (None: it is closed instead).
+        self._log = log
+        # Set while it reads on from the log: the seq after which it goes on.
+        self._behind_after: int | None = None
         # The events queued share their payloads with the log, but one that lags holds
         # them after the log let them go: bounded in bytes too (None: by count only).
         self.max_bytes = max_bytes
@@ -123,18 +135,28 @@ class Subscription:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def behind(self) -> bool:
+        """Reading on from the log: its queue filled up."""
+        return self._behind_after is not None
+
     def offer(self, event: Event, size: int = 0) -> None:
-        if self.closed_reason is not None or event.seq <= self.after_seq or not self.filter.matches(event):
+        if self.closed_reason is not None or event.seq <= self.after_seq:
             return
-        if len(self._queue) >= self.capacity:
-            self.close(
-                f"subscriber fell behind: more than {self.capacity} events were waiting; "
-                "resubscribe with since_seq set to the last seq received"
-            )
+        if self._behind_after is not None:
+            self._check_retained()  # the log may just have let go of what it still needs
             return
-        if self.max_bytes is not None and self._queue and self.queued_bytes + size > self.max_bytes:
+        if not self.filter.matches(event):
+            return
+        full = len(self._queue) >= self.capacity
+        if full or (self.max_bytes is not None and self._queue and self.queued_bytes + size > self.max_bytes):
+            if self._log is not None:
+                # Everything from here on is in the log: it reads on from there.
+                self._behind_after = self._queue[-1].seq if self._queue else event.seq - 1
+                return
+            what = f"{self.capacity} events" if full else f"{self.max_bytes} bytes of events"
             self.close(
-                f"subscriber fell behind: more than {self.max_bytes} bytes of events were waiting; "
+                f"subscriber fell behind: more than {what} were waiting; "
                 "resubscribe with since_seq set to the last seq received"
             )
             return
@@ -145,11 +167,46 @@ class Subscription:
             self.on_ready()
 
     def take(self) -> list[Event]:
-        """Every queued event, oldest first, leaving the queue empty."""
+        """Every queued event, oldest first, leaving the queue empty; once that is
+        empty, for a subscriber behind, the next ones from the log (as many as its queue
+        takes), until it has caught up and is queued for again."""
+        if not self._queue and self._behind_after is not None:
+            return self._read_on() if self.closed_reason is None else []
         events = list(self._queue)
         self._queue.clear()
         self._sizes.clear()
         self.queued_bytes = 0
+        return events
+
+    def _check_retained(self) -> bool:
+        """Close a subscriber behind whose next events the log no longer retains."""
+        assert self._log is not None and self._behind_after is not None
+        first = self._log.first_retained_seq
+        if self._behind_after + 1 >= first:
+            return True
+        self.close(
+            f"subscriber fell behind: events after seq {self._behind_after} are no longer retained "
+            f"(oldest is {first}); resubscribe with a snapshot"
+        )
+        return False
+
+    def _read_on(self) -> list[Event]:
+        assert self._log is not None and self._behind_after is not None
+        if not self._check_retained():
+            return []
+        events: list[Event] = []
+        taken_bytes = 0
+        scanned = self._behind_after
+        for event, size in self._log.sized_events_after(self._behind_after):
+            scanned = event.seq
+            if not self.filter.matches(event):
+                continue
+            events.append(event)
+            taken_bytes += size
+            if len(events) >= self.capacity or (self.max_bytes is not None and taken_bytes >= self.max_bytes):
+                break
+        # Through the newest published event: caught up, queued for from the next one on.
+        self._behind_after = None if scanned >= self._log.published_seq else scanned
         return events
 
     def close(self, reason: str) -> None:
@@ -165,7 +222,9 @@ class Subscription:
 class EventLog:
     """Assigns ``seq`` within ``epoch``, retains the newest events for resume: at most
     ``retain`` of them, taking at most ``retain_bytes`` (``record_size``; the newest one
-    is kept whatever its size). A subscriber may lag by at most ``retain_bytes`` too.
+    is kept whatever its size). A subscriber queues at most half of ``retain_bytes``
+    (and, as the server sets it, half of ``retain`` events); past that it reads on from
+    the retained events, and is closed only once they no longer reach back to it.
 
     Without a ``sink`` an event is published (retained, offered to subscribers) as it is
     appended. With one, appended events go to the sink (a store that makes them durable)
@@ -195,6 +254,12 @@ class EventLog:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscriptions)
+
+    @property
+    def subscribers_behind(self) -> int:
+        """Subscribers reading on from the retained events (their queue filled). Read by
+        the metrics thread too: list() copies the set in one step under the GIL."""
+        return sum(1 for subscription in list(self._subscriptions) if subscription.behind)
 
     @property
     def first_retained_seq(self) -> int:
@@ -276,11 +341,20 @@ class EventLog:
         """Retained events with a seq greater than ``since_seq``, oldest first."""
         return islice(self._retained, max(0, since_seq + 1 - self.first_retained_seq), None)
 
+    def sized_events_after(self, since_seq: int) -> Iterator[tuple[Event, int]]:
+        """``events_after``, each with what it counts against the byte budgets."""
+        start = max(0, since_seq + 1 - self.first_retained_seq)
+        return zip(islice(self._retained, start, None), islice(self._retained_sizes, start, None), strict=True)
+
     def subscribe(self, event_filter: EventFilter, capacity: int, after_seq: int | None = None) -> Subscription:
         """Events published from now on with a seq above ``after_seq`` (default: the
         newest published, so events still pending reach the subscriber once durable)."""
         subscription = Subscription(
-            event_filter, capacity, self.published_seq if after_seq is None else after_seq, self.retain_bytes
+            event_filter,
+            capacity,
+            self.published_seq if after_seq is None else after_seq,
+            self.retain_bytes // 2,
+            log=self,
         )
         self._subscriptions.add(subscription)
         return subscription

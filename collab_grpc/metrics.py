@@ -19,7 +19,8 @@ Exported (``collab_`` prefix, units in the names):
   (events per commit: the SQLite store commits in groups),
   ``collab_store_commit_failures_total{store}``;
 - at scrape time: ``collab_event_log_seq``, ``collab_event_log_retained_events``,
-  ``collab_stream_subscribers``, ``collab_server_info{epoch, store}``.
+  ``collab_stream_subscribers``, ``collab_stream_subscribers_behind``,
+  ``collab_server_info{epoch, store}``.
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ class StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "collab_stream_subscribers", "Open event subscriptions (SubscribeEvents)", value=event_log.subscriber_count
+        )
+        yield GaugeMetricFamily(
+            "collab_stream_subscribers_behind",
+            "Event subscriptions whose queue filled, reading on from the retained events",
+            value=event_log.subscribers_behind,
         )
         info = GaugeMetricFamily("collab_server_info", "This server's epoch and store kind", labels=["epoch", "store"])
         info.add_metric([self.state.epoch, self.store], 1)

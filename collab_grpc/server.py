@@ -168,7 +168,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         state,
         store=store,
         status_interval=config.status_interval,
-        subscriber_queue=config.subscriber_queue,
+        subscriber_queue=config.subscriber_queue_size,
         max_reply_bytes=config.max_reply_bytes,
         status_read_min_interval=config.status_read_min_interval,
     )

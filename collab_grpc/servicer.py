@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -43,7 +43,7 @@ from collab_grpc.errors import (
 )
 from collab_grpc.events import Subscription
 from collab_grpc.history import ActivityQuery
-from collab_grpc.model import Activity, EventKind, MemoryUpdate
+from collab_grpc.model import Activity, Event, EventKind, MemoryUpdate
 from collab_grpc.readahead import ReadAhead
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
@@ -105,6 +105,8 @@ WRITE_METHODS = frozenset(
 )
 
 MAX_BULK_ITEMS = 100_000
+# The most events one SubscribeEvents message may carry (SubscribeEventsRequest.max_batch).
+MAX_EVENT_BATCH = 1000
 # The default byte budget of every message the server sends (gRPC receivers refuse more
 # than 4 MiB by default); see collab_grpc.config for the setting and its bounds.
 DEFAULT_MAX_REPLY_BYTES = 1024 * 1024
@@ -301,7 +303,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         store: Store | None = None,
         status_interval: float = 2.0,
         status_read_min_interval: float = DEFAULT_STATUS_READ_MIN_INTERVAL,
-        subscriber_queue: int = 10_000,
+        subscriber_queue: int = 5_000,  # at most half of the events retained (config.py)
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         self.state = state
@@ -721,14 +723,14 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         subscription: Subscription | None = None
         try:
             try:
-                subscription, initial = await self._subscribe(request, context)
+                subscription, initial, replay = await self._subscribe(request, context)
             except CollabError as error:
                 await abort_with(context, error)
                 return
             # A credential that expires ends the stream then (one timer, nothing per event).
             expiry = _at_expiry(subscription.close, TOKEN_EXPIRED)
             try:
-                await self._pump(subscription, initial, context)
+                await self._pump(subscription, initial, replay, max(1, request.max_batch), context)
             finally:
                 if expiry is not None:
                     expiry.cancel()
@@ -738,10 +740,13 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, Iterable[pb.SubscribeEventsResponse]]:
-        """The subscription a SubscribeEvents request asks for, and its first messages."""
+    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse], list[Event]]:
+        """The subscription a SubscribeEvents request asks for, its first messages and
+        the events it replays before the live ones."""
         initial: list[pb.SubscribeEventsResponse] = []
-        replay: Iterable[pb.SubscribeEventsResponse] = ()
+        replay: list[Event] = []
+        if request.max_batch > MAX_EVENT_BATCH:
+            raise InvalidArgument(f"max_batch must be between 0 and {MAX_EVENT_BATCH}, got {request.max_batch}")
         await self.store.fresh()
         event_filter = convert.event_filter_from_proto(request)
         for agent_id in request.agent_ids:
@@ -770,8 +775,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         snapshot=convert.snapshot_to_proto(resume.snapshot, self.snapshot_budget)
                     )
                 )
-            # Converted as they are written, not all at once: a replay can be the whole retained log.
-            replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
+            replay = resume.replay  # converted as they are written: it can be the whole retained log
         elif request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(
@@ -785,15 +789,18 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         except BaseException:
             self.state.log.unsubscribe(subscription)
             raise
-        return subscription, itertools.chain(initial, replay)
+        return subscription, initial, replay
 
     async def _pump(
         self,
         subscription: Subscription,
         initial: Iterable[pb.SubscribeEventsResponse],
+        replay: list[Event],
+        max_batch: int,
         context: Context,
     ) -> None:
-        """Write the initial messages, then every event the subscription takes in.
+        """Write the initial messages, the replayed events, then every event the
+        subscription takes in: up to ``max_batch`` of those waiting in one message.
 
         A write blocks while the client does not read (HTTP/2 flow control). If the
         subscription closes meanwhile (overflow, shutdown), the blocked write is
@@ -828,6 +835,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         try:
             for message in initial:
                 await write(message)
+            for message in self._event_messages(replay, max_batch):
+                await write(message)
             while True:
                 ready.clear()
                 events = subscription.take()
@@ -836,8 +845,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         break
                     await ready.wait()
                     continue
-                for event in events:
-                    await write(pb.SubscribeEventsResponse(event=convert.event_to_proto(event)))
+                for message in self._event_messages(events, max_batch):
+                    await write(message)
         except asyncio.CancelledError:
             if not subscription.closed:
                 raise  # the client went away
@@ -845,6 +854,28 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         code = _CODE_FOR_CLOSE.get(reason, grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_code(code)
         context.set_details(reason)
+
+    def _event_messages(self, events: list[Event], max_batch: int) -> Iterator[pb.SubscribeEventsResponse]:
+        """``events`` as messages, made as they are written: one Event each, or (the
+        reader asked for ``max_batch`` above 1) EventBatches of up to ``max_batch``,
+        each within the reply budget; a lone event goes as an Event."""
+        if max_batch == 1 or len(events) == 1:
+            for event in events:
+                yield pb.SubscribeEventsResponse(event=convert.event_to_proto(event))
+            return
+        budget = self.list_budget
+        batch: list[pb.Event] = []
+        size = 0
+        for event in events:
+            converted = convert.event_to_proto(event)
+            entry = convert.entry_size(converted.ByteSize())
+            if batch and (len(batch) >= max_batch or size + entry > budget):
+                yield pb.SubscribeEventsResponse(events=pb.EventBatch(events=batch))
+                batch, size = [], 0
+            batch.append(converted)
+            size += entry
+        if batch:
+            yield pb.SubscribeEventsResponse(events=pb.EventBatch(events=batch))
 
     async def StreamAgentStatus(  # type: ignore[override]  # noqa: N802
         self, request: pb.StreamAgentStatusRequest, context: Context

@@ -1409,6 +1409,7 @@ class SubscribeEventsRequest(_message.Message):
     SINCE_SEQ_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     since_seq: _builtins.int
     """Resume: replay every event after this seq of `epoch`, then go live. The first
     message is a ResumeResult.
@@ -1416,6 +1417,12 @@ class SubscribeEventsRequest(_message.Message):
     epoch: _builtins.str
     include_snapshot: _builtins.bool
     """Without since_seq: send a Snapshot first, then every event after its seq."""
+    max_batch: _builtins.int
+    """Up to this many events in one message (an EventBatch) when several are waiting:
+    a reader behind a burst (a bulk ingest, a replay) takes them in far fewer messages.
+    0 or 1: one Event a message. 0 to 1,000; a batch also stays within the reply
+    budget. A server older than this field sends one Event a message.
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
         """Only these kinds of event; all when empty."""
@@ -1439,10 +1446,11 @@ class SubscribeEventsRequest(_message.Message):
         since_seq: _builtins.int | None = ...,
         epoch: _builtins.str = ...,
         include_snapshot: _builtins.bool = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_since_seq", b"_since_seq", "since_seq", b"since_seq"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_seq", b"_since_seq", "activity_types", b"activity_types", "agent_ids", b"agent_ids", "epoch", b"epoch", "include_snapshot", b"include_snapshot", "kinds", b"kinds", "since_seq", b"since_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_since_seq", b"_since_seq", "activity_types", b"activity_types", "agent_ids", b"agent_ids", "epoch", b"epoch", "include_snapshot", b"include_snapshot", "kinds", b"kinds", "max_batch", b"max_batch", "since_seq", b"since_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__since_seq: _TypeAlias = _typing.Literal["since_seq"]  # noqa: Y015
     _WhichOneofArgType__since_seq: _TypeAlias = _typing.Literal["_since_seq", b"_since_seq"]  # noqa: Y015
@@ -1451,30 +1459,58 @@ class SubscribeEventsRequest(_message.Message):
 Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y015
 
 @_typing.final
+class EventBatch(_message.Message):
+    """Consecutive events, oldest first, as if each had come in a message of its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
 class SubscribeEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___Event: ...
     @_builtins.property
     def snapshot(self) -> Global___Snapshot: ...
     @_builtins.property
     def resume(self) -> Global___ResumeResult: ...
+    @_builtins.property
+    def events(self) -> Global___EventBatch:
+        """Only to a request with max_batch above 1."""
+
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
         snapshot: Global___Snapshot | None = ...,
         resume: Global___ResumeResult | None = ...,
+        events: Global___EventBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "resume", b"resume", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "message", b"message", "resume", b"resume", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "message", b"message", "resume", b"resume", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "message", b"message", "resume", b"resume", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "snapshot", "resume"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["event", "snapshot", "resume", "events"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

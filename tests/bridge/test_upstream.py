@@ -4,14 +4,15 @@ broken stream is resumed from the last seq with nothing lost or repeated."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
-from bridge.upstream import Backoff, Upstream
+from bridge.upstream import UPSTREAM_BATCH, Backoff, Upstream
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.conftest import HubFactory
-from tests.support.rpc import WRITE_KEY
+from tests.support.rpc import WRITE_KEY, activity
 
 
 async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
@@ -51,6 +52,43 @@ async def test_a_broken_stream_resumes_from_the_last_seq(make_hub: HubFactory) -
         assert snapshots == [(0, False)], "resumed, not restarted from a snapshot"
         assert upstream.connected and upstream.last_error.startswith("events stream")
         assert len(statuses) >= 1
+    finally:
+        await upstream.stop()
+        await channel.close(None)
+
+
+async def test_a_burst_arrives_in_batches_every_event_once_in_order(make_hub: HubFactory) -> None:
+    """A bulk ingest reaches the upstream as EventBatches (it asks for them): every event
+    is handed on, once, in order, and the server sent fewer messages than events."""
+    running, client = await make_hub()
+    seen: list[int] = []
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    upstream = Upstream(
+        channel,
+        WRITE_KEY,
+        on_snapshot=lambda snapshot, reset: None,
+        on_event=lambda event: seen.append(event.seq),
+        on_status=lambda update: None,
+    )
+    sent: list[str] = []
+    real_messages = running.servicer._event_messages
+
+    def counted(events: list[Any], max_batch: int) -> Iterator[pb.SubscribeEventsResponse]:
+        for message in real_messages(events, max_batch):
+            sent.append(message.WhichOneof("message") or "")
+            yield message
+
+    running.servicer._event_messages = counted  # type: ignore[method-assign]
+    upstream.start()
+    try:
+        await until(lambda: upstream.events_connected)
+        items = [activity("agent_bulk", pb.ACTIVITY_TYPE_MEMORY_WRITE) for _ in range(UPSTREAM_BATCH + 100)]
+        request = pb.BulkRecordActivitiesRequest(activities=items)
+        reply = await client.stub.BulkRecordActivities(iter([request]), metadata=client.metadata)
+        assert reply.recorded == len(items)
+        await until(lambda: len(seen) == len(items))
+        assert seen == list(range(1, len(items) + 1))
+        assert "events" in sent and len(sent) < len(items)
     finally:
         await upstream.stop()
         await channel.close(None)

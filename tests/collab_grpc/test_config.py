@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 
 from collab_grpc.config import ServerConfig, load_roster, parse_server_config
-from collab_grpc.state import RosterEntry
+from collab_grpc.servicer import CollaborationServicer
+from collab_grpc.state import RosterEntry, StateSettings
 
 # -- parse_server_config ----------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ def test_every_option_from_flags() -> None:
         "--history-limit",
         "5",
         "--event-retain",
-        "6",
+        "26",
         "--activity-ttl",
         "7",
         "--rate-limit",
@@ -112,7 +114,7 @@ def test_every_option_from_flags() -> None:
         jwt_secret="j",
         roster=Path("r.json"),
         history_limit=5,
-        event_retain=6,
+        event_retain=26,
         activity_ttl=7.0,
         rate_limit=2.5,
         max_metadata_bytes=8,
@@ -147,7 +149,7 @@ def test_other_environment_variables_ignored() -> None:
 def test_process_environment_when_env_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLLAB_SUBSCRIBER_QUEUE", "33")
     assert parse_server_config([]).subscriber_queue == 33
-    assert parse_server_config([], {}).subscriber_queue == 10_000  # an explicit env replaces os.environ
+    assert parse_server_config([], {}).subscriber_queue_size == 5_000  # an explicit env replaces os.environ
 
 
 @pytest.mark.parametrize(
@@ -177,7 +179,7 @@ def test_secret_not_in_repr() -> None:
         (["--history-limit", "0"], {}),
         (["--event-retain", "-1"], {}),
         (["--max-metadata-bytes", "0"], {}),
-        (["--subscriber-queue", "0"], {}),
+        (["--subscriber-queue", "-1"], {}),
         (["--activity-ttl", "0"], {}),
         (["--activity-ttl", "-5"], {}),
         (["--status-interval", "0"], {}),
@@ -291,3 +293,22 @@ def test_roster_null_department(tmp_path: Path) -> None:
     except ValueError:
         return  # refusing the entry is also acceptable
     assert roster == [RosterEntry("agent_1", "")]
+
+
+def test_a_subscriber_cut_for_lag_can_resume_with_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """The subscriber queue is at most half of the retained events, by default and when
+    either is set: a subscriber cut for lagging resumes from what is still retained."""
+    defaults = parse_server_config([], {})
+    assert defaults == ServerConfig()
+    assert defaults.subscriber_queue_size * 2 <= defaults.event_retain
+    servicer_queue = inspect.signature(CollaborationServicer).parameters["subscriber_queue"].default
+    assert servicer_queue * 2 <= StateSettings().event_log_retain
+    assert parse_server_config(["--event-retain", "4000"], {}).subscriber_queue_size == 2000  # derived
+    assert (
+        parse_server_config(["--event-retain", "4000", "--subscriber-queue", "2000"], {}).subscriber_queue_size == 2000
+    )
+    with pytest.raises(SystemExit):
+        parse_server_config(["--event-retain", "4000", "--subscriber-queue", "2001"], {})
+    assert "must be at most half of event-retain (4000)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_server_config(["--event-retain", "1"], {})

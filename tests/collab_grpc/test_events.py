@@ -257,18 +257,52 @@ def test_unsubscribe() -> None:
     assert len(subscription) == 0
 
 
-def test_overflow_in_log_affects_only_the_slow_subscriber() -> None:
-    log = EventLog(EPOCH)
+def test_a_subscriber_whose_queue_fills_reads_on_from_the_log_and_misses_nothing() -> None:
+    """A burst larger than its queue: the slow subscriber keeps its place and takes the
+    rest from the retained events, in order, each once, then is queued for again."""
+    log = EventLog(EPOCH, retain=10)
     slow = log.subscribe(EventFilter(), 2)
     fast = log.subscribe(EventFilter(), 2)
-    for _ in range(5):
-        log.append(EventKind.MEMORY_UPDATED, memory(), 0.0)
+    woken: list[int] = []
+    slow.on_ready = lambda: woken.append(len(slow))
+    events = []
+    for _ in range(7):
+        events.append(log.append(EventKind.MEMORY_UPDATED, memory(), 0.0))
         fast.take()
-    assert slow.closed
-    assert not fast.closed
+    assert not slow.closed and slow.behind and len(slow) == 2  # nothing queued past its capacity
+    taken = slow.take()
+    while slow.behind:
+        taken += slow.take()
+    assert taken == events
     last = log.append(EventKind.MEMORY_UPDATED, memory(), 0.0)
-    assert fast.take() == [last]
-    assert slow.take() == []
+    assert slow.take() == [last] and fast.take() == [last]
+
+
+def test_a_subscriber_behind_what_is_retained_is_closed_and_woken() -> None:
+    log = EventLog(EPOCH, retain=5)
+    slow = log.subscribe(EventFilter(), 2)
+    woken: list[bool] = []
+    slow.on_ready = lambda: woken.append(slow.closed)
+    for _ in range(7):
+        log.append(EventKind.MEMORY_UPDATED, memory(), 0.0)
+    assert not slow.closed  # seq 3 on is still retained
+    log.append(EventKind.MEMORY_UPDATED, memory(), 0.0)  # lets go of seq 3
+    assert slow.closed_reason == (
+        "subscriber fell behind: events after seq 2 are no longer retained (oldest is 4); resubscribe with a snapshot"
+    )
+    assert woken[-1] is True and slow.take() == []
+    # A resume from where it was cannot be filled either: the reason says why.
+    assert log.can_resume(EPOCH, 2) is not None
+
+
+def test_a_filtered_subscriber_behind_reads_on_only_what_matches() -> None:
+    log = EventLog(EPOCH)
+    mine = log.subscribe(EventFilter(agent_ids=frozenset({"a1"})), 1)
+    appended = [log.append(EventKind.MEMORY_UPDATED, memory(f"a{n % 2}"), 0.0) for n in range(8)]
+    taken = mine.take()
+    while mine.behind:
+        taken += mine.take()
+    assert taken == [e for e in appended if "a1" in e.agent_ids]
 
 
 def test_close_all() -> None:

@@ -151,14 +151,19 @@ def test_the_newest_event_is_retained_whatever_its_size() -> None:
     assert log.first_retained_seq == 1 and log.can_resume("e", 0) is None
 
 
-def test_a_subscriber_lagging_by_more_bytes_than_the_log_keeps_is_closed() -> None:
-    state = make(event_log_retain_bytes=3 * RECORD)
+def test_a_subscriber_lagging_by_more_bytes_than_its_queue_reads_on_until_the_log_lets_go() -> None:
+    """Its queue takes half the retained bytes; past that it holds nothing more and reads
+    on from the log, and is closed once the log no longer keeps its next event."""
+    state = make(event_log_retain_bytes=6 * RECORD)
     subscription = state.subscribe(EventFilter(), capacity=1000)
     for n in range(3):
         record(state, f"a{n}", metadata=blob())
-    assert not subscription.closed and subscription.queued_bytes == 3 * RECORD
-    record(state, "a3", metadata=blob())
-    assert subscription.closed_reason is not None and "bytes of events were waiting" in subscription.closed_reason
+    assert not subscription.behind and subscription.queued_bytes == 3 * RECORD
+    for n in range(3, 9):
+        record(state, f"a{n}", metadata=blob())
+    assert subscription.behind and not subscription.closed and subscription.queued_bytes == 3 * RECORD
+    record(state, "a9", metadata=blob())  # the log lets go of seq 4, the next it needs
+    assert subscription.closed_reason is not None and "no longer retained" in subscription.closed_reason
 
 
 def test_the_write_path_measures_metadata_once(monkeypatch: pytest.MonkeyPatch) -> None:

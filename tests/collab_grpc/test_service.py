@@ -18,6 +18,7 @@ from google.protobuf import struct_pb2
 from collab_grpc import servicer
 from collab_grpc.server import RunningServer
 from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.conftest import HubFactory
 from tests.support.rpc import READ_KEY, Client, activity, drain, take
 
 StatusCode = grpc.StatusCode
@@ -478,6 +479,41 @@ async def test_resume_replays_exactly_the_missed_events(client: Client) -> None:
     assert next_message.event.seq > replayed[-1].event.seq
 
 
+async def test_a_reader_asking_for_batches_gets_the_waiting_events_in_few_messages(client: Client) -> None:
+    """max_batch: a replay (and a burst) comes as EventBatches of at most that many, in
+    order, each event once; a lone live event as an Event; over 1,000 is refused."""
+    agent = unique("agent")
+    await client.record(agent)
+    epoch, since = await head(client)
+    await bulk(client, agent, 25)
+    stream = client.stub.SubscribeEvents(
+        pb.SubscribeEventsRequest(agent_ids=[agent], since_seq=since, epoch=epoch, max_batch=10),
+        metadata=client.metadata,
+    )
+    resume, *batches = await asyncio.wait_for(take(stream, 4), 10)
+    assert resume.resume.recovered
+    assert [m.WhichOneof("message") for m in batches] == ["events"] * 3
+    assert [len(m.events.events) for m in batches] == [10, 10, 5]
+    seqs = [event.seq for m in batches for event in m.events.events]
+    assert seqs == list(range(since + 1, since + 26))
+    live = await client.record(agent)
+    (alone,) = await asyncio.wait_for(take(stream, 1), 10)
+    stream.cancel()
+    assert alone.WhichOneof("message") == "event" and alone.event.activity_recorded.activity_id == live
+    await expect_status(
+        client.stub.SubscribeEvents(pb.SubscribeEventsRequest(max_batch=1001), metadata=client.metadata).read(),
+        StatusCode.INVALID_ARGUMENT,
+        "max_batch must be between 0 and 1000",
+    )
+
+
+async def bulk(client: Client, agent: str, count: int) -> None:
+    items = [activity(agent, pb.ACTIVITY_TYPE_MEMORY_WRITE) for _ in range(count)]
+    request = pb.BulkRecordActivitiesRequest(activities=items)
+    reply = await client.stub.BulkRecordActivities(iter([request]), metadata=client.metadata)
+    assert reply.recorded == count
+
+
 async def test_resume_from_another_epoch_gets_a_fresh_snapshot(client: Client) -> None:
     epoch, seq = await head(client)
     stream = client.stub.SubscribeEvents(
@@ -541,15 +577,17 @@ async def test_agent_status_stream_ticks_at_the_requested_interval(client: Clien
     )
 
 
-async def test_stalled_subscriber_is_cut_off_without_delaying_a_healthy_one(client: Client) -> None:
-    """A subscriber that never reads overflows its own queue and gets RESOURCE_EXHAUSTED;
-    a healthy subscriber meanwhile receives every event."""
+async def test_stalled_subscriber_is_cut_off_without_delaying_a_healthy_one(make_hub: HubFactory) -> None:
+    """A subscriber that never reads fills the transport and its queue, then keeps its
+    place in the log until the events it needs are no longer retained (here 8 MB of
+    them): then it gets RESOURCE_EXHAUSTED. A healthy subscriber receives every event."""
+    _, client = await make_hub(event_retain_bytes=8 * 1024 * 1024)
     agent = unique("agent")
     stalled_client = Client.connect(client.target, client.token)  # its own connection, as a real peer
     try:
         stalled = await stalled_client.subscribe(agent_ids=[agent])  # reads its snapshot, then nothing
         healthy = await client.subscribe(agent_ids=[agent])
-        count = 400  # about 24 MB: more than the transport buffers plus the 64-event queue
+        count = 400  # about 24 MB: more than the transport buffers plus the retained 8 MB
         received: list[int] = []
 
         async def read_healthy() -> None:
@@ -566,5 +604,6 @@ async def test_stalled_subscriber_is_cut_off_without_delaying_a_healthy_one(clie
             await drain(stalled)
         assert caught.value.code() == StatusCode.RESOURCE_EXHAUSTED
         assert "fell behind" in (caught.value.details() or "")
+        assert "no longer retained" in (caught.value.details() or "")
     finally:
         await stalled_client.close()
