@@ -42,6 +42,8 @@ class ServerConfig:
     sqlite_synchronous: str = "full"
     # Seconds a busy server holds a commit open for more writes (group commit); 0: never.
     sqlite_commit_delay: float = 0.010
+    # Seconds a call waits for a shared store (Redis) before UNAVAILABLE.
+    store_timeout: float = 2.0
     retain_count: int = 100_000
     retain_seconds: float = 7 * 24 * 3600.0
     auth: bool = True
@@ -99,6 +101,7 @@ class ServerConfig:
     ended_sessions_bytes: int = 32 * 1024 * 1024
     event_retain_bytes: int = 64 * 1024 * 1024
     idempotency_bytes: int = 64 * 1024 * 1024
+    idempotency_ttl: float = 24 * 3600.0
     max_db_bytes: int = 4 * 1024 * 1024 * 1024  # 0: no budget
 
 
@@ -120,6 +123,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "sqlite_commit_delay",
         float,
         "seconds a busy server gathers writes into one commit (0 = commit each batch at once)",
+    ),
+    (
+        "--store-timeout",
+        "COLLAB_STORE_TIMEOUT",
+        "store_timeout",
+        float,
+        "seconds a call waits for a Redis store (hung or unreachable) before UNAVAILABLE (REST 503)",
     ),
     ("--retain-count", "COLLAB_RETAIN_COUNT", "retain_count", int, "events and completed activities kept"),
     ("--retain-seconds", "COLLAB_RETAIN_SECONDS", "retain_seconds", float, "age after which they are dropped"),
@@ -261,6 +271,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         "bytes of answers kept in memory for retried writes (idempotency keys)",
     ),
     (
+        "--idempotency-ttl",
+        "COLLAB_IDEMPOTENCY_TTL",
+        "idempotency_ttl",
+        float,
+        "seconds a retried write's answer is kept (every store prunes older answers)",
+    ),
+    (
         "--max-db-bytes",
         "COLLAB_MAX_DB_BYTES",
         "max_db_bytes",
@@ -348,6 +365,10 @@ def parse_server_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         )
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
+    if not 0.1 <= config.store_timeout <= 60:  # also refuses NaN
+        parser.error(f"store-timeout must be between 0.1 and 60 (seconds), got {config.store_timeout}")
+    if not 1 <= config.idempotency_ttl <= 30 * 24 * 3600:  # also refuses NaN
+        parser.error(f"idempotency-ttl must be between 1 and 2592000 (seconds), got {config.idempotency_ttl}")
     if not 0 <= config.sqlite_commit_delay <= 1:  # also refuses NaN
         parser.error(f"sqlite-commit-delay must be between 0 and 1 (seconds), got {config.sqlite_commit_delay}")
     if config.sqlite_synchronous.lower() not in {"full", "normal"}:
