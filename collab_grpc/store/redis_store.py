@@ -37,7 +37,9 @@ import base64
 import contextlib
 import json
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +85,10 @@ STALE_AGENTS_PER_LOAD = 10_000
 # long) rather than cancelling it.
 FOLLOW_BLOCK_MS = 500
 MAX_BATCH = 1_000  # events per append script
+# A holder that others wait for hands the lease over after its current batch once it has
+# held it this long (seconds): long enough to amortise a hand-over over several batches,
+# short enough that the others' writes wait little.
+LEASE_HOLD = 0.005
 # A batch is sent once the writers already queued here have decided, or after this long.
 GATHER = 0.001
 # Idempotency answers past the TTL removed per batch (more than a batch adds, so it keeps up).
@@ -111,25 +117,23 @@ end
 redis.call('XTRIM', KEYS[3], 'MAXLEN', '~', ARGV[7])
 return redis.call('HLEN', KEYS[6])
 """
-# KEYS: lease, queue (list of waiting tokens, in order), waiting (token -> deadline ms).
-# ARGV: token, lease TTL ms, waiter TTL ms. 1: the lease is this token's; 0: queued.
+# KEYS: lease, queue (list of waiting tokens, in order), waiting (token -> deadline ms),
+# seq. ARGV: token, lease TTL ms, waiter TTL ms. The seq of the log when the lease is this
+# token's; false when queued.
 ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('HDEL', KEYS[3], ARGV[1])
-  return 1
-end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('HDEL', KEYS[3], ARGV[1])
-  return 1
+  return redis.call('GET', KEYS[4]) or '0'
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if redis.call('HSET', KEYS[3], ARGV[1], now + tonumber(ARGV[3])) == 1 then redis.call('RPUSH', KEYS[2], ARGV[1]) end
-return 0
+return false
 """
-# KEYS: lease, queue, waiting, channel. ARGV: token, lease TTL ms. Gives the lease held
-# by ``token`` to the first live waiter (2), or frees it (1); 0 when it was not held. A
-# token that gave up waiting is taken out of the queue too.
+# KEYS: lease, queue, waiting, channel, seq. ARGV: token, lease TTL ms. Gives the lease
+# held by ``token`` to the first live waiter (2; the message names it and the log's seq),
+# or frees it (1); 0 when it was not held. A token that gave up waiting is taken out of
+# the queue too.
 RELEASE = """
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('LREM', KEYS[2], 0, ARGV[1])
@@ -143,7 +147,7 @@ while true do
   redis.call('HDEL', KEYS[3], waiter)
   if deadline > now then
     redis.call('SET', KEYS[1], waiter, 'PX', ARGV[2])
-    redis.call('PUBLISH', KEYS[4], waiter)
+    redis.call('PUBLISH', KEYS[4], waiter .. ' ' .. (redis.call('GET', KEYS[5]) or '0'))
     return 2
   end
 end
@@ -232,12 +236,13 @@ class RedisStore:
         self._lease: str | None = None
         self._handing_over = False
         self._lease_wait: asyncio.Future[str] | None = None  # the one request in flight
-        self._lease_changed: asyncio.Event | None = None
-        self._handed_to = b""  # the token named by the last hand-over message
-        self._needs_catch_up = False  # the lease was just taken: other replicas' events first
+        self._lease_changed = asyncio.Event()
+        self._handed_to = b""  # the last hand-over message: the token, and the seq of the log
+        self._lease_seq = 0  # the seq of the log when the lease was taken
+        self._lease_taken = 0.0
         self._append_lock = asyncio.Lock()  # held while a batch is in flight
         self._abandoned: dict[str, float] = {}  # lease tokens given up, as of when
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
@@ -429,8 +434,6 @@ class RedisStore:
     # -- following other replicas -----------------------------------------------------
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._lease_changed = asyncio.Event()
         self._follower = asyncio.create_task(self._follow())
         self._tasks = [
             asyncio.create_task(self._flush_loop()),
@@ -531,7 +534,7 @@ class RedisStore:
                 await pubsub.subscribe(channel)
                 while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=FOLLOW_BLOCK_MS / 1000)
-                    if message is not None and self._lease_changed is not None:
+                    if message is not None:
                         self._handed_to = message["data"]
                         self._lease_changed.set()
             except (RedisError, OSError) as error:
@@ -552,24 +555,27 @@ class RedisStore:
 
     async def _request_lease(self, done: asyncio.Future[str]) -> None:
         client = self._redis()
-        token = secrets.token_hex(8)
-        keys = (self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"))
+        # Who holds the lease shows in Redis (`GET <prefix>:lease`): host and process.
+        token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+        keys = (self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"), self._key("seq"))
         changed = self._lease_changed
-        assert changed is not None
+        handed = f"{token} ".encode()
         deadline = time.monotonic() + self.timeout
         try:
             while True:
                 changed.clear()
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        held = await client.eval(ACQUIRE, 3, *keys, token, LEASE_TTL_MS, WAITER_TTL_MS)
+                        held = await client.eval(ACQUIRE, 4, *keys, token, LEASE_TTL_MS, WAITER_TTL_MS)
                 except TimeoutError:
                     raise StoreUnavailable(
                         f"the Redis store did not answer within {self.timeout:g} s (COLLAB_STORE_TIMEOUT)"
                     ) from None
-                if held:
+                if held is not None:
+                    self._lease_seq = int(held)
                     break
-                if self._handed_to == token.encode():
+                if self._handed_to.startswith(handed):
+                    self._lease_seq = int(self._handed_to[len(handed) :])
                     break  # handed over while the script ran
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -578,7 +584,8 @@ class RedisStore:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(LEASE_POLL, left)):
                         await changed.wait()
-                if self._handed_to == token.encode():
+                if self._handed_to.startswith(handed):
+                    self._lease_seq = int(self._handed_to[len(handed) :])
                     break  # the hand-over names this token: the lease is ours without asking
         except (RedisError, OSError, StoreUnavailable, asyncio.CancelledError) as error:
             self._abandoned[token] = 0.0  # released once Redis answers (it may have set it)
@@ -592,7 +599,7 @@ class RedisStore:
         self._lease = token
         self._lease_wait = None
         self._handing_over = False
-        self._needs_catch_up = True
+        self._lease_taken = perf_counter()
         done.set_result(token)
 
     async def _release_abandoned(self) -> None:
@@ -600,14 +607,17 @@ class RedisStore:
         when it answers again, and nobody would use it until its TTL ran out. A token is
         watched for one lease TTL after Redis first answers again."""
         client = self._redis()
-        keys = (self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"), self._key("lease_handover"))
+        keys = (
+            self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"),
+            self._key("lease_handover"), self._key("seq"),
+        )  # fmt: skip
         while not self._closing:
             await asyncio.sleep(LEASE_POLL if self._abandoned else 0.5)
             now = time.monotonic()
             for token, answered_at in list(self._abandoned.items()):
                 try:
                     async with asyncio.timeout(self.timeout):
-                        released = await client.eval(RELEASE, 4, *keys, token, LEASE_TTL_MS)
+                        released = await client.eval(RELEASE, 5, *keys, token, LEASE_TTL_MS)
                 except (RedisError, OSError, TimeoutError):
                     continue
                 if released or (answered_at and now - answered_at > LEASE_TTL_MS / 1000):
@@ -621,10 +631,13 @@ class RedisStore:
         self._handing_over = False
         if token is None:
             return
-        keys = (self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"), self._key("lease_handover"))
+        keys = (
+            self._key("lease"), self._key("lease_queue"), self._key("lease_waiting"),
+            self._key("lease_handover"), self._key("seq"),
+        )  # fmt: skip
         try:
             async with asyncio.timeout(self.timeout):
-                await self._redis().eval(RELEASE, 4, *keys, token, LEASE_TTL_MS)
+                await self._redis().eval(RELEASE, 5, *keys, token, LEASE_TTL_MS)
         except (RedisError, OSError, TimeoutError):
             self._abandoned[token] = 0.0
 
@@ -648,9 +661,10 @@ class RedisStore:
                     break
                 self._local.release()
             try:
-                if self._stale or self._needs_catch_up:
+                # Other replicas appended since this replica last took in the log.
+                if self._stale or self._lease_seq != self._durable_seq:
                     await self._catch_up()
-                    self._needs_catch_up = False
+                    self._lease_seq = self._durable_seq
             except BaseException:
                 self._local.release()
                 raise
@@ -670,12 +684,10 @@ class RedisStore:
             self._stage()
         finally:
             self._local.release()
-            if self._wakeup is not None:  # to append what was staged, or to free the lease
-                self._wakeup.set()
+            self._wakeup.set()  # to append what was staged, or to free the lease
 
     async def _await_release(self) -> None:
         changed = self._lease_changed
-        assert changed is not None
         while self._handing_over:
             changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -699,7 +711,6 @@ class RedisStore:
                 self._staged.append(_Staged(0, "", [], self._answer_ops(leftover)))
 
     async def _flush_loop(self) -> None:
-        assert self._wakeup is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -740,7 +751,10 @@ class RedisStore:
                 started = perf_counter()
                 try:
                     waiting = await self._redis().eval(APPEND, len(keys), *keys, *args)
-                except (RedisError, OSError) as error:
+                except (RedisError, OSError, asyncio.CancelledError) as error:
+                    task = asyncio.current_task()
+                    if isinstance(error, asyncio.CancelledError) and task is not None and task.cancelling():
+                        raise  # the store closes
                     metrics.commit_failed("redis")
                     failure = error
                 else:
@@ -750,7 +764,7 @@ class RedisStore:
                     self._served(state.epoch, last)
                     state.log.publish_through(last)
                     self._release_waiters(lambda seq: seq <= last, None)
-                    if waiting and not self._handing_over:
+                    if waiting and not self._handing_over and perf_counter() - self._lease_taken >= LEASE_HOLD:
                         self._handing_over = True  # no new write decides here; the staged ones go first
             if failure is not None:
                 await self._failed(failure)
@@ -759,8 +773,7 @@ class RedisStore:
             async with self._local:
                 if not self._staged and self._lease == token and (self._handing_over or not self._queued):
                     await self._release_lease()
-            if self._lease_changed is not None:
-                self._lease_changed.set()
+            self._lease_changed.set()
 
     async def _failed(self, error: BaseException) -> None:
         """Refuse the batch and every write decided after it; reload from Redis."""
@@ -776,8 +789,7 @@ class RedisStore:
             with contextlib.suppress(StoreUnavailable, RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await self._reload("the store failed; resubscribe with since_seq set to the last seq received")
-        if self._lease_changed is not None:
-            self._lease_changed.set()
+        self._lease_changed.set()
 
     def _refuse(self, durable: int, message: str) -> None:
         self._failure_marks.append(durable)
@@ -878,8 +890,7 @@ class RedisStore:
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((seq, waiter))
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._wakeup.set()
         try:
             async with self._deadline():
                 await asyncio.shield(waiter)
