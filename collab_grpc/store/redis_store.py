@@ -47,6 +47,7 @@ from time import perf_counter  # its own name: tests stand in for the `time` mod
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -64,7 +65,7 @@ from collab_grpc.model import (
 )
 from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import StoreError, StoreUnavailable
-from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, dumps, encode
+from collab_grpc.store.codec import decode_activity, decode_payload_data, decode_session, dumps, encode
 
 __all__ = ["STORE_TIMEOUT", "RedisStore"]
 
@@ -89,8 +90,9 @@ MAX_BATCH = 1_000  # events per append script
 # held it this long (seconds): long enough to amortise a hand-over over several batches,
 # short enough that the others' writes wait little.
 LEASE_HOLD = 0.005
-# A batch is sent once the writers already queued here have decided, or after this long.
-GATHER = 0.001
+# While writes keep coming, a batch waits for more (see _gather): seconds.
+GATHER_DELAY = 0.004
+GATHER_QUIET = 0.001
 # Idempotency answers past the TTL removed per batch (more than a batch adds, so it keeps up).
 PRUNE_PER_BATCH = 2_000
 
@@ -239,6 +241,7 @@ class RedisStore:
         self._lease_changed = asyncio.Event()
         self._handed_to = b""  # the last hand-over message: the token, and the seq of the log
         self._lease_seq = 0  # the seq of the log when the lease was taken
+        self._needs_catch_up = False  # the lease was taken with events of others to take in
         self._lease_taken = 0.0
         self._append_lock = asyncio.Lock()  # held while a batch is in flight
         self._abandoned: dict[str, float] = {}  # lease tokens given up, as of when
@@ -447,6 +450,7 @@ class RedisStore:
         state = self._state
         assert state is not None
         client = self._redis()
+        durable = self._durable_seq  # as of the read (a batch of this replica's may land meanwhile)
         if not self._stale:
             with self._redis_errors():
                 async with client.pipeline(transaction=False) as pipe:
@@ -454,7 +458,7 @@ class RedisStore:
                     pipe.xrange(self._key("events"), min=f"{self._durable_seq + 1}-0")
                     (epoch, seq), entries = await pipe.execute()
             # Redis lost or replaced the history (restarted without its data, say).
-            self._stale = epoch is None or epoch.decode() != state.epoch or int(seq or 0) < self._durable_seq
+            self._stale = epoch is None or epoch.decode() != state.epoch or int(seq or 0) < durable
         if self._stale:
             await self._reload("the state was reloaded from the store; resubscribe with since_seq")
             return
@@ -600,7 +604,9 @@ class RedisStore:
         self._lease_wait = None
         self._handing_over = False
         self._lease_taken = perf_counter()
+        self._needs_catch_up = self._lease_seq != self._durable_seq
         done.set_result(token)
+        self._wakeup.set()  # the flusher frees the lease if no writer came for it (they gave up)
 
     async def _release_abandoned(self) -> None:
         """Free leases requested by calls that gave up (a hung Redis): Redis may set one
@@ -646,25 +652,26 @@ class RedisStore:
     @contextlib.asynccontextmanager
     async def writing(self) -> AsyncIterator[None]:
         async with self._deadline():
-            while True:
-                if self._lease is None or self._handing_over:
+            # Counted from here: a lease just taken is not freed while writers here wait for it.
+            self._queued += 1
+            try:
+                while True:
                     if self._handing_over:
                         await self._await_release()
                         continue
-                    await self._obtain_lease()
-                self._queued += 1
-                try:
+                    if self._lease is None:
+                        await self._obtain_lease()
                     await self._local.acquire()
-                finally:
-                    self._queued -= 1
-                if self._lease is not None and not self._handing_over:
-                    break
-                self._local.release()
+                    if self._lease is not None and not self._handing_over:
+                        break
+                    self._local.release()
+            finally:
+                self._queued -= 1
             try:
                 # Other replicas appended since this replica last took in the log.
-                if self._stale or self._lease_seq != self._durable_seq:
+                if self._stale or self._needs_catch_up:
                     await self._catch_up()
-                    self._lease_seq = self._durable_seq
+                    self._needs_catch_up = False
             except BaseException:
                 self._local.release()
                 raise
@@ -699,9 +706,10 @@ class RedisStore:
         events, self._events[:] = list(self._events), []
         answers, self._answers = self._answers, {}
         for event in events:
-            body = dumps({"kind": event.kind.value, "time": event.time, "payload": json.loads(encode(event.payload))})
+            payload = encode(event.payload)  # once: in the log entry and in the state's hash
+            body = f'{{"kind":{dumps(event.kind.value)},"time":{dumps(event.time)},"payload":{payload}}}'
             fields = answers.pop(event.seq, [])
-            self._staged.append(_Staged(event.seq, body, fields, self._ops(event, fields)))
+            self._staged.append(_Staged(event.seq, body, fields, self._ops(event, fields, payload)))
         if answers:
             # Answers of writes that appended nothing: stored with the batch's changes.
             leftover = [entry for entries in answers.values() for entry in entries]
@@ -711,20 +719,33 @@ class RedisStore:
                 self._staged.append(_Staged(0, "", [], self._answer_ops(leftover)))
 
     async def _flush_loop(self) -> None:
+        busy = False  # writes were staged while the last batch was in flight
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            gathered = perf_counter() + GATHER
-            # Let the writers already queued here decide first: one batch for them all.
-            while self._queued and len(self._staged) < MAX_BATCH and perf_counter() < gathered:  # noqa: ASYNC110
-                await asyncio.sleep(0)  # one turn of the loop per queued writer
+            if busy:
+                await self._gather()
             try:
                 await self._flush()
             except Exception:
                 log.exception("the redis append loop failed")
                 self._stale = True
-            if self._staged:
+            busy = bool(self._staged)
+            if busy:
                 self._wakeup.set()
+
+    async def _gather(self) -> None:
+        """Group commit: a batch costs Redis and this process about as much for one write
+        as for dozens, so while writes keep coming (they came during the last batch) the
+        next batch waits for more: while they keep arriving (none for GATHER_QUIET: go),
+        at most GATHER_DELAY, or MAX_BATCH events. A write after a quiet spell goes at once."""
+        deadline = perf_counter() + GATHER_DELAY
+        staged = len(self._staged)
+        while staged < MAX_BATCH and (left := deadline - perf_counter()) > 0:
+            await asyncio.sleep(min(GATHER_QUIET, left))
+            if len(self._staged) == staged and not self._queued:
+                return
+            staged = len(self._staged)
 
     async def _flush(self) -> None:
         batch, self._staged = self._staged[:MAX_BATCH], self._staged[MAX_BATCH:]
@@ -745,7 +766,7 @@ class RedisStore:
                 ]  # fmt: skip
                 for entry in events:
                     args += [entry.seq, entry.body, dumps(entry.answers)]
-                args.append(dumps([op for entry in batch for op in entry.ops]))
+                args.append(orjson.dumps([op for entry in batch for op in entry.ops]).decode())
                 names = ("lease", "seq", "events", "idempotency", "idempotency_at", "lease_waiting")
                 keys = [self._key(name) for name in names]
                 started = perf_counter()
@@ -815,8 +836,9 @@ class RedisStore:
             ops.append(["ZADD", self._key("idempotency_at"), rest[2], field_name])
         return ops
 
-    def _ops(self, event: Event, answers: list[list[Any]]) -> list[list[Any]]:
-        """The state changes of ``event``, as Redis commands (full JSON of what changed)."""
+    def _ops(self, event: Event, answers: list[list[Any]], payload_json: str) -> list[list[Any]]:
+        """The state changes of ``event``, as Redis commands (full JSON of what changed;
+        ``payload_json`` is the event's payload's)."""
         state = self._state
         assert state is not None
         key = self._key
@@ -837,7 +859,7 @@ class RedisStore:
 
         if isinstance(payload, Activity):
             ops += [
-                ["HSET", key("activity"), payload.activity_id, encode(payload)],
+                ["HSET", key("activity"), payload.activity_id, payload_json],
                 ["ZADD", key("activity_seq"), event.seq, payload.activity_id],
                 ["SADD", key("open"), payload.activity_id],
             ]
@@ -932,7 +954,10 @@ def _agent_fields(body: bytes) -> tuple[str, str | None, float]:
 
 
 def _decode_entry(epoch: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Event:
-    body = json.loads(fields[b"e"])
+    try:
+        body = orjson.loads(fields[b"e"])
+    except orjson.JSONDecodeError:  # what orjson does not read (an integer beyond 64 bits)
+        body = json.loads(fields[b"e"])
     kind = EventKind(body["kind"])
     seq = int(entry_id.decode().split("-", 1)[0])
-    return Event(seq, epoch, body["time"], kind, decode_payload(kind, dumps(body["payload"])))
+    return Event(seq, epoch, body["time"], kind, decode_payload_data(kind, body["payload"]))
