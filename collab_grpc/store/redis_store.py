@@ -76,7 +76,7 @@ log = logging.getLogger("collab_grpc.store.redis")
 LEASE_TTL_MS = 2_000
 # A queued waiter not heard from for this long is skipped by the hand-over (it died or
 # gave up); waiters refresh their place every LEASE_POLL.
-WAITER_TTL_MS = 600
+WAITER_TTL_MS = 400
 LEASE_POLL = 0.1  # seconds between a waiter's checks, besides the hand-over message
 STORE_TIMEOUT = 2.0  # seconds a call waits for Redis, by default (COLLAB_STORE_TIMEOUT)
 # Entries of agents never retired (idle past the TTL while no replica ran) removed per load.
@@ -922,12 +922,12 @@ class RedisStore:
             self._waiters = [(s, w) for s, w in self._waiters if w is not waiter]
 
     async def close(self) -> None:
-        # What is staged goes out first (writers are waiting for it).
-        for _ in range(3):
-            if not self._staged:
-                break
-            with contextlib.suppress(Exception):
-                await self._flush()
+        # What is staged goes out first, by the append loop (writers are waiting for it);
+        # at most the store's timeout (a hung Redis).
+        give_up = perf_counter() + self.timeout
+        while (self._staged or self._append_lock.locked()) and perf_counter() < give_up:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
         self._closing = True
         if self._lease is not None:
             await self._release_lease()
