@@ -16,7 +16,7 @@ import pytest
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import ServerProcess
-from tests.support.rpc import Client, activity
+from tests.support.rpc import EOF, Client, activity
 from tests.support.services import OwnRedis, require_redis
 from tests.support.stack import SERVER_ENV
 
@@ -91,7 +91,7 @@ async def test_answers_past_the_idempotency_ttl_leave_redis(tmp_path: Path, own_
         await record_keyed(client, "old")
         await asyncio.sleep(1.5)
         await record_keyed(client, "new")  # the batch that records it prunes what is older than the TTL
-        redis_client = own_redis.client()
+        redis_client: Any = own_redis.client()  # replies are bytes (the stubs type them loosely)
         held = [field.decode() for field in redis_client.hkeys("collab:idempotency")]
         indexed = [member.decode() for member in redis_client.zrange("collab:idempotency_at", 0, -1)]
         assert [f for f in held if f.endswith(" new")] and not [f for f in held if f.endswith(" old")], held
@@ -106,7 +106,7 @@ async def test_a_redis_that_comes_back_older_starts_a_new_epoch_never_reusing_a_
 ) -> None:
     server = replica(tmp_path, "a", own_redis)
     client = Client.connect(server.target)
-    redis_client = own_redis.client()
+    redis_client: Any = own_redis.client()  # replies are bytes (the stubs type them loosely)
     try:
         for n in range(5):
             await client.record(f"agent_{n}")
@@ -130,7 +130,7 @@ async def test_a_redis_that_comes_back_older_starts_a_new_epoch_never_reusing_a_
         # The subscriber's stream ended (it resubscribes) rather than carrying seq 6 again.
         rest: list[Any] = []
         with contextlib.suppress(grpc.aio.AioRpcError):
-            while (message := await asyncio.wait_for(stream.read(), 10)) is not grpc.aio.EOF:
+            while (message := await asyncio.wait_for(stream.read(), 10)) is not EOF:
                 rest.append(message)
         assert all(m.event.epoch != served_epoch or m.event.seq > served_seq for m in rest if m.HasField("event"))
         # Resuming where it was is refused as another epoch: the client starts from a fresh state.
