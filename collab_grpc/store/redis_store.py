@@ -79,6 +79,10 @@ LEASE_TTL_MS = 2_000
 WAITER_TTL_MS = 400
 LEASE_POLL = 0.1  # seconds between a waiter's checks, besides the hand-over message
 STORE_TIMEOUT = 2.0  # seconds a call waits for Redis, by default (COLLAB_STORE_TIMEOUT)
+# Lease requests given up and still to release (see _release_abandoned); past this many
+# (a long outage, with writes arriving all along) the oldest are forgotten: their lease,
+# if Redis ever set it, expires by itself within LEASE_TTL_MS.
+MAX_ABANDONED = 1_000
 # Entries of agents never retired (idle past the TTL while no replica ran) removed per load.
 STALE_AGENTS_PER_LOAD = 10_000
 # How long the follower blocks on one read of the log, in milliseconds (below the
@@ -592,7 +596,7 @@ class RedisStore:
                     self._lease_seq = int(self._handed_to[len(handed) :])
                     break  # the hand-over names this token: the lease is ours without asking
         except (RedisError, OSError, StoreUnavailable, asyncio.CancelledError) as error:
-            self._abandoned[token] = 0.0  # released once Redis answers (it may have set it)
+            self._abandon(token)  # released once Redis answers (it may have set it)
             self._lease_wait = None
             if not done.done():
                 done.set_exception(error if isinstance(error, StoreUnavailable) else _unavailable(error))
@@ -645,7 +649,12 @@ class RedisStore:
             async with asyncio.timeout(self.timeout):
                 await self._redis().eval(RELEASE, 5, *keys, token, LEASE_TTL_MS)
         except (RedisError, OSError, TimeoutError):
-            self._abandoned[token] = 0.0
+            self._abandon(token)
+
+    def _abandon(self, token: str) -> None:
+        self._abandoned[token] = 0.0
+        while len(self._abandoned) > MAX_ABANDONED:
+            del self._abandoned[next(iter(self._abandoned))]
 
     # -- writing --------------------------------------------------------------------
 
