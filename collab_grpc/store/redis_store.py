@@ -9,11 +9,13 @@
   writes in memory as a single server does, and appends them in batches (group commit:
   one script per batch, checking the lease token and the seq, all or nothing, the events
   with their state changes and idempotency answers). While a batch is in flight the next
-  one is decided, so a busy replica pays one round trip per batch, not per write.
+  one is decided, and while writes keep coming a batch waits a little for more (as the
+  SQLite store's group commit), so a busy replica pays one round trip per batch.
 - The lease is handed over, not raced for: a replica that wants it queues its token in
-  Redis; the holder, after its current batch, gives the lease to the first live waiter
-  (the release script sets the lease to that token and publishes it), so replicas take
-  turns batch by batch and none starves. A holder with nothing to write releases at once.
+  Redis; the holder, after its current batch and once it has held the lease LEASE_HOLD,
+  gives it to the first live waiter (the release script sets the lease to that token and
+  publishes it with the log's seq), so replicas take turns and none starves. A holder with
+  nothing to write releases at once.
   A holder that dies leaves the lease to expire (LEASE_TTL_MS): the failover time.
 - Each replica follows the stream and applies other replicas' events, so every
   subscriber on every replica sees one seq order. Reads first take in what is new
