@@ -60,6 +60,13 @@ class ServerConfig:
         minimum=0,
         maximum=1,
     )
+    # A hung or unreachable shared store fails calls within this, not one after another.
+    store_timeout: float = option(
+        2.0,
+        "seconds a call waits for a Redis store (hung or unreachable) before UNAVAILABLE (REST 503)",
+        minimum=0.1,
+        maximum=60,
+    )
     retain_count: int = option(100_000, "events and completed activities kept", minimum=1)
     retain_seconds: float = option(7 * 24 * 3600.0, "seconds after which they are dropped", minimum=0)
     auth: bool = option(True, "off: accept calls without credentials")
@@ -170,6 +177,12 @@ class ServerConfig:
     )
     idempotency_bytes: int = option(
         64 * 1024 * 1024, "bytes of answers kept in memory for retried writes (idempotency keys)", minimum=1
+    )
+    idempotency_ttl: float = option(
+        24 * 3600.0,
+        "seconds a retried write's answer is kept (every store prunes older answers)",
+        minimum=1,
+        maximum=30 * 24 * 3600,
     )
     max_db_bytes: int = option(
         4 * 1024 * 1024 * 1024,

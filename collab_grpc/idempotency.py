@@ -101,3 +101,12 @@ class IdempotencyCache:
         while len(self._entries) > self.capacity or (self._bytes > self.max_bytes and len(self._entries) > 1):
             _, oldest = self._entries.popitem(last=False)
             self._bytes -= oldest.size
+        # Held oldest first: those past the TTL go now, not only when looked up or pushed out.
+        cutoff = stored_at - self.ttl
+        while self._entries:
+            oldest_key = next(iter(self._entries))
+            oldest = self._entries[oldest_key]
+            if oldest.stored_at >= cutoff:
+                break
+            del self._entries[oldest_key]
+            self._bytes -= oldest.size

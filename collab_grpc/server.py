@@ -151,6 +151,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_open_activity_bytes=config.max_open_activity_bytes,
         max_active_session_bytes=config.max_active_session_bytes,
         idempotency_bytes=config.idempotency_bytes,
+        idempotency_ttl=config.idempotency_ttl,
         limits=Limits(max_metadata_bytes=config.max_metadata_bytes),
     )
     state = CollaborationState(settings, roster=roster, rate_limiter=RateLimiter(config.rate_limit))
@@ -161,6 +162,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         commit_delay=config.sqlite_commit_delay,
         retention=Retention(count=config.retain_count, seconds=config.retain_seconds, max_bytes=config.max_db_bytes),
         history_scan_rows=config.history_scan_rows,
+        timeout=config.store_timeout,
     )
     await store.attach(state)
     store.start()

@@ -83,6 +83,7 @@ class StateSettings:
     # Active sessions with their decisions are live state too: beyond it, new ones refused.
     max_active_session_bytes: int = 64 * MiB
     idempotency_bytes: int = 64 * MiB  # answers kept for retried writes
+    idempotency_ttl: float = 24 * 3600.0  # seconds an answer is kept (stores prune older ones)
     limits: Limits = field(default_factory=Limits)
 
 
@@ -136,7 +137,9 @@ class CollaborationState:
             retain=self.settings.event_log_retain,
             retain_bytes=self.settings.event_log_retain_bytes,
         )
-        self.idempotency = IdempotencyCache(max_bytes=self.settings.idempotency_bytes)
+        self.idempotency = IdempotencyCache(
+            max_bytes=self.settings.idempotency_bytes, ttl=self.settings.idempotency_ttl
+        )
         # Set by a store with a byte budget: why a new record cannot be stored now, or None.
         self.storage_refusal: Callable[[], str | None] | None = None
         # Per-agent allowance for records; checked after validation, so bad input costs none.

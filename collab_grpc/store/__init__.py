@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from collab_grpc.store.base import MemoryStore, Store, StoreError, StoreUnavailable
+from collab_grpc.store.base import STORE_TIMEOUT, MemoryStore, Store, StoreError, StoreUnavailable
 from collab_grpc.store.sqlite import COMMIT_DELAY, HISTORY_SCAN_ROWS, Retention, SQLiteStore
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ def open_store(
     retention: Retention | None = None,
     commit_delay: float = COMMIT_DELAY,
     history_scan_rows: int = HISTORY_SCAN_ROWS,
+    timeout: float = STORE_TIMEOUT,
 ) -> Store:
     """The store ``spec`` names (the value of COLLAB_STORE)."""
     if spec == "memory":
@@ -48,7 +49,7 @@ def open_store(
             history_scan_rows=history_scan_rows,
         )
     if spec.startswith(("redis://", "rediss://", "unix://")):
-        return _redis_store()(spec, retain=retention.count if retention else 100_000)
+        return _redis_store()(spec, retain=retention.count if retention else 100_000, timeout=timeout)
     raise StoreError(f"COLLAB_STORE must be sqlite, memory or redis://..., got {spec!r}")
 
 

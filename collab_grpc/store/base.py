@@ -10,7 +10,10 @@ from collab_grpc.errors import CollabError
 from collab_grpc.history import ActivityQuery, Found, query_held
 from collab_grpc.state import CollaborationState
 
-__all__ = ["MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
+__all__ = ["STORE_TIMEOUT", "MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
+
+
+STORE_TIMEOUT = 2.0  # seconds a call waits for a shared store (Redis), by default (COLLAB_STORE_TIMEOUT)
 
 
 class StoreError(Exception):

@@ -23,7 +23,15 @@ from collab_grpc.model import (
     Session,
 )
 
-__all__ = ["decode_activity", "decode_payload", "decode_session", "dumps", "encode", "encode_rows"]
+__all__ = [
+    "decode_activity",
+    "decode_payload",
+    "decode_payload_data",
+    "decode_session",
+    "dumps",
+    "encode",
+    "encode_rows",
+]
 
 
 # One encoder: json.dumps with any non-default option builds a new one on every call.
@@ -97,7 +105,11 @@ def decode_session(data: dict[str, Any]) -> Session:
 
 
 def decode_payload(kind: EventKind, text: str) -> EventPayload:
-    data = json.loads(text)
+    return decode_payload_data(kind, json.loads(text))
+
+
+def decode_payload_data(kind: EventKind, data: Any) -> EventPayload:
+    """A payload from its JSON, already parsed."""
     if kind is EventKind.ACTIVITY_RECORDED:
         return decode_activity(data)
     if kind is EventKind.ACTIVITY_COMPLETED:

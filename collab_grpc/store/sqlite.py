@@ -326,6 +326,7 @@ class SQLiteStore(SingleProcessStore):
         self._committer: asyncio.Task[None] | None = None
         self._last_prune = 0.0
         self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
+        self._idempotency_ttl = 24 * 3600.0  # likewise
         # The history search reads through a connection of its own in a thread of its own,
         # so it neither waits for a commit nor holds one up (WAL: readers see the last commit).
         self._reader: sqlite3.Connection | None = None
@@ -403,6 +404,7 @@ class SQLiteStore(SingleProcessStore):
         self._open_reader()
         self._state = state
         self._agent_idle_ttl = state.settings.agent_idle_ttl
+        self._idempotency_ttl = state.idempotency.ttl
         self._load(state)
         state.log.sink = self._stage_event
         state.idempotency.sink = self._stage_answer
@@ -498,10 +500,13 @@ class SQLiteStore(SingleProcessStore):
         )
         now = state.clock()
         state.idempotency.clear()
-        for row in connection.execute(
-            "SELECT method, key, fingerprint, answer, stored_at FROM idempotency WHERE stored_at > ? "
-            "ORDER BY stored_at",
-            (now - state.idempotency.ttl,),
+        # The newest the cache holds, fed oldest first (it evicts the first fed).
+        for row in reversed(
+            connection.execute(
+                "SELECT method, key, fingerprint, answer, stored_at FROM idempotency WHERE stored_at > ? "
+                "ORDER BY stored_at DESC LIMIT ?",
+                (now - state.idempotency.ttl, state.idempotency.capacity),
+            ).fetchall()
         ):
             state.idempotency.remember(*row)
         self._durable_seq = last_seq
@@ -853,7 +858,7 @@ class SQLiteStore(SingleProcessStore):
                 "WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
                 (oldest, retention.chunk),
             ),
-            ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - 24 * 3600.0,)),
+            ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - self._idempotency_ttl,)),
             # Agents that went idle while the server was down were never retired (a start
             # reads only live ones): their rows go once past the retention and the idle TTL.
             (

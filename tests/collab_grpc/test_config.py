@@ -188,6 +188,10 @@ def test_secret_not_in_repr() -> None:
         (["--sqlite-commit-delay", "-0.01"], {}),
         ([], {"COLLAB_SQLITE_COMMIT_DELAY": "2"}),
         (["--sqlite-commit-delay", "soon"], {}),
+        (["--store-timeout", "0"], {}),
+        ([], {"COLLAB_STORE_TIMEOUT": "120"}),
+        (["--idempotency-ttl", "0.5"], {}),
+        ([], {"COLLAB_IDEMPOTENCY_TTL": "forever"}),
         (["--no-such-flag"], {}),
         (["--history-limit"], {}),
     ],
@@ -212,7 +216,16 @@ def test_valid_flag_overrides_invalid_env() -> None:
 
 
 @pytest.mark.parametrize(
-    "flag", ["--activity-ttl", "--status-interval", "--shutdown-grace", "--rate-limit", "--sqlite-commit-delay"]
+    "flag",
+    [
+        "--activity-ttl",
+        "--status-interval",
+        "--shutdown-grace",
+        "--rate-limit",
+        "--sqlite-commit-delay",
+        "--store-timeout",
+        "--idempotency-ttl",
+    ],
 )
 def test_nan_is_invalid(flag: str) -> None:
     with pytest.raises(SystemExit):
@@ -312,3 +325,8 @@ def test_a_subscriber_cut_for_lag_can_resume_with_the_defaults(capsys: pytest.Ca
     assert "must be at most half of event-retain (4000)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_server_config(["--event-retain", "1"], {})
+
+
+def test_store_timeout_and_idempotency_ttl_reach_the_config() -> None:
+    config = parse_server_config(["--store-timeout", "0.5"], {"COLLAB_IDEMPOTENCY_TTL": "3600"})
+    assert config.store_timeout == 0.5 and config.idempotency_ttl == 3600.0

@@ -103,3 +103,12 @@ def test_size_accounts_for_replaced_expired_and_cleared_entries() -> None:
     assert cache.size_bytes == len(b"fp") + len(b"x")
     cache.clear()
     assert cache.size_bytes == 0 and len(cache) == 0
+
+
+def test_answers_past_the_ttl_leave_memory_when_newer_ones_are_stored() -> None:
+    cache = IdempotencyCache(ttl=10.0)
+    cache.store("Record", "old", b"f", b"answer-old", now=100.0)
+    cache.store("Record", "kept", b"f", b"answer-kept", now=105.0)
+    cache.store("Record", "new", b"f", b"answer-new", now=111.0)  # "old" is now 11 s old
+    assert len(cache) == 2 and cache.size_bytes == len(b"f" + b"answer-kept") + len(b"f" + b"answer-new")
+    assert cache.lookup("Record", "kept", b"f", now=111.0) == b"answer-kept"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,13 +21,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import redis
 from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.processes import BridgeProcess, ServerProcess
 from tests.support.rpc import Client
-from tests.support.services import free_port, redis_store_url, require_redis
+from tests.support.services import OwnRedis, free_port, redis_store_url, require_redis
 from tests.support.stack import API, AUTH, BRIDGE_ENV, SERVER_ENV, Stack, opened, recv, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -104,45 +102,9 @@ async def test_two_servers_and_two_bridges_share_one_history(tmp_path: Path, red
                 process.kill()
 
 
-class OwnRedis:
-    """A redis-server of the test's own, persisting every write (appendfsync always),
-    so it can be stopped and started again without losing what it acknowledged."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.directory.mkdir(exist_ok=True)
-        argv = [
-            shutil.which("redis-server") or "redis-server",
-            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
-            "--save", "", "--appendonly", "yes", "--appendfsync", "always",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
-                return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 async def test_redis_going_away_fails_calls_clearly_and_recovers_losing_nothing(tmp_path: Path) -> None:
     require_redis()  # the machine has Redis, so redis-server is installed
-    own = OwnRedis(tmp_path / "redis")
+    own = OwnRedis(tmp_path / "redis", persist=True)
     own.start()
     server = ServerProcess(tmp_path / "server", env={**SERVER_ENV, "COLLAB_STORE": own.url}).start()
     client = Client.connect(server.target)

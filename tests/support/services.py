@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-__all__ = ["SHARED_REDIS", "free_port", "redis_store_url", "require_redis"]
+__all__ = ["SHARED_REDIS", "OwnRedis", "free_port", "redis_store_url", "require_redis"]
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -44,3 +49,55 @@ def redis_store_url() -> Iterator[str]:
         keys = list(client.scan_iter(f"{prefix}:*"))
         if keys:
             client.delete(*keys)
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port, to stop, pause or roll back
+    without disturbing the machine's. With ``persist`` it writes every change to its
+    append-only file (appendfsync always), so it can be stopped and started again
+    without losing what it acknowledged; without, it keeps nothing on disk."""
+
+    def __init__(self, directory: Path, *, persist: bool = False) -> None:
+        self.directory = directory
+        self.persist = persist
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+    def start(self) -> OwnRedis:
+        self.directory.mkdir(exist_ok=True)
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
+        argv = [
+            shutil.which("redis-server") or "redis-server",
+            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory), "--save", "", *persistence,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return self
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis hangs (connections stay open, nothing is answered)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused one would not end
+            self.process.terminate()
+            self.process.wait(10)
