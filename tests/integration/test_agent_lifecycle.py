@@ -173,7 +173,11 @@ async def test_the_ttl_setting_is_checked_at_start(tmp_path: Path) -> None:
     for variable, value in (("COLLAB_AGENT_IDLE_TTL", "0"), ("COLLAB_AGENT_RETIRE_BATCH", "0")):
         server = ServerProcess(tmp_path / "server", env={**SERVER_ENV, variable: value}, capture_stderr=True)
         try:
-            with pytest.raises(AssertionError, match=r"agent-(idle-ttl|retire-batch) must be"):
+            with pytest.raises(
+                AssertionError,
+                match=r"--agent-(idle-ttl|retire-batch) / COLLAB_AGENT_(IDLE_TTL|RETIRE_BATCH): invalid value .*: "
+                "must be",
+            ):
                 server.start()
         finally:
             server.__exit__()

@@ -282,8 +282,11 @@ async def test_a_council_as_a_session_view_and_a_trace_tree(browser: Browser, st
 async def test_the_graph_links_who_worked_together(browser: Browser, stack: Stack, team: Team) -> None:
     await team.council(["graph_a", "graph_b", "graph_c"], "API versioning")
     page = await open_page(browser, stack, "&view=graph")
+    # Drawn as the back-fill arrives (the feed, then the sessions): wait for the whole picture.
     await page.wait_for_function(
-        "(window.collabDashboard.graphEdges || {})['graph_a\\u0000graph_b'] > 1", timeout=10000
+        "(e => e['graph_a\\u0000graph_b'] > 1 && e['graph_a\\u0000graph_c'] > 1 && e['graph_b\\u0000graph_c'] >= 1)"
+        "(window.collabDashboard.graphEdges || {})",
+        timeout=10000,
     )
     edges: dict[str, int] = await page.evaluate("window.collabDashboard.graphEdges")
     # graph_b and graph_c only share the session; graph_a names them and hears from them.

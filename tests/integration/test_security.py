@@ -130,17 +130,19 @@ class Credential:
 
 
 def credentials() -> list[Credential]:
+    # Made when the tests are collected: a day's margin, so a long run (the whole suite on a
+    # loaded machine) reaches them with the future still in the future.
     now = int(time.time())
     return [
         Credential("none", None, 401, 401),
         Credential("unknown key", f"wrong-{secrets.token_hex(8)}", 401, 401),
         Credential("jwt, other secret", signed({"scope": "read write"}, OTHER_SECRET), 401, 401),
         Credential("jwt, expired", signed({"scope": "read write", "exp": now - 60}), 401, 401),
-        Credential("jwt, nbf in the future", signed({"scope": "read write", "nbf": now + 600}), 401, 401),
+        Credential("jwt, nbf in the future", signed({"scope": "read write", "nbf": now + 86_400}), 401, 401),
         Credential("jwt, alg none", jwt.encode({"scope": "read write"}, "", algorithm="none"), 401, 401),
         Credential("jwt, no scope", signed({"sub": "someone"}), 401, 401),
         Credential("read key", READ_KEY, 200, 403),
-        Credential("jwt, scope read", signed({"scope": "read", "exp": now + 600}), 200, 403),
+        Credential("jwt, scope read", signed({"scope": "read", "exp": now + 86_400}), 200, 403),
         Credential("jwt, scope write", signed({"scope": "write"}), 403, 200),
         Credential("write key", WRITE_KEY, 200, 200),
         Credential("jwt, scope read write", signed({"scope": "read write"}), 200, 200),
