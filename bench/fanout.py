@@ -185,15 +185,18 @@ def sample_message() -> str:
 
 
 class HubTarget:
-    name = "collab hub"
     kind = "hub"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, store: str = "memory") -> None:
+        """``store``: the server's COLLAB_STORE (memory, or sqlite with its file in ``workdir``)."""
         self.workdir = workdir
+        self.store = store
+        self.name = "collab hub" if store == "memory" else f"collab hub ({store})"
 
     def start(self) -> tuple[int, str]:
         http_port = free_port()
-        self.server, self.grpc_target = start_server(self.workdir)
+        data_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=self.workdir))  # a fresh file each run
+        self.server, self.grpc_target = start_server(data_dir, COLLAB_STORE=self.store)
         env = {"COLLAB_LOG_LEVEL": "warning"}
         self.bridge = _start(
             [

@@ -124,6 +124,19 @@ async def reload_finished(store: SQLiteStore) -> None:
     await asyncio.get_running_loop().run_in_executor(store._executor, lambda: None)
 
 
+async def pruned(hub: Hub) -> int:
+    """Run retention rounds, as the store's retention loop does, until one leaves
+    nothing more to delete; how many ran."""
+    store = hub.store
+    rounds = 0
+    more = True
+    while more:
+        async with store._writer_lock:
+            more = await asyncio.get_running_loop().run_in_executor(store._executor, store._prune_round)
+        rounds += 1
+    return rounds
+
+
 def query(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
     try:
@@ -655,9 +668,9 @@ class FullOnDelete:
 async def test_pruning_that_fails_refuses_no_committed_write(
     open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Retention runs after a commit: its failure must neither refuse the writes just
-    committed nor leave a transaction open that would fail every later commit."""
-    hub = open_hub(retention=Retention(count=1, every=0))
+    """Retention runs between commits: its failure must neither refuse a write nor
+    leave a transaction open that would fail every later commit."""
+    hub = open_hub(retention=Retention(count=1, every=3600.0))
     state, store = hub.state, hub.store
     assert store._connection is not None
     full = FullOnDelete(store._connection)
@@ -666,7 +679,8 @@ async def test_pruning_that_fails_refuses_no_committed_write(
     for index in range(3):
         clock.advance()
         recorded.append(state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT))
-        await commit(hub)  # acknowledged, although pruning failed after it
+        await commit(hub)  # acknowledged
+        await pruned(hub)  # fails
     assert full.refused >= 3 and store.failure is None
     monkeypatch.setattr(store, "_connection", full.real)
     clock.advance()
@@ -731,7 +745,7 @@ async def test_close_releases_the_waiters_of_a_commit_in_flight(
 
 
 async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: Path) -> None:
-    retention = Retention(count=5, every=0)
+    retention = Retention(count=5, every=3600.0)
     hub = open_hub(retention=retention)
     kept_open = hub.state.record_activity(agent_id="keeper", activity_type=ActivityType.TASK_ASSIGNED)
     await commit(hub)
@@ -745,6 +759,7 @@ async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: 
         hub.state.complete_activity(activity.activity_id)
         await commit(hub)
     last_seq = hub.state.log.last_seq
+    await pruned(hub)
     await hub.close()
 
     event_seqs = [seq for (seq,) in query(data_dir, "SELECT seq FROM events ORDER BY seq")]
@@ -767,7 +782,7 @@ async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: 
 async def test_retention_keeps_the_newest_count_completed_activities(
     open_hub: Opener, clock: FakeClock, data_dir: Path
 ) -> None:
-    hub = open_hub(retention=Retention(count=5, every=0))
+    hub = open_hub(retention=Retention(count=5, every=3600.0))
     recorded: list[Activity] = []
     for index in range(20):
         clock.advance()
@@ -775,6 +790,7 @@ async def test_retention_keeps_the_newest_count_completed_activities(
         recorded.append(activity)
         hub.state.complete_activity(activity.activity_id)
         await commit(hub)
+    await pruned(hub)
     await hub.close()
     completed = {str(i) for (i,) in query(data_dir, "SELECT activity_id FROM activities")}
     assert completed == {a.activity_id for a in recorded[-5:]}
@@ -785,7 +801,7 @@ async def test_retention_by_age(
 ) -> None:
     wall = clock.now + 10_000.0  # the store's time.time(): long after the old writes
     monkeypatch.setattr(sqlite_module, "time", types.SimpleNamespace(time=lambda: wall, monotonic=time.monotonic))
-    retention = Retention(seconds=1_000.0, every=0)
+    retention = Retention(seconds=1_000.0, every=3600.0)
     hub = open_hub(retention=retention)
     state = hub.state
 
@@ -807,6 +823,7 @@ async def test_retention_by_age(
     state.end_collaboration(new_session.session_id)
     state.idempotency.store(METHOD, "new-key", b"fp", b"new", clock())
     await commit(hub)
+    await pruned(hub)
     await hub.close()
 
     assert [t for (t,) in query(data_dir, "SELECT min(time) FROM events")] == [wall - 10.0]
