@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -38,12 +38,12 @@ from collab_grpc.errors import (
     RateLimited,
     Unauthenticated,
 )
-from collab_grpc.events import Subscription
+from collab_grpc.events import EventFilter, Subscription
 from collab_grpc.history import ActivityQuery
 from collab_grpc.model import Activity
 from collab_grpc.readahead import ReadAhead
-from collab_grpc.state import CollaborationState
-from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
+from collab_grpc.state import CollaborationState, Resume
+from collab_grpc.store.base import EventArchive, MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id, check_limit, decode_cursor, encode_cursor
@@ -120,6 +120,11 @@ DEFAULT_STATUS_READ_MIN_INTERVAL = 1.0
 # build that took 50 ms is not followed by another for 500 ms.
 STATUS_LOOP_SHARE = 0.1
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
+# Events a resume reads from the store's archive per page (older than those in memory).
+ARCHIVE_PAGE = 256
+# A snapshot is handed on once the changes it includes are stored; a failed commit takes
+# them back (the state is reloaded) and the snapshot is taken again, this many times at most.
+SNAPSHOT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,21 +700,47 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, Iterable[pb.SubscribeEventsResponse]]:
+    ) -> tuple[Subscription, AsyncIterator[pb.SubscribeEventsResponse]]:
         """The subscription a SubscribeEvents request asks for, and its first messages."""
-        initial: list[pb.SubscribeEventsResponse] = []
-        replay: Iterable[pb.SubscribeEventsResponse] = ()
         await self.store.fresh()
         event_filter = convert.event_filter_from_proto(request)
         for agent_id in request.agent_ids:
             check_id("agent_ids entry", agent_id, self.state.limits)
         if self._stopping.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if request.HasField("since_seq") and not request.epoch:
+            raise InvalidArgument("epoch is required with since_seq")
+        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
+            initial, resume, subscription = self._start_subscription(request, event_filter)
+            if not any(message.HasField("snapshot") for message in initial):
+                # Replayed and live events are published ones: nothing to wait for.
+                return subscription, self._messages(initial, resume, subscription, request.since_seq)
+            try:
+                # A snapshot includes the changes still being stored: hand it on once they are.
+                await self.store.durable(self.state.log.last_seq)
+            except StoreUnavailable:
+                self.state.log.unsubscribe(subscription)
+                # A failed commit took those changes back and the state was reloaded: a
+                # snapshot taken again shows what is stored (a read is not refused for a
+                # write's failure), unless the store keeps failing.
+                if attempt == SNAPSHOT_ATTEMPTS:
+                    raise
+                continue
+            except BaseException:
+                self.state.log.unsubscribe(subscription)
+                raise
+            return subscription, self._messages(initial, resume, subscription, request.since_seq)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _start_subscription(
+        self, request: pb.SubscribeEventsRequest, event_filter: EventFilter
+    ) -> tuple[list[pb.SubscribeEventsResponse], Resume | None, Subscription]:
+        """The subscription, its first messages, and the resume (None: not a resume)."""
+        initial: list[pb.SubscribeEventsResponse] = []
         if request.HasField("since_seq"):
-            if not request.epoch:
-                raise InvalidArgument("epoch is required with since_seq")
+            archive = self.store.archived_from(request.epoch) if isinstance(self.store, EventArchive) else None
             resume, subscription = self.state.resume(
-                event_filter, self.subscriber_queue, request.epoch, request.since_seq
+                event_filter, self.subscriber_queue, request.epoch, request.since_seq, archive
             )
             initial.append(
                 pb.SubscribeEventsResponse(
@@ -727,27 +758,56 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         snapshot=convert.snapshot_to_proto(resume.snapshot, self.snapshot_budget)
                     )
                 )
-            # Converted as they are written, not all at once: a replay can be the whole retained log.
-            replay = (pb.SubscribeEventsResponse(event=convert.event_to_proto(e)) for e in resume.replay)
-        elif request.include_snapshot:
+            return initial, resume, subscription
+        if request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(
                 pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.snapshot_budget))
             )
-        else:
-            subscription = self.state.subscribe(event_filter, self.subscriber_queue)
-        try:
-            # A snapshot may include changes still being stored: hand it on once they are.
-            await self.store.durable(self.state.log.last_seq)
-        except BaseException:
-            self.state.log.unsubscribe(subscription)
-            raise
-        return subscription, itertools.chain(initial, replay)
+            return initial, None, subscription
+        return initial, None, self.state.subscribe(event_filter, self.subscriber_queue)
+
+    async def _messages(
+        self,
+        initial: list[pb.SubscribeEventsResponse],
+        resume: Resume | None,
+        subscription: Subscription,
+        since_seq: int,
+    ) -> AsyncIterator[pb.SubscribeEventsResponse]:
+        """The first messages, then a resume's replay: from the store's archive (a page at
+        a time, while the subscription is open) what is older than the events in memory,
+        then those; each converted as it is written (a replay can be long)."""
+        for message in initial:
+            yield message
+        if resume is None:
+            return
+        after = since_seq
+        if resume.archived_through > since_seq and isinstance(self.store, EventArchive):
+            while after < resume.archived_through and not subscription.closed:
+                try:
+                    events = await self.store.read_events(after, resume.archived_through, ARCHIVE_PAGE)
+                except StoreUnavailable as error:
+                    subscription.close(f"{error}; resubscribe with since_seq set to the last seq received")
+                    return
+                if not events or events[0].seq != after + 1:
+                    subscription.close(
+                        f"events after seq {after} are no longer retained (retention deleted them during the "
+                        "resume); resubscribe with since_seq set to the last seq received"
+                    )
+                    return
+                for event in events:
+                    if subscription.filter.matches(event):
+                        yield pb.SubscribeEventsResponse(event=convert.event_to_proto(event))
+                after = events[-1].seq
+        for event in resume.replay:
+            if subscription.closed:
+                return
+            yield pb.SubscribeEventsResponse(event=convert.event_to_proto(event))
 
     async def _pump(
         self,
         subscription: Subscription,
-        initial: Iterable[pb.SubscribeEventsResponse],
+        initial: AsyncIterable[pb.SubscribeEventsResponse],
         context: Context,
     ) -> None:
         """Write the initial messages, then every event the subscription takes in.
@@ -783,7 +843,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         subscription.on_ready = wake
         try:
-            for message in initial:
+            async for message in initial:
                 await write(message)
             while True:
                 ready.clear()

@@ -646,6 +646,38 @@ class SQLiteStore(SingleProcessStore):
         except sqlite3.Error as error:
             raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
 
+    # -- resumes from the file -----------------------------------------------------------
+
+    def archived_from(self, epoch: str) -> int | None:
+        """The oldest seq of ``epoch`` the file holds (EventArchive), as of the last
+        retention round: a resume from before the events in memory reads from here."""
+        if self._state is None or epoch != self._state.epoch:
+            return None
+        return self._oldest_stored_seq
+
+    async def read_events(self, after_seq: int, through_seq: int, count: int) -> list[Event]:
+        """At most ``count`` events after ``after_seq`` through ``through_seq``, oldest
+        first, as of the last commit (EventArchive); through the search's connection and
+        thread, so a resume neither waits for a commit nor holds one up."""
+        if self._reader is None or self._state is None:
+            return []
+        reader, epoch = self._reader, self._state.epoch
+
+        def read() -> list[Event]:
+            rows = reader.execute(
+                "SELECT seq, time, kind, payload FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after_seq, through_seq, count),
+            ).fetchall()
+            return [
+                Event(seq, epoch, at, EventKind(kind), decode_payload(EventKind(kind), payload))
+                for seq, at, kind, payload in rows
+            ]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
+
     # -- writing --------------------------------------------------------------------
 
     def start(self) -> None:
@@ -732,6 +764,8 @@ class SQLiteStore(SingleProcessStore):
                 self._durable_seq = events[-1].seq
                 # Published already (see _announcer); this catches up if that failed.
                 self._publish(self._durable_seq)
+                if self._oldest_stored_seq is None:
+                    self._oldest_stored_seq = events[0].seq
             try:
                 metrics.committed("sqlite", perf_counter() - started, len(events))
             except Exception:
