@@ -122,9 +122,6 @@ STATUS_LOOP_SHARE = 0.1
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
 # Events a resume reads from the store's archive per page (older than those in memory).
 ARCHIVE_PAGE = 256
-# A snapshot is handed on once the changes it includes are stored; a failed commit takes
-# them back (the state is reloaded) and the snapshot is taken again, this many times at most.
-SNAPSHOT_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -710,27 +707,35 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if request.HasField("since_seq") and not request.epoch:
             raise InvalidArgument("epoch is required with since_seq")
-        for attempt in range(1, SNAPSHOT_ATTEMPTS + 1):
-            initial, resume, subscription = self._start_subscription(request, event_filter)
-            if not any(message.HasField("snapshot") for message in initial):
-                # Replayed and live events are published ones: nothing to wait for.
-                return subscription, self._messages(initial, resume, subscription, request.since_seq)
-            try:
-                # A snapshot includes the changes still being stored: hand it on once they are.
-                await self.store.durable(self.state.log.last_seq)
-            except StoreUnavailable:
-                self.state.log.unsubscribe(subscription)
-                # A failed commit took those changes back and the state was reloaded: a
-                # snapshot taken again shows what is stored (a read is not refused for a
-                # write's failure), unless the store keeps failing.
-                if attempt == SNAPSHOT_ATTEMPTS:
-                    raise
-                continue
-            except BaseException:
-                self.state.log.unsubscribe(subscription)
-                raise
+        initial, resume, subscription = self._start_subscription(request, event_filter)
+        if not any(message.HasField("snapshot") for message in initial):
+            # Replayed and live events are published ones: nothing to wait for.
             return subscription, self._messages(initial, resume, subscription, request.since_seq)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        # A snapshot includes the changes still being stored: it is handed on once they
+        # are. A failed commit takes them back and the store reloads the state; at that
+        # moment (nothing pending) the snapshot is taken again, so a read is never refused
+        # for a write's failure.
+        retaken: list[tuple[list[pb.SubscribeEventsResponse], Resume | None, Subscription]] = []
+
+        def retake() -> None:
+            retaken.append(self._start_subscription(request, event_filter))
+
+        self.state.restore_listeners.add(retake)
+        try:
+            await self.store.durable(self.state.log.last_seq)
+        except StoreUnavailable:
+            self.state.log.unsubscribe(subscription)
+            if not retaken:  # the store failed and could not reload: nothing to hand on
+                raise
+            initial, resume, subscription = retaken.pop()
+        except BaseException:
+            self.state.log.unsubscribe(subscription)
+            raise
+        finally:
+            self.state.restore_listeners.discard(retake)
+            for _, _, earlier in retaken:  # from an earlier reload than the one used
+                self.state.log.unsubscribe(earlier)
+        return subscription, self._messages(initial, resume, subscription, request.since_seq)
 
     def _start_subscription(
         self, request: pb.SubscribeEventsRequest, event_filter: EventFilter

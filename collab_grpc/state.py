@@ -166,6 +166,9 @@ class CollaborationState:
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
         self._restores = 0  # part of `version`: a restore may go back to an earlier seq
+        # Called at the end of every restore (a store reloading what it holds after a
+        # failure), when the state is exactly what is stored: nothing pending.
+        self.restore_listeners: set[Callable[[], None]] = set()
         for entry in roster:
             check_id("roster agent_id", entry.agent_id, self.limits)
             check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
@@ -659,6 +662,8 @@ class CollaborationState:
                 del self._agents[agent.agent_id]
         self.log.epoch = epoch
         self.log.restore(events, last_seq)
+        for listener in list(self.restore_listeners):
+            listener()
 
     # -- subscriptions --------------------------------------------------------------
 
