@@ -113,7 +113,13 @@ _OPTIONS: list[tuple[str, str, str, type, str]] = [
         str,
         "sqlite (a file in the data dir), memory, or redis://host:port/db[?prefix=name] for replicas",
     ),
-    ("--sqlite-synchronous", "COLLAB_SQLITE_SYNCHRONOUS", "sqlite_synchronous", str, "full (fsync) or normal"),
+    (
+        "--sqlite-synchronous",
+        "COLLAB_SQLITE_SYNCHRONOUS",
+        "sqlite_synchronous",
+        str,
+        "full: a write is answered once fsynced (survives power loss); normal: once committed (survives kill -9)",
+    ),
     (
         "--sqlite-commit-delay",
         "COLLAB_SQLITE_COMMIT_DELAY",

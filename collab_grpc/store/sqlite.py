@@ -73,8 +73,6 @@ UNKNOWN_BOOT = "unknown"
 CHECKPOINT_EVERY = 0.5
 # After a checkpoint reset the WAL, SQLite truncates the file back to this many bytes.
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
-# Events read from the file per page when a resume goes back past the events in memory.
-ARCHIVE_PAGE = 256
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -1234,7 +1232,7 @@ def _sync_directory(directory: Path) -> None:
     try:
         os.fsync(descriptor)
     except OSError:
-        pass  # some file systems refuse to fsync a directory; their entries are durable anyway
+        pass  # some file systems refuse to fsync a directory (EINVAL); nothing more can be done there
     finally:
         os.close(descriptor)
 
