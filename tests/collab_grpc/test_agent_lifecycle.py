@@ -387,9 +387,13 @@ async def test_sqlite_schema_1_is_upgraded_with_seen_times(
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
     # Back to version 1's shape: without the agents' seen times (2), the search columns (3)
     # and the idempotency answers' index by age (4).
-    undo_3 = "DROP INDEX idempotency_by_age;" + "".join(f"DROP INDEX {index};" for index in sqlite_module.SEARCH_INDEXES) + "".join(
-        f"ALTER TABLE activities DROP COLUMN {column};"
-        for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at")
+    undo_3 = (
+        "DROP INDEX idempotency_by_age;"
+        + "".join(f"DROP INDEX {index};" for index in sqlite_module.SEARCH_INDEXES)
+        + "".join(
+            f"ALTER TABLE activities DROP COLUMN {column};"
+            for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at")
+        )
     )
     connection.executescript(
         f"{undo_3} DROP INDEX agents_seen; ALTER TABLE agents DROP COLUMN seen_at; PRAGMA user_version = 1;"

@@ -1137,3 +1137,142 @@ async def test_a_commit_larger_than_one_statement_goes_in_chunk_by_chunk(
             (recorded[2].activity_id, "active"),
         ]
     )
+
+
+# -- publish at commit, answer after the fsync (issue 22) ---------------------------------
+
+
+class GatedSync:
+    """Replaces a store's ``_sync`` (the WAL's fsync): it waits for ``release``, and
+    raises OSError when ``fail`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore) -> None:
+        self.real = store._sync
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+        monkeypatch.setattr(store, "_sync", self)
+
+    def __call__(self) -> None:
+        self.started.set()
+        assert self.release.wait(10.0), "the test never released the fsync"
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        self.real()
+
+
+async def test_events_are_published_at_commit_and_writes_answered_after_the_fsync(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    sync = GatedSync(monkeypatch, hub.store)
+    subscription = hub.state.subscribe(EventFilter(), 100)
+    seq = record(hub)
+    answered = asyncio.ensure_future(hub.store.durable(seq))
+    assert await asyncio.to_thread(sync.started.wait, 10.0)
+    for _ in range(100):  # the publication crosses from the writer thread to the loop
+        if len(subscription):
+            break
+        await asyncio.sleep(0.01)
+    assert [event.seq for event in subscription.take()] == [seq], "published once committed, before the fsync"
+    assert not answered.done(), "answered before the fsync"
+    sync.release.set()
+    await asyncio.wait_for(answered, 10)
+
+
+async def test_a_failed_fsync_refuses_its_writes_and_every_later_one_and_the_next_start_begins_a_new_epoch(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    hub = open_hub()
+    kept = record(hub)
+    await hub.store.durable(kept)
+    epoch = hub.state.epoch
+    sync = GatedSync(monkeypatch, hub.store)
+    sync.fail = True
+    sync.release.set()
+    with pytest.raises(StoreUnavailable, match=r"fsync failed: \[Errno 5\] Input/output error"):
+        await asyncio.wait_for(hub.store.durable(record(hub, 1)), 10)
+    with pytest.raises(StoreUnavailable, match="until the server is restarted"):
+        await asyncio.wait_for(hub.store.durable(record(hub, 2)), 10)
+    await hub.close()
+    assert query(data_dir, "SELECT value FROM meta WHERE key = 'running'") == [(sqlite_module.SYNC_FAILED,)]
+    again = open_hub()
+    assert again.state.epoch != epoch, "subscribers may have seen events the disk lost: a new epoch"
+    assert again.state.log.last_seq >= kept
+
+
+async def test_a_start_begins_a_new_epoch_only_after_an_unclean_stop_on_another_boot(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-1")
+    hub = open_hub()
+    epoch = hub.state.epoch
+    await hub.store.durable(record(hub))
+    await hub.close()  # a clean stop
+    assert query(data_dir, "SELECT value FROM meta WHERE key = 'running'") == [("",)]
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-2")
+    cleanly = open_hub()
+    assert cleanly.state.epoch == epoch, "a clean stop: the history goes on, whatever the boot"
+    await cleanly.store.durable(record(cleanly, 1))
+    # Not closed (kill -9): the same boot keeps the epoch, another begins a new one.
+    killed = open_hub()
+    assert killed.state.epoch == epoch
+    last = killed.state.log.last_seq
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-3")
+    crashed = open_hub()
+    assert crashed.state.epoch != epoch
+    assert crashed.state.log.last_seq == last, "the seq goes on in the new epoch"
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: None)  # no boot id to compare with
+    unknown = open_hub()
+    assert unknown.state.epoch != crashed.state.epoch, "a boot it cannot tell: every unclean stop is a crash"
+    again = open_hub()
+    assert again.state.epoch != unknown.state.epoch
+
+
+# -- resumes from the file (issue 19 item 6) ----------------------------------------------
+
+
+async def test_a_resume_older_than_the_events_in_memory_reads_the_rest_from_the_file(open_hub: Opener) -> None:
+    settings = StateSettings(event_log_retain=10)
+    hub = open_hub(settings=settings)
+    seqs = [record(hub, index) for index in range(50)]
+    await hub.store.durable(seqs[-1])
+    await hub.close()
+    again = open_hub(settings=settings)
+    store, state = again.store, again.state
+    assert state.log.first_retained_seq == 41
+    assert store.archived_from(state.epoch) == 1
+    assert store.archived_from("another-epoch") is None
+    resume, subscription = state.resume(EventFilter(), 100, state.epoch, 5, store.archived_from(state.epoch))
+    assert resume.recovered and resume.archived_through == 40
+    assert [event.seq for event in resume.replay] == list(range(41, 51))
+    page = await store.read_events(5, resume.archived_through, 16)
+    assert [event.seq for event in page] == list(range(6, 22))
+    assert all(event.epoch == state.epoch for event in page)
+    without, _ = state.resume(EventFilter(), 100, state.epoch, 5)  # a store without an archive
+    assert not without.recovered and without.snapshot is not None
+    state.log.unsubscribe(subscription)
+
+
+# -- retention that keeps up (issue 19 item 7) --------------------------------------------
+
+
+async def test_retention_runs_round_after_round_until_the_file_is_at_its_count(
+    open_hub: Opener, data_dir: Path
+) -> None:
+    """The store's own loop (not a round per commit): 600 events and 300 completed
+    activities come down to the count with no further write."""
+    hub = open_hub(retention=Retention(count=20, every=3600.0, chunk=25))
+    for index in range(300):
+        activity = hub.state.record_activity(agent_id=f"agent-{index % 7}", activity_type=ActivityType.MESSAGE_SENT)
+        hub.state.complete_activity(activity.activity_id)
+    await hub.store.durable(hub.state.log.last_seq)
+    assert hub.store._prune_now is not None
+    hub.store._prune_now.set()  # wake it, as a commit past the byte budget does
+    deadline = time.monotonic() + 60
+    while query(data_dir, "SELECT count(*) FROM events") != [(20,)] or query(
+        data_dir, "SELECT count(*) FROM activities"
+    ) != [(20,)]:
+        assert time.monotonic() < deadline, query(data_dir, "SELECT count(*) FROM events")
+        await asyncio.sleep(0.05)
+    assert hub.store.archived_from(hub.state.epoch) == 581
