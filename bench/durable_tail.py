@@ -18,8 +18,9 @@ __all__ = ["main"]
 
 def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -> str:
     ratio = f"{result.p99_ms / peer.p99_ms:.2f}x" if peer is not None and peer.p99_ms else "-"
+    offered = result.clients * result.messages
     return (
-        f"| {round_number} | {result.rate} | {result.target} | {result.delivered:,} of {result.clients * result.messages:,} "
+        f"| {round_number} | {result.rate} | {result.target} | {result.delivered:,} of {offered:,} "
         f"| {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.max_ms:.1f} | {ratio} |"
     )
 
