@@ -91,9 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.0)
                 events, completed, size = _sample(data_dir)
                 most = (max(most[0], events), max(most[1], completed), max(most[2], size))
-                print(
-                    f"| {time.monotonic() - started:.0f} | {sent[0]:,} | {events:,} | {completed:,} | {size / 1e6:.1f} |"
-                )
+                elapsed = time.monotonic() - started
+                print(f"| {elapsed:.0f} | {sent[0]:,} | {events:,} | {completed:,} | {size / 1e6:.1f} |")
             writer.join()
             stopped = time.monotonic()
             while True:
