@@ -1,4 +1,4 @@
-"""`python -m bench.durable_tail [--clients N] [--seconds S] [--rates 20,50] [--rounds R]`:
+"""`python -m bench.durable_tail [--clients N] [--seconds S] [--rates 20,50] [--rounds R] [--before DIR]`:
 paced record -> WebSocket receipt latency with the durable default (the SQLite store,
 synchronous=full) beside the memory store and the raw `websockets.broadcast` peer, run
 one after another in each round so that every ratio compares runs of the same moment.
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rates", default="20,50", help="comma-separated events/s")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier version: its server (SQLite) runs beside this one's in every round",
+    )
     args = parser.parse_args(argv)
     rates = [int(rate) for rate in args.rates.split(",") if rate]
     lines = [
@@ -43,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(1, args.rounds + 1):
             for rate in rates:
                 results = []
-                for target in (HubTarget(workdir, "sqlite"), HubTarget(workdir), PeerTarget("websockets", workdir)):
+                targets = [HubTarget(workdir, "sqlite"), HubTarget(workdir), PeerTarget("websockets", workdir)]
+                if args.before is not None:
+                    targets.insert(0, HubTarget(workdir, "sqlite", args.before.resolve(), "before"))
+                for target in targets:
                     result = run_paced(target, args.clients, rate, args.seconds)
                     print(f"paced {rate}/s {result.target:32} p99 {result.p99_ms:.1f} ms", file=sys.stderr)
                     results.append(result)
