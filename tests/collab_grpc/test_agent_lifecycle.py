@@ -7,7 +7,6 @@ Driven with a fake clock: nothing here waits for time to pass."""
 from __future__ import annotations
 
 import asyncio
-
 import sqlite3
 import time
 from collections.abc import AsyncIterator
