@@ -9,9 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from bench.fanout import HubTarget, LatencyResult, PeerTarget, run_paced
+import grpc
+
+from bench.fanout import TOKEN, HubTarget, LatencyResult, PeerTarget, _stop, run_paced, start_server
+from collab_grpc.eventloop import run
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["main"]
 
@@ -25,6 +32,57 @@ def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -
     )
 
 
+def _percentile(values: list[float], fraction: float) -> float:
+    return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
+
+
+def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, seconds: float) -> tuple[float, float]:
+    """The store's part alone: one gRPC subscriber on the server (no bridge, no load
+    clients, so little CPU), ``rate`` RecordActivity calls a second; (p50, p99) ms from
+    each call to its event's receipt."""
+    data_dir = Path(tempfile.mkdtemp(prefix="direct-", dir=workdir))
+    server, target = start_server(data_dir, code_dir, COLLAB_STORE=store)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    count = int(rate * seconds)
+    latencies: list[float] = []
+    subscribed = threading.Event()
+
+    async def follow() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            stream = stub.SubscribeEvents(pb.SubscribeEventsRequest(), metadata=auth)
+            subscribed.set()
+            async for message in stream:
+                if message.event.HasField("activity_recorded"):
+                    sent = message.event.activity_recorded.metadata.fields["sent"].number_value
+                    latencies.append(time.time() - sent)
+                    if len(latencies) == count:
+                        return
+
+    follower = threading.Thread(target=run, args=(follow(),))
+    try:
+        follower.start()
+        subscribed.wait(10)
+        time.sleep(0.5)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            start = time.monotonic()
+            for n in range(count):
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                request = pb.RecordActivityRequest(
+                    agent_id=f"agent_{n % 48}", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
+                )
+                request.metadata.update({"sent": time.time()})
+                stub.RecordActivity(request, metadata=auth, timeout=10)
+        follower.join(30)
+    finally:
+        _stop(server)
+    ordered = sorted(latencies)
+    return _percentile(ordered, 0.5), _percentile(ordered, 0.99)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.durable_tail", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000)
@@ -36,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a checkout of an earlier version: its server (SQLite) runs beside this one's in every round",
     )
+    parser.add_argument(
+        "--direct", action="store_true", help="the store's part alone: one gRPC subscriber on the server, no bridge"
+    )
     args = parser.parse_args(argv)
     rates = [int(rate) for rate in args.rates.split(",") if rate]
+    if args.direct:
+        return _direct(args, rates)
     lines = [
         "| round | events/s | target | delivered | p50 ms | p99 ms | max ms | p99 vs raw peer |",
         "|---|---|---|---|---|---|---|---|",
@@ -62,6 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     if lost:
         print("messages were lost", file=sys.stderr)
         return 1
+    return 0
+
+
+def _direct(args: argparse.Namespace, rates: list[int]) -> int:
+    print("| round | events/s | server | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_number in range(1, args.rounds + 1):
+            for rate in rates:
+                servers: list[tuple[str, str, Path | None]] = [("sqlite", "sqlite", None), ("memory", "memory", None)]
+                if args.before is not None:
+                    servers.insert(0, ("sqlite, before", "sqlite", args.before.resolve()))
+                for name, store, code_dir in servers:
+                    p50, p99 = direct_paced(Path(tmp), store, code_dir, rate, args.seconds)
+                    print(f"| {round_number} | {rate} | {name} | {p50:.1f} | {p99:.1f} |", flush=True)
     return 0
 
 
