@@ -17,8 +17,10 @@ from typing import Any, Protocol
 import pytest
 import pytest_asyncio
 
+from collab_grpc import servicer as servicer_module
 from collab_grpc.events import EventFilter
 from collab_grpc.model import Activity, ActivityStatus, ActivityType, Event, EventKind, MemoryOperation
+from collab_grpc.servicer import CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
 from collab_grpc.store import (
     MemoryStore,
@@ -1276,3 +1278,27 @@ async def test_retention_runs_round_after_round_until_the_file_is_at_its_count(
         assert time.monotonic() < deadline, query(data_dir, "SELECT count(*) FROM events")
         await asyncio.sleep(0.05)
     assert hub.store.archived_from(hub.state.epoch) == 581
+
+
+async def test_a_resume_from_the_file_ends_saying_so_when_retention_deleted_its_next_page(open_hub: Opener) -> None:
+    """The servicer streams a resume from the file a page at a time; if retention deleted
+    the next page meanwhile, the stream ends "no longer retained" (the client's next
+    resume gets a fresh state) rather than skip events."""
+    settings = StateSettings(event_log_retain=10)
+    hub = open_hub(settings=settings)
+    seqs = [record(hub, index) for index in range(1_000)]
+    await hub.store.durable(seqs[-1])
+    servicer = CollaborationServicer(hub.state, store=hub.store)
+    archive = hub.store.archived_from(hub.state.epoch)
+    resume, subscription = hub.state.resume(EventFilter(), 100, hub.state.epoch, 0, archive)
+    assert resume.recovered and resume.archived_through == 990
+    messages = servicer._messages([], resume, subscription, 0)
+    first_page = [await anext(messages) for _ in range(servicer_module.ARCHIVE_PAGE)]
+    assert [m.event.seq for m in first_page] == list(range(1, servicer_module.ARCHIVE_PAGE + 1))
+    assert hub.store._connection is not None
+    async with hub.store._writer_lock:  # retention, meanwhile
+        hub.store._connection.execute("DELETE FROM events WHERE seq <= 600")
+    rest = [message async for message in messages]
+    assert rest == []
+    assert subscription.closed_reason is not None
+    assert f"events after seq {servicer_module.ARCHIVE_PAGE} are no longer retained" in subscription.closed_reason
