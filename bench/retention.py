@@ -41,15 +41,16 @@ def _sample(data_dir: Path) -> tuple[int, int, int]:
 
 
 def _write(target: str, rate: int, seconds: float, sent: list[int]) -> None:
-    """``rate`` activities a second, 100 a message, for ``seconds``."""
-    per_message = 100
+    """``rate`` activities a second, 100 a message, for ``seconds``; a new bulk stream
+    every 5,000 (a stream's answer holds a bounded number of results)."""
+    per_message, per_stream = 100, 50
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.CollaborationServiceStub(channel)
         start = time.monotonic()
         messages = int(rate * seconds / per_message)
 
-        def requests() -> Iterator[pb.BulkRecordActivitiesRequest]:
-            for n in range(messages):
+        def requests(first: int) -> Iterator[pb.BulkRecordActivitiesRequest]:
+            for n in range(first, min(messages, first + per_stream)):
                 delay = start + n * per_message / rate - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -65,7 +66,11 @@ def _write(target: str, rate: int, seconds: float, sent: list[int]) -> None:
                     ]
                 )
 
-        stub.BulkRecordActivities(requests(), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=seconds + 120)
+        for first in range(0, messages, per_stream):
+            answer = stub.BulkRecordActivities(
+                requests(first), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=seconds + 120
+            )
+            assert not answer.incomplete and answer.failed == 0, answer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,6 +304,10 @@ class _Chunk:
         )
 
 
+# After a retention round that deleted something, the next one comes this soon (seconds)
+# rather than after Retention.every: rows written meanwhile go within about this long.
+PRUNE_FOLLOW_UP = 1.0
+
 # Group commit while writes keep coming (seconds): a commit is held open for more writes
 # at most COMMIT_DELAY after the previous one began, and only while they keep arriving
 # (no gap of COMMIT_QUIET); MAX_BATCH events close it early.
@@ -1028,13 +1032,15 @@ class SQLiteStore(SingleProcessStore):
     async def _retention_loop(self) -> None:
         """Retention rounds in the writer thread, between commits: one after another
         while a round finds more to delete (so it keeps up with any write rate the store
-        takes, a commit waiting for one round at most), else every ``every`` seconds (so
-        it also runs while no one writes), or at once when the file is past its budget."""
+        takes, a commit waiting for one round at most), PRUNE_FOLLOW_UP after one that
+        deleted something (rows go within about that long of being written), else every
+        ``every`` seconds (so it also runs while no one writes), or at once when the file
+        is past its budget."""
         assert self._prune_now is not None
         loop = asyncio.get_running_loop()
         while True:
             self._prune_now.clear()
-            more = False
+            more: bool | None = None
             async with self._writer_lock:
                 pruning = loop.run_in_executor(self._executor, self._prune_round)
                 try:
@@ -1048,11 +1054,13 @@ class SQLiteStore(SingleProcessStore):
             if more:
                 await asyncio.sleep(0)  # commits queued meanwhile go first (the executor is FIFO)
                 continue
+            pause = self.retention.every if more is None else min(self.retention.every, PRUNE_FOLLOW_UP)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._prune_now.wait(), self.retention.every)
+                await asyncio.wait_for(self._prune_now.wait(), pause)
 
-    def _prune_round(self) -> bool:
-        """One retention round (writer thread); whether it left more to delete."""
+    def _prune_round(self) -> bool | None:
+        """One retention round (writer thread): True if it left more to delete, False
+        if it deleted some, None if nothing (or it failed)."""
         connection = self._connection
         assert connection is not None
         more = self._prune(connection)
@@ -1065,9 +1073,10 @@ class SQLiteStore(SingleProcessStore):
         (oldest,) = connection.execute("SELECT min(seq) FROM events WHERE seq > ?", (self._epoch_start,)).fetchone()
         return int(oldest) if oldest is not None else None
 
-    def _prune(self, connection: sqlite3.Connection) -> bool:
-        """Enforce retention, ``chunk`` rows per table and transaction; whether any
-        table had more to delete than one chunk."""
+    def _prune(self, connection: sqlite3.Connection) -> bool | None:
+        """Enforce retention, ``chunk`` rows per table and transaction: True if a table
+        had more to delete than one chunk, False if rows were deleted, None if none were
+        (or deleting failed)."""
         retention = self.retention
         oldest = time.time() - retention.seconds
         statements = [
@@ -1113,19 +1122,21 @@ class SQLiteStore(SingleProcessStore):
             ),
         ]
         more = False
+        deleted_any = False
         try:
             for statement, parameters in statements:
                 connection.execute("BEGIN IMMEDIATE")
                 deleted = connection.execute(statement, parameters).rowcount
                 connection.execute("COMMIT")  # not fsynced: a delete a crash takes back is done again
                 more = more or deleted >= retention.chunk
+                deleted_any = deleted_any or deleted > 0
         except sqlite3.Error as error:
             # Deleting needs space too (in the WAL), so on a full disk pruning fails; it
             # is retried at the next round. (No commit's writes depend on it.)
             self._rollback(connection)
             log.warning("pruning failed; retrying later", extra={"error": str(error)})
-            return False
-        return more
+            return None
+        return True if more else (False if deleted_any else None)
 
     async def _checkpoint_loop(self) -> None:
         """Checkpoint the WAL (PASSIVE: beside commits, never blocking one) when commits

@@ -364,7 +364,7 @@ async def test_sqlite_restart_reads_only_the_live_agents_of_many(tmp_path: Path,
     assert again.require_activity(busy.activity_id).status == "active"
     # The rows of agents never retired go with the retention's pruning.
     reopened.retention = sqlite_module.Retention(seconds=1.0)
-    more = True
+    more: bool | None = True
     while more:  # rounds, as the store's retention loop runs them
         async with reopened._writer_lock:
             more = await asyncio.get_running_loop().run_in_executor(reopened._executor, reopened._prune_round)

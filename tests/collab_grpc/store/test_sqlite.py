@@ -131,7 +131,7 @@ async def pruned(hub: Hub) -> int:
     nothing more to delete; how many ran."""
     store = hub.store
     rounds = 0
-    more = True
+    more: bool | None = True
     while more:
         async with store._writer_lock:
             more = await asyncio.get_running_loop().run_in_executor(store._executor, store._prune_round)
