@@ -304,8 +304,8 @@ class _Chunk:
         )
 
 
-# After a retention round that deleted something, the next one comes this soon (seconds)
-# rather than after Retention.every: rows written meanwhile go within about this long.
+# While commits keep coming, retention looks again this soon (seconds) rather than after
+# Retention.every: rows past the limits go within about this long of being written.
 PRUNE_FOLLOW_UP = 1.0
 
 # Group commit while writes keep coming (seconds): a commit is held open for more writes
@@ -1032,14 +1032,15 @@ class SQLiteStore(SingleProcessStore):
     async def _retention_loop(self) -> None:
         """Retention rounds in the writer thread, between commits: one after another
         while a round finds more to delete (so it keeps up with any write rate the store
-        takes, a commit waiting for one round at most), PRUNE_FOLLOW_UP after one that
-        deleted something (rows go within about that long of being written), else every
-        ``every`` seconds (so it also runs while no one writes), or at once when the file
-        is past its budget."""
+        takes, a commit waiting for one round at most), PRUNE_FOLLOW_UP later while
+        commits came since the last round (rows past the limits go within about that long
+        of being written), else every ``every`` seconds (so it also runs while no one
+        writes), or at once when the file is past its budget."""
         assert self._prune_now is not None
         loop = asyncio.get_running_loop()
         while True:
             self._prune_now.clear()
+            commits = self.commits
             more: bool | None = None
             async with self._writer_lock:
                 pruning = loop.run_in_executor(self._executor, self._prune_round)
@@ -1054,9 +1055,12 @@ class SQLiteStore(SingleProcessStore):
             if more:
                 await asyncio.sleep(0)  # commits queued meanwhile go first (the executor is FIFO)
                 continue
-            pause = self.retention.every if more is None else min(self.retention.every, PRUNE_FOLLOW_UP)
+            pause = self.retention.every
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._prune_now.wait(), pause)
+                await asyncio.wait_for(self._prune_now.wait(), min(pause, PRUNE_FOLLOW_UP))
+            if self.commits == commits and not self._prune_now.is_set():  # idle: look again less often
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._prune_now.wait(), max(0.0, pause - PRUNE_FOLLOW_UP))
 
     def _prune_round(self) -> bool | None:
         """One retention round (writer thread): True if it left more to delete, False
