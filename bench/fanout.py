@@ -69,9 +69,11 @@ def free_port() -> int:
         return port
 
 
-def _start(argv: list[str], marker: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _start(
+    argv: list[str], marker: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}, cwd=cwd
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 30
@@ -85,9 +87,10 @@ def _start(argv: list[str], marker: str, env: dict[str, str] | None = None) -> s
     raise RuntimeError(f"{argv[2]} did not start")
 
 
-def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(data_dir: Path, code_dir: Path | None = None, **env: str) -> tuple[subprocess.Popen[str], str]:
     """`collab-server` for a benchmark on a free port (the bench token, no rate limit,
-    the memory store unless ``env`` says otherwise); the process and its target."""
+    the memory store unless ``env`` says otherwise); the process and its target.
+    ``code_dir``: run the server of another checkout (its packages come first)."""
     port = free_port()
     settings = {
         "COLLAB_API_KEYS": TOKEN,
@@ -96,7 +99,7 @@ def start_server(data_dir: Path, **env: str) -> tuple[subprocess.Popen[str], str
         "COLLAB_LOG_LEVEL": "warning",
     }
     argv = [sys.executable, "-m", "collab_grpc.server", "--grpc-addr", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    return _start(argv, "listening on", {**settings, **env}), f"127.0.0.1:{port}"
+    return _start(argv, "listening on", {**settings, **env}, code_dir), f"127.0.0.1:{port}"
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
@@ -185,15 +188,20 @@ def sample_message() -> str:
 
 
 class HubTarget:
-    name = "collab hub"
     kind = "hub"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, store: str = "memory", code_dir: Path | None = None, label: str = "") -> None:
+        """``store``: the server's COLLAB_STORE (memory, or sqlite with its file in
+        ``workdir``); ``code_dir``: the server of another checkout, named ``label``."""
         self.workdir = workdir
+        self.store = store
+        self.code_dir = code_dir
+        self.name = "collab hub" if store == "memory" else f"collab hub ({store}{label and ', ' + label})"
 
     def start(self) -> tuple[int, str]:
         http_port = free_port()
-        self.server, self.grpc_target = start_server(self.workdir)
+        data_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=self.workdir))  # a fresh file each run
+        self.server, self.grpc_target = start_server(data_dir, self.code_dir, COLLAB_STORE=self.store)
         env = {"COLLAB_LOG_LEVEL": "warning"}
         self.bridge = _start(
             [

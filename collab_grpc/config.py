@@ -50,7 +50,7 @@ class ServerConfig:
     )
     sqlite_synchronous: str = option(
         "full",
-        "full: every commit is fsynced and survives power loss; normal: faster, survives a crash of the process only",
+        "full: a write is answered once fsynced (survives power loss); normal: once committed (survives kill -9)",
         choices=("full", "normal"),
     )
     # Seconds a busy server holds a commit open for more writes (group commit); 0: never.

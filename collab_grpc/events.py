@@ -227,9 +227,10 @@ class EventLog:
     the retained events, and is closed only once they no longer reach back to it.
 
     Without a ``sink`` an event is published (retained, offered to subscribers) as it is
-    appended. With one, appended events go to the sink (a store that makes them durable)
-    and wait until the store calls ``publish_through``: subscribers only ever see events
-    that are durable, so none can see an event that a crash would then take back.
+    appended. With one, appended events go to the sink (a store) and wait until the store
+    calls ``publish_through``: subscribers only ever see events the store committed, so
+    none can see an event that a failed write then takes back (a store that publishes
+    before its fsync starts a new epoch when a crash may have lost what it published).
     """
 
     def __init__(

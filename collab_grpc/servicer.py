@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
@@ -41,12 +41,12 @@ from collab_grpc.errors import (
     RateLimited,
     Unauthenticated,
 )
-from collab_grpc.events import Subscription
+from collab_grpc.events import EventFilter, Subscription
 from collab_grpc.history import ActivityQuery
 from collab_grpc.model import Activity, Event, EventKind, MemoryUpdate
 from collab_grpc.readahead import ReadAhead
-from collab_grpc.state import CollaborationState
-from collab_grpc.store.base import MemoryStore, Store, StoreUnavailable
+from collab_grpc.state import CollaborationState, Resume
+from collab_grpc.store.base import EventArchive, MemoryStore, Store, StoreUnavailable
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 from collab_grpc.validation import check_id, check_limit, decode_cursor, encode_cursor
@@ -125,6 +125,8 @@ DEFAULT_STATUS_READ_MIN_INTERVAL = 1.0
 # build that took 50 ms is not followed by another for 500 ms.
 STATUS_LOOP_SHARE = 0.1
 SHUTTING_DOWN = "server is shutting down; reconnect and resume from the last seq received"
+# Events a resume reads from the store's archive per page (older than those in memory).
+ARCHIVE_PAGE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,14 +725,14 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
         subscription: Subscription | None = None
         try:
             try:
-                subscription, initial, replay = await self._subscribe(request, context)
+                subscription, initial = await self._subscribe(request, context)
             except CollabError as error:
                 await abort_with(context, error)
                 return
             # A credential that expires ends the stream then (one timer, nothing per event).
             expiry = _at_expiry(subscription.close, TOKEN_EXPIRED)
             try:
-                await self._pump(subscription, initial, replay, max(1, request.max_batch), context)
+                await self._pump(subscription, initial, max(1, request.max_batch), context)
             finally:
                 if expiry is not None:
                     expiry.cancel()
@@ -740,11 +742,8 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
     async def _subscribe(
         self, request: pb.SubscribeEventsRequest, context: Context
-    ) -> tuple[Subscription, list[pb.SubscribeEventsResponse], list[Event]]:
-        """The subscription a SubscribeEvents request asks for, its first messages and
-        the events it replays before the live ones."""
-        initial: list[pb.SubscribeEventsResponse] = []
-        replay: list[Event] = []
+    ) -> tuple[Subscription, AsyncIterator[pb.SubscribeEventsResponse]]:
+        """The subscription a SubscribeEvents request asks for, and its first messages."""
         if request.max_batch > MAX_EVENT_BATCH:
             raise InvalidArgument(f"max_batch must be between 0 and {MAX_EVENT_BATCH}, got {request.max_batch}")
         await self.store.fresh()
@@ -753,11 +752,47 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
             check_id("agent_ids entry", agent_id, self.state.limits)
         if self._stopping.is_set():
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if request.HasField("since_seq") and not request.epoch:
+            raise InvalidArgument("epoch is required with since_seq")
+        initial, resume, subscription = self._start_subscription(request, event_filter)
+        if not any(message.HasField("snapshot") for message in initial):
+            # Replayed and live events are published ones: nothing to wait for.
+            return subscription, self._messages(initial, resume, subscription, request)
+        # A snapshot includes the changes still being stored: it is handed on once they
+        # are. A failed commit takes them back and the store reloads the state; at that
+        # moment (nothing pending) the snapshot is taken again, so a read is never refused
+        # for a write's failure.
+        retaken: list[tuple[list[pb.SubscribeEventsResponse], Resume | None, Subscription]] = []
+
+        def retake() -> None:
+            retaken.append(self._start_subscription(request, event_filter))
+
+        self.state.restore_listeners.add(retake)
+        try:
+            await self.store.durable(self.state.log.last_seq)
+        except StoreUnavailable:
+            self.state.log.unsubscribe(subscription)
+            if not retaken:  # the store failed and could not reload: nothing to hand on
+                raise
+            initial, resume, subscription = retaken.pop()
+        except BaseException:
+            self.state.log.unsubscribe(subscription)
+            raise
+        finally:
+            self.state.restore_listeners.discard(retake)
+            for _, _, earlier in retaken:  # from an earlier reload than the one used
+                self.state.log.unsubscribe(earlier)
+        return subscription, self._messages(initial, resume, subscription, request)
+
+    def _start_subscription(
+        self, request: pb.SubscribeEventsRequest, event_filter: EventFilter
+    ) -> tuple[list[pb.SubscribeEventsResponse], Resume | None, Subscription]:
+        """The subscription, its first messages, and the resume (None: not a resume)."""
+        initial: list[pb.SubscribeEventsResponse] = []
         if request.HasField("since_seq"):
-            if not request.epoch:
-                raise InvalidArgument("epoch is required with since_seq")
+            archive = self.store.archived_from(request.epoch) if isinstance(self.store, EventArchive) else None
             resume, subscription = self.state.resume(
-                event_filter, self.subscriber_queue, request.epoch, request.since_seq
+                event_filter, self.subscriber_queue, request.epoch, request.since_seq, archive
             )
             initial.append(
                 pb.SubscribeEventsResponse(
@@ -775,32 +810,62 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
                         snapshot=convert.snapshot_to_proto(resume.snapshot, self.snapshot_budget)
                     )
                 )
-            replay = resume.replay  # converted as they are written: it can be the whole retained log
-        elif request.include_snapshot:
+            return initial, resume, subscription
+        if request.include_snapshot:
             snapshot, subscription = self.state.subscribe_with_snapshot(event_filter, self.subscriber_queue)
             initial.append(
                 pb.SubscribeEventsResponse(snapshot=convert.snapshot_to_proto(snapshot, self.snapshot_budget))
             )
-        else:
-            subscription = self.state.subscribe(event_filter, self.subscriber_queue)
-        try:
-            # A snapshot may include changes still being stored: hand it on once they are.
-            await self.store.durable(self.state.log.last_seq)
-        except BaseException:
-            self.state.log.unsubscribe(subscription)
-            raise
-        return subscription, initial, replay
+            return initial, None, subscription
+        return initial, None, self.state.subscribe(event_filter, self.subscriber_queue)
+
+    async def _messages(
+        self,
+        initial: list[pb.SubscribeEventsResponse],
+        resume: Resume | None,
+        subscription: Subscription,
+        request: pb.SubscribeEventsRequest,
+    ) -> AsyncIterator[pb.SubscribeEventsResponse]:
+        """The first messages, then a resume's replay: from the store's archive (a page at
+        a time, while the subscription is open) what is older than the events in memory,
+        then those; each converted as it is written (a replay can be long), in batches
+        of up to ``max_batch`` when the reader asked for them."""
+        for message in initial:
+            yield message
+        if resume is None:
+            return
+        max_batch = max(1, request.max_batch)
+        after = request.since_seq
+        if resume.archived_through > after and isinstance(self.store, EventArchive):
+            while after < resume.archived_through and not subscription.closed:
+                try:
+                    events = await self.store.read_events(after, resume.archived_through, ARCHIVE_PAGE)
+                except StoreUnavailable as error:
+                    subscription.close(f"{error}; resubscribe with since_seq set to the last seq received")
+                    return
+                if not events or events[0].seq != after + 1:
+                    subscription.close(
+                        f"events after seq {after} are no longer retained (retention deleted them during the "
+                        "resume); resubscribe with since_seq set to the last seq received"
+                    )
+                    return
+                for message in self._event_messages([e for e in events if subscription.filter.matches(e)], max_batch):
+                    yield message
+                after = events[-1].seq
+        for message in self._event_messages(resume.replay, max_batch):
+            if subscription.closed:
+                return
+            yield message
 
     async def _pump(
         self,
         subscription: Subscription,
-        initial: Iterable[pb.SubscribeEventsResponse],
-        replay: list[Event],
+        initial: AsyncIterable[pb.SubscribeEventsResponse],
         max_batch: int,
         context: Context,
     ) -> None:
-        """Write the initial messages, the replayed events, then every event the
-        subscription takes in: up to ``max_batch`` of those waiting in one message.
+        """Write the initial messages, then every event the subscription takes in: up
+        to ``max_batch`` of those waiting in one message.
 
         A write blocks while the client does not read (HTTP/2 flow control). If the
         subscription closes meanwhile (overflow, shutdown), the blocked write is
@@ -833,9 +898,7 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
 
         subscription.on_ready = wake
         try:
-            for message in initial:
-                await write(message)
-            for message in self._event_messages(replay, max_batch):
+            async for message in initial:
                 await write(message)
             while True:
                 ready.clear()

@@ -95,12 +95,15 @@ class RosterEntry:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    """The start of a resumed subscription: replayed events, or why there are none."""
+    """The start of a resumed subscription: replayed events, or why there are none.
+    Events after the resume point through ``archived_through`` come from the store's
+    archive first (none when it is not past the resume point), then ``replay``."""
 
     recovered: bool
     reason: str
     replay: list[Event]
     snapshot: Snapshot | None
+    archived_through: int = 0
 
 
 def _session_key(session: Session) -> tuple[float, str]:
@@ -166,6 +169,9 @@ class CollaborationState:
         # Agents known before they record anything: id -> department.
         self._roster: dict[str, str] = {}
         self._restores = 0  # part of `version`: a restore may go back to an earlier seq
+        # Called at the end of every restore (a store reloading what it holds after a
+        # failure), when the state is exactly what is stored: nothing pending.
+        self.restore_listeners: set[Callable[[], None]] = set()
         for entry in roster:
             check_id("roster agent_id", entry.agent_id, self.limits)
             check_text("roster department", entry.department, self.limits, max_length=self.limits.max_id_length)
@@ -659,6 +665,8 @@ class CollaborationState:
                 del self._agents[agent.agent_id]
         self.log.epoch = epoch
         self.log.restore(events, last_seq)
+        for listener in list(self.restore_listeners):
+            listener()
 
     # -- subscriptions --------------------------------------------------------------
 
@@ -675,14 +683,26 @@ class CollaborationState:
         return self.snapshot(), self.log.subscribe(event_filter, capacity, after_seq=self.log.last_seq)
 
     def resume(
-        self, event_filter: EventFilter, capacity: int, epoch: str, since_seq: int
+        self, event_filter: EventFilter, capacity: int, epoch: str, since_seq: int, archive_from: int | None = None
     ) -> tuple[Resume, Subscription]:
         """Every matching event after ``(epoch, since_seq)`` then live ones; or, when
-        that gap cannot be filled, the reason and a fresh snapshot to start from."""
+        that gap cannot be filled, the reason and a fresh snapshot to start from.
+        ``archive_from``: the oldest seq of this epoch the store can replay beyond the
+        events in memory (None: it keeps none), which fills a gap older than they are."""
         reason = self.log.can_resume(epoch, since_seq)
         if reason is None:
             replay = [e for e in self.log.events_after(since_seq) if event_filter.matches(e)]
             return Resume(True, "", replay, None), self.log.subscribe(event_filter, capacity)
+        first = self.log.first_retained_seq
+        if (
+            archive_from is not None
+            and epoch == self.log.epoch
+            and archive_from <= since_seq + 1 < first
+            and since_seq <= self.log.published_seq
+        ):
+            replay = [e for e in self.log.events_after(first - 1) if event_filter.matches(e)]
+            resume = Resume(True, "", replay, None, archived_through=first - 1)
+            return resume, self.log.subscribe(event_filter, capacity)
         snapshot = self.snapshot()
         return Resume(False, reason, [], snapshot), self.log.subscribe(event_filter, capacity, after_seq=snapshot.seq)
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from collab_grpc.errors import CollabError
 from collab_grpc.history import ActivityQuery, Found, query_held
+from collab_grpc.model import Event
 from collab_grpc.state import CollaborationState
 
-__all__ = ["STORE_TIMEOUT", "MemoryStore", "SingleProcessStore", "Store", "StoreError", "StoreUnavailable"]
+__all__ = [
+    "STORE_TIMEOUT",
+    "EventArchive",
+    "MemoryStore",
+    "SingleProcessStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+]
 
 
 STORE_TIMEOUT = 2.0  # seconds a call waits for a shared store (Redis), by default (COLLAB_STORE_TIMEOUT)
@@ -58,6 +67,20 @@ class Store(Protocol):
         """The first ``count`` activities of the retained history that ``query`` matches,
         in its order (each store says what it retains); a store may stop looking after a
         bound of its own (Found.scanned_to)."""
+
+
+@runtime_checkable
+class EventArchive(Protocol):
+    """A store that keeps more events than the log holds in memory, and replays them to
+    a resume from before the oldest in memory."""
+
+    def archived_from(self, epoch: str) -> int | None:
+        """The oldest seq of ``epoch`` it can replay (None: none, or another epoch)."""
+
+    async def read_events(self, after_seq: int, through_seq: int, count: int) -> list[Event]:
+        """At most ``count`` events with ``after_seq < seq <= through_seq``, oldest first
+        (StoreUnavailable if they cannot be read); the first is not ``after_seq + 1``
+        when retention deleted it meanwhile."""
 
 
 # Reusable, and cheaper than a generator-based context manager on every write.

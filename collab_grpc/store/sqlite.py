@@ -3,9 +3,18 @@
 Every event is written, with the rows it changes (activities, sessions, decisions,
 agents) and the idempotency answers of the same writes, in one transaction. A single
 writer thread commits whatever accumulated while the previous commit ran (group
-commit), so many concurrent writes share one fsync. A write is answered, and its event
-published to subscribers, only once committed. On start the state, the tail of the log,
-the epoch and the seq are read back, so the history continues where it stopped.
+commit), so many concurrent writes share one fsync. On start the state, the tail of the
+log, the epoch and the seq are read back, so the history continues where it stopped.
+
+A commit's events are published to subscribers once COMMIT has handed its pages to the
+operating system (the WAL, written with synchronous=NORMAL), and its writes are answered
+once the WAL is fsynced (synchronous=full, the default): the fsync's tail is kept off the
+fan-out, and an acknowledged write survives kill -9 and power loss. What a subscriber
+saw is in the file after kill -9 (the OS keeps what was written); only a crash of the
+machine, or a failed fsync, can take back an event published before its fsync, so a
+start after one (another boot id, while the file was not closed cleanly) begins a new
+epoch: every subscriber is told to start over. Checkpoints run in a thread of their own,
+and retention in small transactions between commits, so neither holds up a commit long.
 
 If a commit fails (disk full, I/O error) the writes in it are refused with UNAVAILABLE
 and the in-memory state is reloaded from the file, which holds exactly what was
@@ -15,12 +24,14 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +56,23 @@ from collab_grpc.state import CollaborationState, new_epoch
 from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode, encode_rows
 
-__all__ = ["Retention", "SQLiteStore"]
+__all__ = ["Retention", "SQLiteStore", "boot_id"]
 
 log = logging.getLogger("collab_grpc.store.sqlite")
 
 APPLICATION_ID = 0x636F6C62  # "colb": this file is a collab store
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FILE_NAME = "collab.db"
+WAL_SUFFIX = "-wal"
+# meta 'running': the boot id of the process using the file ('' once closed cleanly), or
+# SYNC_FAILED after an fsync failed; a boot id that cannot be read is UNKNOWN_BOOT.
+SYNC_FAILED = "sync-failed"
+UNKNOWN_BOOT = "unknown"
+# The WAL is checkpointed by a thread of its own this often (seconds), when commits came
+# since; SQLite's own checkpoint, inside a COMMIT, would put its fsyncs on the fan-out.
+CHECKPOINT_EVERY = 0.5
+# After a checkpoint reset the WAL, SQLite truncates the file back to this many bytes.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,6 +176,9 @@ CREATE INDEX activities_by_parent ON activities (parent_activity_id, recorded_at
     WHERE parent_activity_id != '';
 CREATE INDEX activities_failed ON activities (recorded_at, activity_id) WHERE status = 'failed';
 """
+# Schema version 3 -> 4: idempotency answers go by age (retention deletes the oldest a chunk
+# at a time, which needs them in that order).
+_MIGRATE_TO_4 = "CREATE INDEX idempotency_by_age ON idempotency (stored_at);"
 _HISTORY_TIME = "recorded_at"
 # A metadata match: a top-level key whose scalar value is the text given (a string), the
 # number given, or true/false/null (history.MetadataMatch says the same in Python).
@@ -242,16 +266,18 @@ def history_sql(query: ActivityQuery, count: int, scan_rows: int = HISTORY_SCAN_
 class Retention:
     """What the file keeps beyond the live state: the newest ``count`` events and
     completed activities, none older than ``seconds``; ended sessions likewise by age.
-    Open activities and active sessions are always kept. Past ``max_bytes`` of pages in
-    use (0: no budget), retention runs after every commit, and while that cannot bring
-    the file under it, new records are refused (completions and ends still pass: they
-    are what lets retention free room)."""
+    Open activities and active sessions are always kept. Retention deletes ``chunk``
+    rows per table and transaction, one round after another while there is more to
+    delete (a commit waits for one round at most), else every ``every`` seconds, and at
+    once when the file is past ``max_bytes`` of pages in use (0: no budget); while it
+    cannot bring the file under that, new records are refused (completions and ends
+    still pass: they are what lets retention free room)."""
 
     count: int = 100_000
     seconds: float = 7 * 24 * 3600.0
     max_bytes: int = 4 * 1024 * 1024 * 1024
-    every: float = 10.0  # how often pruning runs, in seconds
-    chunk: int = 2_000  # rows per pruning transaction, so writes never wait long
+    every: float = 10.0  # how often pruning looks, in seconds, while nothing is left to delete
+    chunk: int = 500  # rows per table and pruning transaction, so a commit never waits long
 
 
 IdempotencyRow = tuple[str, str, bytes, bytes, float]
@@ -277,6 +303,10 @@ class _Chunk:
             kinds.count(EventKind.ACTIVITY_COMPLETED),
         )
 
+
+# While commits keep coming, retention looks again this soon (seconds) rather than after
+# Retention.every: rows past the limits go within about this long of being written.
+PRUNE_FOLLOW_UP = 1.0
 
 # Group commit while writes keep coming (seconds): a commit is held open for more writes
 # at most COMMIT_DELAY after the previous one began, and only while they keep arriving
@@ -324,7 +354,22 @@ class SQLiteStore(SingleProcessStore):
         # Set while nothing is staged and no commit runs: what close() waits for.
         self._idle: asyncio.Event | None = None
         self._committer: asyncio.Task[None] | None = None
-        self._last_prune = 0.0
+        self._background: list[asyncio.Task[None]] = []  # retention and checkpoints
+        # Held while the writer connection is in use (a commit, from its first statement on
+        # the loop to its fsync; a retention round): they must not interleave.
+        self._writer_lock = asyncio.Lock()
+        self._prune_now: asyncio.Event | None = None  # the file is past its byte budget
+        # Commits since the last checkpoint (read by the checkpoint loop).
+        self._commits_since_checkpoint = 0
+        # The WAL is checkpointed through a connection and thread of its own, beside commits.
+        self._checkpointer: sqlite3.Connection | None = None
+        self._checkpoint_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collab-sqlite-ckpt")
+        # Set once an fsync failed: what was committed since may not be on the disk.
+        self._sync_failure: str | None = None
+        # The oldest seq the events table holds in this epoch (None: none), as of the last
+        # pruning round; a resume from before the events in memory reads from there.
+        self._oldest_stored_seq: int | None = None
+        self._epoch_start = 0  # the last seq before this epoch's first event
         self._agent_idle_ttl = 0.0  # the state's, once attached (read by the writer thread)
         self._idempotency_ttl = 24 * 3600.0  # likewise
         # The history search reads through a connection of its own in a thread of its own,
@@ -367,13 +412,21 @@ class SQLiteStore(SingleProcessStore):
                     connection.executescript(f"BEGIN; {_MIGRATE_TO_3} PRAGMA user_version = 3; COMMIT;")
                     log.info("store upgraded to schema version 3 (history search)", extra={"path": str(self.path)})
                     version = 3
+                if version == 3:
+                    connection.executescript(f"BEGIN; {_MIGRATE_TO_4} PRAGMA user_version = 4; COMMIT;")
+                    log.info("store upgraded to schema version 4 (retention by age)", extra={"path": str(self.path)})
+                    version = 4
                 if version != SCHEMA_VERSION:
                     raise StoreError(f"{self.path} has schema version {version}; this server reads {SCHEMA_VERSION}")
                 check = connection.execute("PRAGMA quick_check").fetchone()[0]
                 if check != "ok":
                     raise StoreError(f"{self.path} is corrupted ({check}); restore it from a backup")
             connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            # A COMMIT only writes the WAL; with synchronous full the store fsyncs it itself
+            # (_sync), after publishing, and checkpoints from its own thread.
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             if application_id != APPLICATION_ID:
                 self._initialise(connection)
         except sqlite3.DatabaseError as error:
@@ -389,7 +442,7 @@ class SQLiteStore(SingleProcessStore):
         """Schema, epoch and the file's identity in one transaction: a crash leaves
         either an empty file or a complete store."""
         connection.executescript(
-            f"BEGIN; {SCHEMA} {_MIGRATE_TO_3} "
+            f"BEGIN; {SCHEMA} {_MIGRATE_TO_3} {_MIGRATE_TO_4} "
             f"INSERT INTO meta (key, value) VALUES ('epoch', '{new_epoch()}'), ('last_seq', '0');"
             f" PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         )
@@ -401,7 +454,9 @@ class SQLiteStore(SingleProcessStore):
     def open(self, state: CollaborationState) -> None:
         """Open the file and continue its history in ``state``; then follow ``state``."""
         self._connection = self._open()
+        self._begin_run(self._connection)
         self._open_reader()
+        self._checkpointer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._state = state
         self._agent_idle_ttl = state.settings.agent_idle_ttl
         self._idempotency_ttl = state.idempotency.ttl
@@ -410,6 +465,47 @@ class SQLiteStore(SingleProcessStore):
         state.idempotency.sink = self._stage_answer
         self.used_bytes = _used_bytes(self._connection)
         state.storage_refusal = self._storage_refusal
+
+    def _begin_run(self, connection: sqlite3.Connection) -> None:
+        """Mark the file as in use by this process (its boot id), first starting a new
+        epoch if the last process may have published events the file lacks: it did not
+        close cleanly and either an fsync failed or the machine restarted since (a crash
+        of the machine loses what was committed but not fsynced; kill -9 loses nothing
+        the OS was given). The new epoch tells every subscriber to start over."""
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+        running = meta.get("running", "")
+        boot = boot_id() or UNKNOWN_BOOT
+        lossy = running == SYNC_FAILED or (running != "" and (running != boot or boot == UNKNOWN_BOOT))
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            if lossy:
+                connection.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (new_epoch(),))
+                connection.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch_start', ?)", (meta["last_seq"],)
+                )
+                log.warning(
+                    "the store was not closed cleanly and may lack events it published (%s); starting a new epoch",
+                    "an fsync failed" if running == SYNC_FAILED else "the machine restarted since",
+                    extra={"path": str(self.path), "seq": int(meta["last_seq"])},
+                )
+            connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('running', ?)", (boot,))
+            connection.execute("COMMIT")
+        except BaseException:
+            self._rollback(connection)
+            raise
+        self._sync()
+        _sync_directory(self.path.parent)  # the WAL file's own entry, made by the first commit
+
+    def _sync(self) -> None:
+        """fsync what the connection committed to the WAL (synchronous full); a no-op
+        with synchronous normal, where only checkpoints sync."""
+        if self.synchronous.lower() != "full":
+            return
+        descriptor = os.open(self.path.with_name(FILE_NAME + WAL_SUFFIX), os.O_RDONLY)
+        try:
+            _fdatasync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def _storage_refusal(self) -> str | None:
         """Why a new record cannot be stored now (the file is over its budget), or None."""
@@ -510,6 +606,8 @@ class SQLiteStore(SingleProcessStore):
         ):
             state.idempotency.remember(*row)
         self._durable_seq = last_seq
+        self._epoch_start = int(meta.get("epoch_start", "0"))
+        self._oldest_stored_seq = self._oldest_seq(connection)
         log.info(
             "store opened",
             extra={
@@ -555,19 +653,57 @@ class SQLiteStore(SingleProcessStore):
         except sqlite3.Error as error:
             raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
 
+    # -- resumes from the file -----------------------------------------------------------
+
+    def archived_from(self, epoch: str) -> int | None:
+        """The oldest seq of ``epoch`` the file holds (EventArchive), as of the last
+        retention round: a resume from before the events in memory reads from here."""
+        if self._state is None or epoch != self._state.epoch:
+            return None
+        return self._oldest_stored_seq
+
+    async def read_events(self, after_seq: int, through_seq: int, count: int) -> list[Event]:
+        """At most ``count`` events after ``after_seq`` through ``through_seq``, oldest
+        first, as of the last commit (EventArchive); through the search's connection and
+        thread, so a resume neither waits for a commit nor holds one up."""
+        if self._reader is None or self._state is None:
+            return []
+        reader, epoch = self._reader, self._state.epoch
+
+        def read() -> list[Event]:
+            rows = reader.execute(
+                "SELECT seq, time, kind, payload FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                (after_seq, through_seq, count),
+            ).fetchall()
+            return [
+                Event(seq, epoch, at, EventKind(kind), decode_payload(EventKind(kind), payload))
+                for seq, at, kind, payload in rows
+            ]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
+
     # -- writing --------------------------------------------------------------------
 
     def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
+        self._prune_now = asyncio.Event()
         if self._staged_count():  # writes staged before the loop ran
             self._wakeup.set()
         else:
             self._idle.set()
         self._committer = asyncio.create_task(self._commit_loop())
+        self._background = [
+            asyncio.create_task(self._retention_loop()),
+            asyncio.create_task(self._checkpoint_loop()),
+        ]
 
     async def durable(self, seq: int) -> None:
-        """Return once everything up to ``seq`` is committed (and published)."""
+        """Return once everything up to ``seq`` is committed, published and (synchronous
+        full) fsynced."""
         if seq <= self._durable_seq:
             return
         if self._broken is not None:
@@ -587,40 +723,8 @@ class SQLiteStore(SingleProcessStore):
             self._wakeup.clear()
             events, answers = self._events, self._answers
             self._events, self._answers = [], []
-            if events or answers:
-                # As the writes waiting on it see it: the hand-over to the writer thread too.
-                started = perf_counter()
-                try:
-                    chunks = self._write_rows(events, answers)
-                    await loop.run_in_executor(self._executor, self._commit, chunks)
-                except Exception as error:
-                    metrics.commit_failed("sqlite")
-                    try:
-                        self._failed(error)
-                    except Exception as reload_error:
-                        # The reload failed too (the file cannot be read now), so the state
-                        # in memory can no longer be trusted: refuse this write and every
-                        # later one until the server is restarted, instead of leaving them
-                        # waiting or deciding them on that state.
-                        log.exception("reloading the state after a failed commit failed")
-                        self._broken = (
-                            f"the store failed ({error}) and could not be read back ({reload_error}); "
-                            "nothing more is recorded until the server is restarted"
-                        )
-                else:
-                    self.commits += 1
-                    self.failure = None
-                    if events:
-                        self._durable_seq = events[-1].seq
-                    try:
-                        if events:
-                            self._state.log.publish_through(self._durable_seq)
-                        metrics.committed("sqlite", perf_counter() - started, len(events))
-                    except Exception:
-                        # Committed is committed: the writers get their answers, and this
-                        # loop must live on, or every later write would wait forever.
-                        log.exception("after commit through seq %d", self._durable_seq)
-                    self._release(lambda seq: seq <= self._durable_seq, None)
+            async with self._writer_lock:
+                await self._commit_batch(loop, events, answers)
             if self._broken is not None:
                 self._events, self._answers = [], []
                 self._release(lambda seq: True, StoreUnavailable(self._broken))
@@ -629,6 +733,109 @@ class SQLiteStore(SingleProcessStore):
                 self._wakeup.set()
             else:
                 self._idle.set()
+
+    async def _commit_batch(
+        self, loop: asyncio.AbstractEventLoop, events: list[Event], answers: list[IdempotencyRow]
+    ) -> None:
+        """Write, commit, publish and fsync one batch; answer its writers."""
+        if not (events or answers):
+            return
+        # As the writes waiting on it see it: the hand-over to the writer thread too.
+        started = perf_counter()
+        try:
+            chunks = self._write_rows(events, answers)
+            await loop.run_in_executor(self._executor, self._commit, chunks, self._announcer(loop, events))
+        except _SyncFailed as error:
+            # Committed and published, but not known to be on the disk.
+            metrics.commit_failed("sqlite")
+            await self._sync_failed(error)
+        except Exception as error:
+            metrics.commit_failed("sqlite")
+            try:
+                self._failed(error)
+            except Exception as reload_error:
+                # The reload failed too (the file cannot be read now), so the state
+                # in memory can no longer be trusted: refuse this write and every
+                # later one until the server is restarted, instead of leaving them
+                # waiting or deciding them on that state.
+                log.exception("reloading the state after a failed commit failed")
+                self._broken = (
+                    f"the store failed ({error}) and could not be read back ({reload_error}); "
+                    "nothing more is recorded until the server is restarted"
+                )
+        else:
+            self.commits += 1
+            self._commits_since_checkpoint += 1
+            self.failure = None
+            if events:
+                self._durable_seq = events[-1].seq
+                # Published already (see _announcer); this catches up if that failed.
+                self._publish(self._durable_seq)
+                if self._oldest_stored_seq is None:
+                    self._oldest_stored_seq = events[0].seq
+            try:
+                metrics.committed("sqlite", perf_counter() - started, len(events))
+            except Exception:
+                # Committed is committed: the writers get their answers, and this
+                # loop must live on, or every later write would wait forever.
+                log.exception("after commit through seq %d", self._durable_seq)
+            self._release(lambda seq: seq <= self._durable_seq, None)
+            budget = self.retention.max_bytes
+            if 0 < budget < self.used_bytes and self._prune_now is not None:
+                self._prune_now.set()
+
+    def _announcer(self, loop: asyncio.AbstractEventLoop, events: list[Event]) -> Callable[[], None]:
+        """What the writer thread calls once COMMIT returned: the events are published on
+        the loop then, while the thread goes on to the fsync (their writers are answered
+        after it). The callback runs before the commit's own completion reaches the loop."""
+        if not events:
+            return _nothing
+        seq = events[-1].seq
+
+        def committed() -> None:
+            loop.call_soon_threadsafe(self._publish, seq)
+
+        return committed
+
+    def _publish(self, seq: int) -> None:
+        """Publish every event up to ``seq`` (committed): subscribers get them now."""
+        assert self._state is not None
+        try:
+            self._state.log.publish_through(seq)
+        except Exception:
+            log.exception("publishing events through seq %d", seq)
+
+    async def _sync_failed(self, error: _SyncFailed) -> None:
+        """An fsync failed: what was committed since the last one may not be on the disk,
+        and the OS may not say so again (a later fsync can succeed without it). The writes
+        waiting are refused, every later one too until a restart, and the file is marked
+        so that the next start begins a new epoch (subscribers may have seen events the
+        disk lost)."""
+        self._sync_failure = str(error.__cause__ or error)
+        self._broken = (
+            f"the store could not make writes durable (fsync failed: {self._sync_failure}); "
+            "nothing more is recorded until the server is restarted"
+        )
+        self.failure = self._broken
+        log.error("fsync failed; refusing every write until a restart", extra={"error": self._sync_failure})
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._mark_running, SYNC_FAILED)
+        except Exception:
+            log.exception("marking the store after a failed fsync")
+
+    def _mark_running(self, value: str) -> None:
+        """Set meta 'running' (writer thread): '' once closed cleanly, SYNC_FAILED."""
+        connection = self._connection
+        assert connection is not None
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.execute("UPDATE meta SET value = ? WHERE key = 'running'", (value,))
+            connection.execute("COMMIT")
+        except BaseException:
+            self._rollback(connection)
+            raise
+        if value != SYNC_FAILED:
+            self._sync()
 
     async def _gather(self) -> None:
         """Group commit: what a commit costs (the fsync, and SQLite writing each page the
@@ -730,11 +937,11 @@ class SQLiteStore(SingleProcessStore):
             self._rollback(connection)
             raise
 
-    def _commit(self, chunks: list[_Chunk]) -> None:
-        """The chunks' rows, COMMIT (the fsync) and, now and then, retention: in the
-        writer thread, so the loop keeps deciding the next batch meanwhile. Chunk by chunk,
-        new activities before completions: a completion may end an activity recorded in
-        the same chunk."""
+    def _commit(self, chunks: list[_Chunk], committed: Callable[[], None]) -> None:
+        """The chunks' rows, COMMIT, ``committed()`` (which publishes the events), then the
+        fsync: in the writer thread, so the loop keeps deciding the next batch meanwhile.
+        Chunk by chunk, new activities before completions: a completion may end an
+        activity recorded in the same chunk. A failed fsync raises _SyncFailed."""
         connection = self._connection
         assert connection is not None
         try:
@@ -748,13 +955,13 @@ class SQLiteStore(SingleProcessStore):
         except BaseException:
             self._rollback(connection)
             raise
-        now = time.monotonic()
-        used = _used_bytes(connection)
-        if 0 < self.retention.max_bytes < used or now - self._last_prune >= self.retention.every:
-            self._last_prune = now
-            self._prune(connection)
-            used = _used_bytes(connection)
-        self.used_bytes = used
+        committed()
+        try:
+            self._sync()
+        except OSError as error:
+            raise _SyncFailed(str(error)) from error
+        with contextlib.suppress(sqlite3.Error):  # committed is committed; the next one measures
+            self.used_bytes = _used_bytes(connection)
 
     @staticmethod
     def _rollback(connection: sqlite3.Connection) -> None:
@@ -827,9 +1034,58 @@ class SQLiteStore(SingleProcessStore):
         elif isinstance(payload, AgentRetirement):
             connection.execute("DELETE FROM agents WHERE agent_id = ?", (payload.agent_id,))
 
-    def _prune(self, connection: sqlite3.Connection) -> None:
-        """Enforce retention in small transactions (the writer thread runs this between
-        commits, so a write waits for one chunk at most)."""
+    async def _retention_loop(self) -> None:
+        """Retention rounds in the writer thread, between commits: one after another
+        while a round finds more to delete (so it keeps up with any write rate the store
+        takes, a commit waiting for one round at most), PRUNE_FOLLOW_UP later while
+        commits came since the last round (rows past the limits go within about that long
+        of being written), else every ``every`` seconds (so it also runs while no one
+        writes), or at once when the file is past its budget."""
+        assert self._prune_now is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._prune_now.clear()
+            commits = self.commits
+            more: bool | None = None
+            async with self._writer_lock:
+                pruning = loop.run_in_executor(self._executor, self._prune_round)
+                try:
+                    more = await asyncio.shield(pruning)
+                except asyncio.CancelledError:
+                    # Stopped (close): the round in the thread ends before the lock is let go.
+                    await asyncio.wait({pruning})
+                    raise
+                except Exception:
+                    log.exception("retention round failed; retrying later")
+            if more:
+                await asyncio.sleep(0)  # commits queued meanwhile go first (the executor is FIFO)
+                continue
+            pause = self.retention.every
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._prune_now.wait(), min(pause, PRUNE_FOLLOW_UP))
+            if self.commits == commits and not self._prune_now.is_set():  # idle: look again less often
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._prune_now.wait(), max(0.0, pause - PRUNE_FOLLOW_UP))
+
+    def _prune_round(self) -> bool | None:
+        """One retention round (writer thread): True if it left more to delete, False
+        if it deleted some, None if nothing (or it failed)."""
+        connection = self._connection
+        assert connection is not None
+        more = self._prune(connection)
+        self._oldest_stored_seq = self._oldest_seq(connection)
+        self.used_bytes = _used_bytes(connection)
+        return more
+
+    def _oldest_seq(self, connection: sqlite3.Connection) -> int | None:
+        """The oldest seq of this epoch the events table holds (None: none)."""
+        (oldest,) = connection.execute("SELECT min(seq) FROM events WHERE seq > ?", (self._epoch_start,)).fetchone()
+        return int(oldest) if oldest is not None else None
+
+    def _prune(self, connection: sqlite3.Connection) -> bool | None:
+        """Enforce retention, ``chunk`` rows per table and transaction: True if a table
+        had more to delete than one chunk, False if rows were deleted, None if none were
+        (or deleting failed)."""
         retention = self.retention
         oldest = time.time() - retention.seconds
         statements = [
@@ -858,7 +1114,11 @@ class SQLiteStore(SingleProcessStore):
                 "WHERE ended_at < ? ORDER BY ended_at LIMIT ?)",
                 (oldest, retention.chunk),
             ),
-            ("DELETE FROM idempotency WHERE stored_at < ?", (time.time() - self._idempotency_ttl,)),
+            (
+                "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE stored_at < ? "
+                "ORDER BY stored_at LIMIT ?)",
+                (time.time() - self._idempotency_ttl, retention.chunk),
+            ),
             # Agents that went idle while the server was down were never retired (a start
             # reads only live ones): their rows go once past the retention and the idle TTL.
             (
@@ -870,20 +1130,49 @@ class SQLiteStore(SingleProcessStore):
                 (min(oldest, time.time() - self._agent_idle_ttl), retention.chunk),
             ),
         ]
+        more = False
+        deleted_any = False
         try:
             for statement, parameters in statements:
                 connection.execute("BEGIN IMMEDIATE")
-                connection.execute(statement, parameters)
-                connection.execute("COMMIT")
+                deleted = connection.execute(statement, parameters).rowcount
+                connection.execute("COMMIT")  # not fsynced: a delete a crash takes back is done again
+                more = more or deleted >= retention.chunk
+                deleted_any = deleted_any or deleted > 0
         except sqlite3.Error as error:
-            # The commit before this succeeded: its writes must be answered as recorded.
             # Deleting needs space too (in the WAL), so on a full disk pruning fails; it
-            # is retried at the next round.
+            # is retried at the next round. (No commit's writes depend on it.)
             self._rollback(connection)
             log.warning("pruning failed; retrying later", extra={"error": str(error)})
+            return None
+        return True if more else (False if deleted_any else None)
+
+    async def _checkpoint_loop(self) -> None:
+        """Checkpoint the WAL (PASSIVE: beside commits, never blocking one) when commits
+        came since the last time; SQLite's own would run inside a COMMIT."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            if not self._commits_since_checkpoint:
+                continue
+            self._commits_since_checkpoint = 0
+            try:
+                await loop.run_in_executor(self._checkpoint_executor, self._checkpoint)
+            except sqlite3.Error as error:  # a full disk, say: the next round tries again
+                log.warning("checkpoint failed; retrying later", extra={"error": str(error)})
+
+    def _checkpoint(self) -> None:
+        checkpointer = self._checkpointer
+        assert checkpointer is not None
+        checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     async def close(self) -> None:
-        """Commit what is staged (and any commit running), stop the writer, close the file."""
+        """Commit what is staged (and any commit running), stop the writer, mark the file
+        closed cleanly, close it."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background = []
         if self._committer is not None and self._idle is not None:
             # Idle when this resumes, not only when the event was set: a write staged in
             # between is committed first.
@@ -893,8 +1182,17 @@ class SQLiteStore(SingleProcessStore):
             # A write after this is refused, not left waiting for a commit that never comes.
             self._broken = self._broken or "the store is closed (the server is shutting down)"
             self._release(lambda seq: True, StoreUnavailable(self._broken))
+        loop = asyncio.get_running_loop()
+        if self._checkpointer is not None:
+            checkpointer, self._checkpointer = self._checkpointer, None
+            await loop.run_in_executor(self._checkpoint_executor, checkpointer.close)
+        self._checkpoint_executor.shutdown(wait=True)
         if self._connection is not None:
-            loop = asyncio.get_running_loop()
+            if self._sync_failure is None and self._state is not None:
+                try:  # everything acknowledged is fsynced: a next start needs no new epoch
+                    await loop.run_in_executor(self._executor, self._mark_running, "")
+                except (sqlite3.Error, OSError) as error:
+                    log.warning("could not mark the store closed cleanly", extra={"error": str(error)})
             await loop.run_in_executor(self._executor, self._connection.close)
         self._executor.shutdown(wait=True)
         if self._reader is not None:
@@ -920,6 +1218,43 @@ def _check_sqlite(connection: sqlite3.Connection) -> None:
         raise StoreError(
             f"the SQLite store needs SQLite's JSON functions; this Python's SQLite {version} lacks them"
         ) from None
+
+
+class _SyncFailed(Exception):
+    """The fsync after a COMMIT failed (the commit's events are published already)."""
+
+
+def _nothing() -> None:
+    pass
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux), or None where it cannot be read: a crash of the
+    machine changes it, kill -9 of a process does not."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _fdatasync(descriptor: int) -> None:
+    # fdatasync where there is one (Linux), as SQLite's own sync does; fsync elsewhere.
+    sync = getattr(os, "fdatasync", os.fsync)
+    sync(descriptor)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory, so that the files made in it survive a crash of the machine."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform that cannot open a directory (Windows): nothing to do
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some file systems refuse to fsync a directory (EINVAL); nothing more can be done there
+    finally:
+        os.close(descriptor)
 
 
 def _used_bytes(connection: sqlite3.Connection) -> int:

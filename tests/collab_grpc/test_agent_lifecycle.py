@@ -6,6 +6,7 @@ Driven with a fake clock: nothing here waits for time to pass."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -363,8 +364,10 @@ async def test_sqlite_restart_reads_only_the_live_agents_of_many(tmp_path: Path,
     assert again.require_activity(busy.activity_id).status == "active"
     # The rows of agents never retired go with the retention's pruning.
     reopened.retention = sqlite_module.Retention(seconds=1.0)
-    assert reopened._connection is not None
-    reopened._prune(reopened._connection)
+    more: bool | None = True
+    while more:  # rounds, as the store's retention loop runs them
+        async with reopened._writer_lock:
+            more = await asyncio.get_running_loop().run_in_executor(reopened._executor, reopened._prune_round)
     assert [agent_id for agent_id, _ in agent_rows(data_dir)] == ["busy"]
 
 
@@ -381,10 +384,15 @@ async def test_sqlite_schema_1_is_upgraded_with_seen_times(
     await store.close()
     stores.remove(store)
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
-    # Back to version 1's shape: without the agents' seen times (2) and the search columns (3).
-    undo_3 = "".join(f"DROP INDEX {index};" for index in sqlite_module.SEARCH_INDEXES) + "".join(
-        f"ALTER TABLE activities DROP COLUMN {column};"
-        for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at")
+    # Back to version 1's shape: without the agents' seen times (2), the search columns (3)
+    # and the idempotency answers' index by age (4).
+    undo_3 = (
+        "DROP INDEX idempotency_by_age;"
+        + "".join(f"DROP INDEX {index};" for index in sqlite_module.SEARCH_INDEXES)
+        + "".join(
+            f"ALTER TABLE activities DROP COLUMN {column};"
+            for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at")
+        )
     )
     connection.executescript(
         f"{undo_3} DROP INDEX agents_seen; ALTER TABLE agents DROP COLUMN seen_at; PRAGMA user_version = 1;"

@@ -20,7 +20,7 @@ from collab_grpc.convert import seconds_from_timestamp
 from collab_grpc.history import ActivityQuery
 from collab_grpc.servicer import DEFAULT_MAX_REPLY_BYTES
 from collab_grpc.state import CollaborationState
-from collab_grpc.store.sqlite import SEARCH_INDEXES, SQLiteStore
+from collab_grpc.store.sqlite import SCHEMA_VERSION, SEARCH_INDEXES, SQLiteStore
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.validation import Limits
 from tests.conftest import HubFactory
@@ -352,6 +352,7 @@ async def test_a_version_2_file_is_upgraded_with_its_activities_searchable(tmp_p
     await store.durable(state.log.last_seq)
     await store.close()
     with sqlite3.connect(tmp_path / "collab.db") as connection:  # back to what version 2 wrote
+        connection.execute("DROP INDEX idempotency_by_age")  # version 4's
         for name in SEARCH_INDEXES:
             connection.execute(f"DROP INDEX {name}")
         for column in ("agent_id", "session_id", "parent_activity_id", "recorded_at"):
@@ -362,7 +363,7 @@ async def test_a_version_2_file_is_upgraded_with_its_activities_searchable(tmp_p
     try:
         with sqlite3.connect(tmp_path / "collab.db") as connection:
             names = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-            assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert set(SEARCH_INDEXES) <= names
         limits = Limits()
         for query, expected in [

@@ -17,8 +17,10 @@ from typing import Any, Protocol
 import pytest
 import pytest_asyncio
 
+from collab_grpc import servicer as servicer_module
 from collab_grpc.events import EventFilter
 from collab_grpc.model import Activity, ActivityStatus, ActivityType, Event, EventKind, MemoryOperation
+from collab_grpc.servicer import CollaborationServicer
 from collab_grpc.state import CollaborationState, StateSettings
 from collab_grpc.store import (
     MemoryStore,
@@ -31,6 +33,7 @@ from collab_grpc.store import (
 )
 from collab_grpc.store import sqlite as sqlite_module
 from collab_grpc.store.codec import encode
+from collab_grpc.v1 import collaboration_pb2 as pb
 
 METHOD = "RecordActivity"
 FAULT = "disk full"
@@ -122,6 +125,19 @@ async def reload_finished(store: SQLiteStore) -> None:
     """After a failed commit the store reloads the state on its single writer thread;
     a no-op queued behind that reload returns once it is done."""
     await asyncio.get_running_loop().run_in_executor(store._executor, lambda: None)
+
+
+async def pruned(hub: Hub) -> int:
+    """Run retention rounds, as the store's retention loop does, until one leaves
+    nothing more to delete; how many ran."""
+    store = hub.store
+    rounds = 0
+    more: bool | None = True
+    while more:
+        async with store._writer_lock:
+            more = await asyncio.get_running_loop().run_in_executor(store._executor, store._prune_round)
+        rounds += 1
+    return rounds
 
 
 def query(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
@@ -655,9 +671,9 @@ class FullOnDelete:
 async def test_pruning_that_fails_refuses_no_committed_write(
     open_hub: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Retention runs after a commit: its failure must neither refuse the writes just
-    committed nor leave a transaction open that would fail every later commit."""
-    hub = open_hub(retention=Retention(count=1, every=0))
+    """Retention runs between commits: its failure must neither refuse a write nor
+    leave a transaction open that would fail every later commit."""
+    hub = open_hub(retention=Retention(count=1, every=3600.0))
     state, store = hub.state, hub.store
     assert store._connection is not None
     full = FullOnDelete(store._connection)
@@ -666,7 +682,8 @@ async def test_pruning_that_fails_refuses_no_committed_write(
     for index in range(3):
         clock.advance()
         recorded.append(state.record_activity(agent_id=f"agent-{index}", activity_type=ActivityType.MESSAGE_SENT))
-        await commit(hub)  # acknowledged, although pruning failed after it
+        await commit(hub)  # acknowledged
+        await pruned(hub)  # fails
     assert full.refused >= 3 and store.failure is None
     monkeypatch.setattr(store, "_connection", full.real)
     clock.advance()
@@ -731,7 +748,7 @@ async def test_close_releases_the_waiters_of_a_commit_in_flight(
 
 
 async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: Path) -> None:
-    retention = Retention(count=5, every=0)
+    retention = Retention(count=5, every=3600.0)
     hub = open_hub(retention=retention)
     kept_open = hub.state.record_activity(agent_id="keeper", activity_type=ActivityType.TASK_ASSIGNED)
     await commit(hub)
@@ -745,6 +762,7 @@ async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: 
         hub.state.complete_activity(activity.activity_id)
         await commit(hub)
     last_seq = hub.state.log.last_seq
+    await pruned(hub)
     await hub.close()
 
     event_seqs = [seq for (seq,) in query(data_dir, "SELECT seq FROM events ORDER BY seq")]
@@ -767,7 +785,7 @@ async def test_retention_by_count(open_hub: Opener, clock: FakeClock, data_dir: 
 async def test_retention_keeps_the_newest_count_completed_activities(
     open_hub: Opener, clock: FakeClock, data_dir: Path
 ) -> None:
-    hub = open_hub(retention=Retention(count=5, every=0))
+    hub = open_hub(retention=Retention(count=5, every=3600.0))
     recorded: list[Activity] = []
     for index in range(20):
         clock.advance()
@@ -775,6 +793,7 @@ async def test_retention_keeps_the_newest_count_completed_activities(
         recorded.append(activity)
         hub.state.complete_activity(activity.activity_id)
         await commit(hub)
+    await pruned(hub)
     await hub.close()
     completed = {str(i) for (i,) in query(data_dir, "SELECT activity_id FROM activities")}
     assert completed == {a.activity_id for a in recorded[-5:]}
@@ -785,7 +804,7 @@ async def test_retention_by_age(
 ) -> None:
     wall = clock.now + 10_000.0  # the store's time.time(): long after the old writes
     monkeypatch.setattr(sqlite_module, "time", types.SimpleNamespace(time=lambda: wall, monotonic=time.monotonic))
-    retention = Retention(seconds=1_000.0, every=0)
+    retention = Retention(seconds=1_000.0, every=3600.0)
     hub = open_hub(retention=retention)
     state = hub.state
 
@@ -807,6 +826,7 @@ async def test_retention_by_age(
     state.end_collaboration(new_session.session_id)
     state.idempotency.store(METHOD, "new-key", b"fp", b"new", clock())
     await commit(hub)
+    await pruned(hub)
     await hub.close()
 
     assert [t for (t,) in query(data_dir, "SELECT min(time) FROM events")] == [wall - 10.0]
@@ -1120,3 +1140,168 @@ async def test_a_commit_larger_than_one_statement_goes_in_chunk_by_chunk(
             (recorded[2].activity_id, "active"),
         ]
     )
+
+
+# -- publish at commit, answer after the fsync (issue 22) ---------------------------------
+
+
+class GatedSync:
+    """Replaces a store's ``_sync`` (the WAL's fsync): it waits for ``release``, and
+    raises OSError when ``fail`` is set."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, store: SQLiteStore) -> None:
+        self.real = store._sync
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail = False
+        monkeypatch.setattr(store, "_sync", self)
+
+    def __call__(self) -> None:
+        self.started.set()
+        assert self.release.wait(10.0), "the test never released the fsync"
+        if self.fail:
+            raise OSError(5, "Input/output error")
+        self.real()
+
+
+async def test_events_are_published_at_commit_and_writes_answered_after_the_fsync(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = open_hub()
+    sync = GatedSync(monkeypatch, hub.store)
+    subscription = hub.state.subscribe(EventFilter(), 100)
+    seq = record(hub)
+    answered = asyncio.ensure_future(hub.store.durable(seq))
+    assert await asyncio.to_thread(sync.started.wait, 10.0)
+    for _ in range(100):  # the publication crosses from the writer thread to the loop
+        if len(subscription):
+            break
+        await asyncio.sleep(0.01)
+    assert [event.seq for event in subscription.take()] == [seq], "published once committed, before the fsync"
+    assert not answered.done(), "answered before the fsync"
+    sync.release.set()
+    await asyncio.wait_for(answered, 10)
+
+
+async def test_a_failed_fsync_refuses_its_writes_and_every_later_one_and_the_next_start_begins_a_new_epoch(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    hub = open_hub()
+    kept = record(hub)
+    await hub.store.durable(kept)
+    epoch = hub.state.epoch
+    sync = GatedSync(monkeypatch, hub.store)
+    sync.fail = True
+    sync.release.set()
+    with pytest.raises(StoreUnavailable, match=r"fsync failed: \[Errno 5\] Input/output error"):
+        await asyncio.wait_for(hub.store.durable(record(hub, 1)), 10)
+    with pytest.raises(StoreUnavailable, match="until the server is restarted"):
+        await asyncio.wait_for(hub.store.durable(record(hub, 2)), 10)
+    await hub.close()
+    assert query(data_dir, "SELECT value FROM meta WHERE key = 'running'") == [(sqlite_module.SYNC_FAILED,)]
+    again = open_hub()
+    assert again.state.epoch != epoch, "subscribers may have seen events the disk lost: a new epoch"
+    assert again.state.log.last_seq >= kept
+
+
+async def test_a_start_begins_a_new_epoch_only_after_an_unclean_stop_on_another_boot(
+    open_hub: Opener, monkeypatch: pytest.MonkeyPatch, data_dir: Path
+) -> None:
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-1")
+    hub = open_hub()
+    epoch = hub.state.epoch
+    await hub.store.durable(record(hub))
+    await hub.close()  # a clean stop
+    assert query(data_dir, "SELECT value FROM meta WHERE key = 'running'") == [("",)]
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-2")
+    cleanly = open_hub()
+    assert cleanly.state.epoch == epoch, "a clean stop: the history goes on, whatever the boot"
+    await cleanly.store.durable(record(cleanly, 1))
+    # Not closed (kill -9): the same boot keeps the epoch, another begins a new one.
+    killed = open_hub()
+    assert killed.state.epoch == epoch
+    last = killed.state.log.last_seq
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: "boot-3")
+    crashed = open_hub()
+    assert crashed.state.epoch != epoch
+    assert crashed.state.log.last_seq == last, "the seq goes on in the new epoch"
+    monkeypatch.setattr(sqlite_module, "boot_id", lambda: None)  # no boot id to compare with
+    unknown = open_hub()
+    assert unknown.state.epoch != crashed.state.epoch, "a boot it cannot tell: every unclean stop is a crash"
+    again = open_hub()
+    assert again.state.epoch != unknown.state.epoch
+
+
+# -- resumes from the file (issue 19 item 6) ----------------------------------------------
+
+
+async def test_a_resume_older_than_the_events_in_memory_reads_the_rest_from_the_file(open_hub: Opener) -> None:
+    settings = StateSettings(event_log_retain=10)
+    hub = open_hub(settings=settings)
+    seqs = [record(hub, index) for index in range(50)]
+    await hub.store.durable(seqs[-1])
+    await hub.close()
+    again = open_hub(settings=settings)
+    store, state = again.store, again.state
+    assert state.log.first_retained_seq == 41
+    assert store.archived_from(state.epoch) == 1
+    assert store.archived_from("another-epoch") is None
+    resume, subscription = state.resume(EventFilter(), 100, state.epoch, 5, store.archived_from(state.epoch))
+    assert resume.recovered and resume.archived_through == 40
+    assert [event.seq for event in resume.replay] == list(range(41, 51))
+    page = await store.read_events(5, resume.archived_through, 16)
+    assert [event.seq for event in page] == list(range(6, 22))
+    assert all(event.epoch == state.epoch for event in page)
+    without, _ = state.resume(EventFilter(), 100, state.epoch, 5)  # a store without an archive
+    assert not without.recovered and without.snapshot is not None
+    state.log.unsubscribe(subscription)
+
+
+# -- retention that keeps up (issue 19 item 7) --------------------------------------------
+
+
+async def test_retention_runs_round_after_round_until_the_file_is_at_its_count(
+    open_hub: Opener, data_dir: Path
+) -> None:
+    """The store's own loop (not a round per commit): 600 events and 300 completed
+    activities come down to the count with no further write."""
+    hub = open_hub(retention=Retention(count=20, every=3600.0, chunk=25))
+    for index in range(300):
+        activity = hub.state.record_activity(agent_id=f"agent-{index % 7}", activity_type=ActivityType.MESSAGE_SENT)
+        hub.state.complete_activity(activity.activity_id)
+    await hub.store.durable(hub.state.log.last_seq)
+    assert hub.store._prune_now is not None
+    hub.store._prune_now.set()  # wake it, as a commit past the byte budget does
+    deadline = time.monotonic() + 60
+    while query(data_dir, "SELECT count(*) FROM events") != [(20,)] or query(
+        data_dir, "SELECT count(*) FROM activities"
+    ) != [(20,)]:
+        assert time.monotonic() < deadline, query(data_dir, "SELECT count(*) FROM events")
+        await asyncio.sleep(0.05)
+    assert hub.store.archived_from(hub.state.epoch) == 581
+
+
+async def test_a_resume_from_the_file_ends_saying_so_when_retention_deleted_its_next_page(open_hub: Opener) -> None:
+    """The servicer streams a resume from the file a page at a time; if retention deleted
+    the next page meanwhile, the stream ends "no longer retained" (the client's next
+    resume gets a fresh state) rather than skip events."""
+    settings = StateSettings(event_log_retain=10)
+    hub = open_hub(settings=settings)
+    seqs = [record(hub, index) for index in range(1_000)]
+    await hub.store.durable(seqs[-1])
+    servicer = CollaborationServicer(hub.state, store=hub.store)
+    archive = hub.store.archived_from(hub.state.epoch)
+    resume, subscription = hub.state.resume(EventFilter(), 100, hub.state.epoch, 0, archive)
+    assert resume.recovered and resume.archived_through == 990
+    messages = servicer._messages(
+        [], resume, subscription, pb.SubscribeEventsRequest(since_seq=0, epoch=hub.state.epoch)
+    )
+    first_page = [await anext(messages) for _ in range(servicer_module.ARCHIVE_PAGE)]
+    assert [m.event.seq for m in first_page] == list(range(1, servicer_module.ARCHIVE_PAGE + 1))
+    assert hub.store._connection is not None
+    async with hub.store._writer_lock:  # retention, meanwhile
+        hub.store._connection.execute("DELETE FROM events WHERE seq <= 600")
+    rest = [message async for message in messages]
+    assert rest == []
+    assert subscription.closed_reason is not None
+    assert f"events after seq {servicer_module.ARCHIVE_PAGE} are no longer retained" in subscription.closed_reason

@@ -1,0 +1,147 @@
+"""`python -m bench.durable_tail [--clients N] [--seconds S] [--rates 20,50] [--rounds R] [--before DIR]`:
+paced record -> WebSocket receipt latency with the durable default (the SQLite store,
+synchronous=full) beside the memory store and the raw `websockets.broadcast` peer, run
+one after another in each round so that every ratio compares runs of the same moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from bench.fanout import TOKEN, HubTarget, LatencyResult, PeerTarget, _stop, run_paced, start_server
+from collab_grpc.eventloop import run
+from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
+
+__all__ = ["main"]
+
+
+def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -> str:
+    ratio = f"{result.p99_ms / peer.p99_ms:.2f}x" if peer is not None and peer.p99_ms else "-"
+    offered = result.clients * result.messages
+    return (
+        f"| {round_number} | {result.rate} | {result.target} | {result.delivered:,} of {offered:,} "
+        f"| {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.max_ms:.1f} | {ratio} |"
+    )
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
+
+
+def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, seconds: float) -> tuple[float, float]:
+    """The store's part alone: one gRPC subscriber on the server (no bridge, no load
+    clients, so little CPU), ``rate`` RecordActivity calls a second; (p50, p99) ms from
+    each call to its event's receipt."""
+    data_dir = Path(tempfile.mkdtemp(prefix="direct-", dir=workdir))
+    server, target = start_server(data_dir, code_dir, COLLAB_STORE=store)
+    auth = (("authorization", f"Bearer {TOKEN}"),)
+    count = int(rate * seconds)
+    latencies: list[float] = []
+    subscribed = threading.Event()
+
+    async def follow() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            stream = stub.SubscribeEvents(pb.SubscribeEventsRequest(), metadata=auth)
+            subscribed.set()
+            async for message in stream:
+                if message.event.HasField("activity_recorded"):
+                    sent = message.event.activity_recorded.metadata.fields["sent"].number_value
+                    latencies.append(time.time() - sent)
+                    if len(latencies) == count:
+                        return
+
+    follower = threading.Thread(target=run, args=(follow(),))
+    try:
+        follower.start()
+        subscribed.wait(10)
+        time.sleep(0.5)
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.CollaborationServiceStub(channel)
+            start = time.monotonic()
+            for n in range(count):
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                request = pb.RecordActivityRequest(
+                    agent_id=f"agent_{n % 48}", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
+                )
+                request.metadata.update({"sent": time.time()})
+                stub.RecordActivity(request, metadata=auth, timeout=10)
+        follower.join(30)
+    finally:
+        _stop(server)
+    ordered = sorted(latencies)
+    return _percentile(ordered, 0.5), _percentile(ordered, 0.99)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.durable_tail", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rates", default="20,50", help="comma-separated events/s")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of an earlier version: its server (SQLite) runs beside this one's in every round",
+    )
+    parser.add_argument(
+        "--direct", action="store_true", help="the store's part alone: one gRPC subscriber on the server, no bridge"
+    )
+    args = parser.parse_args(argv)
+    rates = [int(rate) for rate in args.rates.split(",") if rate]
+    if args.direct:
+        return _direct(args, rates)
+    lines = [
+        "| round | events/s | target | delivered | p50 ms | p99 ms | max ms | p99 vs raw peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lost = False
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for round_number in range(1, args.rounds + 1):
+            for rate in rates:
+                results = []
+                targets = [HubTarget(workdir, "sqlite"), HubTarget(workdir), PeerTarget("websockets", workdir)]
+                if args.before is not None:
+                    targets.insert(0, HubTarget(workdir, "sqlite", args.before.resolve(), "before"))
+                for target in targets:
+                    result = run_paced(target, args.clients, rate, args.seconds)
+                    print(f"paced {rate}/s {result.target:32} p99 {result.p99_ms:.1f} ms", file=sys.stderr)
+                    results.append(result)
+                    lost = lost or result.delivered != result.clients * result.messages
+                peer = results[-1]
+                lines.extend(_row(result, peer, round_number) for result in results)
+    print("\n".join(lines))
+    if lost:
+        print("messages were lost", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _direct(args: argparse.Namespace, rates: list[int]) -> int:
+    print("| round | events/s | server | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_number in range(1, args.rounds + 1):
+            for rate in rates:
+                servers: list[tuple[str, str, Path | None]] = [("sqlite", "sqlite", None), ("memory", "memory", None)]
+                if args.before is not None:
+                    servers.insert(0, ("sqlite, before", "sqlite", args.before.resolve()))
+                for name, store, code_dir in servers:
+                    p50, p99 = direct_paced(Path(tmp), store, code_dir, rate, args.seconds)
+                    print(f"| {round_number} | {rate} | {name} | {p50:.1f} | {p99:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
