@@ -90,6 +90,14 @@ class BridgeConfig:
     event_buffer_bytes: int = 32 * 1024 * 1024
     client_backlog_bytes: int = 4 * 1024 * 1024
     max_concurrent_resumes: int = 4
+    # Coalescing (bridge/hub.py): while the hub is busy, an event waits at most this many
+    # seconds for others to share its broadcast pass (0: a pass per loop turn), and a pass
+    # takes at most fanout_batch events. An idle hub broadcasts a lone event at once.
+    fanout_coalesce_delay: float = 0.005
+    fanout_batch: int = 256
+    # Processes serving the one listening port (SO_REUSEPORT), each with its own
+    # upstream streams, restarted by the supervising process if one dies (bridge/workers.py).
+    workers: int = 1
 
     @property
     def host(self) -> str:
@@ -123,6 +131,9 @@ def _addresses(raw: str) -> tuple[str, ...]:
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
     return entries
 
+
+# The most bridge worker processes (--workers): each holds its own upstream streams.
+MAX_WORKERS = 64
 
 # (flag, environment variable, field, parser of the text, help)
 _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
@@ -277,6 +288,21 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         "clients resumed from the server's log at once (older than the buffer); others wait up to "
         "--rpc-timeout, then WebSocket 1013 / SSE stream ended, to retry",
     ),
+    (
+        "--fanout-coalesce-delay",
+        "COLLAB_FANOUT_COALESCE_DELAY",
+        "fanout_coalesce_delay",
+        float,
+        "most seconds (0 to 1) an event waits to share a broadcast pass while the hub is busy; an idle hub waits none",
+    ),
+    ("--fanout-batch", "COLLAB_FANOUT_BATCH", "fanout_batch", int, "most events one broadcast pass takes (1: no hub coalescing)"),
+    (
+        "--workers",
+        "COLLAB_BRIDGE_WORKERS",
+        "workers",
+        int,
+        f"bridge processes sharing the listening port (SO_REUSEPORT), 1 to {MAX_WORKERS}; a dead one is restarted",
+    ),
 ]
 
 
@@ -315,6 +341,7 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         "event_buffer_bytes",
         "client_backlog_bytes",
         "max_concurrent_resumes",
+        "fanout_batch",
     ):
         if getattr(config, name) < 1:
             parser.error(f"{name.replace('_', '-')} must be at least 1")
@@ -336,6 +363,10 @@ def parse_bridge_config(argv: Sequence[str] | None = None, env: Mapping[str, str
         parser.error(
             f"credential-recheck-concurrency must be between 1 and 1000, got {config.credential_recheck_concurrency}"
         )
+    if not 0 <= config.fanout_coalesce_delay <= 1:  # also refuses NaN
+        parser.error(f"fanout-coalesce-delay must be between 0 and 1 seconds, got {config.fanout_coalesce_delay}")
+    if not 1 <= config.workers <= MAX_WORKERS:
+        parser.error(f"workers must be between 1 and {MAX_WORKERS}, got {config.workers}")
     if (config.tls_cert is None) != (config.tls_key is None):
         parser.error("--tls-cert / COLLAB_TLS_CERT and --tls-key / COLLAB_TLS_KEY must be set together")
     if config.log_format not in {"json", "text"}:
