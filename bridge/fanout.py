@@ -263,7 +263,7 @@ class Subscriber:
             return
         assert self.encode is not None
         # Once written, the client has all it wants up to the batch's last event.
-        self._write(selection.encoded(self.encode), last_seq, len(frames))
+        self._write(selection.encoded(self.encode), last_seq, len(frames), None)
 
     def send_frame(self, frame: Frame) -> None:
         """Write ``frame`` whatever the filter says (the connection's own messages)."""
