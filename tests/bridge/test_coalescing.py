@@ -9,9 +9,9 @@ import json
 from bridge.fanout import CLOSE_TOO_SLOW, Batch, ClientFilter, Frame, Subscriber
 from bridge.hub import StreamHub
 from bridge.sse import sse_encode
-from tests.bridge.test_hub import EPOCH, activity_event, snapshot
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.bridge.test_fanout import Wire, settle
+from tests.bridge.test_hub import EPOCH, activity_event, snapshot
 
 
 class DirectWire:
@@ -39,6 +39,11 @@ class DirectWire:
             texts.append(data[at + header : at + header + length].decode())
             at += header + length
         return texts
+
+    @property
+    def all_seqs(self) -> list[int]:
+        """The seqs of every message written, in order."""
+        return [seq for write in self.seqs for seq in write]
 
     @property
     def seqs(self) -> list[list[int]]:
@@ -120,8 +125,8 @@ async def test_a_client_joining_while_events_are_queued_gets_each_of_them_once()
     _, late, _ = direct_client(hub)  # the queued pass runs first, then its catch-up
     hub.on_event(activity_event(3))
     await asyncio.sleep(0)
-    assert sum(early.seqs, []) == [1, 2, 3]
-    assert sum(late.seqs, []) == [1, 2, 3]
+    assert early.all_seqs == [1, 2, 3]
+    assert late.all_seqs == [1, 2, 3]
 
 
 async def test_a_resume_plan_sees_the_queued_events_and_a_status_update_comes_after_them() -> None:
@@ -144,7 +149,7 @@ async def test_a_resume_plan_sees_the_queued_events_and_a_status_update_comes_af
 
 async def test_a_snapshot_runs_the_queued_pass_before_it_resets_anyone() -> None:
     hub = coalescing_hub()
-    _, direct, wire = direct_client(hub)
+    _, direct, _ = direct_client(hub)
     hub.on_event(activity_event(1))
     hub.on_snapshot(snapshot(5, epoch="e2"), reset=True)
     assert direct.seqs[0] == [1]
@@ -182,7 +187,7 @@ async def test_a_batch_larger_than_a_slow_clients_backlog_closes_it_with_4008() 
     assert slow.closed and slow.too_slow
     assert wire.closes and wire.closes[0][0] == CLOSE_TOO_SLOW
     assert slow not in hub.fanout.subscribers
-    assert sum(fast_wire.seqs, []) == list(range(1, 13))
+    assert fast_wire.all_seqs == list(range(1, 13))
 
 
 async def test_an_event_stream_client_gets_a_batch_as_one_body_of_events() -> None:
