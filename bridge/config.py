@@ -295,7 +295,13 @@ _OPTIONS: list[tuple[str, str, str, Callable[[str], object], str]] = [
         float,
         "most seconds (0 to 1) an event waits to share a broadcast pass while the hub is busy; an idle hub waits none",
     ),
-    ("--fanout-batch", "COLLAB_FANOUT_BATCH", "fanout_batch", int, "most events one broadcast pass takes (1: no hub coalescing)"),
+    (
+        "--fanout-batch",
+        "COLLAB_FANOUT_BATCH",
+        "fanout_batch",
+        int,
+        "most events one broadcast pass takes (1: no hub coalescing)",
+    ),
     (
         "--workers",
         "COLLAB_BRIDGE_WORKERS",

@@ -345,7 +345,9 @@ class Subscriber:
                     self.writes += 1
                     self.messages_written += sum(item[3] for item in taken)
                 else:  # the whole backlog as one write of frames, if the transport takes it now
-                    data = b"".join(wire if wire is not None else text_frame(text) for text, wire, _, _ in self._backlog)
+                    data = b"".join(
+                        wire if wire is not None else text_frame(text) for text, wire, _, _ in self._backlog
+                    )
                     if self.direct is not None and self.direct(data):
                         taken, seq = self._take_backlog()
                         self.writes += 1
