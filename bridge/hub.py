@@ -159,6 +159,11 @@ class StreamHub:
             else:
                 self._pass_due = loop.call_at(start, self.flush)
 
+    @property
+    def pass_due(self) -> bool:
+        """Whether events wait for a broadcast pass."""
+        return bool(self._pending)
+
     def flush(self) -> None:
         """Broadcast every event queued since the last pass, in one pass."""
         if self._pass_due is not None:
