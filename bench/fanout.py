@@ -230,6 +230,7 @@ class HubTarget:
                 "COLLAB_UPSTREAM_TOKEN": TOKEN,
                 "COLLAB_CLIENT_BACKLOG": "100000",
                 "COLLAB_MAX_CONNECTIONS_PER_TOKEN": "0",
+                "COLLAB_MAX_CONNECTIONS": "20000",
             },
         )
         return http_port, "/api/v1/collaboration/ws?client_id=c{index}&token=" + TOKEN
@@ -258,11 +259,11 @@ class HubTarget:
         return (self.server.pid, self.bridge.pid)
 
     def pace(self, rate: int, count: int) -> None:
-        """One RecordActivity every 1/rate s, each carrying the time it was sent."""
+        """One RecordActivity every 1/rate s, each carrying the time it was due."""
         with grpc.insecure_channel(self.grpc_target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
-            start = time.monotonic()
+            start, wall = time.monotonic(), time.time()
             for n in range(count):
                 delay = start + n / rate - time.monotonic()
                 if delay > 0:
@@ -270,7 +271,8 @@ class HubTarget:
                 request = pb.RecordActivityRequest(
                     agent_id=f"agent_{n % 48}", department="engineering", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
                 )
-                request.metadata.update({"sent": time.time()})
+                # When it is due by the schedule (as the peers stamp theirs): lateness counts.
+                request.metadata.update({"sent": wall + n / rate})
                 stub.RecordActivity(request, metadata=auth, timeout=10)
 
     def stop(self) -> None:

@@ -9,7 +9,8 @@ const { Server } = require("socket.io");
 
 const port = Number(process.argv[2]);
 const message = fs.readFileSync(process.argv[3], "utf8");
-const stamped = () => `{"sent":${Date.now() / 1000},${message.slice(1)}`;
+// The time it is due by the pacing schedule (as bench/peers.py): a sender that falls behind shows it.
+const stamped = (due) => `{"sent":${due / 1000},${message.slice(1)}`;
 
 const server = http.createServer((request, response) => {
   const url = new URL(request.url, "http://localhost");
@@ -25,9 +26,10 @@ const server = http.createServer((request, response) => {
   } else if (url.pathname === "/pace") {
     const rate = Number(url.searchParams.get("rate"));
     const start = performance.now();
+    const wall = Date.now();
     let sent = 0;
     const tick = () => {
-      io.emit("message", stamped());
+      io.emit("message", stamped(wall + (sent * 1000) / rate));
       sent++;
       if (sent < count) setTimeout(tick, Math.max(0, start + (sent * 1000) / rate - performance.now()));
     };
