@@ -24,7 +24,7 @@ from bridge.edge import EdgeLimits, check_open_file_limit, edge_protocols
 from bridge.origins import HostCheck, HostPolicy
 from bridge.request_id import request_id_filter
 from bridge.tls import check_tls_files
-from bridge.workers import WORKER_ENV, reuseport_socket, supervise
+from bridge.workers import SUPERVISOR_ENV, WORKER_ENV, end_with_supervisor, reuseport_socket, supervise
 from collab_grpc.logs import TEXT_FORMAT
 
 __all__ = ["RedactSecrets", "log_config", "main", "redact"]
@@ -172,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = os.environ.get(WORKER_ENV)
     if config.workers > 1 and worker is None:
         sys.exit(supervise(config, arguments))
+    if worker is not None and (supervisor := os.environ.get(SUPERVISOR_ENV)):
+        end_with_supervisor(int(supervisor))
     http_protocol, ws_protocol = edge_protocols(EdgeLimits.from_config(config, max_connections))
     app = create_app(config)
     uvicorn_config = uvicorn.Config(

@@ -28,12 +28,13 @@ from collections.abc import Sequence
 from bridge.config import BridgeConfig
 from collab_grpc.eventloop import run
 
-__all__ = ["WORKER_ENV", "reuseport_socket", "supervise"]
+__all__ = ["SUPERVISOR_ENV", "WORKER_ENV", "end_with_supervisor", "reuseport_socket", "supervise"]
 
 log = logging.getLogger("bridge.workers")
 
 # Set in a worker's environment (to its number): bind with SO_REUSEPORT, report to the supervisor.
 WORKER_ENV = "COLLAB_BRIDGE_WORKER_INDEX"
+SUPERVISOR_ENV = "COLLAB_BRIDGE_SUPERVISOR_PID"
 LISTENING = "collab-bridge listening on "
 # A worker that dies this soon after starting is restarted after a growing pause
 # (up to MAX_RESTART_DELAY), so one that cannot start does not spin.
@@ -41,6 +42,20 @@ STABLE_AFTER = 10.0
 MAX_RESTART_DELAY = 30.0
 # Seconds a stopping worker is given beyond its own graceful shutdown before it is killed.
 STOP_MARGIN = 5.0
+
+
+def end_with_supervisor(supervisor_pid: int) -> None:
+    """In a worker: be sent SIGTERM when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so no worker outlives it holding the port; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # it died before the call took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def reuseport_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
@@ -83,7 +98,9 @@ class Supervisor:
 
     async def _start(self, index: int) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            *self._command(), stdout=asyncio.subprocess.PIPE, env={**os.environ, WORKER_ENV: str(index)}
+            *self._command(),
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, WORKER_ENV: str(index), SUPERVISOR_ENV: str(os.getpid())},
         )
         self.processes[index] = process
         print(f"collab-bridge: worker {index} pid {process.pid}", flush=True)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from bridge.config import parse_bridge_config
 from bridge.fanout import CLOSE_TOO_SLOW, Batch, ClientFilter, Frame, Subscriber
 from bridge.hub import StreamHub
 from bridge.sse import sse_encode
@@ -233,3 +236,27 @@ def test_a_batch_selection_skips_what_a_clients_snapshot_covers() -> None:
     assert [f.seq for f in covered.frames] == [3, 4] and covered.last_seq == 4
     assert batch.select(everything, 0) is batch.select(ClientFilter(), 0)  # shared by equal filters
     assert batch.select(everything, 4).frames == [] and batch.select(everything, 4).last_seq is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--fanout-coalesce-delay", "-0.001", "fanout-coalesce-delay must be between 0 and 1"),
+        ("--fanout-coalesce-delay", "nan", "fanout-coalesce-delay must be between 0 and 1"),
+        ("--fanout-batch", "0", "fanout-batch must be at least 1"),
+        ("--workers", "0", "workers must be between 1 and 64"),
+        ("--workers", "65", "workers must be between 1 and 64"),
+        ("--workers", "two", "invalid value 'two'"),
+    ],
+)
+def test_bad_fanout_settings_are_refused(flag: str, value: str, says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_bridge_config([flag, value], env={})
+    assert says in capsys.readouterr().err
+
+
+def test_the_fanout_settings_and_their_defaults() -> None:
+    config = parse_bridge_config([], env={})
+    assert (config.fanout_coalesce_delay, config.fanout_batch, config.workers) == (0.005, 256, 1)
+    config = parse_bridge_config([], env={"COLLAB_FANOUT_BATCH": "1", "COLLAB_BRIDGE_WORKERS": "4"})
+    assert (config.fanout_batch, config.workers) == (1, 4)

@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.support.faults import Browser, assert_gap_free, follow_to_the_end, until_connected
 from tests.support.processes import BridgeProcess
-from tests.support.rpc import Client, head_seq
+from tests.support.rpc import WRITE_KEY, Client, head_seq
 from tests.support.stack import Stack, running_stack
 
 pytestmark = pytest.mark.integration
@@ -166,3 +167,24 @@ async def test_a_worker_killed_with_9_costs_its_clients_a_reconnect_and_is_resta
     everyone = browsers + newcomers
     await follow_to_the_end(everyone, tasks + more_tasks, last)
     assert_gap_free(everyone, last)
+
+
+def test_workers_do_not_outlive_a_supervisor_killed_with_9(stack: Stack, tmp_path: Path) -> None:
+    env = {"COLLAB_BRIDGE_WORKERS": str(WORKERS), "COLLAB_UPSTREAM_TOKEN": WRITE_KEY}
+    with BridgeProcess(stack.server.target, data_dir=tmp_path, env=env) as bridge:
+        pids = worker_pids(bridge)
+        assert len(pids) == WORKERS
+        assert bridge.process is not None
+        os.kill(bridge.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids.values()):
+            assert time.monotonic() < deadline, f"workers {pids} outlived their supervisor"
+            time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
