@@ -40,6 +40,12 @@ CLOSE_TOO_SLOW = 4008
 DEFAULT_BACKLOG_BYTES = 4 * 1024 * 1024
 
 
+# Selections (and their joined bytes) one pass keeps to share between clients of the same
+# filter; beyond it (clients with many distinct filters) each client's share is built for
+# it and dropped once written, so a pass holds at most this many joined copies.
+MAX_SHARED_SELECTIONS = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A message serialised once for every recipient."""
@@ -130,7 +136,9 @@ class Batch:
                     last_seq = frame.seq
                 if client_filter.wants(frame):
                     chosen.append(frame)
-            selection = self._selections[key] = Selection(chosen, last_seq)
+            selection = Selection(chosen, last_seq)
+            if len(self._selections) < MAX_SHARED_SELECTIONS:
+                self._selections[key] = selection
         return selection
 
 

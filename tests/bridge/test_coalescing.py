@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bridge.config import parse_bridge_config
-from bridge.fanout import CLOSE_TOO_SLOW, Batch, ClientFilter, Frame, Subscriber
+from bridge.fanout import CLOSE_TOO_SLOW, MAX_SHARED_SELECTIONS, Batch, ClientFilter, Frame, Subscriber
 from bridge.hub import StreamHub
 from bridge.sse import sse_encode
 from collab_grpc.v1 import collaboration_pb2 as pb
@@ -260,3 +260,14 @@ def test_the_fanout_settings_and_their_defaults() -> None:
     assert (config.fanout_coalesce_delay, config.fanout_batch, config.workers) == (0.005, 256, 1)
     config = parse_bridge_config([], env={"COLLAB_FANOUT_BATCH": "1", "COLLAB_BRIDGE_WORKERS": "4"})
     assert (config.fanout_batch, config.workers) == (1, 4)
+
+
+def test_a_pass_shares_a_bounded_number_of_selections() -> None:
+    frames = [Frame(f'{{"seq":{seq}}}', "agent_activity", f"type_{seq}", seq) for seq in range(1, 101)]
+    batch = Batch(frames)
+    filters = [ClientFilter(None, frozenset({f"type_{n}"})) for n in range(1, 101)]
+    selections = [batch.select(client_filter, 0) for client_filter in filters]
+    assert [[frame.seq for frame in s.frames] for s in selections] == [[n] for n in range(1, 101)]
+    assert batch.select(filters[0], 0) is selections[0]  # within the bound: shared
+    assert batch.select(filters[-1], 0) is not selections[-1]  # beyond it: built again, not kept
+    assert len(batch._selections) == MAX_SHARED_SELECTIONS
