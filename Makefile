@@ -46,6 +46,15 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+.PHONY: bench-fanout bench-node
+# socket.io on Node, the fan-out's second peer, exactly as bench/node/package-lock.json pins it.
+bench-node:
+	cd bench/node && npm ci --no-audit --no-fund
+
+# Issue 22's fan-out figures: rates x CPU per delivery, saturation against the peers, paced latency.
+bench-fanout: $(STAMP) bench-node
+	$(BIN)/python -m bench.fanout_rates
+
 .PHONY: frontend screenshots integration-screenshots
 # The dashboard's npm libraries, installed exactly as bridge/frontend/package-lock.json pins
 # them and copied (with their licences) into bridge/static/vendor, which is committed: pip

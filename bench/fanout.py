@@ -52,6 +52,12 @@ class FanoutResult:
     delivered: int
     seconds: float
     cpu_seconds: float = 0.0  # used by the target's own processes meanwhile
+    load_cpu_seconds: float = 0.0  # used by the load clients' processes meanwhile
+
+    @property
+    def deliveries_per_cpu_second(self) -> float:
+        """Deliveries per second of one core fully used by the target."""
+        return self.delivered / self.cpu_seconds if self.cpu_seconds else 0.0
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -84,7 +90,7 @@ def _start(
         if not line and process.poll() is not None:
             break
     process.kill()
-    raise RuntimeError(f"{argv[2]} did not start")
+    raise RuntimeError(f"{' '.join(argv[:3])} did not start")
 
 
 def start_server(data_dir: Path, code_dir: Path | None = None, **env: str) -> tuple[subprocess.Popen[str], str]:
@@ -149,9 +155,10 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     await asyncio.sleep(0.5)  # opening messages and subscriptions settle
     control.send("ready")
     target[0] = await asyncio.get_running_loop().run_in_executor(None, control.recv)
+    cpu_before = time.process_time()
     with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
         await asyncio.wait_for(done.wait(), 60)
-    control.send((sum(counts), last[0], latencies))
+    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before))
     for client in connections:
         client.close()
     for task in tasks:
@@ -190,19 +197,35 @@ def sample_message() -> str:
 class HubTarget:
     kind = "hub"
 
-    def __init__(self, workdir: Path, store: str = "memory", code_dir: Path | None = None, label: str = "") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        store: str = "memory",
+        code_dir: Path | None = None,
+        label: str = "",
+        *,
+        name: str | None = None,
+        server_env: dict[str, str] | None = None,
+        bridge_env: dict[str, str] | None = None,
+    ) -> None:
         """``store``: the server's COLLAB_STORE (memory, or sqlite with its file in
-        ``workdir``); ``code_dir``: the server of another checkout, named ``label``."""
+        ``workdir``); ``code_dir``: the server of another checkout, named ``label``;
+        ``server_env``/``bridge_env``: settings besides the bench's (coalescing...)."""
         self.workdir = workdir
         self.store = store
         self.code_dir = code_dir
-        self.name = "collab hub" if store == "memory" else f"collab hub ({store}{label and ', ' + label})"
+        default_name = "collab hub" if store == "memory" else f"collab hub ({store}{label and ', ' + label})"
+        self.name = name or default_name
+        self.server_env = server_env or {}
+        self.bridge_env = bridge_env or {}
 
     def start(self) -> tuple[int, str]:
         http_port = free_port()
         data_dir = Path(tempfile.mkdtemp(prefix="hub-", dir=self.workdir))  # a fresh file each run
-        self.server, self.grpc_target = start_server(data_dir, self.code_dir, COLLAB_STORE=self.store)
-        env = {"COLLAB_LOG_LEVEL": "warning"}
+        self.server, self.grpc_target = start_server(
+            data_dir, self.code_dir, **{"COLLAB_STORE": self.store, **self.server_env}
+        )
+        env = {"COLLAB_LOG_LEVEL": "warning", **self.bridge_env}
         self.bridge = _start(
             [
                 sys.executable,
@@ -220,6 +243,7 @@ class HubTarget:
                 "COLLAB_UPSTREAM_TOKEN": TOKEN,
                 "COLLAB_CLIENT_BACKLOG": "100000",
                 "COLLAB_MAX_CONNECTIONS_PER_TOKEN": "0",
+                "COLLAB_MAX_CONNECTIONS": "20000",
             },
         )
         return http_port, "/api/v1/collaboration/ws?client_id=c{index}&token=" + TOKEN
@@ -248,11 +272,11 @@ class HubTarget:
         return (self.server.pid, self.bridge.pid)
 
     def pace(self, rate: int, count: int) -> None:
-        """One RecordActivity every 1/rate s, each carrying the time it was sent."""
+        """One RecordActivity every 1/rate s, each carrying the time it was due."""
         with grpc.insecure_channel(self.grpc_target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
-            start = time.monotonic()
+            start, wall = time.monotonic(), time.time()
             for n in range(count):
                 delay = start + n / rate - time.monotonic()
                 if delay > 0:
@@ -260,7 +284,8 @@ class HubTarget:
                 request = pb.RecordActivityRequest(
                     agent_id=f"agent_{n % 48}", department="engineering", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT
                 )
-                request.metadata.update({"sent": time.time()})
+                # When it is due by the schedule (as the peers stamp theirs): lateness counts.
+                request.metadata.update({"sent": wall + n / rate})
                 stub.RecordActivity(request, metadata=auth, timeout=10)
 
     def stop(self) -> None:
@@ -299,6 +324,31 @@ class PeerTarget:
         _stop(self.process)
 
 
+NODE_PEER = Path(__file__).parent / "node"
+
+
+def install_node_peer() -> None:
+    """``npm ci`` in bench/node (socket.io as pinned by its package-lock.json), once."""
+    if not (NODE_PEER / "node_modules" / "socket.io").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_PEER, check=True, capture_output=True)
+
+
+class NodeSocketIOTarget(PeerTarget):
+    """socket.io on Node.js (bench/node/socketio_peer.js): what a Node.js team would use."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__("socketio", workdir)
+        self.name = "socket.io on Node (peer)"
+
+    def start(self) -> tuple[int, str]:
+        install_node_peer()
+        self.port = free_port()
+        message_file = self.workdir / "message.json"
+        message_file.write_text(sample_message())
+        self.process = _start(["node", str(NODE_PEER / "socketio_peer.js"), str(self.port), str(message_file)], "ready")
+        return self.port, "/socket.io/?EIO=4&transport=websocket"
+
+
 @dataclass
 class LatencyResult:
     target: str
@@ -310,6 +360,8 @@ class LatencyResult:
     p99_ms: float
     max_ms: float
     cpu_seconds: float = 0.0
+    load_cpu_seconds: float = 0.0
+    seconds: float = 0.0  # from the first message sent to the last received
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -320,24 +372,37 @@ def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> 
     """Connect ``clients`` (over ``processes`` load processes), broadcast ``messages``
     back-to-back, and measure deliveries from the trigger to the last receipt."""
     started, reports, cpu = _run(target, clients, messages, lambda: target.trigger(messages), processes)
-    delivered = sum(received for received, _, _ in reports)
-    finished = max(last for _, last, _ in reports) or time.time()
-    return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started), cpu)
+    delivered = sum(report[0] for report in reports)
+    finished = max(report[1] for report in reports) or time.time()
+    load_cpu = sum(report[3] for report in reports)
+    return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started), cpu, load_cpu)
 
 
 def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: int = 2) -> LatencyResult:
     """``rate`` messages a second for ``seconds`` to ``clients``: the time from sending
     (the agent's gRPC call, for the hub) to receipt by each client."""
     messages = int(rate * seconds)
-    _, reports, cpu = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
-    latencies = sorted(value for _, _, values in reports for value in values)
-    delivered = sum(received for received, _, _ in reports)
+    started, reports, cpu = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
+    latencies = sorted(value for report in reports for value in report[2])
+    delivered = sum(report[0] for report in reports)
+    load_cpu = sum(report[3] for report in reports)
+    finished = max(report[1] for report in reports) or time.time()
 
     def percentile(fraction: float) -> float:
         return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] if latencies else float("nan")
 
     return LatencyResult(
-        target.name, clients, rate, messages, delivered, percentile(0.5), percentile(0.99), percentile(1.0), cpu
+        target.name,
+        clients,
+        rate,
+        messages,
+        delivered,
+        percentile(0.5),
+        percentile(0.99),
+        percentile(1.0),
+        cpu,
+        load_cpu,
+        max(1e-6, finished - started),
     )
 
 
@@ -353,7 +418,7 @@ def cpu_seconds(*pids: int) -> float:
 
 def _run(
     target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
-) -> tuple[float, list[tuple[int, float, list[float]]], float]:
+) -> tuple[float, list[tuple[int, float, list[float], float]], float]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -373,7 +438,7 @@ def _run(
         cpu_before = cpu_seconds(*target.pids)
         started = time.time()
         trigger()
-        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, []) for pipe in pipes]
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0) for pipe in pipes]
         return started, reports, cpu_seconds(*target.pids) - cpu_before
     finally:
         for worker in workers:

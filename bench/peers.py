@@ -22,9 +22,10 @@ from collab_grpc.eventloop import run
 __all__ = ["main", "stamped"]
 
 
-def stamped(message: str) -> str:
-    """``message`` (a JSON object) carrying the time it is sent, for latency."""
-    return f'{{"sent":{time.time()},{message[1:]}'
+def stamped(message: str, due: float | None = None) -> str:
+    """``message`` (a JSON object) carrying the time it is due to be sent (by the pacing
+    schedule; default now), for latency: a sender that falls behind its schedule shows it."""
+    return f'{{"sent":{time.time() if due is None else due},{message[1:]}'
 
 
 async def serve_websockets(port: int, message: str) -> None:
@@ -41,10 +42,10 @@ async def serve_websockets(port: int, message: str) -> None:
                 await asyncio.sleep(0)  # let the transports write, as a real server would
 
     async def pace(rate: int, count: int) -> None:
-        start = asyncio.get_running_loop().time()
+        start, wall = asyncio.get_running_loop().time(), time.time()
         for n in range(count):
             await asyncio.sleep(max(0.0, start + n / rate - asyncio.get_running_loop().time()))
-            broadcast(clients, stamped(message))
+            broadcast(clients, stamped(message, wall + n / rate))
 
     def trigger(connection: ServerConnection, request: Request) -> Response | None:
         query = parse_qs(urlsplit(request.path).query)
@@ -85,10 +86,10 @@ async def serve_socketio(port: int, message: str) -> None:
         return web.Response(text="ok")
 
     async def pace(rate: int, count: int) -> None:
-        start = asyncio.get_running_loop().time()
+        start, wall = asyncio.get_running_loop().time(), time.time()
         for n in range(count):
             await asyncio.sleep(max(0.0, start + n / rate - asyncio.get_running_loop().time()))
-            await sio.emit("message", stamped(message))
+            await sio.emit("message", stamped(message, wall + n / rate))
 
     async def paced(request: web.Request) -> web.Response:
         asyncio.get_running_loop().create_task(pace(int(request.query["rate"]), int(request.query["count"])))

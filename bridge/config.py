@@ -18,6 +18,8 @@ from collab_grpc.options import LOG_FORMATS, LOG_LEVELS, comma_list, option, par
 __all__ = ["BridgeConfig", "parse_bridge_config"]
 
 DESCRIPTION = "The collab bridge: the guide's WebSocket messages and REST routes over collab-server."
+# The most bridge worker processes (--workers): each holds its own upstream streams.
+MAX_WORKERS = 64
 
 
 def _host_port(value: str) -> str:
@@ -176,6 +178,24 @@ class BridgeConfig:
         1000,
         "clients waiting at once for this bridge to reach their seq; more: WebSocket 1013 / HTTP 503, to retry",
         minimum=1,
+    )
+    # Coalescing (bridge/hub.py): while the hub is busy, an event waits at most this long
+    # for others to share its broadcast pass; an idle hub broadcasts a lone event at once.
+    fanout_coalesce_delay: float = option(
+        0.005,
+        "most seconds an event waits to share a broadcast pass while the hub is busy; an idle hub waits none",
+        minimum=0,
+        maximum=1,
+    )
+    fanout_batch: int = option(256, "most events one broadcast pass takes (1: no hub coalescing)", minimum=1)
+    # Processes serving the one listening port (SO_REUSEPORT), each with its own upstream
+    # streams, restarted by the supervising process if one dies (bridge/workers.py).
+    workers: int = option(
+        1,
+        "bridge processes sharing the listening port (SO_REUSEPORT); a dead one is restarted",
+        minimum=1,
+        maximum=MAX_WORKERS,
+        variable="COLLAB_BRIDGE_WORKERS",  # COLLAB_WORKERS would not say whose
     )
 
     @property

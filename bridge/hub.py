@@ -3,10 +3,21 @@
 Each upstream event is serialised to JSON once, kept in a bounded buffer of recent frames
 (to catch up joining clients and resume reconnecting ones) and broadcast. Everything here
 can be rebuilt from the server: on restart the bridge starts again from a snapshot.
+
+Broadcasts are coalesced (``coalesce_delay`` not None): an event is queued and a pass
+over the clients takes every event queued since the last one (bridge/fanout.py writes
+each client's share in one write). When the hub is idle, the pass starts at the next
+turn of the event loop, so a lone event waits for nothing. When it is busy (an event
+arrives less than a pass's duration after the last pass ended) the pass starts one
+pass's duration after the last, at most ``coalesce_delay`` later: what arrives meanwhile
+shares it. Anything that reads the buffer or the clients' positions (a client joining,
+resuming, a snapshot, a status update) first runs the pass due, so the order is the
+same as without coalescing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import logging
 from collections import deque
@@ -53,14 +64,33 @@ class Join:
 
 
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
+# The longest an event waits for others to share its pass while the hub is busy (seconds;
+# COLLAB_FANOUT_COALESCE_DELAY), and the most events one pass takes (COLLAB_FANOUT_BATCH).
+DEFAULT_COALESCE_DELAY = 0.005
+DEFAULT_FANOUT_BATCH = 256
 
 
 class StreamHub:
     """``buffer_size`` recent frames are kept, taking at most ``buffer_bytes`` characters
     of text (the newest one whatever its size); the oldest go first."""
 
-    def __init__(self, buffer_size: int, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
+    def __init__(
+        self,
+        buffer_size: int,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        *,
+        coalesce_delay: float | None = None,
+        batch_size: int = DEFAULT_FANOUT_BATCH,
+    ) -> None:
+        """``coalesce_delay`` None: every event is broadcast as it arrives (no coalescing)."""
         self.fanout = Fanout()
+        self.coalesce_delay = coalesce_delay
+        self.batch_size = batch_size
+        # Events buffered but not yet broadcast (at most batch_size), and the pass due.
+        self._pending: list[Frame] = []
+        self._pass_due: asyncio.Handle | None = None
+        self._last_pass_end = 0.0
+        self._last_pass_seconds = 0.0
         self.epoch = ""
         self.last_seq = 0
         self.buffer_size = buffer_size
@@ -76,6 +106,7 @@ class StreamHub:
         (``reset``), or the bridge just started. Every client whose position the events
         from here on cannot continue (another epoch, or a gap before this snapshot) gets
         this fresh state, marked ``reset``, and continues from it."""
+        self.flush()
         if (snapshot.epoch, snapshot.seq) != (self.epoch, self.last_seq):
             self._recent.clear()  # buffered frames are of another history or leave a gap
             self.buffered_bytes = 0
@@ -108,8 +139,42 @@ class StreamHub:
         if frame is None:
             return  # skipping it keeps every other client served
         self._buffer(frame)
-        self.fanout.broadcast(frame)
-        frame.release_wire()  # the buffer of recent frames would hold every event twice
+        if self.coalesce_delay is None:
+            self.fanout.broadcast(frame)
+            frame.release_wire()  # the buffer of recent frames would hold every event twice
+            return
+        self._pending.append(frame)
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+        elif self._pass_due is None:
+            loop = asyncio.get_running_loop()
+            # Busy: the last pass ended less than its own duration ago.
+            start = self._last_pass_end + min(self._last_pass_seconds, self.coalesce_delay)
+            if loop.time() >= start:
+                self._pass_due = loop.call_soon(self.flush)
+            else:
+                self._pass_due = loop.call_at(start, self.flush)
+
+    @property
+    def pass_due(self) -> bool:
+        """Whether events wait for a broadcast pass."""
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        """Broadcast every event queued since the last pass, in one pass."""
+        if self._pass_due is not None:
+            self._pass_due.cancel()
+            self._pass_due = None
+        if not self._pending:
+            return
+        frames, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        self.fanout.broadcast_batch(frames)
+        self._last_pass_end = loop.time()
+        self._last_pass_seconds = self._last_pass_end - began
+        for frame in frames:
+            frame.release_wire()  # the buffer of recent frames would hold every event twice
 
     def _buffer(self, frame: Frame) -> None:
         recent = self._recent
@@ -126,6 +191,7 @@ class StreamHub:
     def on_status(self, update: pb.StreamAgentStatusResponse) -> None:
         frame = Frame(dumps(mapping.status_update_json(update)), "agent_status_update")
         self.status_frame = frame
+        self.flush()
         self.fanout.broadcast(frame)
 
     # -- clients ----------------------------------------------------------------------
@@ -139,6 +205,7 @@ class StreamHub:
         """Can a client that saw everything up to ``(epoch, since)`` be caught up from
         the buffer? (Events older than the buffer are streamed from the server first:
         BridgeRuntime.open_client.)"""
+        self.flush()
         if epoch != self.epoch:
             return Join(False, f"epoch {epoch!r} is not the current epoch {self.epoch!r}", [])
         first = self.first_buffered_seq
@@ -164,6 +231,7 @@ class StreamHub:
         SnapshotTooOld when events between ``snapshot`` and what the bridge can still give
         would be missed, or (``strict``) when the snapshot is of another epoch than the
         bridge follows; the caller fetches a fresh snapshot."""
+        self.flush()
         if since is not None:
             plan = self.plan_resume(epoch, since)
             established["recovered"] = plan.recovered
@@ -189,6 +257,7 @@ class StreamHub:
     def join(self, subscriber: Subscriber, after_seq: int, catch_up: list[Frame] | None = None) -> None:
         """Start ``subscriber`` after ``after_seq``: buffered frames beyond it now, then
         live ones. Synchronous, so no event can slip in between."""
+        self.flush()
         frames = catch_up if catch_up is not None else list(self._frames_after(after_seq))
         subscriber.min_seq = subscriber.last_seq = subscriber.written_seq = after_seq
         if not subscriber.epoch:
@@ -202,6 +271,7 @@ class StreamHub:
         server): the buffered frames after it, then live ones. Unlike ``join`` it keeps
         the client's written position, since some of what it was sent may still be
         waiting to be written. Synchronous, so no event can slip in between."""
+        self.flush()
         subscriber.min_seq = max(subscriber.min_seq, seq)
         subscriber.last_seq = max(subscriber.last_seq, seq)
         for frame in self._frames_after(seq):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import signal
 import socket
@@ -23,6 +24,7 @@ from bridge.edge import EdgeLimits, check_open_file_limit, edge_protocols
 from bridge.origins import HostCheck, HostPolicy
 from bridge.request_id import request_id_filter
 from bridge.tls import check_tls_files
+from bridge.workers import SUPERVISOR_ENV, WORKER_ENV, end_with_supervisor, reuseport_socket, supervise
 from collab_grpc.logs import TEXT_FORMAT
 
 __all__ = ["RedactSecrets", "log_config", "main", "redact"]
@@ -149,7 +151,8 @@ class _Server(uvicorn.Server):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_bridge_config(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    config = parse_bridge_config(arguments)
     try:
         check_tls_files(config)
     except ValueError as exc:
@@ -166,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"collab-bridge: {exc}")
     if lowered:
         print(f"collab-bridge: warning: {lowered}", file=sys.stderr)
+    worker = os.environ.get(WORKER_ENV)
+    if config.workers > 1 and worker is None:
+        sys.exit(supervise(config, arguments))
+    if worker is not None and (supervisor := os.environ.get(SUPERVISOR_ENV)):
+        end_with_supervisor(int(supervisor))
     http_protocol, ws_protocol = edge_protocols(EdgeLimits.from_config(config, max_connections))
     app = create_app(config)
     uvicorn_config = uvicorn.Config(
@@ -193,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # restores is this one, so a graceful stop exits with status 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
-    _Server(uvicorn_config, app).run()
+    # A worker of `--workers N` shares the port with the others (bridge/workers.py).
+    sockets = None if worker is None else [reuseport_socket(config.host, config.port)]
+    _Server(uvicorn_config, app).run(sockets=sockets)
 
 
 def _exit_cleanly(_signum: int, _frame: object) -> None:

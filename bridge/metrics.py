@@ -110,6 +110,16 @@ class BridgeCollector(Collector):
         for message_type, count in sorted(fanout.messages_offered.items()):
             messages.add_metric([message_type], count)
         yield messages
+        yield CounterMetricFamily(
+            "collab_bridge_fanout_passes",
+            "Broadcast passes over the clients (fewer than the frames they carried: coalesced)",
+            value=fanout.passes,
+        )
+        yield CounterMetricFamily(
+            "collab_bridge_fanout_frames",
+            "Frames (events, status updates) the broadcast passes carried",
+            value=fanout.frames_passed,
+        )
         current = max((subscriber.high_water for subscriber in fanout.subscribers), default=0)
         yield GaugeMetricFamily(
             "collab_bridge_client_backlog_high_water_messages",

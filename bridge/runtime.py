@@ -50,7 +50,12 @@ class BridgeRuntime:
 
     def __init__(self, config: BridgeConfig) -> None:
         self.config = config
-        self.hub = StreamHub(config.event_buffer, config.event_buffer_bytes)
+        self.hub = StreamHub(
+            config.event_buffer,
+            config.event_buffer_bytes,
+            coalesce_delay=config.fanout_coalesce_delay,
+            batch_size=config.fanout_batch,
+        )
         # Resumes that read the server's log (older than the buffer) at once; each is
         # streamed, holding one message and the client's bounded backlog at a time.
         self._resume_slots = asyncio.Semaphore(config.max_concurrent_resumes)

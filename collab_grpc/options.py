@@ -98,6 +98,7 @@ class Rules:
     above: float | None = None
     choices: tuple[str, ...] | None = None
     shown_default: str | None = None
+    variable: str | None = None
 
     @property
     def accepts(self) -> str:
@@ -134,6 +135,7 @@ def option(
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
     shown_default: str | None = None,
+    variable: str | None = None,
 ) -> Any:
     """A dataclass field that is also a flag and a COLLAB_* variable.
 
@@ -142,9 +144,10 @@ def option(
     with ``choices`` is one of them in any case (kept in lower case); --help and the docs say
     so. ``secret`` keeps the value out of the dataclass's
     repr and out of error messages. ``shown_default`` is what --help and the docs say when the
-    default itself says nothing (None standing for a value).
+    default itself says nothing (None standing for a value). ``variable`` names the
+    environment variable when COLLAB_ + the field's name would not say whose it is.
     """
-    rules = Rules(help, parse, minimum, maximum, above, choices, shown_default)
+    rules = Rules(help, parse, minimum, maximum, above, choices, shown_default, variable)
     return field(default=default, repr=not secret, metadata={_METADATA_KEY: rules})
 
 
@@ -164,7 +167,7 @@ class Option:
 
     @property
     def variable(self) -> str:
-        return ENV_PREFIX + self.name.upper()
+        return self.rules.variable or ENV_PREFIX + self.name.upper()
 
     @property
     def names(self) -> str:

@@ -240,6 +240,7 @@ async def test_a_resume_older_than_the_buffer_is_streamed_then_joins_the_buffer(
     assert stub.calls[0].reads == 1 + 15  # read only up to where the buffer takes over
     assert stub.calls[0].cancelled
     runtime.hub.on_event(big_event(31))
+    await asyncio.sleep(0)  # the broadcast pass runs at the loop's next turn
     assert wire.seqs[-1] == 31  # then live
     assert subscriber.max_backlog_bytes == runtime.config.client_backlog_bytes
 

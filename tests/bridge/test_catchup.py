@@ -14,6 +14,7 @@ from bridge.errors import HubError, ServerUnavailable
 from bridge.fanout import Subscriber
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.bridge.test_buffer_budgets import EPOCH, OPENING, ReplayStub, Wire, big_event, runtime_with, snapshot
+from tests.bridge.test_coalescing import passes_run
 
 
 async def test_a_client_ahead_of_the_bridge_waits_for_it_then_resumes_with_every_event() -> None:
@@ -34,6 +35,7 @@ async def test_a_client_ahead_of_the_bridge_waits_for_it_then_resumes_with_every
     assert (first["type"], first["recovered"], first["seq"]) == ("connection_established", True, 33)
     for seq in (34, 35):
         runtime._on_event(big_event(seq))
+    await passes_run(runtime.hub)
     assert wire.seqs == [34, 35]  # events, not a fresh state
     assert runtime.catch_up.outcomes[Outcome.CAUGHT_UP] == 1 and runtime.catch_up.waiting == 0
 

@@ -539,7 +539,8 @@ async def test_a_declined_direct_write_falls_back_to_send_and_keeps_the_order() 
     assert subscriber.backlog == 1
     wire.gate.set()
     await settle(subscriber)
-    assert wire.sent == ['{"seq":2}', '{"seq":3}']
+    assert wire.sent == ['{"seq":2}']  # the blocked one, through `send`
+    assert text_of(direct.frames[-1]) == '{"seq":3}'  # the backlog, written directly
     assert subscriber.written_seq == 3
     subscriber.deliver(event(4))  # caught up: direct again
     assert text_of(direct.frames[-1]) == '{"seq":4}'
