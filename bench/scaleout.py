@@ -1,13 +1,16 @@
 """Scale-out: write throughput of replicas sharing a Redis store, beside one SQLite server,
 and what clients see when a replica is killed mid-load.
 
-`python -m bench.scaleout [--seconds S] [--writers N] [--smoke]`
+`python -m bench.scaleout [--seconds S] [--writers N] [--latency 200x50] [--smoke]`
 
 - throughput: ``writers`` keyed writers (each call carries an idempotency key, as the
   SDK sends), each sending `RecordActivity` one call at a time for ``seconds``, spread
   evenly over the replicas; acks/s, p50/p99 and how the acks split between replicas.
   Targets: one SQLite server, then 1, 2 and 3 replicas on a private `redis-server` the
   bench starts (no persistence), measured in one run so the ratios hold on a busy machine.
+- latency (``--latency CLIENTSxRATE``): record -> WebSocket receipt when the agent
+  records on one replica and the clients read through a bridge following the other,
+  beside one SQLite server, alternating in each round (bench.fanout's paced run).
 - failover: two replicas under the same load; one is killed with SIGKILL halfway. A
   writer whose call fails retries it on the other replica with the same key (as the SDK
   does). Reported: the longest time without an ack after the kill, then a check of every
@@ -39,11 +42,19 @@ from typing import Any
 import grpc
 import redis
 
-from bench.fanout import TOKEN, _stop, free_port, start_server
+from bench.fanout import TOKEN, HubTarget, LatencyResult, _stop, free_port, run_paced, start_server
 from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["FailoverResult", "ThroughputResult", "main", "run_failover", "run_throughput"]
+__all__ = [
+    "CrossReplicaTarget",
+    "FailoverResult",
+    "ThroughputResult",
+    "main",
+    "run_failover",
+    "run_latency",
+    "run_throughput",
+]
 
 METHOD = "/collab.v1.CollaborationService/RecordActivity"
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -313,6 +324,66 @@ def run_failover(workdir: Path, private: PrivateRedis, writers: int, seconds: fl
     return result
 
 
+class CrossReplicaTarget(HubTarget):
+    """Two replicas on the private Redis: the agent records on the first, the clients read
+    through a bridge that follows the second, so every event crosses replicas (Redis,
+    the second replica's follower) before it reaches a browser."""
+
+    def __init__(self, workdir: Path, private: PrivateRedis) -> None:
+        super().__init__(workdir, name="collab hub (2 replicas on Redis: recorded on one, read on the other)")
+        self.private = private
+        self.runs = itertools.count()
+
+    def start(self) -> tuple[int, str]:
+        self.store = self.private.url(f"across{next(self.runs)}")  # a history of its own per run
+        reader = super().start()  # the second replica and the bridge that follows it
+        self.recorder, self.grpc_target = start_server(
+            Path(tempfile.mkdtemp(prefix="recorder-", dir=self.workdir)), COLLAB_STORE=self.store
+        )
+        return reader
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.recorder.pid, *super().pids)
+
+    def stop(self) -> None:
+        super().stop()
+        _stop(self.recorder)
+
+
+def run_latency(
+    workdir: Path, private: PrivateRedis, clients: int, rate: int, seconds: float, rounds: int
+) -> list[LatencyResult]:
+    """Record -> WebSocket receipt at ``rate`` events/s to ``clients``: one SQLite server,
+    and across two replicas on Redis, alternating in each round."""
+    results = []
+    for _ in range(rounds):
+        for target in (HubTarget(workdir, "sqlite"), CrossReplicaTarget(workdir, private)):
+            results.append(run_paced(target, clients, rate, seconds))
+            print(f"latency: {json.dumps(asdict(results[-1]))}", flush=True)
+    return results
+
+
+def latency_table(results: list[LatencyResult]) -> str:
+    """Medians over the rounds; the p99 ratio to one SQLite server is the median of each round's."""
+    lines = [
+        "| target | delivered | p50 ms (median) | p99 ms (median) | p99 vs one SQLite server (median of rounds) "
+        "| each round's p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(r.target for r in results))
+    base = [r for r in results if r.target == names[0]]
+    for name in names:
+        runs = [r for r in results if r.target == name]
+        ratios = [r.p99_ms / b.p99_ms for r, b in zip(runs, base, strict=False) if b.p99_ms]
+        lines.append(
+            f"| {name} | {sum(r.delivered for r in runs):,} of {sum(r.messages * r.clients for r in runs):,} "
+            f"| {statistics.median(r.p50_ms for r in runs):.1f} | {statistics.median(r.p99_ms for r in runs):.1f} "
+            f"| {statistics.median(ratios):.2f}x | {', '.join(f'{r.p99_ms:.1f}' for r in runs)} |"
+        )
+    return "\n".join(lines)
+
+
 def throughput_table(results: list[ThroughputResult]) -> str:
     """Medians over the rounds; the ratio to one SQLite server is the median of each
     round's ratio (the two measured minutes apart at most)."""
@@ -356,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         "--targets", default=",".join(TARGETS), help="comma-separated: sqlite and/or numbers of replicas on Redis"
     )
     parser.add_argument("--rounds", type=int, default=3, help="every target is measured once a round")
-    parser.add_argument("--no-failover", action="store_true", help="throughput only")
+    parser.add_argument("--no-failover", action="store_true", help="no failover run")
+    parser.add_argument("--no-throughput", action="store_true", help="no throughput runs")
+    parser.add_argument(
+        "--latency",
+        metavar="CLIENTSxRATE",
+        help="also record -> WebSocket receipt across replicas beside one SQLite server, e.g. 200x50",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="where to write the table and JSON")
     args = parser.parse_args(argv)
     seconds, writers, rounds = (2.0, 8, 1) if args.smoke else (args.seconds, args.writers, args.rounds)
@@ -364,15 +441,23 @@ def main(argv: list[str] | None = None) -> int:
         private = PrivateRedis(Path(tmp) / "redis")
         try:
             targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-            throughput = run_throughput(Path(tmp), private, writers, seconds, targets, rounds)
+            throughput = (
+                [] if args.no_throughput else run_throughput(Path(tmp), private, writers, seconds, targets, rounds)
+            )
+            latency: list[LatencyResult] = []
+            if args.latency:
+                clients, rate = (int(part) for part in args.latency.split("x"))
+                latency = run_latency(Path(tmp), private, clients, rate, seconds, rounds)
             failover = None if args.no_failover else run_failover(Path(tmp), private, writers, max(seconds, 4.0))
         finally:
             private.stop()
-    report = (
-        f"## Scale-out ({writers} keyed writers, {seconds:g} s each, {rounds} rounds)\n\n"
-        + throughput_table(throughput)
-        + "\n"
-    )
+    report = ""
+    if throughput:
+        report += f"## Scale-out ({writers} keyed writers, {seconds:g} s each, {rounds} rounds)\n\n"
+        report += throughput_table(throughput) + "\n"
+    if latency:
+        report += f"\n## Record -> WebSocket receipt ({args.latency}, {seconds:g} s each, {rounds} rounds)\n\n"
+        report += latency_table(latency) + "\n"
     if failover is not None:
         report += "\n## Failover (two replicas, one killed with SIGKILL halfway)\n\n" + failover_table(failover) + "\n"
     print(report)
@@ -383,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "throughput": [asdict(r) | {"rate": r.rate, "split": r.split} for r in throughput],
+                "latency": [asdict(r) for r in latency],
                 "failover": asdict(failover) if failover else None,
             },
             indent=2,
