@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from collab_grpc.errors import CollabError
@@ -19,10 +20,29 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "Waiters",
 ]
 
 
 STORE_TIMEOUT = 2.0  # seconds a call waits for a shared store (Redis), by default (COLLAB_STORE_TIMEOUT)
+
+
+# Writers waiting for their seq to be stored: (seq, the future their answer waits on).
+Waiters = list[tuple[int, asyncio.Future[None]]]
+
+
+def release_waiters(waiters: Waiters, ready: Callable[[int], bool], error: BaseException | None) -> Waiters:
+    """Answer the waiters whose seq is ``ready`` (with ``error`` when given); the others."""
+    waiting: Waiters = []
+    for seq, waiter in waiters:
+        if not ready(seq):
+            waiting.append((seq, waiter))
+        elif not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+    return waiting
 
 
 class StoreError(Exception):

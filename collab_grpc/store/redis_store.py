@@ -43,7 +43,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter  # its own name: tests stand in for the `time` module
 from typing import Any
@@ -72,7 +72,7 @@ from collab_grpc.model import (
     Session,
 )
 from collab_grpc.state import CollaborationState, new_epoch
-from collab_grpc.store.base import STORE_TIMEOUT, StoreError, StoreUnavailable
+from collab_grpc.store.base import STORE_TIMEOUT, StoreError, StoreUnavailable, Waiters, release_waiters
 from collab_grpc.store.codec import decode_activity, decode_payload_data, decode_session, dumps, encode
 
 __all__ = ["STORE_TIMEOUT", "RedisStore"]
@@ -244,7 +244,7 @@ class RedisStore:
         self._served_seq = 0
         self._stale = False
         self._failure_marks: list[int] = []
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: Waiters = []
         # The lease: the token while held; ``_handing_over`` while the last batch goes out.
         self._lease: str | None = None
         self._handing_over = False
@@ -832,17 +832,8 @@ class RedisStore:
         self._failure_marks.append(durable)
         self._release_waiters(lambda seq: seq > durable, StoreUnavailable(message))
 
-    def _release_waiters(self, ready: Any, error: BaseException | None) -> None:
-        waiting = []
-        for seq, waiter in self._waiters:
-            if not ready(seq):
-                waiting.append((seq, waiter))
-            elif not waiter.done():
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
-        self._waiters = waiting
+    def _release_waiters(self, ready: Callable[[int], bool], error: BaseException | None) -> None:
+        self._waiters = release_waiters(self._waiters, ready, error)
 
     def _answer_ops(self, answers: list[list[Any]]) -> list[list[Any]]:
         ops: list[list[Any]] = []

@@ -53,7 +53,7 @@ from collab_grpc.model import (
     Session,
 )
 from collab_grpc.state import CollaborationState, new_epoch
-from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable
+from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable, Waiters, release_waiters
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode, encode_rows
 
 __all__ = ["Retention", "SQLiteStore", "boot_id"]
@@ -349,7 +349,7 @@ class SQLiteStore(SingleProcessStore):
         self._events: list[Event] = []
         self._answers: list[IdempotencyRow] = []
         self._durable_seq = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: Waiters = []
         self._wakeup: asyncio.Event | None = None
         # Set while nothing is staged and no commit runs: what close() waits for.
         self._idle: asyncio.Event | None = None
@@ -858,17 +858,8 @@ class SQLiteStore(SingleProcessStore):
     def _staged_count(self) -> int:
         return len(self._events) + len(self._answers)
 
-    def _release(self, ready: Any, error: BaseException | None) -> None:
-        waiting = []
-        for seq, waiter in self._waiters:
-            if not ready(seq):
-                waiting.append((seq, waiter))
-            elif not waiter.done():
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
-        self._waiters = waiting
+    def _release(self, ready: Callable[[int], bool], error: BaseException | None) -> None:
+        self._waiters = release_waiters(self._waiters, ready, error)
 
     def _failed(self, error: Exception) -> None:
         """Refuse the writes of a failed commit, and every write decided after them, and
