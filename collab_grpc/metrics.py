@@ -9,8 +9,8 @@ also brings the standard ``process_*`` and ``python_*`` metrics.
 Exported (``collab_`` prefix, units in the names):
 
 - ``collab_events_recorded_total{kind, activity_type}``: events this server recorded,
-  counted once durable (events a Redis replica takes in from the others are not counted
-  again, so a sum over replicas is the hub's total);
+  counted once published (stored: for SQLite, committed), events a Redis replica takes in
+  from the others not counted again, so a sum over replicas is the hub's total;
 - ``collab_rpcs_total{method, code}``, ``collab_rpc_duration_seconds{method}`` (unary and
   client-streaming calls; a server stream's lifetime is not a latency),
   ``collab_rpcs_in_flight{method}`` (open server streams included);
@@ -71,7 +71,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 EVENTS_RECORDED = Counter(
     "collab_events_recorded",
-    "Events this server recorded, counted once durable, by event kind and activity type",
+    "Events this server recorded, counted once published to subscribers, by event kind and activity type",
     ["kind", "activity_type"],
 )
 RPCS = Counter("collab_rpcs", "RPCs finished, by method and gRPC status code", ["method", "code"])
@@ -114,7 +114,7 @@ _EVENT_SERIES = _event_series()
 
 
 def event_recorded(event: Event) -> None:
-    """The event log's ``on_recorded`` hook: count one durable event of this server."""
+    """The event log's ``on_recorded`` hook: count one published event of this server."""
     _EVENT_SERIES[event.kind, event.activity_type].inc()
 
 
