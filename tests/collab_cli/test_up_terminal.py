@@ -137,7 +137,7 @@ def test_ctrl_c_while_starting_leaves_no_process_behind(terminal: Terminal) -> N
     terminal.wait_for("collab-server listening on ")
     # Typed as soon as the server is up: the bridge is starting, or just started.
     terminal.type(CTRL_C)
-    assert terminal.exit_status() == 0
+    assert terminal.exit_status() == 0, terminal.text
     address = terminal.text.split("collab-server listening on ", 1)[1].split()[0]
     host, port = address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host, int(port)), timeout=5):

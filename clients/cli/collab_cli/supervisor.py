@@ -24,6 +24,8 @@ __all__ = ["STOP_SIGNALS", "Child", "StopRequested", "Supervisor"]
 
 # What stops the hub gracefully: Ctrl-C, a service manager's stop, the terminal closing.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a terminal sends its foreground group (Ctrl-C, Ctrl-\\, a hang-up).
+TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 # Seconds to wait, once the children have exited, for the last of their output to be echoed.
 ECHO_DRAIN = 1.0
 
@@ -74,6 +76,8 @@ class Supervisor:
         stop = asyncio.create_task(self._stop.wait())
         await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
+        if ready.done() and isinstance(ready.exception(), StopRequested):
+            self._stop.set()
         if not ready.done():
             ready.cancel()
             await asyncio.gather(ready, return_exceptions=True)  # done reading before the echo reads
@@ -95,6 +99,10 @@ class Supervisor:
         except TimeoutError:
             raise RuntimeError(f"{child.name} did not become ready within {ready_within:.0f} s") from None
         code = await process.wait()
+        if -code in TERMINAL_SIGNALS:
+            # The terminal's signal reached the child in the instant between its fork and
+            # its move to a group of its own: the same Ctrl-C (or hang-up) stops us all.
+            raise StopRequested(f"{child.name} was stopped by signal {-code} while starting")
         raise RuntimeError(f"{child.name} exited with status {code} before it was ready")
 
     @staticmethod
