@@ -24,7 +24,7 @@ __all__ = ["STOP_SIGNALS", "Child", "StopRequested", "Supervisor"]
 
 # What stops the hub gracefully: Ctrl-C, a service manager's stop, the terminal closing.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# What a terminal sends its foreground group (Ctrl-C, Ctrl-\\, a hang-up).
+# What a terminal sends its foreground group (Ctrl-C, Ctrl-backslash, a hang-up).
 TERMINAL_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
 # Seconds to wait, once the children have exited, for the last of their output to be echoed.
 ECHO_DRAIN = 1.0
