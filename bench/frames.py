@@ -30,21 +30,12 @@ import httpx
 from playwright.async_api import Browser, Page, async_playwright
 
 from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, Stack, running_stack
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "FrameResult", "Team", "main", "measure"]
+__all__ = ["FrameResult", "Team", "main", "measure"]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DEPARTMENTS = ["engineering", "research", "operations", "design"]
 SHORT = {"engineering": "eng", "research": "research", "operations": "ops", "design": "design"}
 MODELS = ["gpt-4o", "claude-sonnet-4", "llama-3.1-70b"]

@@ -38,7 +38,8 @@ from typing import Any
 
 from playwright.async_api import Browser, async_playwright
 
-from bench.frames import CHROMIUM, CHROMIUM_ARGS, open_dashboard
+from bench.frames import open_dashboard
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.rpc import WRITE_KEY
 from tests.support.stack import Stack, running_stack
 
