@@ -5,15 +5,14 @@ Playwright). Without /usr/bin/chromium these tests skip, unless COLLAB_REQUIRE_B
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.support.browser import require_chromium
 from tests.support.rpc import WRITE_KEY, Client
 from tests.support.stack import API, AUTH, Stack, running_stack
 
@@ -25,15 +24,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_chromium()
     with running_stack(tmp_path_factory.mktemp("browser")) as running:
         yield running
-
-
-@pytest_asyncio.fixture
-async def browser(stack: Stack) -> AsyncIterator[Browser]:
-    async with async_playwright() as playwright:
-        # launch() gives every browser a fresh, empty profile directory of its own.
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        await launched.close()
 
 
 async def dashboard(browser: Browser, stack: Stack) -> Page:
