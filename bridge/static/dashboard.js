@@ -29,6 +29,7 @@ const MAX_DECISIONS = 500;
 const MEMORY_SIZE = 150;
 const SEARCH_PAGE = 100;
 const TREE_NODES = 300; // activities shown in one trace tree
+const EARLY_COMPLETIONS = 1000; // completions held for activities the back-fill has not brought yet
 const LOOKUPS = 32; // activities fetched at once to name what an agent is doing
 const TERMINAL = new Set(["completed", "failed"]);
 const DONE_STATUSES = { true: "completed", false: "failed" };
@@ -99,6 +100,7 @@ const model = {
   byTime: [], // every activity held, oldest first (the feed reads it from the end)
   sessions: new Map(), // session_id -> session (active and recently ended)
   decisions: new Map(), // decision_id -> decision
+  earlyCompletions: new Map(), // activity_id -> its completion, received before the activity
   memory: [], // memory updates of this epoch, newest first, each with its event's seq
   agentsOmitted: 0,
   dirty: new Set(),
@@ -132,6 +134,12 @@ const model = {
       return spanTimes(known);
     }
     const entry = spanTimes({ ...activity });
+    const early = this.earlyCompletions.get(entry.activity_id);
+    if (early) {
+      // Its completion came live before the back-fill brought the activity itself.
+      this.earlyCompletions.delete(entry.activity_id);
+      if (!TERMINAL.has(entry.status)) Object.assign(entry, early);
+    }
     this.activities.set(entry.activity_id, entry);
     let lane = this.lanes.get(entry.agent_id);
     if (!lane) this.lanes.set(entry.agent_id, (lane = []));
@@ -155,7 +163,12 @@ const model = {
   },
   complete(activityId, status, at, failureReason) {
     const known = this.activities.get(activityId);
-    if (!known) return null;
+    if (!known) {
+      // Kept (a bounded number) for when the back-fill, still in flight, brings it.
+      this.earlyCompletions.set(activityId, { status, completed_at: at, ...(failureReason ? { failure_reason: failureReason } : {}) });
+      if (this.earlyCompletions.size > EARLY_COMPLETIONS) this.earlyCompletions.delete(this.earlyCompletions.keys().next().value);
+      return null;
+    }
     known.status = status;
     known.completed_at = known.completed_at ?? spanEnd(known) ?? at;
     if (failureReason) known.failure_reason = failureReason;
@@ -210,8 +223,8 @@ function frame() {
   if (view === "overview") {
     if (dirty.has("agents")) drawAgents();
     else if (model.changedAgents.size || dirty.has("clock")) {
-      // The clock ages the cards on screen only: one off screen is brought up to date
-      // when it scrolls into view (the observer below marks it changed).
+      // The clock ages the cards on screen (drawAgents draws no other; one off screen is
+      // brought up to date when it scrolls into view: the observer below marks it changed).
       if (dirty.has("clock")) for (const id of cardsInView) model.changedAgents.add(id);
       drawAgents(model.changedAgents);
       if (dirty.has("clock")) drawStalledNote(Date.now() / 1000);
@@ -301,7 +314,8 @@ function lookUp(activityId, agentId) {
 function drawAgents(changed = null) {
   const now = Date.now() / 1000;
   if (changed && cards.size === model.agents.size && [...changed].every((id) => cards.has(id) || !model.agents.has(id))) {
-    for (const id of changed) if (model.agents.has(id)) agentCard(id, now);
+    // Only cards on screen: one off screen is brought up to date as it scrolls into view.
+    for (const id of changed) if (model.agents.has(id) && cardsInView.has(id)) agentCard(id, now);
     return;
   }
   const byDepartment = new Map();
