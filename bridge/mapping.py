@@ -197,6 +197,8 @@ def event_json(event: pb.Event) -> JSON:
             "activity_type": ACTIVITY_TYPE_NAMES[done.activity.activity_type],
             "status": ACTIVITY_STATUS_NAMES[done.activity.status],
             "failure_reason": done.activity.failure_reason or None,
+            # Additive: the metadata keys this completion added or replaced ({} for none).
+            "metadata": struct_json(done.metadata),
         }
     elif kind == "memory_updated":
         message = {"type": "memory_update", "update": memory_update_json(event.memory_updated)}

@@ -430,6 +430,7 @@ async def complete_activity(
         activity_id=body.activity_id,
         success=body.success,
         failure_reason=body.failure_reason or "",
+        metadata=_struct(body.metadata),
         idempotency_key=idempotency_key or "",
     )
     reply = await call(request, "CompleteActivity", message)

@@ -238,6 +238,8 @@ class CompleteActivityBody(_RequestBody):
     activity_id: str
     success: bool = True
     failure_reason: str | None = None
+    # Keys merged into the activity's metadata (token usage, the response model...).
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class StartCollaborationBody(_RequestBody):

@@ -60,7 +60,8 @@ def metadata_size(metadata: dict[str, Any]) -> int:
 
 
 def record_size(payload: EventPayload, metadata_bytes: int) -> int:
-    """What ``payload`` counts against the byte budgets, given its metadata's size."""
+    """What ``payload`` counts against the byte budgets, given its metadata's size (a
+    completion: its activity's metadata and the keys it added, together)."""
     if isinstance(payload, ActivityCompletion):
         payload = payload.activity
     size = RECORD_OVERHEAD + metadata_bytes
@@ -79,7 +80,10 @@ def payload_size(payload: EventPayload) -> int:
     record = payload.activity if isinstance(payload, ActivityCompletion) else payload
     if isinstance(record, AgentRetirement):  # ids and a time: no metadata
         return record_size(payload, 0)
-    return record_size(payload, metadata_size(record.metadata))
+    size = metadata_size(record.metadata)
+    if isinstance(payload, ActivityCompletion) and payload.metadata:
+        size += metadata_size(payload.metadata)
+    return record_size(payload, size)
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,8 +180,12 @@ class AgentRetirement:
 
 @dataclass(slots=True)
 class ActivityCompletion:
+    """An activity in its final state (its metadata merged), and the metadata keys the
+    completion added or replaced."""
+
     activity: Activity
     success: bool
+    metadata: JSONObject = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ __all__ = [
     "SpanPlan",
     "SpanView",
     "agent_id_from",
+    "completion_metadata",
     "fit_metadata",
     "plan_span",
     "span_key",
@@ -300,3 +301,32 @@ def fit_metadata(metadata: dict[str, Any], max_bytes: int) -> dict[str, Any] | N
             return None
         del fitted[optional.pop(0)]
     return fitted
+
+
+def completion_metadata(recorded: Mapping[str, Any], ended: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
+    """What an ended span adds to the metadata its activity was recorded with (at the
+    span's start): the keys of the ended plan's ``ended`` metadata that are new or
+    changed (token usage, the response model, finish reasons, the end time...). Within
+    ``max_bytes`` for the merged result: the keys are given up as ``fit_metadata`` gives
+    them up (newest in KEPT_ATTRIBUTES order first, then the span's name and times);
+    empty when nothing new fits."""
+    added = {key: value for key, value in ended.items() if key not in recorded or recorded[key] != value}
+    if not added:
+        return added
+    merged = {**recorded, **added}
+    try:
+        if 3 * len(orjson.dumps(merged)) <= max_bytes:  # as fit_metadata: surely within
+            return added
+    except orjson.JSONEncodeError:
+        pass
+    optional = [key for key in reversed(added) if key not in ESSENTIAL_KEYS]
+    while added and len(json.dumps(merged, separators=(",", ":"))) > max_bytes:
+        if not optional:
+            return {}
+        key = optional.pop(0)
+        del added[key]
+        if key in recorded:
+            merged[key] = recorded[key]
+        else:
+            del merged[key]
+    return added

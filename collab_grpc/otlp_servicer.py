@@ -26,6 +26,10 @@ is applied:
   A memory operation's memory update is recorded when its span ends without an error.
 - Span times are kept in metadata (``otel.start_time``, ``otel.end_time``, epoch
   seconds): the hub stamps ``timestamp`` and ``completed_at`` with its own clock.
+- A span recorded at its start (sent live, in-process) and later sent ended: what the
+  ended span's metadata adds or changes (token usage, response model and id, finish
+  reasons, end time and duration) is merged into the activity as it completes, within
+  the metadata limit (collab_grpc/otlp.py completion_metadata).
 
 Refusals: a span the hub cannot take (bad ids, metadata over the limit...) is counted in
 ``partial_success.rejected_spans`` with the first reasons in ``error_message``; the others
@@ -54,7 +58,7 @@ from collab_grpc import metrics
 from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
 from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import ActivityStatus
-from collab_grpc.otlp import SpanPlan, SpanView, fit_metadata, plan_span
+from collab_grpc.otlp import SpanPlan, SpanView, completion_metadata, fit_metadata, plan_span
 from collab_grpc.servicer import Context, abort_with
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import Store, StoreUnavailable
@@ -367,7 +371,12 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                 agent_id=record.agent_id,
                 metadata={"source": "otel", "otel.span": plan.key, "activity_id": record.activity_id},
             )
-        self.state.complete_activity(record.activity_id, success=success, failure_reason=plan.failure_reason)
+        # What the span gained after its activity was recorded (its start, sent live):
+        # token usage, the response model, its end time... merged at completion.
+        added = completion_metadata(activity.metadata, plan.metadata, self.state.limits.max_metadata_bytes)
+        self.state.complete_activity(
+            record.activity_id, success=success, failure_reason=plan.failure_reason, metadata=added
+        )
         if record.opened_session and self._active_session(record.session_id):
             self.state.end_collaboration(record.session_id)
 

@@ -479,7 +479,10 @@ class CollaborationServicer(pb_grpc.CollaborationServiceServicer):
     def CompleteActivity(self, request: pb.CompleteActivityRequest) -> pb.CompleteActivityResponse:  # noqa: N802
         def run() -> pb.CompleteActivityResponse:
             activity = self.state.complete_activity(
-                request.activity_id, success=request.success, failure_reason=request.failure_reason
+                request.activity_id,
+                success=request.success,
+                failure_reason=request.failure_reason,
+                metadata=convert.struct_to_dict(request.metadata),
             )
             response = pb.CompleteActivityResponse(activity_id=activity.activity_id)
             convert.fill_activity(response.activity, activity)

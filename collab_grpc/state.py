@@ -7,9 +7,11 @@ asyncio server each one is atomic with respect to every other caller.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 import secrets
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,7 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from collab_grpc.errors import BudgetExhausted, FailedPrecondition, InvalidArgument, NotFound
-from collab_grpc.events import DEFAULT_RETAIN_BYTES, EventFilter, EventLog, Subscription, payload_size, record_size
+from collab_grpc.events import (
+    DEFAULT_RETAIN_BYTES,
+    EventFilter,
+    EventLog,
+    Subscription,
+    payload_size,
+    record_size,
+)
 from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import (
     Activity,
@@ -234,17 +243,30 @@ class CollaborationState:
         self.log.append(EventKind.ACTIVITY_RECORDED, copied(activity), now, size)
         return activity
 
-    def complete_activity(self, activity_id: str, *, success: bool = True, failure_reason: str = "") -> Activity:
-        check_hub_id("activity_id", activity_id, self.limits)
-        check_text("failure_reason", failure_reason, self.limits, max_length=1024)
+    def complete_activity(
+        self,
+        activity_id: str,
+        *,
+        success: bool = True,
+        failure_reason: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Activity:
+        """Complete an open activity. ``metadata``: keys merged into its metadata (what
+        is learnt only at the end, as token usage): a key given replaces the recorded
+        value. The merged metadata must fit ``max_metadata_bytes``."""
+        limits = self.limits
+        check_hub_id("activity_id", activity_id, limits)
+        check_text("failure_reason", failure_reason, limits, max_length=1024)
         if success and failure_reason:
             raise InvalidArgument("failure_reason is only allowed when success is false")
+        added, added_size = measured_metadata("metadata", metadata, limits) if metadata else ({}, 0)
         activity = self._open.get(activity_id)
         if activity is None:
             if activity_id in self._history:
                 raise FailedPrecondition(f"activity {activity_id!r} is already {self._history[activity_id].status}")
             raise NotFound(f"activity {activity_id!r} not found")
-        return self._complete(activity, success, failure_reason, self.clock())
+        merged = self._merged_metadata(activity, added) if added else None
+        return self._complete(activity, success, failure_reason, self.clock(), added, added_size, merged)
 
     def start_collaboration(
         self,
@@ -752,16 +774,60 @@ class CollaborationState:
             raise NotFound(f"collaboration session {session_id!r} not found")
         return session
 
-    def _complete(self, activity: Activity, success: bool, failure_reason: str, now: float) -> Activity:
+    def _merged_metadata(self, activity: Activity, added: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """The activity's metadata with ``added`` merged in, and its serialised size;
+        InvalidArgument naming the sizes when the result is over the limit."""
+        merged = {**activity.metadata, **added}
+        try:
+            return measured_metadata("metadata", merged, self.limits)
+        except InvalidArgument:
+            # Both parts passed validation, so only the size can be wrong: measured
+            # again, as validation measures, without the limit, for the message.
+            limit = self.limits.max_metadata_bytes
+            unbounded = dataclasses.replace(self.limits, max_metadata_bytes=sys.maxsize)
+            recorded = measured_metadata("metadata", activity.metadata, unbounded)[1]
+            total = measured_metadata("metadata", merged, unbounded)[1]
+            raise InvalidArgument(
+                f"metadata merged at completion would be {total} bytes serialised (the activity's {recorded} "
+                f"bytes with this completion's keys); the limit is {limit}"
+            ) from None
+
+    def _complete(
+        self,
+        activity: Activity,
+        success: bool,
+        failure_reason: str,
+        now: float,
+        added: dict[str, Any] | None = None,
+        added_size: int = 0,
+        merged: tuple[dict[str, Any], int] | None = None,
+    ) -> Activity:
         activity.status = ActivityStatus.COMPLETED if success else ActivityStatus.FAILED
         activity.completed_at = now
         activity.failure_reason = failure_reason
         size = self._activity_sizes.get(activity.activity_id)
         if size is not None:
             size += len(failure_reason)
+        grown: int | None = None
+        if merged is not None:
+            # A new dict: the recorded event's copy of the activity shares the old one.
+            activity.metadata, merged_size = merged
+            grown = record_size(activity, merged_size)
         self._apply_completed(activity)
-        self.log.append(EventKind.ACTIVITY_COMPLETED, ActivityCompletion(copied(activity), success), now, size)
+        if grown is not None:
+            self._resize_in_history(activity.activity_id, grown)
+            size = grown + added_size
+        completion = ActivityCompletion(copied(activity), success, added or {})
+        self.log.append(EventKind.ACTIVITY_COMPLETED, completion, now, size)
         return activity
+
+    def _resize_in_history(self, activity_id: str, size: int) -> None:
+        """A completed activity in the feed's cache grew or shrank (metadata merged at
+        completion): its count against the history budget follows."""
+        if activity_id in self._history:
+            self._history_bytes += size - self._activity_sizes[activity_id]
+            self._activity_sizes[activity_id] = size
+            self._trim_history()
 
     def _check_storage(self) -> None:
         """Refuse a new record while the store is over its byte budget."""
@@ -919,8 +985,11 @@ class CollaborationState:
             if known is not None:
                 known.status, known.completed_at = done.status, done.completed_at
                 known.failure_reason = done.failure_reason
+                known.metadata = done.metadata
                 done = known
             self._apply_completed(done)
+            if payload.metadata:
+                self._resize_in_history(done.activity_id, payload_size(done))
         elif isinstance(payload, Session) and event.kind is EventKind.COLLABORATION_STARTED:
             self._apply_started(copied(payload))
         elif isinstance(payload, Session):

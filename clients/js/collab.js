@@ -39,6 +39,7 @@
  * @property {string} activity_id
  * @property {string} agent_id
  * @property {boolean} success
+ * @property {Object<string, *>} metadata  the keys this completion added to the activity's metadata ({} for none)
  * @property {number} seq
  * @property {string} timestamp
  *

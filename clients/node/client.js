@@ -263,12 +263,22 @@ export function createClient({ target, token, credentials, timeoutMs = 30_000, c
       });
     },
 
-    /** CompleteActivity; resolves to `{activity_id, activity}`. */
-    async completeActivity({ activityId, success = true, failureReason = '', idempotencyKey = '' } = {}) {
+    /**
+     * CompleteActivity; resolves to `{activity_id, activity}`. `metadata`: keys merged
+     * into the activity's metadata (token usage, the response model...).
+     */
+    async completeActivity({
+      activityId,
+      success = true,
+      failureReason = '',
+      metadata: meta,
+      idempotencyKey = '',
+    } = {}) {
       return unary('CompleteActivity', {
         activity_id: activityId ?? '',
         success,
         failure_reason: failureReason,
+        metadata: meta === undefined || meta === null ? null : toStruct(meta),
         idempotency_key: idempotencyKey,
       });
     },

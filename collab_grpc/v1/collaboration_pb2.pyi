@@ -445,20 +445,30 @@ class ActivityCompleted(_message.Message):
 
     ACTIVITY_FIELD_NUMBER: _builtins.int
     SUCCESS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     @_builtins.property
     def activity(self) -> Global___Activity:
-        """The activity in its final state (status, completed_at, failure_reason)."""
+        """The activity in its final state (status, completed_at, failure_reason), its
+        metadata with this completion's keys merged in.
+        """
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """The metadata keys this completion added or replaced (CompleteActivityRequest's
+        `metadata`); empty when it gave none.
+        """
 
     def __init__(
         self,
         *,
         activity: Global___Activity | None = ...,
         success: _builtins.bool = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "metadata", b"metadata", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -813,11 +823,20 @@ class CompleteActivityRequest(_message.Message):
     SUCCESS_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     activity_id: _builtins.str
     success: _builtins.bool
     failure_reason: _builtins.str
     """Why the activity failed; only meaningful with success = false."""
     idempotency_key: _builtins.str
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Keys merged into the activity's metadata as it completes (what is learnt only at
+        the end: token usage, the response model...): a key given replaces the recorded
+        value, the others stay. The merged metadata must fit the hub's metadata limit
+        (64 KiB serialised by default), else INVALID_ARGUMENT and nothing changes.
+        """
+
     def __init__(
         self,
         *,
@@ -825,10 +844,11 @@ class CompleteActivityRequest(_message.Message):
         success: _builtins.bool = ...,
         failure_reason: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_id", b"activity_id", "failure_reason", b"failure_reason", "idempotency_key", b"idempotency_key", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_id", b"activity_id", "failure_reason", b"failure_reason", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,7 +89,9 @@ def test_the_largest_events_the_input_limits_allow_fit_the_bound() -> None:
         session_id=session.session_id,
         parent_activity_id=activity.activity_id,
     )
-    state.complete_activity(activity.activity_id, success=False, failure_reason=WIDE * 1024)
+    # The completion's event carries the merged metadata and the keys it replaced: both at the limit.
+    replaced = {"n": [1] * len(worst_metadata()["n"])}
+    state.complete_activity(activity.activity_id, success=False, failure_reason=WIDE * 1024, metadata=replaced)
     state.record_decision(
         session_id=session.session_id,
         agent_id=agent_id,

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -229,13 +229,19 @@ def history(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def record(args: argparse.Namespace, out: TextIO) -> int:
+def _metadata_option(text: str | None) -> dict[str, Any]:
+    """``--metadata``: a JSON object, or exit with what is wrong."""
     try:
-        metadata = json.loads(args.metadata) if args.metadata else {}
+        metadata = json.loads(text) if text else {}
     except ValueError as error:
         raise SystemExit(f"collab: --metadata is not valid JSON: {error}") from None
     if not isinstance(metadata, dict):
         raise SystemExit("collab: --metadata must be a JSON object")
+    return metadata
+
+
+def record(args: argparse.Namespace, out: TextIO) -> int:
+    metadata = _metadata_option(args.metadata)
     with _client(args) as hub:
         activity_id = hub.record_activity(
             args.agent_id,
@@ -251,8 +257,11 @@ def record(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def complete(args: argparse.Namespace, out: TextIO) -> int:
+    metadata = _metadata_option(args.metadata)
     with _client(args) as hub:
-        activity = hub.complete_activity(args.activity_id, success=not args.failed, failure_reason=args.reason or "")
+        activity = hub.complete_activity(
+            args.activity_id, success=not args.failed, failure_reason=args.reason or "", metadata=metadata
+        )
     out.write(f"{activity.activity_id} {_name(ACTIVITY_STATUS_NAMES, activity.status)}\n")
     return 0
 
@@ -326,6 +335,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     finish.add_argument("activity_id")
     finish.add_argument("--failed", action="store_true", help="it failed")
     finish.add_argument("--reason", help="why it failed")
+    finish.add_argument("--metadata", help="a JSON object merged into the activity's metadata (token usage...)")
     finish.set_defaults(run=complete)
 
 

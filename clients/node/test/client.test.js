@@ -137,6 +137,20 @@ describe('collab Node client', { timeout: 120_000 }, () => {
     assert.equal(activity.failure_reason, 'boom');
   });
 
+  test('a completion merges its metadata into the activity', { timeout: TEST_TIMEOUT }, async () => {
+    const { activity_id } = await hub.recordActivity({
+      agentId: newAgent(),
+      activityType: 'message_sent',
+      metadata: { model: 'requested', step: 1 },
+    });
+    const { activity } = await hub.completeActivity({
+      activityId: activity_id,
+      metadata: { model: 'answered', tokens: 1234 },
+    });
+    assert.equal(activity.status, 'ACTIVITY_STATUS_COMPLETED');
+    assert.deepEqual(fromStruct(activity.metadata), { model: 'answered', step: 1, tokens: 1234 });
+  });
+
   test('an idempotency key makes a retry return the first answer', { timeout: TEST_TIMEOUT }, async () => {
     const request = { agentId: newAgent(), activityType: 'message_sent', idempotencyKey: `key_${run}` };
     const first = await hub.recordActivity(request);

@@ -46,9 +46,11 @@ class AsyncClient(core.ClientBase[grpc.aio.Channel]):
         try:
             yield handle
         except BaseException as error:
-            await self.complete_activity(handle.activity_id, success=False, failure_reason=type(error).__name__)
+            await self.complete_activity(
+                handle.activity_id, success=False, failure_reason=type(error).__name__, metadata=handle.metadata
+            )
             raise
-        await self.complete_activity(handle.activity_id)
+        await self.complete_activity(handle.activity_id, metadata=handle.metadata)
 
     def recorder(
         self, *, max_batch: int = core.MAX_BATCH, max_delay: float = core.MAX_DELAY, max_buffer: int = core.MAX_BUFFER

@@ -46,9 +46,11 @@ class Client(core.ClientBase[grpc.Channel]):
         try:
             yield handle
         except BaseException as error:
-            self.complete_activity(handle.activity_id, success=False, failure_reason=type(error).__name__)
+            self.complete_activity(
+                handle.activity_id, success=False, failure_reason=type(error).__name__, metadata=handle.metadata
+            )
             raise
-        self.complete_activity(handle.activity_id)
+        self.complete_activity(handle.activity_id, metadata=handle.metadata)
 
     def recorder(
         self, *, max_batch: int = core.MAX_BATCH, max_delay: float = core.MAX_DELAY, max_buffer: int = core.MAX_BUFFER

@@ -15,7 +15,7 @@ import inspect
 import logging
 import types
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, overload
 
@@ -64,9 +64,11 @@ MAX_BUFFER = 10_000
 
 @dataclass
 class ActivityHandle:
-    """An activity recorded by ``activity()``; completed when the block ends."""
+    """An activity recorded by ``activity()``; completed when the block ends, with
+    ``metadata`` (what the block put there: token usage...) merged into its metadata."""
 
     activity_id: str
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -106,14 +106,21 @@ def record_activity(
 
 
 def complete_activity(
-    activity_id: str, *, success: bool = True, failure_reason: str = "", idempotency_key: str | None = None
+    activity_id: str,
+    *,
+    success: bool = True,
+    failure_reason: str = "",
+    metadata: Mapping[str, Any] | None = None,
+    idempotency_key: str | None = None,
 ) -> pb.CompleteActivityRequest:
     """Complete an activity, or fail it (``success=False``) with ``failure_reason``; the
-    activity as it now is."""
+    activity as it now is. ``metadata``: keys merged into the activity's metadata (what is
+    known only at the end, as token usage); a key given replaces the recorded value."""
     return pb.CompleteActivityRequest(
         activity_id=activity_id,
         success=success,
         failure_reason=failure_reason,
+        metadata=struct(metadata),
         idempotency_key=idempotency_key or new_key(),
     )
 

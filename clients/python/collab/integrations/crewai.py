@@ -14,7 +14,8 @@ the GenAI attributes and goes through the one mapping table (collab_grpc/otlp.py
   crew (``Crew(name=...)``, "crew" by default); the kickoff is a collaboration session;
 - an agent execution (of a crew's task, or ``Agent.kickoff``) -> ``invoke_agent``, agent =
   the agent's ``role``;
-- an LLM call -> ``chat`` (``message_sent``, with the model);
+- an LLM call -> ``chat`` (``message_sent``, with the model; its token usage merged at
+  completion where the CrewAI version reports it on ``LLMCallCompletedEvent``);
 - a tool usage -> ``execute_tool`` (``task_assigned``, ``gen_ai.tool.name``); CrewAI's own
   delegation tools ("Delegate work to coworker", "Ask question to coworker") -> ``handoff``:
   a ``message_sent`` to the coworker, in ``related_agents``;
@@ -54,7 +55,7 @@ from crewai.events.types.agent_events import (
     LiteAgentExecutionStartedEvent,
 )
 from crewai.events.types.crew_events import CrewKickoffStartedEvent
-from crewai.events.types.llm_events import LLMCallStartedEvent
+from crewai.events.types.llm_events import LLMCallCompletedEvent, LLMCallStartedEvent
 from crewai.events.types.memory_events import (
     MemoryQueryStartedEvent,
     MemoryRetrievalStartedEvent,
@@ -63,7 +64,7 @@ from crewai.events.types.memory_events import (
 from crewai.events.types.tool_usage_events import ToolUsageStartedEvent
 
 from collab import Client
-from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
+from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans, usage_attributes
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 
 __all__ = ["DELEGATION_TOOLS", "CollabEventListener"]
@@ -161,6 +162,15 @@ def span_of(event: Any) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def _learnt(event: Any) -> dict[str, Any]:
+    """What an end event tells that its start did not: an LLM call's token usage, where
+    the CrewAI version reports it on the event (``usage``, a mapping or object of
+    ``prompt_tokens`` / ``completion_tokens`` or ``input_tokens`` / ``output_tokens``)."""
+    if isinstance(event, LLMCallCompletedEvent):
+        return usage_attributes(getattr(event, "usage", None))
+    return {}
+
+
 def _failure(event: Any) -> str | None:
     """The error of an end event that says its scope failed (None when it did not)."""
     if isinstance(event, A2ADelegationCompletedEvent):
@@ -211,7 +221,7 @@ class CollabEventListener(ReportsLiveSpans, BaseEventListener):  # type: ignore[
 
     def ended(self, event: Any) -> None:
         if event.started_event_id:
-            self.spans.end(event.started_event_id, error=_failure(event))
+            self.spans.end(event.started_event_id, error=_failure(event), attributes=_learnt(event))
 
     def setup_listeners(self, crewai_event_bus: CrewAIEventsBus) -> None:
         async def on_start(source: Any, event: Any) -> None:

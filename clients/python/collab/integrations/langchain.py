@@ -21,7 +21,8 @@ one mapping table (collab_grpc/otlp.py):
   the same graph run (the one that asked for them). When ``agent_nodes`` is given, only
   the nodes named there are agents;
 - a chat model run -> ``chat``, an LLM run -> ``text_completion`` (``message_sent``,
-  with the model name and token usage);
+  with the model name; token usage, the model that answered and the finish reasons are
+  merged into its metadata when it ends);
 - a tool run -> ``execute_tool`` (``task_assigned``, ``gen_ai.tool.name``);
 - any other chain run (a runnable sequence, a hidden LangGraph step) is not reported:
   what runs under it hangs from its nearest reported ancestor.
@@ -42,7 +43,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 
 from collab import Client
-from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans
+from collab.integrations.live import DEFAULT_MAX_OPEN, LiveSpans, ReportsLiveSpans, usage_attributes
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY
 
 __all__ = ["CollabCallbackHandler"]
@@ -73,18 +74,36 @@ def _model_attributes(
     return attributes
 
 
-def _usage(response: Any) -> dict[str, Any]:
-    """Token usage of an LLM result: summed over its generations' ``usage_metadata``."""
-    inputs = outputs = 0
+def _ended(response: Any) -> dict[str, Any]:
+    """What an LLM result tells at the end: token usage (summed over its generations'
+    ``usage_metadata``, else the provider's ``llm_output["token_usage"]``), the model
+    that answered and the finish reasons."""
+    totals: dict[str, int] = {}
+    model = ""
+    reasons: list[str] = []
     for generations in getattr(response, "generations", None) or []:
         for generation in generations:
-            usage = getattr(getattr(generation, "message", None), "usage_metadata", None)
-            if isinstance(usage, dict):
-                inputs += int(usage.get("input_tokens") or 0)
-                outputs += int(usage.get("output_tokens") or 0)
-    if not inputs and not outputs:
-        return {}
-    return {"gen_ai.usage.input_tokens": inputs, "gen_ai.usage.output_tokens": outputs}
+            message = getattr(generation, "message", None)
+            for attribute, count in usage_attributes(getattr(message, "usage_metadata", None)).items():
+                totals[attribute] = totals.get(attribute, 0) + count
+            details = {**(getattr(generation, "generation_info", None) or {})}
+            details.update(getattr(message, "response_metadata", None) or {})
+            name = details.get("model_name") or details.get("model")
+            if isinstance(name, str) and name:
+                model = name
+            reason = details.get("finish_reason") or details.get("stop_reason")
+            if isinstance(reason, str) and reason:
+                reasons.append(reason)
+    output = getattr(response, "llm_output", None)
+    output = output if isinstance(output, dict) else {}
+    attributes: dict[str, Any] = totals or usage_attributes(output.get("token_usage"))
+    name = output.get("model_name") or output.get("model")
+    model = model or (name if isinstance(name, str) else "")
+    if model:
+        attributes["gen_ai.response.model"] = model
+    if reasons:
+        attributes["gen_ai.response.finish_reasons"] = reasons
+    return attributes
 
 
 class CollabCallbackHandler(ReportsLiveSpans, BaseCallbackHandler):
@@ -256,7 +275,7 @@ class CollabCallbackHandler(ReportsLiveSpans, BaseCallbackHandler):
         self._model_started("text_completion", serialized, run_id, parent_run_id, metadata, kwargs)
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self.spans.end(str(run_id), attributes=_usage(response))
+        self.spans.end(str(run_id), attributes=_ended(response))
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self.spans.end(str(run_id), error=_error(error))

@@ -35,7 +35,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from collab import Client
 from collab.integrations.spans import DEFAULT_MAX_BATCH, DEFAULT_MAX_BUFFER, DEFAULT_MAX_DELAY, SpanSender
 
-__all__ = ["DEFAULT_MAX_OPEN", "LiveSpans", "ReportsLiveSpans"]
+__all__ = ["DEFAULT_MAX_OPEN", "LiveSpans", "ReportsLiveSpans", "usage_attributes"]
 
 DEFAULT_MAX_OPEN = 10_000
 # Longest string attribute value encoded (the hub keeps at most 256 characters anyway).
@@ -65,6 +65,30 @@ def trace_id_of(name: str) -> int:
 def span_id_of(name: str) -> int:
     """A framework's run id as a 64-bit OTLP span id (hashed; never 0, OTLP's "no id")."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") or 1
+
+
+# Token counts as frameworks name them (LangChain's usage_metadata and the OpenAI API's
+# usage), and the GenAI attribute each is reported as.
+_TOKEN_NAMES = (
+    (("input_tokens", "prompt_tokens"), "gen_ai.usage.input_tokens"),
+    (("output_tokens", "completion_tokens"), "gen_ai.usage.output_tokens"),
+)
+
+
+def usage_attributes(usage: Any) -> dict[str, int]:
+    """Token counts of a usage mapping or object (``input_tokens`` / ``output_tokens``,
+    or the OpenAI API's ``prompt_tokens`` / ``completion_tokens``) as GenAI attributes;
+    only the counts it holds as integers."""
+    found: dict[str, int] = {}
+    if usage is None:
+        return found
+    for sources, attribute in _TOKEN_NAMES:
+        for source in sources:
+            value = usage.get(source) if isinstance(usage, Mapping) else getattr(usage, source, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                found[attribute] = value
+                break
+    return found
 
 
 def _any_value(value: Any) -> common_pb2.AnyValue | None:

@@ -14,7 +14,8 @@ attributes and goes through the one mapping table (collab_grpc/otlp.py):
   trace id) is ``gen_ai.conversation.id``: the run's collaboration session;
 - an agent span -> ``invoke_agent`` (``agent_started``, agent = the agent's name);
 - a function span -> ``execute_tool`` (``task_assigned``, ``gen_ai.tool.name``);
-- a generation or response span -> ``chat`` (``message_sent``; model and token usage);
+- a generation or response span -> ``chat`` (``message_sent``; the model at the start,
+  token usage and the response's model and id merged into its metadata at the end);
 - a handoff span -> ``handoff`` (``message_sent`` from the agent handing off, with the
   agent handed to in ``related_agents``). The SDK learns the target only while the
   handoff runs, so a handoff is reported once, when it ends;

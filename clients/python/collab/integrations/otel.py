@@ -23,9 +23,10 @@ dropped (counted in ``dropped``), never waited for. Spans that are not GenAI (no
 ``gen_ai.operation.name`` the table knows) are not sent; a GenAI span under one is sent
 with its nearest GenAI ancestor as its parent.
 
-Attributes a span gains after it started (token usage, the response model) are not in
-its activity's metadata: the hub recorded the activity at the start, and an activity's
-metadata is not changed once recorded.
+Attributes a span gains after it started (token usage, the response model and id,
+finish reasons) and its end time and duration reach the activity when the span ends:
+the hub merges what the ended span adds to the metadata recorded at the start into the
+activity as it completes (within the hub's metadata limit).
 
 Requires the ``otel`` extra (opentelemetry-sdk, opentelemetry-exporter-otlp-proto-common).
 """
