@@ -161,14 +161,17 @@ const model = {
     this.memory.splice(at, 0, { ...update, seq });
     if (this.memory.length > MEMORY_SIZE) this.memory.length = MEMORY_SIZE;
   },
-  complete(activityId, status, at, failureReason) {
+  complete(activityId, status, at, failureReason, added) {
     const known = this.activities.get(activityId);
     if (!known) {
-      // Kept (a bounded number) for when the back-fill, still in flight, brings it.
+      // Kept (a bounded number) for when the back-fill, still in flight, brings it (the
+      // back-filled activity already holds the merged metadata).
       this.earlyCompletions.set(activityId, { status, completed_at: at, ...(failureReason ? { failure_reason: failureReason } : {}) });
       if (this.earlyCompletions.size > EARLY_COMPLETIONS) this.earlyCompletions.delete(this.earlyCompletions.keys().next().value);
       return null;
     }
+    // What the completion added (token usage, the response model, the span's end time).
+    if (added && Object.keys(added).length) known.metadata = { ...known.metadata, ...added };
     known.status = status;
     known.completed_at = known.completed_at ?? spanEnd(known) ?? at;
     if (failureReason) known.failure_reason = failureReason;
@@ -956,7 +959,7 @@ hub.addEventListener("agent_activity", ({ detail: { activity } }) => {
   model.touch("feed", "timeline", ...(session ? ["sessions"] : []), ...(panelMentions(activity) ? ["panel"] : []));
 });
 hub.addEventListener("activity_completed", ({ detail }) => {
-  const done = model.complete(detail.activity_id, detail.status || DONE_STATUSES[detail.success], epoch(detail.timestamp), detail.failure_reason);
+  const done = model.complete(detail.activity_id, detail.status || DONE_STATUSES[detail.success], epoch(detail.timestamp), detail.failure_reason, detail.metadata);
   const known = model.agent(detail.agent_id);
   if (known.current_activity === detail.activity_id) {
     // Idle now unless it has other open activities; the next status update confirms.

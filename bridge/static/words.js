@@ -62,7 +62,8 @@ export function summary(metadata, room = 70) {
   }
   const tokens = metadata["gen_ai.usage.input_tokens"] ?? metadata["gen_ai.usage.output_tokens"];
   if (tokens !== undefined && parts.length < 3) {
-    parts.push(`${(metadata["gen_ai.usage.input_tokens"] || 0) + (metadata["gen_ai.usage.output_tokens"] || 0)} tokens`);
+    const total = (metadata["gen_ai.usage.input_tokens"] || 0) + (metadata["gen_ai.usage.output_tokens"] || 0);
+    parts.push(`${total.toLocaleString("en-US")} tokens`);
   }
   return short(parts.join(" · "), room);
 }

@@ -14,6 +14,7 @@ from collab_grpc.otlp import (
     OPERATIONS,
     SpanView,
     agent_id_from,
+    completion_metadata,
     fit_metadata,
     plan_span,
 )
@@ -291,3 +292,58 @@ def test_fit_metadata_measures_what_orjson_refuses() -> None:
     assert fit_metadata(metadata, 1000) == metadata
     fitted = fit_metadata(metadata, 110)
     assert fitted is not None and "big" not in fitted
+
+
+def test_what_a_span_learns_after_its_start_is_merged_at_completion() -> None:
+    servicer = _servicer()
+    state = servicer.state
+    started = span("0000000000000001", "chat", end=0, gen_ai__agent__name="writer", gen_ai__request__model="m-1")
+    _apply(servicer, [started])
+    (running,) = state.activity_feed()
+    assert "gen_ai.usage.input_tokens" not in running.metadata and "otel.end_time" not in running.metadata
+    ended = span(
+        "0000000000000001",
+        "chat",
+        gen_ai__agent__name="writer",
+        gen_ai__request__model="m-1",
+        gen_ai__response__model="m-1-0613",
+        gen_ai__usage__input_tokens=1200,
+        gen_ai__usage__output_tokens=34,
+        gen_ai__response__finish_reasons=["stop"],
+    )
+    _apply(servicer, [ended])
+    (done,) = state.activity_feed()
+    assert done.status is ActivityStatus.COMPLETED
+    assert done.metadata["gen_ai.usage.input_tokens"] == 1200 and done.metadata["gen_ai.usage.output_tokens"] == 34
+    assert done.metadata["gen_ai.response.model"] == "m-1-0613"
+    assert done.metadata["gen_ai.response.finish_reasons"] == ["stop"]
+    assert done.metadata["otel.end_time"] == 2.0 and done.metadata["otel.duration_ms"] == 1000.0
+    completion = [e.payload for e in state.log.events_after(0) if e.kind is EventKind.ACTIVITY_COMPLETED]
+    assert set(completion[0].metadata) == {  # type: ignore[union-attr]
+        "otel.end_time",
+        "otel.duration_ms",
+        "gen_ai.response.model",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "gen_ai.response.finish_reasons",
+    }
+    # A retried export of the ended span changes nothing.
+    last = state.log.last_seq
+    _apply(servicer, [ended])
+    assert state.log.last_seq == last
+
+
+def test_completion_metadata_keeps_only_new_or_changed_keys_within_the_limit() -> None:
+    recorded = {"source": "otel", "otel.trace_id": TRACE, "otel.span_id": "01", "gen_ai.request.model": "m"}
+    ended = {**recorded, "otel.end_time": 2.0, "gen_ai.request.model": "m2", "gen_ai.usage.input_tokens": 7}
+    assert completion_metadata(recorded, ended, 1000) == {
+        "otel.end_time": 2.0,
+        "gen_ai.request.model": "m2",
+        "gen_ai.usage.input_tokens": 7,
+    }
+    assert completion_metadata(recorded, recorded, 1000) == {}
+    # Too big to add everything: the newest keys (last in the span's order) go first, and
+    # a changed key given up keeps its recorded value in the merge measured.
+    size = len(json.dumps({**recorded, "otel.end_time": 2.0, "gen_ai.request.model": "m2"}, separators=(",", ":")))
+    assert completion_metadata(recorded, ended, size) == {"otel.end_time": 2.0, "gen_ai.request.model": "m2"}
+    assert completion_metadata(recorded, ended, len(json.dumps(recorded, separators=(",", ":")))) == {}

@@ -164,6 +164,27 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     no_errors(page)
 
 
+async def test_what_a_completion_adds_shows_in_the_details_and_the_feed(
+    browser: Browser, stack: Stack, team: Team, http: httpx.AsyncClient
+) -> None:
+    page = await open_page(browser, stack)
+    activity_id = await team.record("token_agent", "message_sent", metadata={"gen_ai.request.model": "m-1"})
+    held = "id => window.collabDashboard.model.activities.get(id)"
+    await page.wait_for_function(f"id => ({held})(id)", arg=activity_id, timeout=5000)
+    await page.evaluate("id => window.collabDashboard.navigate({ activity: id })", activity_id)
+    usage = {"gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 34, "gen_ai.response.model": "m-1-x"}
+    done = await http.post(f"{API}/complete-activity", json={"activity_id": activity_id, "metadata": usage})
+    assert done.status_code == 200, done.text
+    await page.wait_for_function(f"id => ({held})(id).status === 'completed'", arg=activity_id, timeout=5000)
+    activity: dict[str, Any] = await page.evaluate(held, activity_id)
+    assert activity["metadata"] == {"gen_ai.request.model": "m-1", **usage}
+    await page.wait_for_function("document.querySelector('#metadata').textContent.includes('m-1-x')", timeout=5000)
+    table = await page.text_content("#metadata")
+    assert table is not None and "gen_ai.usage.input_tokens" in table and "1200" in table
+    await page.wait_for_function("document.querySelector('#feed').textContent.includes('1,234 tokens')", timeout=5000)
+    no_errors(page)
+
+
 def otlp_agent_span(agent: str, start: float, end: float) -> dict[str, Any]:
     """An OTLP/JSON export of one finished agent run, as an exporter sends it after the end."""
     attributes = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent}

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import MessageToDict
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
@@ -33,7 +34,9 @@ def handler(hub: Hub) -> Iterator[CollabCallbackHandler]:
         handler.shutdown()
 
 
-def build_graph(lookup_may_finish: threading.Event, lookup_started: threading.Event) -> Any:
+def build_graph(
+    lookup_may_finish: threading.Event, lookup_started: threading.Event, model_may_answer: threading.Event
+) -> Any:
     @tool
     def lookup(order: str) -> str:
         """Look an order up."""
@@ -41,14 +44,25 @@ def build_graph(lookup_may_finish: threading.Event, lookup_started: threading.Ev
         assert lookup_may_finish.wait(30)
         return f"{order} shipped"
 
-    model = GenericFakeChatModel(
-        messages=iter(
-            [
-                AIMessage(content="", tool_calls=[{"name": "lookup", "args": {"order": "A-1"}, "id": "call-1"}]),
-                AIMessage(content="A-1 has shipped."),
-            ]
-        )
-    )
+    def replies() -> Iterator[AIMessage]:
+        # The first call answers once the test saw it running: its start reaches the hub
+        # alone, and what it learns at its end (usage, model) comes at completion.
+        assert model_may_answer.wait(30)
+        yield from [
+            AIMessage(
+                content="",
+                tool_calls=[{"name": "lookup", "args": {"order": "A-1"}, "id": "call-1"}],
+                usage_metadata={"input_tokens": 20, "output_tokens": 5, "total_tokens": 25},
+                response_metadata={"model_name": "fake-model-1", "finish_reason": "tool_calls"},
+            ),
+            AIMessage(
+                content="A-1 has shipped.",
+                usage_metadata={"input_tokens": 30, "output_tokens": 7, "total_tokens": 37},
+                response_metadata={"model_name": "fake-model-1", "finish_reason": "stop"},
+            ),
+        ]
+
+    model = GenericFakeChatModel(messages=replies())
 
     def planner(state: MessagesState) -> dict[str, Any]:
         return {"messages": [model.invoke(state["messages"])]}
@@ -69,8 +83,8 @@ def build_graph(lookup_may_finish: threading.Event, lookup_started: threading.Ev
 
 @pytest.mark.parametrize("mode", ["invoke", "ainvoke"])
 def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: CollabCallbackHandler, mode: str) -> None:
-    lookup_started, lookup_may_finish = threading.Event(), threading.Event()
-    graph = build_graph(lookup_may_finish, lookup_started)
+    lookup_started, lookup_may_finish, model_may_answer = threading.Event(), threading.Event(), threading.Event()
+    graph = build_graph(lookup_may_finish, lookup_started, model_may_answer)
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -84,6 +98,11 @@ def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: Colla
     runner = threading.Thread(target=run)
     runner.start()
     try:
+        # The first model call is running: active in the hub, nothing it learns at its end yet.
+        live_chat = eventually(lambda: one(hub.activities(), meta_gen_ai__operation__name="chat"))
+        assert live_chat.status == pb.ACTIVITY_STATUS_ACTIVE
+        assert meta(live_chat, "gen_ai.usage.input_tokens") is None
+        model_may_answer.set()
         assert lookup_started.wait(30)
         # The tool is still running: the hub shows it active, a task of the planner node.
         running_tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
@@ -93,6 +112,7 @@ def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: Colla
         graph_run = one(hub.activities(), agent_id="support")
         assert graph_run is not None and graph_run.status == pb.ACTIVITY_STATUS_ACTIVE
     finally:
+        model_may_answer.set()
         lookup_may_finish.set()
         runner.join(30)
     assert result["messages"][-1].content == "reviewed: A-1 has shipped."
@@ -120,6 +140,18 @@ def test_a_held_tool_call_live_then_the_graph_as_a_tree(hub: Hub, handler: Colla
     assert len(chats) == 2
     assert all(by_id[a.parent_activity_id].agent_id == "planner" == a.agent_id for a in chats)
     assert all(a.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT for a in chats)
+    # What each call learnt at its end (usage, the model that answered, why it stopped),
+    # merged into its activity at completion.
+    learnt = sorted(
+        (
+            meta(a, "gen_ai.usage.input_tokens"),
+            meta(a, "gen_ai.usage.output_tokens"),
+            meta(a, "gen_ai.response.model"),
+            MessageToDict(a.metadata).get("gen_ai.response.finish_reasons"),
+        )
+        for a in chats
+    )
+    assert learnt == [(20, 5, "fake-model-1", ["tool_calls"]), (30, 7, "fake-model-1", ["stop"])]
     assert {a.session_id for a in final} == {graph_run.session_id} and graph_run.session_id
     assert all(a.status == pb.ACTIVITY_STATUS_COMPLETED for a in final), [(a.agent_id, a.status) for a in final]
     assert hub.client.get_collaboration(graph_run.session_id).session.HasField("ended_at")

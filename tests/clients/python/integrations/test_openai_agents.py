@@ -41,9 +41,11 @@ class ScriptedModel(Model):
         self.replies = list(replies)
 
     async def get_response(self, *args: Any, **kwargs: Any) -> ModelResponse:
-        # As the SDK's own models do: a generation span around the call.
-        with generation_span(model=self.name, usage={"input_tokens": 12, "output_tokens": 3}):
+        # As the SDK's own models do: a generation span around the call, its usage set
+        # once the model answered (after the span started: the hub learns it at the end).
+        with generation_span(model=self.name) as span:
             reply = self.replies.pop(0)
+            span.span_data.usage = {"input_tokens": 12, "output_tokens": 3}
         if isinstance(reply, tuple):
             name, arguments = reply
             item: Any = ResponseFunctionToolCall(
@@ -116,6 +118,7 @@ def test_a_handoff_and_a_held_tool_call_live_then_as_a_tree(hub: Hub, processor:
         assert running_tool.status == pb.ACTIVITY_STATUS_ACTIVE
         assert running_tool.agent_id == "billing"
         assert running_tool.metadata["gen_ai.tool.name"] == "lookup_invoice"
+        assert meta(running_tool, "otel.end_time") is None, "recorded at its start"
         live_billing = one(hub.activities(), agent_id="billing", activity_type=pb.ACTIVITY_TYPE_AGENT_STARTED)
         assert live_billing is not None and live_billing.status == pb.ACTIVITY_STATUS_ACTIVE
         assert hub.client.get_activity(running_tool.parent_activity_id).activity_id == live_billing.activity_id
@@ -147,6 +150,12 @@ def test_a_handoff_and_a_held_tool_call_live_then_as_a_tree(hub: Hub, processor:
         ("billing", "billing-model"),
         ("triage", "triage-model"),
     ]
+    # Their token usage, learnt when each call ended, merged into the activity at completion.
+    assert [(meta(a, "gen_ai.usage.input_tokens"), meta(a, "gen_ai.usage.output_tokens")) for a in model_calls] == [
+        (12, 3)
+    ] * 3
+    # Every span's end time and duration too (each was recorded at its start).
+    assert all(meta(a, "otel.end_time") is not None and meta(a, "otel.duration_ms") is not None for a in final)
     by_id = {a.activity_id: a for a in final}
     assert all(by_id[a.parent_activity_id].agent_id == a.agent_id for a in model_calls)
     assert {a.session_id for a in final} == {workflow.session_id} and workflow.session_id

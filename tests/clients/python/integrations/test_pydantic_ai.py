@@ -50,6 +50,7 @@ def test_a_held_tool_call_live_then_the_run_as_a_tree(hub: Hub) -> None:
         running_tool = eventually(lambda: one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_TASK_ASSIGNED))
         assert running_tool.status == pb.ACTIVITY_STATUS_ACTIVE
         assert (running_tool.agent_id, running_tool.metadata["gen_ai.tool.name"]) == ("researcher", "lookup")
+        assert meta(running_tool, "otel.end_time") is None, "recorded at its start"
         run = one(hub.activities(), activity_type=pb.ACTIVITY_TYPE_AGENT_STARTED)
         assert run is not None and run.status == pb.ACTIVITY_STATUS_ACTIVE and run.agent_id == "researcher"
     finally:
@@ -65,6 +66,12 @@ def test_a_held_tool_call_live_then_the_run_as_a_tree(hub: Hub) -> None:
     by_id = {a.activity_id: a for a in final}
     chats = [a for a in final if meta(a, "gen_ai.operation.name") == "chat"]
     assert len(chats) == 2  # the call that asks for the tool, the one that answers
+    # The usage TestModel reports, set on each span when its call ended: merged at completion.
+    for chat in chats:
+        inputs, outputs = meta(chat, "gen_ai.usage.input_tokens"), meta(chat, "gen_ai.usage.output_tokens")
+        assert isinstance(inputs, float) and inputs > 0 and isinstance(outputs, float) and outputs > 0, chat.metadata
+        assert meta(chat, "gen_ai.response.model") == "test"
+    assert all(meta(a, "otel.end_time") is not None for a in final)
     assert all(
         a.activity_type == pb.ACTIVITY_TYPE_MESSAGE_SENT and a.parent_activity_id == run.activity_id for a in chats
     )
