@@ -42,6 +42,9 @@ TOKEN = "bench-token-not-a-secret"
 MARKER = b'"type":"agent_activity"'
 # The send time a paced message carries (in the hub's metadata, or the peers' JSON).
 SENT = re.compile(rb'\\?"sent\\?":([0-9.]+)')
+# When the hub recorded it (the activity's own timestamp, epoch seconds; the message's
+# outer timestamp is an ISO string): splits a hub latency into ingest and fan-out.
+RECORDED = re.compile(rb'"timestamp":([0-9]+\.[0-9]+)')
 
 
 @dataclass
@@ -125,6 +128,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     connections: list[WebSocketClient] = []
     last = [0.0]
     latencies: list[float] = []  # for messages that carry the time they were sent
+    after_record: list[float] = []  # the hub's part from its record to the receipt
     done = asyncio.Event()
     target = [0]
 
@@ -136,6 +140,9 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
                 sent = SENT.search(payload)
                 if sent is not None:
                     latencies.append(now - float(sent.group(1)))
+                    recorded = RECORDED.search(payload) if kind == "hub" else None
+                    if recorded is not None:
+                        after_record.append(now - float(recorded.group(1)))
                 if target[0] and counts[index] == target[0] and all(c >= target[0] for c in counts):
                     done.set()
             elif kind == "socketio" and payload.startswith(b"0{"):
@@ -158,7 +165,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     cpu_before = time.process_time()
     with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
         await asyncio.wait_for(done.wait(), 60)
-    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before))
+    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before, after_record))
     for client in connections:
         client.close()
     for task in tasks:
@@ -362,6 +369,10 @@ class LatencyResult:
     cpu_seconds: float = 0.0
     load_cpu_seconds: float = 0.0
     seconds: float = 0.0  # from the first message sent to the last received
+    # The hub's share from its record (the activity's timestamp) to the receipt: the
+    # stream to the bridge and the fan-out, without the agent's call (NaN for the peers).
+    p50_after_record_ms: float = float("nan")
+    p99_after_record_ms: float = float("nan")
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -384,12 +395,13 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
     messages = int(rate * seconds)
     started, reports, cpu = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
     latencies = sorted(value for report in reports for value in report[2])
+    after_record = sorted(value for report in reports for value in report[4])
     delivered = sum(report[0] for report in reports)
     load_cpu = sum(report[3] for report in reports)
     finished = max(report[1] for report in reports) or time.time()
 
-    def percentile(fraction: float) -> float:
-        return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] if latencies else float("nan")
+    def percentile(fraction: float, values: list[float] = latencies) -> float:
+        return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
 
     return LatencyResult(
         target.name,
@@ -403,6 +415,8 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         cpu,
         load_cpu,
         max(1e-6, finished - started),
+        percentile(0.5, after_record),
+        percentile(0.99, after_record),
     )
 
 
@@ -418,7 +432,7 @@ def cpu_seconds(*pids: int) -> float:
 
 def _run(
     target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
-) -> tuple[float, list[tuple[int, float, list[float], float]], float]:
+) -> tuple[float, list[tuple[int, float, list[float], float, list[float]]], float]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -438,7 +452,7 @@ def _run(
         cpu_before = cpu_seconds(*target.pids)
         started = time.time()
         trigger()
-        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0) for pipe in pipes]
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0, []) for pipe in pipes]
         return started, reports, cpu_seconds(*target.pids) - cpu_before
     finally:
         for worker in workers:
