@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--direct", action="store_true", help="the store's part alone: one gRPC subscriber on the server, no bridge"
     )
+    parser.add_argument(
+        "--pipelined",
+        action="store_true",
+        help="the hubs' paced recorder does not wait for an answer before its next call (as an async recorder)",
+    )
     args = parser.parse_args(argv)
     rates = [int(rate) for rate in args.rates.split(",") if rate]
     if args.direct:
@@ -114,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(1, args.rounds + 1):
             for rate in rates:
                 results = []
-                targets = [HubTarget(workdir, "sqlite"), HubTarget(workdir), PeerTarget("websockets", workdir)]
+                targets = [
+                    HubTarget(workdir, "sqlite", pipelined=args.pipelined),
+                    HubTarget(workdir, pipelined=args.pipelined),
+                    PeerTarget("websockets", workdir),
+                ]
                 if args.before is not None:
                     targets.insert(0, HubTarget(workdir, "sqlite", args.before.resolve(), "before"))
                 for target in targets:

@@ -214,17 +214,20 @@ class HubTarget:
         name: str | None = None,
         server_env: dict[str, str] | None = None,
         bridge_env: dict[str, str] | None = None,
+        pipelined: bool = False,
     ) -> None:
         """``store``: the server's COLLAB_STORE (memory, or sqlite with its file in
         ``workdir``); ``code_dir``: the server of another checkout, named ``label``;
-        ``server_env``/``bridge_env``: settings besides the bench's (coalescing...)."""
+        ``server_env``/``bridge_env``: settings besides the bench's (coalescing...);
+        ``pipelined``: how the paced recorder calls (see ``pace``)."""
         self.workdir = workdir
         self.store = store
         self.code_dir = code_dir
         default_name = "collab hub" if store == "memory" else f"collab hub ({store}{label and ', ' + label})"
-        self.name = name or default_name
+        self.name = name or default_name + (" pipelined" if pipelined else "")
         self.server_env = server_env or {}
         self.bridge_env = bridge_env or {}
+        self.pipelined = pipelined
 
     def start(self) -> tuple[int, str]:
         http_port = free_port()
@@ -279,10 +282,15 @@ class HubTarget:
         return (self.server.pid, self.bridge.pid)
 
     def pace(self, rate: int, count: int) -> None:
-        """One RecordActivity every 1/rate s, each carrying the time it was due."""
+        """One RecordActivity every 1/rate s, each carrying the time it was due. By
+        default each call waits for the previous one's answer (an agent's blocking
+        call: a slow acknowledgement makes the next record late, and lateness counts);
+        ``pipelined``, calls overlap as an asynchronous recorder's do, so each event's
+        latency is its own path only."""
         with grpc.insecure_channel(self.grpc_target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
+            in_flight: list[grpc.Future[pb.RecordActivityResponse]] = []
             start, wall = time.monotonic(), time.time()
             for n in range(count):
                 delay = start + n / rate - time.monotonic()
@@ -293,7 +301,12 @@ class HubTarget:
                 )
                 # When it is due by the schedule (as the peers stamp theirs): lateness counts.
                 request.metadata.update({"sent": wall + n / rate})
-                stub.RecordActivity(request, metadata=auth, timeout=10)
+                if self.pipelined:
+                    in_flight.append(stub.RecordActivity.future(request, metadata=auth, timeout=10))
+                else:
+                    stub.RecordActivity(request, metadata=auth, timeout=10)
+            for call in in_flight:
+                call.result()  # a refused record fails the run
 
     def stop(self) -> None:
         _stop(self.bridge)
