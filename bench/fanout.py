@@ -279,7 +279,8 @@ class HubTarget:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return (self.server.pid, self.bridge.pid)
+        """The server, the bridge and its worker processes (``--workers``), if any."""
+        return (self.server.pid, self.bridge.pid, *child_pids(self.bridge.pid))
 
     def pace(self, rate: int, count: int) -> None:
         """One RecordActivity every 1/rate s, each carrying the time it was due. By
@@ -431,6 +432,15 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         percentile(0.5, after_record),
         percentile(0.99, after_record),
     )
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (its threads' children), as Linux lists them."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children.extend(int(child) for child in task.read_text().split())
+    return children
 
 
 def cpu_seconds(*pids: int) -> float:
