@@ -42,6 +42,9 @@ TOKEN = "bench-token-not-a-secret"
 MARKER = b'"type":"agent_activity"'
 # The send time a paced message carries (in the hub's metadata, or the peers' JSON).
 SENT = re.compile(rb'\\?"sent\\?":([0-9.]+)')
+# When the hub recorded it (the activity's own timestamp, epoch seconds; the message's
+# outer timestamp is an ISO string): splits a hub latency into ingest and fan-out.
+RECORDED = re.compile(rb'"timestamp":([0-9]+\.[0-9]+)')
 
 
 @dataclass
@@ -125,6 +128,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     connections: list[WebSocketClient] = []
     last = [0.0]
     latencies: list[float] = []  # for messages that carry the time they were sent
+    after_record: list[float] = []  # the hub's part from its record to the receipt
     done = asyncio.Event()
     target = [0]
 
@@ -136,6 +140,9 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
                 sent = SENT.search(payload)
                 if sent is not None:
                     latencies.append(now - float(sent.group(1)))
+                    recorded = RECORDED.search(payload) if kind == "hub" else None
+                    if recorded is not None:
+                        after_record.append(now - float(recorded.group(1)))
                 if target[0] and counts[index] == target[0] and all(c >= target[0] for c in counts):
                     done.set()
             elif kind == "socketio" and payload.startswith(b"0{"):
@@ -158,7 +165,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     cpu_before = time.process_time()
     with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
         await asyncio.wait_for(done.wait(), 60)
-    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before))
+    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before, after_record))
     for client in connections:
         client.close()
     for task in tasks:
@@ -207,17 +214,20 @@ class HubTarget:
         name: str | None = None,
         server_env: dict[str, str] | None = None,
         bridge_env: dict[str, str] | None = None,
+        pipelined: bool = False,
     ) -> None:
         """``store``: the server's COLLAB_STORE (memory, or sqlite with its file in
         ``workdir``); ``code_dir``: the server of another checkout, named ``label``;
-        ``server_env``/``bridge_env``: settings besides the bench's (coalescing...)."""
+        ``server_env``/``bridge_env``: settings besides the bench's (coalescing...);
+        ``pipelined``: how the paced recorder calls (see ``pace``)."""
         self.workdir = workdir
         self.store = store
         self.code_dir = code_dir
         default_name = "collab hub" if store == "memory" else f"collab hub ({store}{label and ', ' + label})"
-        self.name = name or default_name
+        self.name = name or default_name + (" pipelined" if pipelined else "")
         self.server_env = server_env or {}
         self.bridge_env = bridge_env or {}
+        self.pipelined = pipelined
 
     def start(self) -> tuple[int, str]:
         http_port = free_port()
@@ -269,13 +279,19 @@ class HubTarget:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return (self.server.pid, self.bridge.pid)
+        """The server, the bridge and its worker processes (``--workers``), if any."""
+        return (self.server.pid, self.bridge.pid, *child_pids(self.bridge.pid))
 
     def pace(self, rate: int, count: int) -> None:
-        """One RecordActivity every 1/rate s, each carrying the time it was due."""
+        """One RecordActivity every 1/rate s, each carrying the time it was due. By
+        default each call waits for the previous one's answer (an agent's blocking
+        call: a slow acknowledgement makes the next record late, and lateness counts);
+        ``pipelined``, calls overlap as an asynchronous recorder's do, so each event's
+        latency is its own path only."""
         with grpc.insecure_channel(self.grpc_target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             auth = (("authorization", f"Bearer {TOKEN}"),)
+            in_flight: list[grpc.Future[pb.RecordActivityResponse]] = []
             start, wall = time.monotonic(), time.time()
             for n in range(count):
                 delay = start + n / rate - time.monotonic()
@@ -286,7 +302,12 @@ class HubTarget:
                 )
                 # When it is due by the schedule (as the peers stamp theirs): lateness counts.
                 request.metadata.update({"sent": wall + n / rate})
-                stub.RecordActivity(request, metadata=auth, timeout=10)
+                if self.pipelined:
+                    in_flight.append(stub.RecordActivity.future(request, metadata=auth, timeout=10))
+                else:
+                    stub.RecordActivity(request, metadata=auth, timeout=10)
+            for call in in_flight:
+                call.result()  # a refused record fails the run
 
     def stop(self) -> None:
         _stop(self.bridge)
@@ -362,6 +383,10 @@ class LatencyResult:
     cpu_seconds: float = 0.0
     load_cpu_seconds: float = 0.0
     seconds: float = 0.0  # from the first message sent to the last received
+    # The hub's share from its record (the activity's timestamp) to the receipt: the
+    # stream to the bridge and the fan-out, without the agent's call (NaN for the peers).
+    p50_after_record_ms: float = float("nan")
+    p99_after_record_ms: float = float("nan")
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -384,12 +409,13 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
     messages = int(rate * seconds)
     started, reports, cpu = _run(target, clients, messages, lambda: target.pace(rate, messages), processes)
     latencies = sorted(value for report in reports for value in report[2])
+    after_record = sorted(value for report in reports for value in report[4])
     delivered = sum(report[0] for report in reports)
     load_cpu = sum(report[3] for report in reports)
     finished = max(report[1] for report in reports) or time.time()
 
-    def percentile(fraction: float) -> float:
-        return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))] if latencies else float("nan")
+    def percentile(fraction: float, values: list[float] = latencies) -> float:
+        return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
 
     return LatencyResult(
         target.name,
@@ -403,7 +429,18 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         cpu,
         load_cpu,
         max(1e-6, finished - started),
+        percentile(0.5, after_record),
+        percentile(0.99, after_record),
     )
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started (its threads' children), as Linux lists them."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            children.extend(int(child) for child in task.read_text().split())
+    return children
 
 
 def cpu_seconds(*pids: int) -> float:
@@ -418,7 +455,7 @@ def cpu_seconds(*pids: int) -> float:
 
 def _run(
     target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
-) -> tuple[float, list[tuple[int, float, list[float], float]], float]:
+) -> tuple[float, list[tuple[int, float, list[float], float, list[float]]], float]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -438,7 +475,7 @@ def _run(
         cpu_before = cpu_seconds(*target.pids)
         started = time.time()
         trigger()
-        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0) for pipe in pipes]
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0, []) for pipe in pipes]
         return started, reports, cpu_seconds(*target.pids) - cpu_before
     finally:
         for worker in workers:

@@ -47,15 +47,20 @@ def hub(workdir: Path, coalescing: bool, store: str = "memory") -> HubTarget:
 
 def paced_rows(results: list[LatencyResult]) -> list[str]:
     rows = [
-        "| clients | events/s | target | delivered / offered | p50 ms | p99 ms | max ms | target CPU µs/delivery "
-        "| target cores | load cores |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| clients | events/s | target | delivered / offered | p50 ms | p99 ms | max ms "
+        "| after the record p50 / p99 ms | target CPU µs/delivery | target cores | load cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         seconds = r.seconds or 1.0
+        after = (
+            "-"
+            if r.p99_after_record_ms != r.p99_after_record_ms
+            else f"{r.p50_after_record_ms:.1f} / {r.p99_after_record_ms:.1f}"
+        )
         rows.append(
             f"| {r.clients:,} | {r.rate} | {r.target} | {r.delivered:,} / {r.messages * r.clients:,} | "
-            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} | {r.cpu_us_per_delivery:.2f} | "
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} | {after} | {r.cpu_us_per_delivery:.2f} | "
             f"{r.cpu_seconds / seconds:.2f} | {r.load_cpu_seconds / seconds:.2f} |"
         )
     return rows
@@ -91,7 +96,10 @@ def main() -> None:
     parser.add_argument("--many-rates", default="20,200", help="events/s at the larger client count")
     parser.add_argument("--saturation", type=int, default=300, help="messages back to back (0: skip)")
     parser.add_argument("--latency-rates", default="20,50", help="paced p50/p99 beside the raw peer")
-    parser.add_argument("--only", default="rates,many,saturation,latency", help="which parts to run")
+    parser.add_argument("--workers", type=int, default=2, help="bridge workers of the workers part (beside 1)")
+    parser.add_argument(
+        "--only", default="rates,many,saturation,latency,workers", help="which parts to run (comma-separated)"
+    )
     parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -135,6 +143,33 @@ def main() -> None:
                     print("\n".join(paced_rows(latency[-1:])[2:]), flush=True)
             figures["latency"] = [asdict(r) for r in latency]
             print("\n## Paced latency\n\n" + "\n".join(paced_rows(latency)), flush=True)
+        if "workers" in parts and args.workers > 1:
+            # The same hub with one bridge process and with --workers N: saturation, then paced.
+            def bridge(workers: int) -> HubTarget:
+                target = hub(workdir, True)
+                target.name = f"collab hub, {workers} bridge worker{'s' if workers > 1 else ''}"
+                target.bridge_env = {"COLLAB_BRIDGE_WORKERS": str(workers)}
+                return target
+
+            spread_saturation: list[FanoutResult] = []
+            spread_paced: list[LatencyResult] = []
+            for workers in (1, args.workers):
+                spread_saturation.append(run_fanout(bridge(workers), args.clients, args.saturation or 300))
+                print("\n".join(saturation_rows(spread_saturation[-1:])[2:]), flush=True)
+            for workers in (1, args.workers):
+                spread_paced.append(run_paced(bridge(workers), args.clients, 50, args.seconds))
+                print("\n".join(paced_rows(spread_paced[-1:])[2:]), flush=True)
+            figures["workers"] = {
+                "saturation": [asdict(r) for r in spread_saturation],
+                "paced": [asdict(r) for r in spread_paced],
+            }
+            print(
+                "\n## Bridge workers\n\n"
+                + "\n".join(saturation_rows(spread_saturation))
+                + "\n\n"
+                + "\n".join(paced_rows(spread_paced)),
+                flush=True,
+            )
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))
 

@@ -219,6 +219,17 @@ def event_json(event: pb.Event) -> JSON:
             "last_activity": retired.last_activity_id or None,
             "last_seen": seconds(retired.last_seen),
         }
+    elif kind == "activity_linked":
+        # Not in the guide (additive): an activity recorded as a root got its parent (which
+        # arrived later); a tree view moves it under that parent.
+        linked = event.activity_linked
+        message = {
+            "type": "activity_linked",
+            "activity_id": linked.activity_id,
+            "parent_activity_id": linked.parent_activity_id,
+            "agent_id": linked.activity.agent_id,
+            "activity_type": ACTIVITY_TYPE_NAMES[linked.activity.activity_type],
+        }
     else:
         raise ValueError(f"event {event.seq} has no payload the bridge knows ({kind})")
     message["timestamp"] = iso(event.time)

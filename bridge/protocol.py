@@ -3,9 +3,9 @@ decide the reply (``pong``, ``subscribed`` or ``error``) and the client's new fi
 
 Subscribe semantics (the rule the WebSocket protocol's documentation gives clients):
 message type names select message types; the activity type names that are not also
-message types narrow ``agent_activity`` (and ``activity_completed``) to those types and
-imply ``agent_activity``; ``collaboration_started`` and ``collaboration_ended`` are both,
-and mean the message types.
+message types narrow ``agent_activity`` (and ``activity_completed`` and
+``activity_linked``) to those types and imply ``agent_activity``;
+``collaboration_started`` and ``collaboration_ended`` are both, and mean the message types.
 An empty list means everything again.
 """
 
@@ -31,6 +31,7 @@ MESSAGE_TYPES = frozenset(
         "collaboration_ended",
         "decision_recorded",
         "agent_retired",
+        "activity_linked",
     }
 )
 ACTIVITY_ONLY_TYPES = frozenset(ACTIVITY_TYPES) - MESSAGE_TYPES

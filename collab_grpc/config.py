@@ -151,6 +151,12 @@ class ServerConfig:
     otlp_span_index: int = option(
         100_000, "spans whose records the hub remembers (24 h), so a re-exported span records nothing twice", minimum=1
     )
+    otlp_waiting_children: int = option(
+        100_000,
+        "OTLP spans recorded before their parent span that wait, in memory, to be linked to it when it comes "
+        "(oldest dropped first)",
+        minimum=1,
+    )
     # Memory budgets, in bytes as events.record_size counts them (serialised metadata and
     # text, plus 512 per record); see StateSettings.
     max_open_activities: int = option(

@@ -20,6 +20,7 @@ from collab_grpc.events import EventFilter
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     ActivityType,
     AgentRetirement,
@@ -326,6 +327,11 @@ def event_to_proto(event: Event) -> pb.Event:
         retired.department = payload.department
         retired.last_activity_id = payload.last_activity_id or ""
         set_timestamp(retired.last_seen, payload.last_seen)
+    elif kind is EventKind.ACTIVITY_LINKED and isinstance(payload, ActivityLink):
+        linked = message.activity_linked
+        linked.activity_id = payload.activity_id
+        linked.parent_activity_id = payload.parent_activity_id
+        fill_activity(linked.activity, payload.activity)
     else:  # pragma: no cover - the state only builds the pairs above
         raise TypeError(f"event {event.seq}: {kind} cannot carry {type(payload).__name__}")
     return message

@@ -22,6 +22,7 @@ import orjson
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityType,
     AgentRetirement,
     Decision,
@@ -62,7 +63,7 @@ def metadata_size(metadata: dict[str, Any]) -> int:
 def record_size(payload: EventPayload, metadata_bytes: int) -> int:
     """What ``payload`` counts against the byte budgets, given its metadata's size (a
     completion: its activity's metadata and the keys it added, together)."""
-    if isinstance(payload, ActivityCompletion):
+    if isinstance(payload, ActivityCompletion | ActivityLink):
         payload = payload.activity
     size = RECORD_OVERHEAD + metadata_bytes
     if isinstance(payload, Activity):
@@ -77,7 +78,7 @@ def record_size(payload: EventPayload, metadata_bytes: int) -> int:
 
 def payload_size(payload: EventPayload) -> int:
     """``record_size``, measuring the metadata."""
-    record = payload.activity if isinstance(payload, ActivityCompletion) else payload
+    record = payload.activity if isinstance(payload, ActivityCompletion | ActivityLink) else payload
     if isinstance(record, AgentRetirement):  # ids and a time: no metadata
         return record_size(payload, 0)
     size = metadata_size(record.metadata)
@@ -88,7 +89,8 @@ def payload_size(payload: EventPayload) -> int:
 
 @dataclass(frozen=True, slots=True)
 class EventFilter:
-    """Empty sets mean "all". Activity types narrow only the two activity event kinds."""
+    """Empty sets mean "all". Activity types narrow only the events about one activity
+    (recorded, completed, linked)."""
 
     kinds: frozenset[EventKind] = frozenset()
     activity_types: frozenset[ActivityType] = frozenset()

@@ -15,6 +15,7 @@ from typing import Any, TypeAlias, TypeVar
 __all__ = [
     "Activity",
     "ActivityCompletion",
+    "ActivityLink",
     "ActivityStatus",
     "ActivityType",
     "Agent",
@@ -95,6 +96,7 @@ class EventKind(enum.StrEnum):
     COLLABORATION_ENDED = "collaboration_ended"
     DECISION_RECORDED = "decision_recorded"
     AGENT_RETIRED = "agent_retired"
+    ACTIVITY_LINKED = "activity_linked"
 
 
 @dataclass(slots=True)
@@ -188,6 +190,22 @@ class ActivityCompletion:
     metadata: JSONObject = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class ActivityLink:
+    """An activity recorded without a parent, given one: the activity in its state once
+    linked (its ``parent_activity_id`` set)."""
+
+    activity: Activity
+
+    @property
+    def activity_id(self) -> str:
+        return self.activity.activity_id
+
+    @property
+    def parent_activity_id(self) -> str:
+        return self.activity.parent_activity_id
+
+
 @dataclass(frozen=True, slots=True)
 class AgentView:
     """One agent as the status routes show it."""
@@ -210,7 +228,9 @@ class AgentStatusSummary:
     agents: list[AgentView]
 
 
-EventPayload: TypeAlias = Activity | ActivityCompletion | MemoryUpdate | Session | Decision | AgentRetirement
+EventPayload: TypeAlias = (
+    Activity | ActivityCompletion | MemoryUpdate | Session | Decision | AgentRetirement | ActivityLink
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +247,7 @@ class Event:
     def agent_ids(self) -> tuple[str, ...]:
         """The agents this event is about, for per-agent filters."""
         payload = self.payload
-        if isinstance(payload, ActivityCompletion):
+        if isinstance(payload, ActivityCompletion | ActivityLink):
             return (payload.activity.agent_id,)
         if isinstance(payload, Session):
             return tuple(payload.participants)
@@ -238,7 +258,7 @@ class Event:
         payload = self.payload
         if isinstance(payload, Activity):
             return payload.activity_type
-        if isinstance(payload, ActivityCompletion):
+        if isinstance(payload, ActivityCompletion | ActivityLink):
             return payload.activity.activity_type
         return None
 

@@ -63,6 +63,7 @@ EventKindName = Literal[
     "collaboration_ended",
     "decision_recorded",
     "agent_retired",
+    "activity_linked",
 ]
 
 Number = TypeVar("Number", bound=int)

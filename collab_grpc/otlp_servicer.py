@@ -5,8 +5,22 @@ is applied:
 
 - Spans are taken parents first (within the batch), so a tree exported at once is
   recorded top down; a span whose parent is not a GenAI span hangs from its nearest
-  GenAI ancestor in the batch. A parent that arrives in a later batch than its child
-  is not linked (the child keeps ``otel.parent_span_id`` in its metadata).
+  GenAI ancestor in the batch.
+- A parent that arrives later links its children. Exporters send a span when it ends,
+  so the children of a long-running agent span come in batches before it. Such a child
+  is recorded at once as a root (nothing is held back) and waits, by its activity id,
+  under its parent's span key in a bounded index (``waiting_children``, oldest dropped
+  first, counted in ``collab_otlp_links{outcome="dropped"}``). When that span arrives,
+  in any later export, its activity is recorded first, then each waiting child is
+  linked to it (CollaborationState.link_activity: an ACTIVITY_LINKED event). A span
+  that is not GenAI passes its waiting children on to its own parent's key (through the
+  dropped spans of its batch), so they link to their nearest GenAI ancestor when it
+  comes. Only a child still without a parent is linked, never into a cycle (the core
+  refuses, counted as ``refused``). The index is in memory: it is rebuilt from the
+  activities the hub holds (roots with ``otel.parent_span_id``) when the server starts
+  or reloads its state; a child recorded by another replica sharing a Redis store waits
+  only in that replica's index (each replica links what it recorded), and one whose
+  non-GenAI parent came before a restart waits for that span again (not linked).
 - ``(trace id, span id)`` is the idempotency key of a span's records: the hub keeps
   which activity a span became in a span index, an IdempotencyCache of its own
   (collab_grpc/idempotency.py: the newest ``span_index`` spans, for 24 hours), so that
@@ -44,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +73,7 @@ from collab_grpc import metrics
 from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
 from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import ActivityStatus
-from collab_grpc.otlp import SpanPlan, SpanView, completion_metadata, fit_metadata, plan_span
+from collab_grpc.otlp import SpanPlan, SpanView, completion_metadata, fit_metadata, plan_span, span_key
 from collab_grpc.servicer import Context, abort_with
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import Store, StoreUnavailable
@@ -66,6 +81,7 @@ from collab_grpc.store.base import Store, StoreUnavailable
 __all__ = [
     "DEFAULT_MAX_SPANS",
     "DEFAULT_SPAN_INDEX",
+    "DEFAULT_WAITING_CHILDREN",
     "TRACE_SERVICE",
     "OtlpTraceServicer",
     "add_trace_servicer",
@@ -76,6 +92,8 @@ TRACE_SERVICE = otlp.DESCRIPTOR.services_by_name["TraceService"].full_name
 DEFAULT_MAX_SPANS = 10_000
 # Spans (and conversations) whose records the hub remembers; an entry holds ~100 bytes.
 DEFAULT_SPAN_INDEX = 100_000
+# Children recorded before their parent span arrived, waiting to be linked (~150 bytes each).
+DEFAULT_WAITING_CHILDREN = 100_000
 # Reasons quoted in a partial success's error_message; the count says how many more.
 MAX_REASONS = 5
 # Nesting of an attribute value kept (kvlist in array in ...); deeper is cut.
@@ -92,6 +110,65 @@ SPANS = Counter(
     "OTLP spans received, by outcome: recorded (GenAI, new or completing), duplicate, dropped (not GenAI), rejected",
     ["outcome"],
 )
+
+LINKS = Counter(
+    "collab_otlp_links",
+    "OTLP spans recorded before their parent span, by outcome: linked (to the parent once it came), "
+    "refused (the hub would not link them: no longer held, already has a parent, a cycle), "
+    "dropped (out of the waiting index, oldest first, before their parent came)",
+    ["outcome"],
+)
+
+
+class WaitingChildren:
+    """Activities recorded before their parent span: parent span key -> the child activity
+    ids waiting for it, at most ``capacity`` children in all (the oldest dropped first)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._parent_of: OrderedDict[str, str] = OrderedDict()  # child -> key, oldest first
+        self._children: dict[str, dict[str, None]] = {}  # key -> children (an ordered set)
+
+    def __len__(self) -> int:
+        return len(self._parent_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._children
+
+    def add(self, key: str, child: str) -> int:
+        """``child`` waits for span ``key`` (and for it only); how many were dropped for room."""
+        self._forget(child)
+        self._parent_of[child] = key
+        self._children.setdefault(key, {})[child] = None
+        dropped = 0
+        while len(self._parent_of) > self.capacity:
+            oldest, oldest_key = self._parent_of.popitem(last=False)
+            self._unlist(oldest, oldest_key)
+            dropped += 1
+        return dropped
+
+    def take(self, key: str) -> list[str]:
+        """The children waiting for ``key``, oldest first; they wait no more."""
+        children = list(self._children.pop(key, {}))
+        for child in children:
+            del self._parent_of[child]
+        return children
+
+    def clear(self) -> None:
+        self._parent_of.clear()
+        self._children.clear()
+
+    def _forget(self, child: str) -> None:
+        key = self._parent_of.pop(child, None)
+        if key is not None:
+            self._unlist(child, key)
+
+    def _unlist(self, child: str, key: str) -> None:
+        listed = self._children.get(key)
+        if listed is not None:
+            listed.pop(child, None)
+            if not listed:
+                del self._children[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,11 +275,15 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
         *,
         max_spans: int = DEFAULT_MAX_SPANS,
         span_index: int = DEFAULT_SPAN_INDEX,
+        waiting_children: int = DEFAULT_WAITING_CHILDREN,
     ) -> None:
         self.state = state
         self.store = store
         self.max_spans = max_spans
         self.index = IdempotencyCache(capacity=span_index)
+        self.waiting = WaitingChildren(waiting_children)
+        self._rebuild_waiting()
+        state.restore_listeners.add(self._rebuild_waiting)
 
     async def Export(  # noqa: N802
         self, request: otlp.ExportTraceServiceRequest, context: Context
@@ -241,6 +322,9 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                     metrics.refused(error)
                     failed.add(plan.key)
                     reasons.append(f"span {plan.key}: {error}")
+            for view in ordered:
+                if view.key in self.waiting:
+                    await self._adopt(view.key, skipped)
             for plan in reversed(plans):
                 if plan.ended and plan.key not in failed:
                     try:
@@ -289,17 +373,65 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
         answer = self._lookup(SPAN_METHOD, key)
         return None if answer is None else _SpanRecord.decode(answer)
 
-    def _ancestor(self, plan: SpanPlan, skipped: dict[str, str]) -> _SpanRecord | None:
-        """The record of the span's nearest recorded GenAI ancestor, through dropped spans."""
-        key = plan.parent_key
+    def _resolve(self, key: str, skipped: dict[str, str]) -> tuple[_SpanRecord | None, str]:
+        """From span ``key`` up through the batch's dropped spans: the record of the first
+        recorded span, or None and the key of the first span neither recorded nor dropped
+        in the batch (the one to wait for; empty when there is none)."""
         for _ in range(len(skipped) + 1):
             if not key:
-                return None
+                return None, ""
             record = self._span_record(key)
             if record is not None or key not in skipped:
-                return record
+                return record, "" if record is not None else key
             key = skipped[key]
-        return None
+        return None, ""  # the batch's dropped spans make a cycle: nothing to wait for
+
+    # -- children that came before their parent -----------------------------------------
+
+    def _wait(self, key: str, activity_id: str) -> None:
+        LINKS.labels("dropped").inc(self.waiting.add(key, activity_id))
+
+    def _rebuild_waiting(self) -> None:
+        """The waiting index from the activities the state holds (at a start, or after the
+        store reloaded the state): each OTLP root that names its parent span waits for it."""
+        self.waiting.clear()
+        for activity in self.state.held_activities():
+            meta = activity.metadata
+            if activity.parent_activity_id or meta.get("source") != "otel":
+                continue
+            trace_id, parent_span_id = meta.get("otel.trace_id"), meta.get("otel.parent_span_id")
+            if not (isinstance(trace_id, str) and isinstance(parent_span_id, str) and trace_id and parent_span_id):
+                continue
+            key = span_key(trace_id, parent_span_id)
+            if self._span_record(key) is None:  # else its parent came, and it was not linked
+                self._wait(key, activity.activity_id)
+
+    async def _adopt(self, key: str, skipped: dict[str, str]) -> None:
+        """Span ``key`` of this batch had children waiting: each is linked to its activity,
+        or, for a span not GenAI, to its nearest recorded GenAI ancestor; when there is
+        none yet, they wait for the nearest ancestor to come."""
+        children = self.waiting.take(key)
+        if key in skipped:
+            record, waiting_key = self._resolve(skipped[key], skipped)
+        else:
+            record, waiting_key = self._span_record(key), key  # not recorded: refused, may come again
+        if record is None:
+            for child in children:
+                if waiting_key:
+                    self._wait(waiting_key, child)
+            return
+        for done, child in enumerate(children):
+            try:
+                async with self.store.writing():
+                    self.state.link_activity(child, record.activity_id)
+            except StoreUnavailable:
+                for unlinked in children[done:]:  # the exporter's retry links them
+                    self._wait(key, unlinked)
+                raise
+            except CollabError:
+                LINKS.labels("refused").inc()
+            else:
+                LINKS.labels("linked").inc()
 
     def _active_session(self, session_id: str) -> bool:
         session = self.state.find_session(session_id) if session_id else None
@@ -337,7 +469,7 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
             raise InvalidArgument(
                 f"even the span's ids do not fit the metadata limit of {self.state.limits.max_metadata_bytes} bytes"
             )
-        parent = self._ancestor(plan, skipped)
+        parent, waiting_key = self._resolve(plan.parent_key, skipped)
         agent_id = plan.agent_id or (parent.agent_id if parent is not None else "") or plan.fallback_agent_id
         parent_activity_id = parent.activity_id if parent is not None else ""
         if parent_activity_id and self.state.get_activity(parent_activity_id) is None:
@@ -354,6 +486,8 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
         record = _SpanRecord(activity.activity_id, agent_id, session_id, opened)
         self._keep(SPAN_METHOD, plan.key, record.encode())
         SPANS.labels("recorded").inc()
+        if waiting_key:  # its parent has not come (yet): linked when it does
+            self._wait(waiting_key, activity.activity_id)
 
     def _end(self, plan: SpanPlan) -> None:
         """Complete the span's activity if it is still open; end the session it started."""

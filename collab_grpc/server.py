@@ -178,7 +178,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     interceptor = CallInterceptor(authenticator, per_item=frozenset({f"/{SERVICE_NAME}/BulkRecordActivities"}))
     server = grpc.aio.server(interceptors=[interceptor])
     collaboration_pb2_grpc.add_CollaborationServiceServicer_to_server(servicer, server)
-    otlp_servicer = OtlpTraceServicer(state, store, max_spans=config.otlp_max_spans, span_index=config.otlp_span_index)
+    otlp_servicer = OtlpTraceServicer(
+        state,
+        store,
+        max_spans=config.otlp_max_spans,
+        span_index=config.otlp_span_index,
+        waiting_children=config.otlp_waiting_children,
+    )
     add_trace_servicer(otlp_servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -31,6 +31,7 @@ from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     ActivityType,
     Agent,
@@ -267,6 +268,56 @@ class CollaborationState:
             raise NotFound(f"activity {activity_id!r} not found")
         merged = self._merged_metadata(activity, added) if added else None
         return self._complete(activity, success, failure_reason, self.clock(), added, added_size, merged)
+
+    def link_activity(self, activity_id: str, parent_activity_id: str) -> Activity:
+        """Make ``activity_id``, recorded without a parent, a child of ``parent_activity_id``
+        (its parent arrived after it: an OpenTelemetry span exported before its parent).
+        Open or completed, both must be held (in history, or open); the activity must have
+        no parent yet; and the parent must not be the activity or one of its descendants,
+        which would make a cycle. The parent's ancestry is followed to its root: an
+        ancestor no longer held means a cycle cannot be ruled out, and the link is refused."""
+        limits = self.limits
+        check_hub_id("activity_id", activity_id, limits)
+        check_hub_id("parent_activity_id", parent_activity_id, limits)
+        activity = self.get_activity(activity_id)
+        if activity is None:
+            raise NotFound(f"activity {activity_id!r} not found")
+        parent = self.get_activity(parent_activity_id)
+        if parent is None:
+            raise NotFound(f"parent activity {parent_activity_id!r} not found")
+        if activity.parent_activity_id:
+            raise FailedPrecondition(
+                f"activity {activity_id!r} already has a parent ({activity.parent_activity_id!r}); "
+                "only an activity without one is linked"
+            )
+        # The activity has no parent, so a cycle needs it among the parent's ancestors
+        # (or to be the parent). Every step reaches a distinct held activity, else it is
+        # a cycle already or an ancestor not held: at most as many steps as are held.
+        ancestor: Activity | None = parent
+        for _ in range(len(self._history) + len(self._open) + 1):
+            if ancestor is None:
+                break
+            if ancestor.activity_id == activity_id:
+                raise FailedPrecondition(
+                    f"activity {parent_activity_id!r} is {activity_id!r} or one of its descendants; "
+                    "linking them would make a cycle"
+                )
+            if not ancestor.parent_activity_id:
+                break  # the root of the parent's tree: no cycle
+            above = self.get_activity(ancestor.parent_activity_id)
+            if above is None:
+                raise FailedPrecondition(
+                    f"the ancestry of {parent_activity_id!r} reaches {ancestor.parent_activity_id!r}, no longer "
+                    "held, so a cycle through it cannot be ruled out"
+                )
+            ancestor = above
+        else:  # pragma: no cover - a held tree has no more levels than held activities
+            raise FailedPrecondition(f"the ancestry of {parent_activity_id!r} does not end")
+        # Not an agent's own act (its activity gained a parent): no agent is marked seen.
+        activity.parent_activity_id = parent_activity_id
+        link = ActivityLink(copied(activity))
+        self.log.append(EventKind.ACTIVITY_LINKED, link, self.clock(), self._activity_sizes.get(activity_id))
+        return activity
 
     def start_collaboration(
         self,
@@ -999,6 +1050,10 @@ class CollaborationState:
             self._apply_ended(ended)
         elif isinstance(payload, Decision):
             self._apply_decision(payload)
+        elif isinstance(payload, ActivityLink):
+            known = self.get_activity(payload.activity_id)
+            if known is not None:
+                known.parent_activity_id = payload.parent_activity_id
         elif isinstance(payload, AgentRetirement):
             # Decided on this same state (the replica that swept was caught up to here).
             self._agents.pop(payload.agent_id, None)

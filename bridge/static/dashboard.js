@@ -989,6 +989,20 @@ hub.addEventListener("agent_retired", ({ detail }) => {
   model.agents.delete(detail.agent_id);
   model.touch("agents", "timeline", "graph");
 });
+hub.addEventListener("activity_linked", ({ detail }) => {
+  // An activity recorded as a root got its parent, which arrived later (an OpenTelemetry
+  // span exported before its parent ended): it moves under it in the trace tree.
+  const known = model.activities.get(detail.activity_id);
+  if (known) known.parent_activity_id = detail.parent_activity_id;
+  const tree = panelCache.activityTree;
+  if (tree && (tree.id === detail.activity_id || tree.root === detail.activity_id || panelCache.treeIds.has(detail.activity_id))) {
+    // The shown tree's root is now higher up: found again from the selected activity.
+    panelCache.activityTree = null;
+    model.touch("panel");
+  } else if (panelCache.treeIds.has(detail.parent_activity_id)) {
+    model.touch("panel");
+  }
+});
 hub.addEventListener("memory_update", ({ detail: { update, seq } }) => {
   model.putMemory(seq, update);
   model.touch("memory");

@@ -12,6 +12,7 @@ import orjson
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     ActivityType,
     AgentRetirement,
@@ -86,7 +87,7 @@ def _fields(value: Any) -> dict[str, Any]:
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {
     kind: tuple(field.name for field in dataclasses.fields(kind))
-    for kind in (Activity, ActivityCompletion, AgentRetirement, Decision, MemoryUpdate, Session)
+    for kind in (Activity, ActivityCompletion, ActivityLink, AgentRetirement, Decision, MemoryUpdate, Session)
 }
 
 
@@ -121,4 +122,6 @@ def decode_payload_data(kind: EventKind, data: Any) -> EventPayload:
         return decode_session(data)
     if kind is EventKind.AGENT_RETIRED:
         return AgentRetirement(**data)
+    if kind is EventKind.ACTIVITY_LINKED:
+        return ActivityLink(decode_activity(data["activity"]))
     return Decision(**data)

@@ -64,6 +64,7 @@ from collab_grpc.history import ActivityQuery, Found, query_held
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     AgentRetirement,
     Decision,
@@ -877,6 +878,9 @@ class RedisStore:
                 ["HSET", key("activity"), payload.activity.activity_id, encode(payload.activity)],
                 ["SREM", key("open"), payload.activity.activity_id],
             ]
+        elif isinstance(payload, ActivityLink):
+            # Its state when linked: the events before it included (they are written in order).
+            ops.append(["HSET", key("activity"), payload.activity_id, encode(payload.activity)])
         elif isinstance(payload, Session) and event.kind is EventKind.COLLABORATION_STARTED:
             ops += [
                 ["HSET", key("session"), payload.session_id, encode(payload)],

@@ -44,6 +44,7 @@ from collab_grpc.history import ActivityQuery, Found
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     AgentRetirement,
     Decision,
@@ -103,7 +104,7 @@ CREATE TABLE idempotency (
 """
 
 # What the writer thread writes from a commit's events, given as JSON arrays (see
-# _Chunk): each event's row, then the rows of new activities, then the completed ones.
+# _Chunk): each event's row, then the rows of new activities, then the completed and linked ones.
 # (json_each reads an array in order. Ids, kinds and statuses are printable text, so
 # json_extract, which ends a string at \u0000, reads them whole.)
 _FROM_CHUNK = "FROM json_each(?)"
@@ -131,6 +132,13 @@ _COMPLETE_ACTIVITIES = (
     f"(SELECT {_field(4)} AS activity_id, {_field(5)} AS status, {_field(6)} AS completed_at, {_field(7)} AS body "
     f"{_FROM_CHUNK} WHERE {_field(2)} = '{EventKind.ACTIVITY_COMPLETED.value}') AS done "
     "WHERE activities.activity_id = done.activity_id"
+)
+# A link sets the parent alone (its column and the body's field), not the whole body: a
+# completion of the same activity in the same chunk, before or after it, keeps its state.
+_LINK_ACTIVITIES = (
+    "UPDATE activities SET parent_activity_id = link.parent, body = json_set(body, '$.parent_activity_id', "
+    f"link.parent) FROM (SELECT {_field(4)} AS activity_id, {_field(5)} AS parent {_FROM_CHUNK} "
+    f"WHERE {_field(2)} = '{EventKind.ACTIVITY_LINKED.value}') AS link WHERE activities.activity_id = link.activity_id"
 )
 # (agent_id, when): an agent's row made or marked seen; its department and last activity kept.
 _AGENT_SEEN = (
@@ -286,13 +294,15 @@ IdempotencyRow = tuple[str, str, bytes, bytes, float]
 @dataclass(frozen=True, slots=True)
 class _Chunk:
     """Events of a commit for the writer thread: one JSON array with a row per event,
-    ``[seq, time, kind, payload]``, where a new activity adds ``activity_id, status``
-    and a completion ``activity_id, status, completed_at, activity``. Payloads are JSON
-    objects in it: SQLite keeps their text as written, and each is encoded only once."""
+    ``[seq, time, kind, payload]``, where a new activity adds ``activity_id, status``,
+    a completion ``activity_id, status, completed_at, activity`` and a link
+    ``activity_id, parent_activity_id``. Payloads are JSON objects in it: SQLite keeps
+    their text as written, and each is encoded only once."""
 
     document: str
     recorded: int
     completed: int
+    linked: int = 0
 
     @classmethod
     def of(cls, rows: list[tuple[Any, ...]]) -> _Chunk:
@@ -301,6 +311,7 @@ class _Chunk:
             encode_rows(rows),
             kinds.count(EventKind.ACTIVITY_RECORDED),
             kinds.count(EventKind.ACTIVITY_COMPLETED),
+            kinds.count(EventKind.ACTIVITY_LINKED),
         )
 
 
@@ -910,6 +921,9 @@ class SQLiteStore(SingleProcessStore):
                     row = (event.seq, event.time, event.kind, payload)
                     rows.append((*row, done.activity_id, done.status, done.completed_at, done))
                     connection.execute(_AGENT_SEEN, (done.agent_id, event.time))
+                elif isinstance(payload, ActivityLink):
+                    link = payload
+                    rows.append((event.seq, event.time, event.kind, link, link.activity_id, link.parent_activity_id))
                 else:
                     rows.append((event.seq, event.time, event.kind, payload))
                     self._apply(connection, event)
@@ -931,7 +945,7 @@ class SQLiteStore(SingleProcessStore):
     def _commit(self, chunks: list[_Chunk], committed: Callable[[], None]) -> None:
         """The chunks' rows, COMMIT, ``committed()`` (which publishes the events), then the
         fsync: in the writer thread, so the loop keeps deciding the next batch meanwhile.
-        Chunk by chunk, new activities before completions: a completion may end an
+        Chunk by chunk, new activities before completions and links: either may be of an
         activity recorded in the same chunk. A failed fsync raises _SyncFailed."""
         connection = self._connection
         assert connection is not None
@@ -942,6 +956,8 @@ class SQLiteStore(SingleProcessStore):
                     connection.execute(_INSERT_ACTIVITIES, (chunk.document,))
                 if chunk.completed:
                     connection.execute(_COMPLETE_ACTIVITIES, (chunk.document,))
+                if chunk.linked:
+                    connection.execute(_LINK_ACTIVITIES, (chunk.document,))
             connection.execute("COMMIT")
         except BaseException:
             self._rollback(connection)

@@ -135,6 +135,8 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_DECISION_RECORDED: _EventKind.ValueType  # 6
     EVENT_KIND_AGENT_RETIRED: _EventKind.ValueType  # 7
     """An idle agent left the live status (see AgentRetired)."""
+    EVENT_KIND_ACTIVITY_LINKED: _EventKind.ValueType  # 8
+    """An activity recorded without a parent was given one (see ActivityLinked)."""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
     """What an Event carries; used to filter SubscribeEvents."""
@@ -148,6 +150,8 @@ EVENT_KIND_COLLABORATION_ENDED: EventKind.ValueType  # 5
 EVENT_KIND_DECISION_RECORDED: EventKind.ValueType  # 6
 EVENT_KIND_AGENT_RETIRED: EventKind.ValueType  # 7
 """An idle agent left the live status (see AgentRetired)."""
+EVENT_KIND_ACTIVITY_LINKED: EventKind.ValueType  # 8
+"""An activity recorded without a parent was given one (see ActivityLinked)."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 @_typing.final
@@ -492,6 +496,7 @@ class Event(_message.Message):
     COLLABORATION_ENDED_FIELD_NUMBER: _builtins.int
     DECISION_RECORDED_FIELD_NUMBER: _builtins.int
     AGENT_RETIRED_FIELD_NUMBER: _builtins.int
+    ACTIVITY_LINKED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     epoch: _builtins.str
     @_builtins.property
@@ -514,6 +519,10 @@ class Event(_message.Message):
     def agent_retired(self) -> Global___AgentRetired:
         """An idle agent left the live status; its history stays readable."""
 
+    @_builtins.property
+    def activity_linked(self) -> Global___ActivityLinked:
+        """An activity recorded without a parent was given one (a parent that arrived later)."""
+
     def __init__(
         self,
         *,
@@ -527,16 +536,50 @@ class Event(_message.Message):
         collaboration_ended: Global___CollaborationSession | None = ...,
         decision_recorded: Global___Decision | None = ...,
         agent_retired: Global___AgentRetired | None = ...,
+        activity_linked: Global___ActivityLinked | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "memory_updated", b"memory_updated", "payload", b"payload", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_linked", b"activity_linked", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "memory_updated", b"memory_updated", "payload", b"payload", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "epoch", b"epoch", "memory_updated", b"memory_updated", "payload", b"payload", "seq", b"seq", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_completed", b"activity_completed", "activity_linked", b"activity_linked", "activity_recorded", b"activity_recorded", "agent_retired", b"agent_retired", "collaboration_ended", b"collaboration_ended", "collaboration_started", b"collaboration_started", "decision_recorded", b"decision_recorded", "epoch", b"epoch", "memory_updated", b"memory_updated", "payload", b"payload", "seq", b"seq", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["activity_recorded", "activity_completed", "memory_updated", "collaboration_started", "collaboration_ended", "decision_recorded", "agent_retired"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["activity_recorded", "activity_completed", "memory_updated", "collaboration_started", "collaboration_ended", "decision_recorded", "agent_retired", "activity_linked"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class ActivityLinked(_message.Message):
+    """An activity recorded as a root (no parent) was made the child of another: its parent
+    arrived after it (an OpenTelemetry span exported before its parent span ended). Only an
+    activity without a parent is linked, and never to itself or to one of its descendants.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIVITY_ID_FIELD_NUMBER: _builtins.int
+    PARENT_ACTIVITY_ID_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
+    activity_id: _builtins.str
+    parent_activity_id: _builtins.str
+    @_builtins.property
+    def activity(self) -> Global___Activity:
+        """The activity in its state once linked (parent_activity_id set)."""
+
+    def __init__(
+        self,
+        *,
+        activity_id: _builtins.str = ...,
+        parent_activity_id: _builtins.str = ...,
+        activity: Global___Activity | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "activity_id", b"activity_id", "parent_activity_id", b"parent_activity_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivityLinked: _TypeAlias = ActivityLinked  # noqa: Y015
 
 @_typing.final
 class AgentRetired(_message.Message):

@@ -93,6 +93,9 @@ def describe(event: pb.Event) -> tuple[str, str, str]:
     if kind == "agent_retired":
         r = event.agent_retired
         return kind, r.agent_id, f"left the live status (idle; last activity {r.last_activity_id or 'none'})"
+    if kind == "activity_linked":
+        link = event.activity_linked
+        return kind, link.activity.agent_id, f"{link.activity_id} now under {link.parent_activity_id}"
     d = event.decision_recorded
     return kind, d.agent_id, f"{d.session_id}: {d.decision}"
 
@@ -103,6 +106,8 @@ def _department(event: pb.Event) -> str | None:
         return event.activity_recorded.department
     if kind == "activity_completed":
         return event.activity_completed.activity.department
+    if kind == "activity_linked":
+        return event.activity_linked.activity.department
     return None
 
 

@@ -84,6 +84,7 @@ describe('collab Node client', { timeout: 120_000 }, () => {
       'collaboration_ended',
       'decision_recorded',
       'agent_retired',
+      'activity_linked',
     ]);
   });
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from collab_grpc.model import (
     Activity,
     ActivityCompletion,
+    ActivityLink,
     ActivityStatus,
     ActivityType,
     Decision,
@@ -61,6 +62,7 @@ PAYLOADS: list[tuple[EventKind, EventPayload]] = [
         ),
     ),
     (EventKind.MEMORY_UPDATED, MemoryUpdate(MemoryOperation.WRITE, "item_1", "agent_1", 1_764_000_003.0, {"k": 1})),
+    (EventKind.ACTIVITY_LINKED, ActivityLink(dataclasses.replace(DONE, parent_activity_id="act_parent"))),
 ]
 
 
