@@ -56,6 +56,37 @@ def test_record_complete_and_status(hub: dict[str, str]) -> None:
     assert agent["status"] == "AGENT_STATE_IDLE"
 
 
+def test_complete_merges_metadata_into_the_activity(hub: dict[str, str]) -> None:
+    recorded = collab(hub, "record", "cli_llm", "message_sent", "--metadata", '{"gen_ai.request.model": "m-1"}')
+    assert recorded.returncode == 0, recorded.stderr
+    activity_id = recorded.stdout.strip()
+
+    late = '{"gen_ai.usage.input_tokens": 1234, "gen_ai.request.model": "m-2"}'
+    done = collab(hub, "complete", activity_id, "--metadata", late)
+    assert done.returncode == 0 and done.stdout.split() == [activity_id, "completed"], done.stderr
+    found = collab(hub, "history", "--agent", "cli_llm", "--json")
+    assert found.returncode == 0, found.stderr
+    (activity,) = [json.loads(line) for line in found.stdout.splitlines()]
+    assert activity["activity_id"] == activity_id and activity["status"] == "ACTIVITY_STATUS_COMPLETED"
+    # A key given replaces the recorded one; the others are kept.
+    assert activity["metadata"] == {"gen_ai.request.model": "m-2", "gen_ai.usage.input_tokens": 1234}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [("{nope", "--metadata is not valid JSON"), ("[1, 2]", "--metadata must be a JSON object")],
+)
+def test_complete_refuses_metadata_that_is_not_an_object_and_completes_nothing(
+    hub: dict[str, str], metadata: str, message: str
+) -> None:
+    activity_id = collab(hub, "record", "cli_refused", "message_sent").stdout.strip()
+    refused = collab(hub, "complete", activity_id, "--metadata", metadata)
+    assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+    found = collab(hub, "history", "--agent", "cli_refused", "--json").stdout.splitlines()
+    (activity,) = [row for row in map(json.loads, found) if row["activity_id"] == activity_id]
+    assert activity["status"] == "ACTIVITY_STATUS_ACTIVE"
+
+
 def test_tail_shows_live_events_with_filters(hub: dict[str, str]) -> None:
     tail = subprocess.Popen(
         [COLLAB, "tail", "--department", "ops", "--count", "2"], env=hub, stdout=subprocess.PIPE, text=True
