@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from bridge.fanout import ClientFilter, Frame
 from bridge.hub import StreamHub
@@ -27,10 +25,10 @@ from collab_grpc.history import ActivityQuery
 from collab_grpc.model import Activity, ActivityLink, ActivityStatus, ActivityType, Event, EventKind
 from collab_grpc.otlp_servicer import WaitingChildren
 from collab_grpc.state import CollaborationState, StateSettings
-from collab_grpc.store import SQLiteStore
 from collab_grpc.store import sqlite as sqlite_module
 from collab_grpc.store.codec import decode_payload, encode
 from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.collab_grpc.conftest import SQLiteStores
 
 
 class FakeClock:
@@ -214,31 +212,19 @@ def test_activity_linked_can_be_subscribed_to_by_name() -> None:
     assert not chosen.wants(Frame("{}", "agent_activity", "task_assigned"))
 
 
+def link_state(clock: FakeClock) -> CollaborationState:
+    return CollaborationState(clock=clock, epoch="epoch-test")
+
+
 # -- the SQLite store --------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def stores() -> AsyncIterator[list[SQLiteStore]]:
-    opened: list[SQLiteStore] = []
-    yield opened
-    for store in reversed(opened):
-        await store.close()
-
-
-def open_sqlite(data_dir: Path, clock: FakeClock, opened: list[SQLiteStore]) -> tuple[CollaborationState, SQLiteStore]:
-    state = CollaborationState(clock=clock, epoch="epoch-test")
-    store = SQLiteStore(data_dir)
-    store.open(state)
-    store.start()
-    opened.append(store)
-    return state, store
-
-
 async def test_sqlite_keeps_the_link_across_a_restart(
-    tmp_path: Path, clock: FakeClock, stores: list[SQLiteStore]
+    tmp_path: Path, clock: FakeClock, sqlite_stores: SQLiteStores
 ) -> None:
     data_dir = tmp_path / "data"
-    state, store = open_sqlite(data_dir, clock, stores)
+    state = link_state(clock)
+    store = sqlite_stores.open(data_dir, state)
     parent = record(state, "boss")
     # Linked after its completion, in another commit.
     done_first = record(state, "w")
@@ -258,8 +244,7 @@ async def test_sqlite_keeps_the_link_across_a_restart(
     await store.durable(state.log.last_seq)
     found = await store.query_activities(ActivityQuery(parent_activity_ids=(parent,), newest_first=False), 10)
     assert sorted(a.activity_id for a in found.activities) == sorted([done_first, same_commit, linked_first])
-    await store.close()
-    stores.remove(store)
+    await sqlite_stores.close(store)
 
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
     try:
@@ -268,7 +253,8 @@ async def test_sqlite_keeps_the_link_across_a_restart(
         connection.close()
     assert rows == {parent: "", done_first: parent, same_commit: parent, linked_first: parent}
 
-    again, _ = open_sqlite(data_dir, clock, stores)
+    again = link_state(clock)
+    sqlite_stores.open(data_dir, again)
     for child in (done_first, same_commit, linked_first):
         assert again.require_activity(child).parent_activity_id == parent
     assert again.require_activity(done_first).status is ActivityStatus.COMPLETED

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from bridge.fanout import ClientFilter, Frame
 from bridge.hub import StreamHub
@@ -25,10 +23,10 @@ from collab_grpc.model import ActivityType, AgentRetirement, Event, EventKind, M
 from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.server import expiry_period
 from collab_grpc.state import CollaborationState, RosterEntry, StateSettings
-from collab_grpc.store import SQLiteStore
 from collab_grpc.store import sqlite as sqlite_module
 from collab_grpc.store.codec import decode_payload, encode
 from collab_grpc.v1 import collaboration_pb2 as pb
+from tests.collab_grpc.conftest import SQLiteStores
 
 TTL = 100.0
 
@@ -299,23 +297,6 @@ def test_agent_retired_can_be_subscribed_to_by_name() -> None:
 # -- the SQLite store ------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def stores() -> AsyncIterator[list[SQLiteStore]]:
-    opened: list[SQLiteStore] = []
-    yield opened
-    for store in reversed(opened):
-        await store.close()
-
-
-def open_sqlite(data_dir: Path, clock: FakeClock, opened: list[SQLiteStore]) -> tuple[CollaborationState, SQLiteStore]:
-    state = make_state(clock)
-    store = SQLiteStore(data_dir)
-    store.open(state)
-    store.start()
-    opened.append(store)
-    return state, store
-
-
 def agent_rows(data_dir: Path) -> list[tuple[str, float]]:
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
     try:
@@ -325,10 +306,11 @@ def agent_rows(data_dir: Path) -> list[tuple[str, float]]:
 
 
 async def test_sqlite_drops_a_retired_agent_and_restores_only_live_ones(
-    tmp_path: Path, clock: FakeClock, stores: list[SQLiteStore]
+    tmp_path: Path, clock: FakeClock, sqlite_stores: SQLiteStores
 ) -> None:
     data_dir = tmp_path / "data"
-    state, store = open_sqlite(data_dir, clock, stores)
+    state = make_state(clock)
+    store = sqlite_stores.open(data_dir, state)
     kept_activity = record_and_complete(state, "retiring")
     state.start_collaboration(participants=["member"])
     clock.advance(TTL + 1)
@@ -336,30 +318,31 @@ async def test_sqlite_drops_a_retired_agent_and_restores_only_live_ones(
     state.retire_idle_agents()
     await store.durable(state.log.last_seq)
     assert [agent_id for agent_id, _ in agent_rows(data_dir)] == ["member", "recent"]
-    await store.close()
-    stores.remove(store)
+    await sqlite_stores.close(store)
 
-    again, _ = open_sqlite(data_dir, clock, stores)
+    again = make_state(clock)
+    sqlite_stores.open(data_dir, again)
     assert sorted(live_ids(again)) == ["member", "recent"]
     assert again.require_activity(kept_activity).agent_id == "retiring"  # history stays
     events = list(again.log.events_after(0))
     assert retired_ids(events) == ["retiring"]
 
 
-async def test_sqlite_restart_reads_only_the_live_agents_of_many(tmp_path: Path, stores: list[SQLiteStore]) -> None:
+async def test_sqlite_restart_reads_only_the_live_agents_of_many(tmp_path: Path, sqlite_stores: SQLiteStores) -> None:
     """Agents that went idle while the server was down are not read back (nor counted)."""
     clock = FakeClock(time.time() - 10 * TTL)  # in the past: pruning goes by the real time
     data_dir = tmp_path / "data"
-    state, store = open_sqlite(data_dir, clock, stores)
+    state = make_state(clock)
+    store = sqlite_stores.open(data_dir, state)
     for n in range(2_000):
         record_and_complete(state, f"historic_{n}")
     busy = state.record_activity(agent_id="busy", activity_type=ActivityType.TASK_ASSIGNED)
     await store.durable(state.log.last_seq)
-    await store.close()
-    stores.remove(store)
+    await sqlite_stores.close(store)
 
     clock.now = time.time()  # the server was down for longer than the TTL
-    again, reopened = open_sqlite(data_dir, clock, stores)
+    again = make_state(clock)
+    reopened = sqlite_stores.open(data_dir, again)
     assert live_ids(again) == ["busy"]
     assert again.require_activity(busy.activity_id).status == "active"
     # The rows of agents never retired go with the retention's pruning.
@@ -372,17 +355,17 @@ async def test_sqlite_restart_reads_only_the_live_agents_of_many(tmp_path: Path,
 
 
 async def test_sqlite_schema_1_is_upgraded_with_seen_times(
-    tmp_path: Path, clock: FakeClock, stores: list[SQLiteStore]
+    tmp_path: Path, clock: FakeClock, sqlite_stores: SQLiteStores
 ) -> None:
     data_dir = tmp_path / "data"
-    state, store = open_sqlite(data_dir, clock, stores)
+    state = make_state(clock)
+    store = sqlite_stores.open(data_dir, state)
     record_and_complete(state, "old")
     clock.advance(TTL + 1)
     record_and_complete(state, "recent")
     await store.durable(state.log.last_seq)
     completed_at = clock.now
-    await store.close()
-    stores.remove(store)
+    await sqlite_stores.close(store)
     connection = sqlite3.connect(data_dir / sqlite_module.FILE_NAME)
     # Back to version 1's shape: without the agents' seen times (2), the search columns (3)
     # and the idempotency answers' index by age (4).
@@ -399,6 +382,7 @@ async def test_sqlite_schema_1_is_upgraded_with_seen_times(
     )
     connection.close()
 
-    again, _ = open_sqlite(data_dir, clock, stores)
+    again = make_state(clock)
+    sqlite_stores.open(data_dir, again)
     assert live_ids(again) == ["recent"]
     assert dict(agent_rows(data_dir))["recent"] == completed_at
