@@ -93,7 +93,8 @@ class SkippedEvents:
         payload = event.WhichOneof("payload")
         if payload is not None:
             return payload
-        numbers = sorted({field.field_number for field in UnknownFieldSet(event)})
+        unknown = UnknownFieldSet(event)
+        numbers = sorted({unknown[index].field_number for index in range(len(unknown))})
         return f"field_{numbers[0]}" if numbers else "none"
 
     def skipped(self, event: pb.Event, error: Exception) -> None:

@@ -433,23 +433,24 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                 if waiting_key:
                     self._wait(waiting_key, child)
             return
-        done = 0
+        settled = 0  # children linked, refused or evicted: the rest wait again if the store fails
         try:
             stored = await self._stored_for_links(children, record.activity_id)
-            for done, child in enumerate(children):
+            for child in children:
                 async with self.store.writing():
                     if self.state.get_activity(child) is None and child not in stored:
-                        LINKS.labels("evicted").inc()
-                        continue
-                    try:
-                        self.state.link_activity(child, record.activity_id, stored)
-                    except CollabError:
-                        LINKS.labels("refused").inc()
-                        continue
-                LINKS.labels("linked").inc()
+                        outcome = "evicted"
+                    else:
+                        try:
+                            self.state.link_activity(child, record.activity_id, stored)
+                            outcome = "linked"
+                        except CollabError:
+                            outcome = "refused"
+                settled += 1
+                LINKS.labels(outcome).inc()
         except StoreUnavailable:
-            for unlinked in children[done:]:  # the exporter's retry links them
-                self._wait(key, unlinked)
+            for child in children[settled:]:  # the exporter's retry links them
+                self._wait(key, child)
             raise
 
     async def _stored_for_links(self, children: Sequence[str], parent_activity_id: str) -> dict[str, Activity]:

@@ -31,8 +31,7 @@ from collab_grpc.convert import EVENT_KIND_TO_PROTO, event_to_proto
 from collab_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from collab_grpc.events import EventFilter
 from collab_grpc.history import ActivityQuery, Found
-from collab_grpc.model import Activity, ActivityLink, ActivityStatus, ActivityType, Event, EventKind
-from collab_grpc.model import copied
+from collab_grpc.model import Activity, ActivityLink, ActivityStatus, ActivityType, Event, EventKind, copied
 from collab_grpc.otlp_servicer import OtlpTraceServicer, WaitingChildren
 from collab_grpc.state import MAX_LINK_DEPTH, CollaborationState, StateSettings
 from collab_grpc.store import sqlite as sqlite_module

@@ -219,8 +219,7 @@ async def test_a_child_that_left_the_history_is_linked_from_the_store(tmp_path: 
                 assert provider.force_flush(10_000)
                 for _ in range(HISTORY_LIMIT + 3):
                     await activity_of(ws, others, "message_sent")
-                feed = httpx.get(f"{stack.bridge.http}{API}/activity-feed", headers=AUTH, timeout=10).json()
-                assert tool["activity_id"] not in {a["activity_id"] for a in feed["activities"]}
+                assert tool["activity_id"] not in feed_ids(stack)
             assert provider.force_flush(10_000)
             root = await activity_of(ws, agent, "agent_started")
             link = await recv_until(ws, lambda m: m["type"] == "activity_linked" and m["agent_id"] == agent)
@@ -233,6 +232,12 @@ async def test_a_child_that_left_the_history_is_linked_from_the_store(tmp_path: 
         assert stored["status"] == "completed"  # the stored body, whole, took the link
         assert stored["metadata"]["otel.span_id"] == tool["metadata"]["otel.span_id"]
         assert "otel.end_time" in stored["metadata"]
+
+
+def feed_ids(stack: Stack) -> set[str]:
+    """The ids in the activity feed: the server's in-memory history."""
+    feed = httpx.get(f"{stack.bridge.http}{API}/activity-feed", headers=AUTH, timeout=10).json()
+    return {a["activity_id"] for a in feed["activities"]}
 
 
 def stored_activity(stack: Stack, store: str, activity_id: str, parent_activity_id: str) -> dict[str, Any]:
