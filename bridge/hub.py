@@ -20,17 +20,20 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from bridge import mapping
 from bridge.fanout import Fanout, Frame, Subscriber
 from bridge.mapping import dumps
 from collab_grpc.v1 import collaboration_pb2 as pb
 
-__all__ = ["Join", "SnapshotTooOld", "StreamHub"]
+__all__ = ["Join", "SkippedEvents", "SnapshotTooOld", "StreamHub"]
 
 log = logging.getLogger("bridge.hub")
 
@@ -61,6 +64,59 @@ class Join:
     recovered: bool
     reason: str
     catch_up: list[Frame]
+
+
+# Skipped events (a newer server's kinds) are logged at most once a kind this often
+# (seconds), each line with how many were skipped since the last; the kinds tallied are
+# bounded (the rest are tallied as "other").
+SKIPPED_LOG_INTERVAL = 60.0
+SKIPPED_KINDS = 32
+
+
+class SkippedEvents:
+    """The events this bridge cannot show (a newer server's payload or enum value, as
+    while servers are upgraded before bridges): each counted by its kind (the metric
+    ``collab_bridge_events_skipped_total{kind}``); the log says so once a kind per
+    ``interval``, with the count since its last line, not once an event."""
+
+    def __init__(self, interval: float = SKIPPED_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.counts: dict[str, int] = {}  # kind -> events skipped since the bridge started
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}  # kind -> skipped since its last log line
+
+    @staticmethod
+    def kind_of(event: pb.Event) -> str:
+        """The event's payload: its name when this bridge knows it (a value in it is what
+        it cannot read), else ``field_<number>`` of the payload this bridge's proto lacks."""
+        payload = event.WhichOneof("payload")
+        if payload is not None:
+            return payload
+        unknown = UnknownFieldSet(event)
+        numbers = sorted({unknown[index].field_number for index in range(len(unknown))})
+        return f"field_{numbers[0]}" if numbers else "none"
+
+    def skipped(self, event: pb.Event, error: Exception) -> None:
+        kind = self.kind_of(event)
+        if kind not in self.counts and len(self.counts) >= SKIPPED_KINDS:
+            kind = "other"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        now = self.clock()
+        last = self._logged_at.get(kind)
+        if last is not None and now - last < self.interval:
+            return
+        self._logged_at[kind] = now
+        count = self._unlogged.pop(kind)
+        log.error(
+            "event %d skipped: not mappable to JSON: %r; %d event(s) of kind %s skipped since the last such line "
+            "(at most one a minute per kind): is the server newer than this bridge? upgrade the bridge",
+            event.seq,
+            error,
+            count,
+            kind,
+        )
 
 
 DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
@@ -98,6 +154,7 @@ class StreamHub:
         self._recent: deque[Frame] = deque()
         self.buffered_bytes = 0
         self.status_frame: Frame | None = None
+        self.skipped = SkippedEvents()
 
     # -- from upstream --------------------------------------------------------------
 
@@ -121,14 +178,14 @@ class StreamHub:
             subscriber.min_seq = subscriber.last_seq = snapshot.seq
             subscriber.send_frame(frame)
 
-    @staticmethod
-    def frame(event: pb.Event) -> Frame | None:
+    def frame(self, event: pb.Event) -> Frame | None:
         """``event`` serialised as its WebSocket message; None if this bridge cannot show
-        it (a newer server's payload or enum value), which the log says."""
+        it (a newer server's payload or enum value), which is counted and logged (see
+        SkippedEvents)."""
         try:
             message = mapping.event_json(event)
         except (KeyError, ValueError) as error:
-            log.error("event %d skipped: not mappable to JSON: %r", event.seq, error)
+            self.skipped.skipped(event, error)
             return None
         activity_type = message.get("activity", {}).get("activity_type") or message.get("activity_type")
         return Frame(dumps(message), message["type"], activity_type, event.seq)

@@ -148,6 +148,14 @@ class BridgeCollector(Collector):
         for outcome, count in self.runtime.catch_up.outcomes.items():
             waits.add_metric([outcome.value], count)
         yield waits
+        skipped = CounterMetricFamily(
+            "collab_bridge_events_skipped",
+            "Events from the server this bridge cannot show (a newer server's kinds: upgrade the bridge), by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.runtime.hub.skipped.counts.items()):
+            skipped.add_metric([kind], count)
+        yield skipped
         yield GaugeMetricFamily(
             "collab_bridge_upstream_last_seq", "The seq of the newest event received from the server", upstream.last_seq
         )

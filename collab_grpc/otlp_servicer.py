@@ -16,11 +16,17 @@ is applied:
   that is not GenAI passes its waiting children on to its own parent's key (through the
   dropped spans of its batch), so they link to their nearest GenAI ancestor when it
   comes. Only a child still without a parent is linked, never into a cycle (the core
-  refuses, counted as ``refused``). The index is in memory: it is rebuilt from the
-  activities the hub holds (roots with ``otel.parent_span_id``) when the server starts
-  or reloads its state; a child recorded by another replica sharing a Redis store waits
-  only in that replica's index (each replica links what it recorded), and one whose
-  non-GenAI parent came before a restart waits for that span again (not linked).
+  refuses, counted as ``refused``). A child exported long before its parent has often
+  left the in-memory history (an exported span is completed at once): it is read back
+  from the store (``Store.read_activities``), as are ancestors of the parent the cycle
+  check needs; one the store does not keep (the memory store, or past its retention) is
+  counted as ``evicted``. The index is in memory: it is rebuilt from the activities the
+  hub holds in memory (roots with ``otel.parent_span_id`` among the newest
+  ``history_limit`` and the open ones) when the server starts or reloads its state, so
+  a child that had left that history before a restart is not linked; a child recorded
+  by another replica sharing a Redis store waits only in that replica's index (each
+  replica links what it recorded), and one whose non-GenAI parent came before a restart
+  waits for that span again (not linked).
 - ``(trace id, span id)`` is the idempotency key of a span's records: the hub keeps
   which activity a span became in a span index, an IdempotencyCache of its own
   (collab_grpc/idempotency.py: the newest ``span_index`` spans, for 24 hours), so that
@@ -72,11 +78,11 @@ from prometheus_client import Counter
 from collab_grpc import metrics
 from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
 from collab_grpc.idempotency import IdempotencyCache
-from collab_grpc.model import ActivityStatus
+from collab_grpc.model import Activity, ActivityStatus
 from collab_grpc.otlp import SpanPlan, SpanView, completion_metadata, fit_metadata, plan_span, span_key
 from collab_grpc.servicer import Context, abort_with
-from collab_grpc.state import CollaborationState
-from collab_grpc.store.base import Store, StoreUnavailable
+from collab_grpc.state import MAX_LINK_DEPTH, CollaborationState
+from collab_grpc.store.base import READ_ACTIVITIES_MAX, Store, StoreUnavailable
 
 __all__ = [
     "DEFAULT_MAX_SPANS",
@@ -114,7 +120,8 @@ SPANS = Counter(
 LINKS = Counter(
     "collab_otlp_links",
     "OTLP spans recorded before their parent span, by outcome: linked (to the parent once it came), "
-    "refused (the hub would not link them: no longer held, already has a parent, a cycle), "
+    "refused (the hub would not link them: already has a parent, a cycle, an ancestry not held or stored), "
+    "evicted (left the in-memory history and the store keeps no copy: the memory store, or past retention), "
     "dropped (out of the waiting index, oldest first, before their parent came)",
     ["outcome"],
 )
@@ -388,12 +395,16 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
 
     # -- children that came before their parent -----------------------------------------
 
-    def _wait(self, key: str, activity_id: str) -> None:
-        LINKS.labels("dropped").inc(self.waiting.add(key, activity_id))
+    def _wait(self, key: str, activity_id: str, *, count_drops: bool = True) -> None:
+        dropped = self.waiting.add(key, activity_id)
+        if count_drops:
+            LINKS.labels("dropped").inc(dropped)
 
     def _rebuild_waiting(self) -> None:
         """The waiting index from the activities the state holds (at a start, or after the
-        store reloaded the state): each OTLP root that names its parent span waits for it."""
+        store reloaded the state): each OTLP root that names its parent span waits for it.
+        Children beyond the index's capacity were dropped (and counted) when they first
+        waited; a rebuild (each reload of a Redis replica) does not count them again."""
         self.waiting.clear()
         for activity in self.state.held_activities():
             meta = activity.metadata
@@ -404,12 +415,14 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                 continue
             key = span_key(trace_id, parent_span_id)
             if self._span_record(key) is None:  # else its parent came, and it was not linked
-                self._wait(key, activity.activity_id)
+                self._wait(key, activity.activity_id, count_drops=False)
 
     async def _adopt(self, key: str, skipped: dict[str, str]) -> None:
         """Span ``key`` of this batch had children waiting: each is linked to its activity,
         or, for a span not GenAI, to its nearest recorded GenAI ancestor; when there is
-        none yet, they wait for the nearest ancestor to come."""
+        none yet, they wait for the nearest ancestor to come. A child (or an ancestor of
+        the parent) that left the in-memory history is read from the store; one the store
+        does not keep either is counted ``evicted``."""
         children = self.waiting.take(key)
         if key in skipped:
             record, waiting_key = self._resolve(skipped[key], skipped)
@@ -420,18 +433,49 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
                 if waiting_key:
                     self._wait(waiting_key, child)
             return
-        for done, child in enumerate(children):
-            try:
+        settled = 0  # children linked, refused or evicted: the rest wait again if the store fails
+        try:
+            stored = await self._stored_for_links(children, record.activity_id)
+            for child in children:
                 async with self.store.writing():
-                    self.state.link_activity(child, record.activity_id)
-            except StoreUnavailable:
-                for unlinked in children[done:]:  # the exporter's retry links them
-                    self._wait(key, unlinked)
-                raise
-            except CollabError:
-                LINKS.labels("refused").inc()
-            else:
-                LINKS.labels("linked").inc()
+                    if self.state.get_activity(child) is None and child not in stored:
+                        outcome = "evicted"
+                    else:
+                        try:
+                            self.state.link_activity(child, record.activity_id, stored)
+                            outcome = "linked"
+                        except CollabError:
+                            outcome = "refused"
+                settled += 1
+                LINKS.labels(outcome).inc()
+        except StoreUnavailable:
+            for child in children[settled:]:  # the exporter's retry links them
+                self._wait(key, child)
+            raise
+
+    async def _stored_for_links(self, children: Sequence[str], parent_activity_id: str) -> dict[str, Activity]:
+        """The store's copies of what linking ``children`` to ``parent_activity_id`` needs
+        and the state no longer holds: children that left the history (an exported span is
+        completed at once, and its parent may run for long), and ancestors of the parent
+        (MAX_LINK_DEPTH levels at most, the bound the link's cycle check follows)."""
+        state = self.state
+        missing = [child for child in children if state.get_activity(child) is None]
+        stored: dict[str, Activity] = {}
+        if not missing and not state.unheld_for_link(parent_activity_id, stored):
+            return stored
+        await self.store.durable(state.log.last_seq)  # what was decided here, readable in the store
+        for start in range(0, len(missing), READ_ACTIVITIES_MAX):
+            for activity in await self.store.read_activities(missing[start : start + READ_ACTIVITIES_MAX]):
+                stored[activity.activity_id] = activity
+        for _ in range(MAX_LINK_DEPTH):
+            needed = state.unheld_for_link(parent_activity_id, stored)
+            if not needed:
+                break
+            found = await self.store.read_activities([needed])
+            if not found:
+                break  # not stored either: the link is refused, a cycle cannot be ruled out
+            stored[needed] = found[0]
+        return stored
 
     def _active_session(self, session_id: str) -> bool:
         session = self.state.find_session(session_id) if session_id else None

@@ -58,9 +58,12 @@ from collab_grpc.validation import (
     measured_metadata,
 )
 
-__all__ = ["CollaborationState", "Resume", "RosterEntry", "StateSettings", "new_epoch"]
+__all__ = ["MAX_LINK_DEPTH", "CollaborationState", "Resume", "RosterEntry", "StateSettings", "new_epoch"]
 
 EXPIRED = "expired"
+# Levels of a parent's ancestry a link follows looking for a cycle (each one not held in
+# memory is a read of the store); a deeper tree is not linked.
+MAX_LINK_DEPTH = 256
 
 MiB = 1024 * 1024
 
@@ -269,20 +272,27 @@ class CollaborationState:
         merged = self._merged_metadata(activity, added) if added else None
         return self._complete(activity, success, failure_reason, self.clock(), added, added_size, merged)
 
-    def link_activity(self, activity_id: str, parent_activity_id: str) -> Activity:
+    def link_activity(
+        self, activity_id: str, parent_activity_id: str, stored: Mapping[str, Activity] | None = None
+    ) -> Activity:
         """Make ``activity_id``, recorded without a parent, a child of ``parent_activity_id``
         (its parent arrived after it: an OpenTelemetry span exported before its parent).
-        Open or completed, both must be held (in history, or open); the activity must have
-        no parent yet; and the parent must not be the activity or one of its descendants,
-        which would make a cycle. The parent's ancestry is followed to its root: an
-        ancestor no longer held means a cycle cannot be ruled out, and the link is refused."""
+        Open or completed, both must be held (in history, or open) or given in ``stored``:
+        copies read from the store of activities that left the history (``unheld_for_link``
+        says which are needed); a held activity is always taken over a stored copy. The
+        activity must have no parent yet, and the parent must not be the activity or one
+        of its descendants, which would make a cycle: the parent's ancestry is followed to
+        its root, at most MAX_LINK_DEPTH levels; an ancestor neither held nor stored, or a
+        deeper ancestry, means a cycle cannot be ruled out, and the link is refused."""
         limits = self.limits
         check_hub_id("activity_id", activity_id, limits)
         check_hub_id("parent_activity_id", parent_activity_id, limits)
-        activity = self.get_activity(activity_id)
+        known = stored or {}
+        held = self.get_activity(activity_id)
+        activity = held if held is not None else known.get(activity_id)
         if activity is None:
             raise NotFound(f"activity {activity_id!r} not found")
-        parent = self.get_activity(parent_activity_id)
+        parent = self.get_activity(parent_activity_id) or known.get(parent_activity_id)
         if parent is None:
             raise NotFound(f"parent activity {parent_activity_id!r} not found")
         if activity.parent_activity_id:
@@ -291,33 +301,61 @@ class CollaborationState:
                 "only an activity without one is linked"
             )
         # The activity has no parent, so a cycle needs it among the parent's ancestors
-        # (or to be the parent). Every step reaches a distinct held activity, else it is
-        # a cycle already or an ancestor not held: at most as many steps as are held.
-        ancestor: Activity | None = parent
-        for _ in range(len(self._history) + len(self._open) + 1):
-            if ancestor is None:
-                break
+        # (or to be the parent).
+        ancestry = self._ancestry(parent, known)
+        for ancestor in ancestry:
             if ancestor.activity_id == activity_id:
                 raise FailedPrecondition(
                     f"activity {parent_activity_id!r} is {activity_id!r} or one of its descendants; "
                     "linking them would make a cycle"
                 )
-            if not ancestor.parent_activity_id:
-                break  # the root of the parent's tree: no cycle
-            above = self.get_activity(ancestor.parent_activity_id)
-            if above is None:
+        if ancestry[-1].parent_activity_id:  # not the root of the parent's tree
+            missing = ancestry[-1].parent_activity_id
+            if len(ancestry) >= MAX_LINK_DEPTH:
                 raise FailedPrecondition(
-                    f"the ancestry of {parent_activity_id!r} reaches {ancestor.parent_activity_id!r}, no longer "
-                    "held, so a cycle through it cannot be ruled out"
+                    f"the ancestry of {parent_activity_id!r} is deeper than {MAX_LINK_DEPTH} levels, so a cycle "
+                    "through it cannot be ruled out"
                 )
-            ancestor = above
-        else:  # pragma: no cover - a held tree has no more levels than held activities
-            raise FailedPrecondition(f"the ancestry of {parent_activity_id!r} does not end")
-        # Not an agent's own act (its activity gained a parent): no agent is marked seen.
-        activity.parent_activity_id = parent_activity_id
-        link = ActivityLink(copied(activity))
+            raise FailedPrecondition(
+                f"the ancestry of {parent_activity_id!r} reaches {missing!r}, neither held nor stored, so a "
+                "cycle through it cannot be ruled out"
+            )
+        if held is not None:
+            # Not an agent's own act (its activity gained a parent): no agent is marked seen.
+            held.parent_activity_id = parent_activity_id
+            linked = held
+        else:
+            # Left the history: the state holds nothing to change; the event carries the
+            # stored copy, linked, for the store and the subscribers.
+            linked = copied(activity)
+            linked.parent_activity_id = parent_activity_id
+        link = ActivityLink(copied(linked))
         self.log.append(EventKind.ACTIVITY_LINKED, link, self.clock(), self._activity_sizes.get(activity_id))
-        return activity
+        return linked
+
+    def unheld_for_link(self, parent_activity_id: str, stored: Mapping[str, Activity]) -> str:
+        """The first activity of ``parent_activity_id`` and its ancestry (MAX_LINK_DEPTH
+        levels) that ``link_activity`` needs and neither the state holds nor ``stored``
+        has: to read from the store; empty when none is missing."""
+        parent = self.get_activity(parent_activity_id) or stored.get(parent_activity_id)
+        if parent is None:
+            return parent_activity_id
+        above = self._ancestry(parent, stored)[-1].parent_activity_id
+        return above if above and self._lookup(above, stored) is None else ""
+
+    def _lookup(self, activity_id: str, stored: Mapping[str, Activity]) -> Activity | None:
+        return self.get_activity(activity_id) or stored.get(activity_id)
+
+    def _ancestry(self, parent: Activity, stored: Mapping[str, Activity]) -> list[Activity]:
+        """``parent`` and its ancestors, held or in ``stored``, nearest first: up to the
+        root, the first one missing, or MAX_LINK_DEPTH activities."""
+        ancestry = [parent]
+        while len(ancestry) < MAX_LINK_DEPTH and ancestry[-1].parent_activity_id:
+            above = self._lookup(ancestry[-1].parent_activity_id, stored)
+            if above is None:
+                break
+            ancestry.append(above)
+        return ancestry
 
     def start_collaboration(
         self,

@@ -101,6 +101,7 @@ const model = {
   sessions: new Map(), // session_id -> session (active and recently ended)
   decisions: new Map(), // decision_id -> decision
   earlyCompletions: new Map(), // activity_id -> its completion, received before the activity
+  earlyLinks: new Map(), // activity_id -> the parent it was linked to before it came (as many as earlyCompletions)
   memory: [], // memory updates of this epoch, newest first, each with its event's seq
   agentsOmitted: 0,
   dirty: new Set(),
@@ -127,6 +128,7 @@ const model = {
   },
   /** Merge one activity in; a known one keeps what is newer (a terminal status, a completion time). */
   putActivity(activity) {
+    activity = this.withLink(activity);
     const known = this.activities.get(activity.activity_id);
     if (known) {
       if (TERMINAL.has(known.status) && !TERMINAL.has(activity.status)) return known;
@@ -152,6 +154,26 @@ const model = {
     this.agent(entry.agent_id, entry.department);
     if (this.activities.size > MAX_ACTIVITIES) this.evict();
     return entry;
+  },
+  /** ``activity`` with the parent a link gave it that it lacks: a copy from before the
+   * link (a back-fill taken earlier) never takes the parent away, and a link that came
+   * before the activity itself is applied now. */
+  withLink(activity) {
+    const linked = this.earlyLinks.get(activity.activity_id) || this.activities.get(activity.activity_id)?.parent_activity_id;
+    this.earlyLinks.delete(activity.activity_id);
+    return linked && !activity.parent_activity_id ? { ...activity, parent_activity_id: linked } : activity;
+  },
+  /** An activity recorded as a root got its parent (activity_linked); one not here yet is
+   * kept (a bounded number) for when the back-fill, still in flight, brings it. */
+  link(activityId, parentId) {
+    const known = this.activities.get(activityId);
+    if (known) {
+      known.parent_activity_id = parentId;
+      return known;
+    }
+    this.earlyLinks.set(activityId, parentId);
+    if (this.earlyLinks.size > EARLY_COMPLETIONS) this.earlyLinks.delete(this.earlyLinks.keys().next().value);
+    return null;
   },
   /** One memory update in its place by seq (the back-fill and the live events overlap). */
   putMemory(seq, update) {
@@ -992,8 +1014,7 @@ hub.addEventListener("agent_retired", ({ detail }) => {
 hub.addEventListener("activity_linked", ({ detail }) => {
   // An activity recorded as a root got its parent, which arrived later (an OpenTelemetry
   // span exported before its parent ended): it moves under it in the trace tree.
-  const known = model.activities.get(detail.activity_id);
-  if (known) known.parent_activity_id = detail.parent_activity_id;
+  model.link(detail.activity_id, detail.parent_activity_id);
   const tree = panelCache.activityTree;
   if (tree && (tree.id === detail.activity_id || tree.root === detail.activity_id || panelCache.treeIds.has(detail.activity_id))) {
     // The shown tree's root is now higher up: found again from the selected activity.

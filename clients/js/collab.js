@@ -60,6 +60,16 @@
  * @property {number} seq
  * @property {boolean} [reset]
  *
+ * @typedef {Object} ActivityLinkedMessage  an activity recorded as a root got its parent,
+ *   which arrived after it (an OpenTelemetry span exported before its parent span ended)
+ * @property {"activity_linked"} type
+ * @property {string} activity_id
+ * @property {string} parent_activity_id
+ * @property {string} agent_id
+ * @property {string} activity_type
+ * @property {number} seq
+ * @property {string} timestamp  ISO 8601
+ *
  * @typedef {Object} ClientOptions
  * @property {string} [url]  the WebSocket URL; default: this page's host, /api/v1/collaboration/ws
  * @property {string} [token]  the credential, sent as ?token=

@@ -9,10 +9,11 @@ from typing import Protocol, runtime_checkable
 
 from collab_grpc.errors import CollabError
 from collab_grpc.history import ActivityQuery, Found, query_held
-from collab_grpc.model import Event
+from collab_grpc.model import Activity, Event
 from collab_grpc.state import CollaborationState
 
 __all__ = [
+    "READ_ACTIVITIES_MAX",
     "STORE_TIMEOUT",
     "EventArchive",
     "MemoryStore",
@@ -25,6 +26,16 @@ __all__ = [
 
 
 STORE_TIMEOUT = 2.0  # seconds a call waits for a shared store (Redis), by default (COLLAB_STORE_TIMEOUT)
+
+
+# Activities one ``read_activities`` call takes ids of, at most.
+READ_ACTIVITIES_MAX = 256
+
+
+def check_read_count(ids: Sequence[str]) -> None:
+    """``read_activities`` takes at most READ_ACTIVITIES_MAX ids (the caller splits more)."""
+    if len(ids) > READ_ACTIVITIES_MAX:
+        raise ValueError(f"read_activities takes at most {READ_ACTIVITIES_MAX} ids at once, got {len(ids)}")
 
 
 # Writers waiting for their seq to be stored: (seq, the future their answer waits on).
@@ -88,6 +99,13 @@ class Store(Protocol):
         in its order (each store says what it retains); a store may stop looking after a
         bound of its own (Found.scanned_to)."""
 
+    async def read_activities(self, ids: Sequence[str]) -> list[Activity]:
+        """The stored activities among ``ids`` (at most READ_ACTIVITIES_MAX, else
+        ValueError), in their stored state (completed ones with what their completion
+        merged); those the store does not keep are left out, in no particular order.
+        Reads the store as of the last write made durable (StoreUnavailable if it cannot
+        be read): what is still pending may be missing."""
+
 
 @runtime_checkable
 class EventArchive(Protocol):
@@ -138,6 +156,12 @@ class MemoryStore(SingleProcessStore):
         if self._state is None:
             return Found([])
         return query_held(self._state.held_activities(), query, count)
+
+    async def read_activities(self, ids: Sequence[str]) -> list[Activity]:
+        """None: this store keeps nothing the state does not hold (the state's own copies
+        are the ones to use)."""
+        check_read_count(ids)
+        return []
 
     def start(self) -> None:
         pass

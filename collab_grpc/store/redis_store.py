@@ -73,7 +73,14 @@ from collab_grpc.model import (
     Session,
 )
 from collab_grpc.state import CollaborationState, new_epoch
-from collab_grpc.store.base import STORE_TIMEOUT, StoreError, StoreUnavailable, Waiters, release_waiters
+from collab_grpc.store.base import (
+    STORE_TIMEOUT,
+    StoreError,
+    StoreUnavailable,
+    Waiters,
+    check_read_count,
+    release_waiters,
+)
 from collab_grpc.store.codec import decode_activity, decode_payload_data, decode_session, dumps, encode
 
 __all__ = ["STORE_TIMEOUT", "RedisStore"]
@@ -915,6 +922,18 @@ class RedisStore:
         if self._state is None:
             return Found([])
         return query_held(self._state.held_activities(), query, count)
+
+    async def read_activities(self, ids: Sequence[str]) -> list[Activity]:
+        """The activities among ``ids`` in Redis's activity hash (which keeps every body,
+        in its latest state), as of the last append (Store)."""
+        check_read_count(ids)
+        if not ids:
+            return []
+        wanted = list(dict.fromkeys(ids))
+        with self._redis_errors():
+            async with self._deadline():
+                bodies = await self._redis().hmget(self._key("activity"), wanted)
+        return [decode_activity(json.loads(body)) for body in bodies if body]
 
     async def durable(self, seq: int) -> None:
         """Return once every change up to ``seq`` is appended; StoreUnavailable if it was

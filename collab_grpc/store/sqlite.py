@@ -54,7 +54,14 @@ from collab_grpc.model import (
     Session,
 )
 from collab_grpc.state import CollaborationState, new_epoch
-from collab_grpc.store.base import SingleProcessStore, StoreError, StoreUnavailable, Waiters, release_waiters
+from collab_grpc.store.base import (
+    SingleProcessStore,
+    StoreError,
+    StoreUnavailable,
+    Waiters,
+    check_read_count,
+    release_waiters,
+)
 from collab_grpc.store.codec import decode_activity, decode_payload, decode_session, encode, encode_rows
 
 __all__ = ["Retention", "SQLiteStore", "boot_id"]
@@ -658,6 +665,23 @@ class SQLiteStore(SingleProcessStore):
             finally:
                 reader.execute("COMMIT")
             return Found([decode_activity(_json(body)) for (body,) in rows], scanned_to)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"the store could not be read ({error}); try again") from None
+
+    async def read_activities(self, ids: Sequence[str]) -> list[Activity]:
+        """The activities among ``ids`` the file retains, as of the last commit (Store),
+        through the search's connection and thread."""
+        check_read_count(ids)
+        if self._reader is None or not ids:
+            return []
+        reader, wanted = self._reader, list(dict.fromkeys(ids))
+        sql = f"SELECT body FROM activities WHERE activity_id IN ({', '.join('?' * len(wanted))})"
+
+        def read() -> list[Activity]:
+            return [decode_activity(_json(body)) for (body,) in reader.execute(sql, wanted).fetchall()]
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._read_executor, read)

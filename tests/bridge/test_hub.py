@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from bridge import mapping
 from bridge.fanout import ClientFilter, Subscriber
-from bridge.hub import SnapshotTooOld, StreamHub
+from bridge.hub import SKIPPED_KINDS, SKIPPED_LOG_INTERVAL, SkippedEvents, SnapshotTooOld, StreamHub
 from collab_grpc.v1 import collaboration_pb2 as pb
 
 EPOCH = "e1"
@@ -457,3 +457,57 @@ def test_resume_across_an_event_the_bridge_could_not_show() -> None:
         hub.on_event(activity_event(seq))
     assert [frame.seq for frame in hub.plan_resume(EPOCH, 2).catch_up] == [4, 5]
     assert [frame.seq for frame in hub.plan_resume(EPOCH, 3).catch_up] == [4, 5]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def newer_kind_event(seq: int, field_number: int = 99) -> pb.Event:
+    """An event whose payload this bridge's proto lacks (field ``field_number`` of the
+    payload oneof), as a newer server sends."""
+    tag, encoded = (field_number << 3) | 2, bytearray()  # a length-delimited field: a message
+    while tag > 0x7F:  # as a varint
+        encoded.append(tag & 0x7F | 0x80)
+        tag >>= 7
+    encoded += bytes([tag, 0])  # an empty message
+    return pb.Event.FromString(pb.Event(seq=seq, epoch=EPOCH).SerializeToString() + bytes(encoded))
+
+
+def test_events_a_bridge_cannot_show_are_counted_each_and_logged_once_a_minute_per_kind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = hub_with_events(1, 1)
+    clock = FakeClock()
+    hub.skipped = SkippedEvents(clock=clock)
+    caplog.set_level("ERROR", logger="bridge.hub")
+    for seq in range(2, 12):
+        hub.on_event(newer_kind_event(seq))
+    hub.on_event(newer_kind_event(12, field_number=98))
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.hub"]
+    assert len(lines) == 2  # one a kind, not one an event
+    assert "event 2 skipped" in lines[0] and "1 event(s) of kind field_99" in lines[0]
+    assert "event 12 skipped" in lines[1] and "kind field_98" in lines[1]
+    assert hub.skipped.counts == {"field_99": 10, "field_98": 1}
+    caplog.clear()
+    clock.now += SKIPPED_LOG_INTERVAL
+    hub.on_event(newer_kind_event(13))
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "bridge.hub"]
+    assert "event 13 skipped" in line and "10 event(s) of kind field_99" in line  # 3..11, and 13
+    assert hub.skipped.counts["field_99"] == 11
+    assert hub.last_seq == 13 and [f.seq for f in hub.plan_resume(EPOCH, 1).catch_up] == []
+
+
+def test_the_kinds_tallied_are_bounded() -> None:
+    skipped = SkippedEvents(clock=FakeClock())
+    for number in range(100, 100 + SKIPPED_KINDS + 5):
+        skipped.skipped(newer_kind_event(1, number), ValueError("newer"))
+    assert len(skipped.counts) == SKIPPED_KINDS + 1 and skipped.counts["other"] == 5
+    # A payload this bridge knows, holding a value it does not (a newer activity type), is named.
+    unknown_type = activity_event(3)
+    unknown_type.activity_recorded.activity_type = 99  # type: ignore[assignment]
+    assert SkippedEvents.kind_of(unknown_type) == "activity_recorded"

@@ -18,6 +18,7 @@ from bridge.app import create_asgi_app
 from bridge.config import BridgeConfig, parse_bridge_config
 from bridge.request_id import REQUEST_ID, request_id_filter, request_id_from_headers
 from bridge.runtime import credential_metadata
+from tests.bridge.test_hub import newer_kind_event
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 TOKEN = "bridge-metrics-token"
@@ -78,15 +79,22 @@ def test_a_bad_metrics_public_value_is_refused(capsys: pytest.CaptureFixture[str
 
 
 @contextlib.asynccontextmanager
-async def bridge(**settings: object) -> AsyncIterator[httpx.AsyncClient]:
-    """The app uvicorn would serve, started (its lifespan runs: the runtime, the upstream)."""
+async def bridge_app(**settings: object) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """The app uvicorn would serve, started (its lifespan runs: the runtime, the upstream),
+    with a client; and the app (its state holds the runtime)."""
     config = BridgeConfig(grpc_target=UNREACHABLE, upstream_token="k", **settings)  # type: ignore[arg-type]
     app = create_asgi_app(config)
     framework: FastAPI = app.app.app  # inside the request middleware and the WebSocket dispatch
     async with framework.router.lifespan_context(framework):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bridge", timeout=10) as client:
-            yield client
+            yield client, framework
+
+
+@contextlib.asynccontextmanager
+async def bridge(**settings: object) -> AsyncIterator[httpx.AsyncClient]:
+    async with bridge_app(**settings) as (client, _):
+        yield client
 
 
 @pytest_asyncio.fixture
@@ -158,3 +166,12 @@ async def test_upstream_reconnects_are_counted(with_token: httpx.AsyncClient) ->
         await asyncio.sleep(0.05)
     assert await metric(with_token, reconnects) >= 2
     assert await metric(with_token, "collab_bridge_upstream_connected") == 0
+
+
+async def test_events_the_bridge_cannot_show_are_counted_by_kind() -> None:
+    async with bridge_app(metrics_token=TOKEN) as (client, app):
+        hub = app.state.runtime.hub
+        assert await metric(client, 'collab_bridge_events_skipped_total{kind="field_99"}') == 0
+        for seq in (1, 2, 3):
+            hub.on_event(newer_kind_event(seq))
+        assert await metric(client, 'collab_bridge_events_skipped_total{kind="field_99"}') == 3

@@ -8,11 +8,20 @@ Driven with a fake clock: nothing here waits for time to pass."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
+import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.trace.v1 import trace_pb2
+from prometheus_client import REGISTRY
 
 from bridge.fanout import ClientFilter, Frame
 from bridge.hub import StreamHub
@@ -21,11 +30,12 @@ from bridge.protocol import MESSAGE_TYPES, handle_client_message
 from collab_grpc.convert import EVENT_KIND_TO_PROTO, event_to_proto
 from collab_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
 from collab_grpc.events import EventFilter
-from collab_grpc.history import ActivityQuery
-from collab_grpc.model import Activity, ActivityLink, ActivityStatus, ActivityType, Event, EventKind
-from collab_grpc.otlp_servicer import WaitingChildren
-from collab_grpc.state import CollaborationState, StateSettings
+from collab_grpc.history import ActivityQuery, Found
+from collab_grpc.model import Activity, ActivityLink, ActivityStatus, ActivityType, Event, EventKind, copied
+from collab_grpc.otlp_servicer import OtlpTraceServicer, WaitingChildren
+from collab_grpc.state import MAX_LINK_DEPTH, CollaborationState, StateSettings
 from collab_grpc.store import sqlite as sqlite_module
+from collab_grpc.store.base import MemoryStore, SingleProcessStore, StoreUnavailable
 from collab_grpc.store.codec import decode_payload, encode
 from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.collab_grpc.conftest import SQLiteStores
@@ -131,7 +141,7 @@ def test_an_ancestry_that_leaves_memory_is_refused(clock: FakeClock) -> None:
         state.complete_activity(record(state))
     assert state.get_activity(middle) is None and state.get_activity(parent) is not None
     before = unchanged(state)
-    with pytest.raises(FailedPrecondition, match="no longer held"):
+    with pytest.raises(FailedPrecondition, match="neither held nor stored"):
         state.link_activity(child, parent)
     assert unchanged(state) == before
 
@@ -198,7 +208,7 @@ def test_the_bridge_sends_an_additive_activity_linked_message() -> None:
         "timestamp": "2025-11-24T16:01:40.250000+00:00",
         "seq": 9,
     }
-    frame = StreamHub.frame(event_to_proto(link_event()))
+    frame = StreamHub(16).frame(event_to_proto(link_event()))
     assert frame is not None and (frame.type, frame.seq, frame.activity_type) == ("activity_linked", 9, "task_assigned")
 
 
@@ -292,3 +302,236 @@ def test_waiting_children_drop_across_keys() -> None:
     waiting.add("p1", "c1")
     assert waiting.add("p2", "c2") == 1
     assert "p1" not in waiting and waiting.take("p2") == ["c2"]
+
+
+# -- children (and ancestors) that left the in-memory history ------------------------------------
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+
+
+class Aborted(Exception):
+    """What FakeContext.abort raises, as grpc.aio's does."""
+
+
+class FakeContext:
+    """The one thing Export asks of its context: to abort the call with a status."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata: object = ()) -> None:
+        self.code = code
+        raise Aborted(details)
+
+
+def otlp_span(span_id: str, operation: str, parent_span_id: str = "", trace_id: str = TRACE) -> trace_pb2.Span:
+    attributes = {"gen_ai.operation.name": operation, "gen_ai.agent.name": "worker"}
+    return trace_pb2.Span(
+        trace_id=bytes.fromhex(trace_id),
+        span_id=bytes.fromhex(span_id),
+        parent_span_id=bytes.fromhex(parent_span_id) if parent_span_id else b"",
+        name=f"{operation} span",
+        start_time_unix_nano=1_000_000_000,
+        end_time_unix_nano=2_000_000_000,
+        attributes=[
+            common_pb2.KeyValue(key=key, value=common_pb2.AnyValue(string_value=value))
+            for key, value in attributes.items()
+        ],
+    )
+
+
+async def export(servicer: OtlpTraceServicer, *spans: trace_pb2.Span) -> FakeContext:
+    """One Export of ``spans``; the context, which says whether it was aborted."""
+    request = otlp.ExportTraceServiceRequest(
+        resource_spans=[trace_pb2.ResourceSpans(scope_spans=[trace_pb2.ScopeSpans(spans=list(spans))])]
+    )
+    context = FakeContext()
+    with contextlib.suppress(Aborted):
+        await servicer.Export(request, cast(Any, context))
+    return context
+
+
+def links_counted(outcome: str) -> float:
+    return REGISTRY.get_sample_value("collab_otlp_links_total", {"outcome": outcome}) or 0.0
+
+
+async def evicted_child_then_parent(servicer: OtlpTraceServicer) -> tuple[Activity, str]:
+    """A tool span exported before its agent span, then more other activities than the
+    history holds, then the agent span: the child as recorded (completed) and the
+    parent's activity id."""
+    state = servicer.state
+    await export(servicer, otlp_span("0000000000000011", "execute_tool", PARENT_SPAN))
+    child = next(a for a in state.held_activities() if a.metadata.get("otel.span_id") == "0000000000000011")
+    for number in range(state.settings.history_limit + 2):
+        await export(servicer, otlp_span(f"{number + 1:016x}", "chat", trace_id=f"{number + 1:032x}"))
+    assert state.get_activity(child.activity_id) is None  # left the history (completed at once)
+    await export(servicer, otlp_span(PARENT_SPAN, "invoke_agent"))
+    parent = next(a for a in state.held_activities() if a.metadata.get("otel.span_id") == PARENT_SPAN)
+    return copied(child), parent.activity_id
+
+
+async def test_a_child_that_left_the_history_is_linked_from_the_sqlite_store(
+    tmp_path: Path, clock: FakeClock, sqlite_stores: SQLiteStores
+) -> None:
+    state = CollaborationState(StateSettings(history_limit=3), clock=clock, epoch="epoch-test")
+    store = sqlite_stores.open(tmp_path, state)
+    servicer = OtlpTraceServicer(state, store)
+    linked_before, evicted_before = links_counted("linked"), links_counted("evicted")
+    child, parent = await evicted_child_then_parent(servicer)
+    assert links_counted("linked") == linked_before + 1
+    assert links_counted("evicted") == evicted_before
+    # The event carries the stored activity whole (its completion kept), now linked.
+    (link,) = [e for e in state.log.events_after(0) if e.kind is EventKind.ACTIVITY_LINKED]
+    assert isinstance(link.payload, ActivityLink)
+    assert link.payload.activity == dataclasses.replace(child, parent_activity_id=parent)
+    assert link.payload.activity.status is ActivityStatus.COMPLETED
+    assert state.get_activity(child.activity_id) is None  # nothing is held back in memory for it
+    await store.durable(state.log.last_seq)
+    (stored,) = await store.read_activities([child.activity_id])
+    assert stored == link.payload.activity
+    found = await store.query_activities(ActivityQuery(parent_activity_ids=(parent,)), 10)
+    assert [a.activity_id for a in found.activities] == [child.activity_id]
+
+
+async def test_a_child_that_left_the_history_of_the_memory_store_is_counted_evicted(clock: FakeClock) -> None:
+    state = CollaborationState(StateSettings(history_limit=3), clock=clock, epoch="epoch-test")
+    servicer = OtlpTraceServicer(state, MemoryStore(state))
+    linked_before, evicted_before = links_counted("linked"), links_counted("evicted")
+    refused_before = links_counted("refused")
+    await evicted_child_then_parent(servicer)
+    assert (links_counted("linked"), links_counted("refused")) == (linked_before, refused_before)
+    assert links_counted("evicted") == evicted_before + 1
+    assert not [e for e in state.log.events_after(0) if e.kind is EventKind.ACTIVITY_LINKED]
+
+
+async def test_an_ancestry_that_left_the_history_is_read_from_the_store(
+    tmp_path: Path, clock: FakeClock, sqlite_stores: SQLiteStores
+) -> None:
+    """The cycle check follows the parent's ancestry through the stored copies: a link
+    that would close a cycle through evicted ancestors is refused, one that would not is made."""
+    state = CollaborationState(StateSettings(history_limit=2), clock=clock, epoch="epoch-test")
+    store = sqlite_stores.open(tmp_path, state)
+    servicer = OtlpTraceServicer(state, store)
+    top = record(state)
+    state.complete_activity(top)
+    middle = record(state, parent=top)
+    state.complete_activity(middle)
+    parent = record(state, parent=middle)
+    child = record(state)
+    for _ in range(3):
+        state.complete_activity(record(state))
+    assert state.get_activity(top) is None and state.get_activity(middle) is None
+    before = unchanged(state)
+    with pytest.raises(FailedPrecondition, match="neither held nor stored"):
+        state.link_activity(child, parent)
+    # top is linked under the parent: a cycle through middle, found in the store.
+    stored = await servicer._stored_for_links([top], parent)
+    assert set(stored) == {top, middle}
+    with pytest.raises(FailedPrecondition, match="cycle"):
+        state.link_activity(top, parent, stored)
+    assert unchanged(state) == before
+    stored = await servicer._stored_for_links([child], parent)
+    assert set(stored) == {top, middle}
+    assert state.link_activity(child, parent, stored).parent_activity_id == parent
+
+
+def test_an_ancestry_deeper_than_the_bound_is_refused(state: CollaborationState) -> None:
+    below = record(state)
+    for _ in range(MAX_LINK_DEPTH):
+        below = record(state, parent=below)
+    child = record(state)
+    before = unchanged(state)
+    with pytest.raises(FailedPrecondition, match=f"deeper than {MAX_LINK_DEPTH} levels"):
+        state.link_activity(child, below)
+    assert unchanged(state) == before
+    assert state.unheld_for_link(below, {}) == ""  # nothing to read: too deep anyway
+
+
+def test_a_replica_that_does_not_hold_the_activity_applies_nothing(clock: FakeClock) -> None:
+    """A replica whose history no longer holds the child (it holds less) takes the event
+    in, publishing it, and changes nothing."""
+    state = CollaborationState(clock=clock, epoch="epoch-test")
+    replica = CollaborationState(StateSettings(history_limit=1), clock=clock, epoch="epoch-test")
+    parent, child = record(state), record(state)
+    state.complete_activity(child)
+    state.complete_activity(record(state))
+    state.link_activity(child, parent)
+    for event in list(state.log.events_after(0)):
+        replica.apply(event)
+    assert replica.get_activity(child) is None and replica.log.last_seq == state.log.last_seq
+
+
+async def test_a_rebuild_does_not_count_drops_again(clock: FakeClock) -> None:
+    state = CollaborationState(clock=clock, epoch="epoch-test")
+    servicer = OtlpTraceServicer(state, MemoryStore(state), waiting_children=1)
+    dropped_before = links_counted("dropped")
+    await export(servicer, otlp_span("0000000000000021", "execute_tool", "00000000000000a1"))
+    await export(servicer, otlp_span("0000000000000022", "execute_tool", "00000000000000a2"))
+    assert links_counted("dropped") == dropped_before + 1  # the first, for room
+    for _ in range(3):  # as a Redis replica reloads after stale state
+        servicer._rebuild_waiting()
+    assert links_counted("dropped") == dropped_before + 1
+    assert len(servicer.waiting) == 1
+
+
+class FailingWrites(SingleProcessStore):
+    """The memory store, whose ``writing`` fails with StoreUnavailable at the write
+    numbered ``fail_at`` (counted from 1): a store that cannot be written for a moment."""
+
+    description = "memory, failing on demand"
+
+    def __init__(self, state: CollaborationState) -> None:
+        self.memory = MemoryStore(state)
+        self.writes = 0
+        self.fail_at = 0
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise StoreUnavailable("the store is unavailable (injected)")
+        yield
+
+    def writing(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._writing()
+
+    async def attach(self, state: CollaborationState) -> None:
+        await self.memory.attach(state)
+
+    def start(self) -> None:
+        pass
+
+    async def durable(self, seq: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def query_activities(self, query: ActivityQuery, count: int) -> Found:
+        return await self.memory.query_activities(query, count)
+
+    async def read_activities(self, ids: Sequence[str]) -> list[Activity]:
+        return await self.memory.read_activities(ids)
+
+
+async def test_a_store_failure_while_linking_is_retried_by_the_exporter(clock: FakeClock) -> None:
+    """Three children wait; the store fails on the second one's link: the Export fails
+    (UNAVAILABLE), the unlinked ones wait again, and the exporter's retry of the same
+    batch links them (the parent is not recorded twice)."""
+    state = CollaborationState(clock=clock, epoch="epoch-test")
+    store = FailingWrites(state)
+    servicer = OtlpTraceServicer(state, store)
+    children = [otlp_span(f"000000000000003{n}", "execute_tool", PARENT_SPAN) for n in range(3)]
+    assert (await export(servicer, *children)).code is None
+    parent_span = otlp_span(PARENT_SPAN, "invoke_agent")
+    # The parent's record, the first link, then the second link's write fails.
+    store.fail_at = store.writes + 3
+    assert (await export(servicer, parent_span)).code is grpc.StatusCode.UNAVAILABLE
+    (parent,) = [a for a in state.held_activities() if a.metadata.get("otel.span_id") == PARENT_SPAN]
+    assert sum(a.parent_activity_id == parent.activity_id for a in state.held_activities()) == 1
+    assert len(servicer.waiting) == 2
+    assert (await export(servicer, parent_span)).code is None  # the exporter's retry
+    assert sum(a.parent_activity_id == parent.activity_id for a in state.held_activities()) == 3
+    assert len(servicer.waiting) == 0
+    assert sum(a.activity_type is ActivityType.AGENT_STARTED for a in state.held_activities()) == 1

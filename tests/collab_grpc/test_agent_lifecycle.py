@@ -276,7 +276,7 @@ def test_the_bridge_sends_an_additive_agent_retired_message() -> None:
         "timestamp": "2025-11-24T16:01:40.250000+00:00",
         "seq": 7,
     }
-    frame = StreamHub.frame(event_to_proto(retirement_event()))
+    frame = StreamHub(16).frame(event_to_proto(retirement_event()))
     assert frame is not None and (frame.type, frame.seq, frame.activity_type) == ("agent_retired", 7, None)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page
+from playwright.async_api import Browser, Page, Route
 
 from bench.frames import Team
 from tests.support.browser import require_chromium
@@ -221,6 +223,103 @@ async def test_an_exported_span_is_drawn_at_its_own_times(
     facts = await page.text_content("#activity-facts")
     assert facts is not None and "3.0 s" in facts, facts
     no_errors(page)
+
+
+def otlp_span(trace_id: str, span_id: str, operation: str, agent: str, parent_span_id: str = "") -> dict[str, Any]:
+    """An OTLP/JSON export of one finished GenAI span (of the last few seconds)."""
+    attributes = {"gen_ai.operation.name": operation, "gen_ai.agent.name": agent}
+    now = time.time()
+    span = {
+        "traceId": trace_id,
+        "spanId": span_id,
+        **({"parentSpanId": parent_span_id} if parent_span_id else {}),
+        "name": f"{operation} {agent}",
+        "startTimeUnixNano": str(int((now - 2) * 1e9)),
+        "endTimeUnixNano": str(int((now - 1) * 1e9)),
+        "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attributes.items()],
+    }
+    return {"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": [span]}]}]}
+
+
+async def export_span(
+    http: httpx.AsyncClient, trace_id: str, span_id: str, operation: str, agent: str, parent: str = ""
+) -> str:
+    """Export one span through the bridge; the id of the activity it became."""
+    response = await http.post("/v1/traces", json=otlp_span(trace_id, span_id, operation, agent, parent))
+    assert response.status_code == 200 and not response.json().get("partialSuccess"), response.text
+    found = await http.get(f"{API}/activities", params={"agent_id": agent, "meta": f"otel.span_id={span_id}"})
+    (activity,) = found.json()["activities"]
+    activity_id: str = activity["activity_id"]
+    return activity_id
+
+
+async def test_a_linked_activity_moves_under_its_parent_in_the_tree(
+    browser: Browser, stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """A tool span exported before its agent span is a root; when the agent span comes the
+    tree shown for the tool re-roots at the agent."""
+    agent, trace = f"linked_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    tool = await export_span(http, trace, "00000000000000b2", "execute_tool", agent, parent="00000000000000b1")
+    page = await open_page(browser, stack, f"&activity={tool}")
+    await page.wait_for_function("document.querySelectorAll('#tree .row').length === 1", timeout=10000)
+    parent = await export_span(http, trace, "00000000000000b1", "invoke_agent", agent)
+    await page.wait_for_function("document.querySelectorAll('#tree .row').length === 2", timeout=10000)
+    rows: list[dict[str, str]] = await page.eval_on_selector_all(
+        "#tree .row", "rows => rows.map(r => ({id: r.dataset.activity, depth: r.dataset.depth}))"
+    )
+    assert rows == [{"id": parent, "depth": "0"}, {"id": tool, "depth": "1"}], rows
+    assert "nothing (a root)" not in (await page.text_content("#activity-facts") or "")
+    no_errors(page)
+
+
+async def test_a_link_that_comes_before_the_back_fill_is_applied(
+    browser: Browser, stack: Stack, http: httpx.AsyncClient
+) -> None:
+    """The page's back-fill reads the feed before the link and is answered after it (the
+    link arrives live while the page does not know the activity yet): the activity is
+    shown under its parent all the same, and a stale copy never takes the parent away."""
+    agent, trace = f"early_{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    tool = await export_span(http, trace, "00000000000000c2", "execute_tool", agent, parent="00000000000000c1")
+    snapshot_taken, link_seen = asyncio.Event(), asyncio.Event()
+    held: list[Any] = []
+
+    async def hold_the_feed(route: Route) -> None:
+        held.append(await route.fetch())  # the feed as it is now: the tool a root
+        snapshot_taken.set()
+        await link_seen.wait()
+        await route.fulfill(response=held[-1])
+
+    page = await browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    await page.route("**/activity-feed?*", hold_the_feed)
+    await page.goto(f"{stack.bridge.http}/?token={WRITE_KEY}")
+    await asyncio.wait_for(snapshot_taken.wait(), 10)
+    assert any(
+        a["activity_id"] == tool and a["parent_activity_id"] is None for a in (await held[0].json())["activities"]
+    )
+    await page.evaluate(
+        """() => window.collabDashboard.hub.addEventListener("activity_linked", ({ detail }) => {
+             (window.linksSeen ||= []).push(detail.activity_id); })"""
+    )
+    parent = await export_span(http, trace, "00000000000000c1", "invoke_agent", agent)
+    await page.wait_for_function("id => (window.linksSeen || []).includes(id)", arg=tool, timeout=10000)
+    assert await page.evaluate("id => !window.collabDashboard.model.activities.has(id)", tool)
+    link_seen.set()
+    await page.wait_for_function("id => window.collabDashboard.model.activities.has(id)", arg=tool, timeout=10000)
+    await page.unroute("**/activity-feed?*")
+    shown = "id => window.collabDashboard.model.activities.get(id).parent_activity_id"
+    assert await page.evaluate(shown, tool) == parent
+    # A copy from before the link (as a later back-fill or search may bring) keeps the parent.
+    stale = """id => { const model = window.collabDashboard.model;
+                       model.putActivity({ ...model.activities.get(id), parent_activity_id: null }); }"""
+    await page.evaluate(stale, tool)
+    assert await page.evaluate(shown, tool) == parent
+    await page.evaluate("id => window.collabDashboard.navigate({ activity: id })", tool)
+    await page.wait_for_function("document.querySelectorAll('#tree .row').length === 2", timeout=10000)
+    rows: list[str] = await page.eval_on_selector_all("#tree .row", "rows => rows.map(r => r.dataset.activity)")
+    assert rows == [parent, tool], rows
+    assert not errors, errors
 
 
 async def test_an_agent_open_past_the_threshold_is_marked_stalled(browser: Browser, stack: Stack, team: Team) -> None:

@@ -4,10 +4,13 @@ GenAI) is exported, by the SDK's BatchSpanProcessor force-flushed, before the ag
 ends. The tool is first a root; when the agent span arrives it is linked to it
 (`activity_linked` on the WebSocket, the parent in the REST read), and the link survives
 a restart of the server, on the SQLite store and on Redis (the machine's, at
-127.0.0.1:6379; without it the Redis case skips unless COLLAB_REQUIRE_REDIS=1)."""
+127.0.0.1:6379; without it the Redis case skips unless COLLAB_REQUIRE_REDIS=1). A child
+that left the in-memory history (COLLAB_HISTORY_LIMIT) before its parent came is read
+back from the store and linked."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -28,6 +33,9 @@ from tests.support.stack import AUTH, Stack, opened, recv_until, running_stack, 
 pytestmark = pytest.mark.integration
 
 API = "/api/v1/collaboration"
+
+
+HISTORY_LIMIT = 5
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -178,3 +186,69 @@ def test_a_child_waiting_across_a_restart_is_linked(tmp_path: Path) -> None:
         by_type = {a["activity_type"]: a for a in feed}
         assert set(by_type) == {"agent_started", "task_assigned"}
         assert by_type["task_assigned"]["parent_activity_id"] == by_type["agent_started"]["activity_id"]
+
+
+async def test_a_child_that_left_the_history_is_linked_from_the_store(tmp_path: Path, store: str) -> None:
+    """The tool span is exported, then more spans than the server's history holds, then
+    the agent span: the tool, no longer in memory, is read from the store and linked."""
+    agent = f"evicting-agent-{uuid.uuid4().hex[:8]}"
+    server_env = {"COLLAB_STORE": store, "COLLAB_HISTORY_LIMIT": str(HISTORY_LIMIT)}
+    with running_stack(tmp_path, server_env=server_env) as stack:
+        provider = TracerProvider()
+        exporter = OTLPSpanExporter(
+            endpoint=stack.server.target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"}
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("test")
+        async with connect(stack.ws_url()) as ws:
+            await opened(ws)
+            with tracer.start_as_current_span(
+                "invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent}
+            ):
+                tool_attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.agent.name": agent}
+                with tracer.start_as_current_span("execute_tool", attributes=tool_attributes):
+                    pass
+                assert provider.force_flush(10_000)
+                tool = await activity_of(ws, agent, "task_assigned")
+                # Other work, in traces of its own, pushes the completed tool out of the history.
+                others = f"other-{agent}"
+                for _ in range(HISTORY_LIMIT + 3):
+                    other_attributes = {"gen_ai.operation.name": "chat", "gen_ai.agent.name": others}
+                    with tracer.start_as_current_span("chat", context=Context(), attributes=other_attributes):
+                        pass
+                assert provider.force_flush(10_000)
+                for _ in range(HISTORY_LIMIT + 3):
+                    await activity_of(ws, others, "message_sent")
+                assert tool["activity_id"] not in feed_ids(stack)
+            assert provider.force_flush(10_000)
+            root = await activity_of(ws, agent, "agent_started")
+            link = await recv_until(ws, lambda m: m["type"] == "activity_linked" and m["agent_id"] == agent)
+        provider.shutdown()
+        assert (link["activity_id"], link["parent_activity_id"]) == (tool["activity_id"], root["activity_id"])
+        assert links_total(stack).get("linked") == 1
+        assert links_total(stack).get("refused", 0) == 0 and links_total(stack).get("evicted", 0) == 0
+        stored = stored_activity(stack, store, tool["activity_id"], root["activity_id"])
+        assert stored["parent_activity_id"] == root["activity_id"]
+        assert stored["status"] == "completed"  # the stored body, whole, took the link
+        assert stored["metadata"]["otel.span_id"] == tool["metadata"]["otel.span_id"]
+        assert "otel.end_time" in stored["metadata"]
+
+
+def feed_ids(stack: Stack) -> set[str]:
+    """The ids in the activity feed: the server's in-memory history."""
+    feed = httpx.get(f"{stack.bridge.http}{API}/activity-feed", headers=AUTH, timeout=10).json()
+    return {a["activity_id"] for a in feed["activities"]}
+
+
+def stored_activity(stack: Stack, store: str, activity_id: str, parent_activity_id: str) -> dict[str, Any]:
+    """The activity as the store keeps it: through the history search for the children of
+    ``parent_activity_id`` (SQLite searches its file), or from Redis's hash of activity
+    bodies (its search reads only what the server holds)."""
+    if store == "sqlite":
+        (found,) = [a for a in children_of(stack, parent_activity_id) if a["activity_id"] == activity_id]
+        return found
+    prefix = store.split("prefix=", 1)[1]
+    body = redis.Redis.from_url(store.split("?", 1)[0]).hget(f"{prefix}:activity", activity_id)
+    assert body is not None
+    activity: dict[str, Any] = json.loads(body)
+    return activity
