@@ -170,7 +170,7 @@ def test_a_held_tool_call_live_then_the_crew_as_a_tree(hub: Hub, listener: Colla
         for a in chats
     )
     # The token usage the call's end reported, merged into its activity at completion.
-    assert sorted(meta(a, "gen_ai.usage.input_tokens") for a in chats) == [120, 121]
+    assert {meta(a, "gen_ai.usage.input_tokens") for a in chats} == {120, 121}  # one each (two chats)
     assert {meta(a, "gen_ai.usage.output_tokens") for a in chats} == {30}
     assert {a.session_id for a in final} == {crew_run.session_id} and crew_run.session_id
     assert all(a.status == pb.ACTIVITY_STATUS_COMPLETED for a in final), [(a.agent_id, a.status) for a in final]
