@@ -24,6 +24,7 @@ __all__ = [
     "JSON",
     "activity_json",
     "activity_type_name",
+    "added_metadata_json",
     "agent_json",
     "agent_status_json",
     "agents_json",
@@ -75,6 +76,13 @@ def _plain(value: struct_pb2.Value) -> Any:
 
 def struct_json(struct: struct_pb2.Struct) -> JSON:
     return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def added_metadata_json(done: pb.ActivityCompleted) -> JSON:
+    """The keys a completion added or replaced, with their values: the activity's merged
+    metadata restricted to ``added_keys`` (the event carries each value once)."""
+    fields = done.activity.metadata.fields
+    return {key: _plain(fields[key]) for key in done.added_keys if key in fields}
 
 
 def iso(stamp: timestamp_pb2.Timestamp) -> str:
@@ -197,8 +205,9 @@ def event_json(event: pb.Event) -> JSON:
             "activity_type": ACTIVITY_TYPE_NAMES[done.activity.activity_type],
             "status": ACTIVITY_STATUS_NAMES[done.activity.status],
             "failure_reason": done.activity.failure_reason or None,
-            # Additive: the metadata keys this completion added or replaced ({} for none).
-            "metadata": struct_json(done.metadata),
+            # Additive: the metadata keys this completion added or replaced, with their
+            # values as merged into the activity ({} for none).
+            "metadata": added_metadata_json(done),
         }
     elif kind == "memory_updated":
         message = {"type": "memory_update", "update": memory_update_json(event.memory_updated)}

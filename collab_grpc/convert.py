@@ -311,8 +311,7 @@ def event_to_proto(event: Event) -> pb.Event:
     elif kind is EventKind.ACTIVITY_COMPLETED and isinstance(payload, ActivityCompletion):
         fill_activity(message.activity_completed.activity, payload.activity)
         message.activity_completed.success = payload.success
-        if payload.metadata:
-            message.activity_completed.metadata.update(payload.metadata)
+        message.activity_completed.added_keys.extend(payload.added_keys)
     elif kind is EventKind.MEMORY_UPDATED and isinstance(payload, MemoryUpdate):
         message.memory_updated.CopyFrom(memory_update_to_proto(payload))
     elif kind is EventKind.COLLABORATION_STARTED and isinstance(payload, Session):

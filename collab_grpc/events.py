@@ -62,10 +62,12 @@ def metadata_size(metadata: dict[str, Any]) -> int:
 
 def record_size(payload: EventPayload, metadata_bytes: int) -> int:
     """What ``payload`` counts against the byte budgets, given its metadata's size (a
-    completion: its activity's metadata and the keys it added, together)."""
+    completion: its activity's merged metadata, and the names of the keys it added)."""
+    size = RECORD_OVERHEAD + metadata_bytes
+    if isinstance(payload, ActivityCompletion):
+        size += sum(len(key) for key in payload.added_keys)
     if isinstance(payload, ActivityCompletion | ActivityLink):
         payload = payload.activity
-    size = RECORD_OVERHEAD + metadata_bytes
     if isinstance(payload, Activity):
         size += len(payload.failure_reason) + sum(len(agent) for agent in payload.related_agents)
     elif isinstance(payload, Session):
@@ -81,10 +83,7 @@ def payload_size(payload: EventPayload) -> int:
     record = payload.activity if isinstance(payload, ActivityCompletion | ActivityLink) else payload
     if isinstance(record, AgentRetirement):  # ids and a time: no metadata
         return record_size(payload, 0)
-    size = metadata_size(record.metadata)
-    if isinstance(payload, ActivityCompletion) and payload.metadata:
-        size += metadata_size(payload.metadata)
-    return record_size(payload, size)
+    return record_size(payload, metadata_size(record.metadata))
 
 
 @dataclass(frozen=True, slots=True)

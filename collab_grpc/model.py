@@ -182,12 +182,13 @@ class AgentRetirement:
 
 @dataclass(slots=True)
 class ActivityCompletion:
-    """An activity in its final state (its metadata merged), and the metadata keys the
-    completion added or replaced."""
+    """An activity in its final state (its metadata merged), and the names of the
+    metadata keys the completion added or replaced (their values are in the activity's
+    metadata: an event carries them once)."""
 
     activity: Activity
     success: bool
-    metadata: JSONObject = field(default_factory=dict)
+    added_keys: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

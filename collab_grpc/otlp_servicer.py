@@ -62,8 +62,10 @@ is refused whole with INVALID_ARGUMENT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -76,7 +78,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client import Counter
 
 from collab_grpc import metrics
-from collab_grpc.errors import CollabError, InvalidArgument, RateLimited
+from collab_grpc.errors import BudgetExhausted, CollabError, InvalidArgument, RateLimited
 from collab_grpc.idempotency import IdempotencyCache
 from collab_grpc.model import Activity, ActivityStatus
 from collab_grpc.otlp import SpanPlan, SpanView, completion_metadata, fit_metadata, plan_span, span_key
@@ -96,6 +98,8 @@ __all__ = [
 
 TRACE_SERVICE = otlp.DESCRIPTOR.services_by_name["TraceService"].full_name
 DEFAULT_MAX_SPANS = 10_000
+log = logging.getLogger("collab_grpc.otlp")
+
 # Spans (and conversations) whose records the hub remembers; an entry holds ~100 bytes.
 DEFAULT_SPAN_INDEX = 100_000
 # Children recorded before their parent span arrived, waiting to be linked (~150 bytes each).
@@ -186,14 +190,18 @@ class _SpanRecord:
     agent_id: str
     session_id: str
     opened_session: bool
+    # Its activity was completed and its memory update is still to record (a refusal
+    # after the completion, as a rate limit, leaves it for the exporter's retry).
+    memory_pending: bool = False
 
     def encode(self) -> bytes:
-        return json.dumps([self.activity_id, self.agent_id, self.session_id, self.opened_session]).encode()
+        fields = [self.activity_id, self.agent_id, self.session_id, self.opened_session]
+        return json.dumps([*fields, True] if self.memory_pending else fields).encode()
 
     @classmethod
     def decode(cls, answer: bytes) -> _SpanRecord:
-        activity_id, agent_id, session_id, opened = json.loads(answer)
-        return cls(activity_id, agent_id, session_id, bool(opened))
+        activity_id, agent_id, session_id, opened, *pending = json.loads(answer)
+        return cls(activity_id, agent_id, session_id, bool(opened), bool(pending and pending[0]))
 
 
 def _value(value: common_pb2.AnyValue, depth: int = 0) -> Any:
@@ -534,29 +542,58 @@ class OtlpTraceServicer(otlp_grpc.TraceServiceServicer):
             self._wait(waiting_key, activity.activity_id)
 
     def _end(self, plan: SpanPlan) -> None:
-        """Complete the span's activity if it is still open; end the session it started."""
+        """Complete the span's activity if it is still open, then record its memory update
+        (a memory operation's span ended without an error); end the session it started.
+        The completion comes first: a refusal after it (a memory update over the rate
+        limit) leaves the activity completed and the memory update marked pending in the
+        span index, for the exporter's retry to record once."""
         record = self._span_record(plan.key)
         if record is None:
             return
         activity = self.state.get_activity(record.activity_id)
-        if activity is None or activity.status is not ActivityStatus.ACTIVE:
+        if activity is None:
+            return  # out of the hub's history
+        if activity.status is ActivityStatus.ACTIVE:
+            success = not plan.failure_reason
+            if plan.memory is not None and success:
+                record = dataclasses.replace(record, memory_pending=True)
+                self._keep(SPAN_METHOD, plan.key, record.encode())
+            self._complete(record, plan, activity.metadata, success)
+        elif not record.memory_pending:
             return  # completed before (a retry), or expired
-        success = not plan.failure_reason
-        if plan.memory is not None and success:
+        if record.memory_pending and plan.memory is not None:
             self.state.record_memory_update(
                 operation=plan.memory,
                 item_id=plan.memory_item_id,
                 agent_id=record.agent_id,
                 metadata={"source": "otel", "otel.span": plan.key, "activity_id": record.activity_id},
             )
-        # What the span gained after its activity was recorded (its start, sent live):
-        # token usage, the response model, its end time... merged at completion.
-        added = completion_metadata(activity.metadata, plan.metadata, self.state.limits.max_metadata_bytes)
-        self.state.complete_activity(
-            record.activity_id, success=success, failure_reason=plan.failure_reason, metadata=added
-        )
+            record = dataclasses.replace(record, memory_pending=False)
+            self._keep(SPAN_METHOD, plan.key, record.encode())
         if record.opened_session and self._active_session(record.session_id):
             self.state.end_collaboration(record.session_id)
+
+    def _complete(self, record: _SpanRecord, plan: SpanPlan, recorded: dict[str, Any], success: bool) -> None:
+        """Complete the span's activity, merging what the span gained after its activity
+        was recorded (its start, sent live: token usage, the response model, its end
+        time...); while the store is over its byte budget, without those keys (the
+        completion itself is always taken)."""
+        added = completion_metadata(recorded, plan.metadata, self.state.limits.max_metadata_bytes)
+        try:
+            self.state.complete_activity(
+                record.activity_id, success=success, failure_reason=plan.failure_reason, metadata=added
+            )
+        except BudgetExhausted as refused:
+            if refused.budget != "max-db-bytes" or not added:
+                raise
+            log.warning(
+                "span %s: its activity %s completed without the metadata it gained at its end (%s): %s",
+                plan.key,
+                record.activity_id,
+                ", ".join(sorted(added)),
+                refused,
+            )
+            self.state.complete_activity(record.activity_id, success=success, failure_reason=plan.failure_reason)
 
 
 def add_trace_servicer(servicer: OtlpTraceServicer, server: Any) -> None:

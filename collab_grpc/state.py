@@ -257,20 +257,27 @@ class CollaborationState:
     ) -> Activity:
         """Complete an open activity. ``metadata``: keys merged into its metadata (what
         is learnt only at the end, as token usage): a key given replaces the recorded
-        value. The merged metadata must fit ``max_metadata_bytes``."""
+        value. The merged metadata must fit ``max_metadata_bytes``, and metadata is
+        refused (BudgetExhausted) while the store is over its byte budget, as a new
+        record is; a completion without metadata is never refused for space."""
         limits = self.limits
         check_hub_id("activity_id", activity_id, limits)
         check_text("failure_reason", failure_reason, limits, max_length=1024)
         if success and failure_reason:
             raise InvalidArgument("failure_reason is only allowed when success is false")
-        added, added_size = measured_metadata("metadata", metadata, limits) if metadata else ({}, 0)
+        added = measured_metadata("metadata", metadata, limits)[0] if metadata else {}
         activity = self._open.get(activity_id)
         if activity is None:
             if activity_id in self._history:
                 raise FailedPrecondition(f"activity {activity_id!r} is already {self._history[activity_id].status}")
             raise NotFound(f"activity {activity_id!r} not found")
-        merged = self._merged_metadata(activity, added) if added else None
-        return self._complete(activity, success, failure_reason, self.clock(), added, added_size, merged)
+        merged = None
+        if added:
+            merged = self._merged_metadata(activity, added)
+            # The merge grows what the store holds: refused as a new record is, but
+            # finishing the work itself (no metadata) is always taken.
+            self._check_storage("; a completion without metadata is still accepted")
+        return self._complete(activity, success, failure_reason, self.clock(), list(added), merged)
 
     def link_activity(
         self, activity_id: str, parent_activity_id: str, stored: Mapping[str, Activity] | None = None
@@ -887,8 +894,7 @@ class CollaborationState:
         success: bool,
         failure_reason: str,
         now: float,
-        added: dict[str, Any] | None = None,
-        added_size: int = 0,
+        added_keys: list[str] | None = None,
         merged: tuple[dict[str, Any], int] | None = None,
     ) -> Activity:
         activity.status = ActivityStatus.COMPLETED if success else ActivityStatus.FAILED
@@ -903,10 +909,11 @@ class CollaborationState:
             activity.metadata, merged_size = merged
             grown = record_size(activity, merged_size)
         self._apply_completed(activity)
+        completion = ActivityCompletion(copied(activity), success, added_keys or [])
         if grown is not None:
             self._resize_in_history(activity.activity_id, grown)
-            size = grown + added_size
-        completion = ActivityCompletion(copied(activity), success, added or {})
+            # The event: the activity with its merged metadata, and the added keys' names.
+            size = grown + sum(len(key) for key in completion.added_keys)
         self.log.append(EventKind.ACTIVITY_COMPLETED, completion, now, size)
         return activity
 
@@ -918,10 +925,11 @@ class CollaborationState:
             self._activity_sizes[activity_id] = size
             self._trim_history()
 
-    def _check_storage(self) -> None:
-        """Refuse a new record while the store is over its byte budget."""
+    def _check_storage(self, remedy: str = "") -> None:
+        """Refuse a new record (or metadata added at completion) while the store is over
+        its byte budget; ``remedy``: what is still accepted, added to the message."""
         if self.storage_refusal is not None and (reason := self.storage_refusal()) is not None:
-            raise BudgetExhausted(reason, "max-db-bytes")
+            raise BudgetExhausted(reason + remedy, "max-db-bytes")
 
     def _check_session_budget(self, size: int, what: str) -> None:
         """Refuse (changing nothing) a session or decision that would take the active
@@ -1077,7 +1085,7 @@ class CollaborationState:
                 known.metadata = done.metadata
                 done = known
             self._apply_completed(done)
-            if payload.metadata:
+            if payload.added_keys:
                 self._resize_in_history(done.activity_id, payload_size(done))
         elif isinstance(payload, Session) and event.kind is EventKind.COLLABORATION_STARTED:
             self._apply_started(copied(payload))

@@ -227,10 +227,13 @@ def largest_item_bytes(limits: Limits) -> int:
 
     Metadata is measured as compact JSON; as a protobuf Struct it is larger, at worst
     5.5 times (a list of small numbers: 2 bytes each in JSON, 11 as a Value), so 6 times
-    bounds it, twice over: a completion's event carries the activity's merged metadata
-    and the keys the completion added, each at most the limit. Every other field at its
-    limit, in UTF-8 at 4 bytes a character: the larger of a decision's votes and texts or
-    an activity's related agents, plus ids."""
+    bounds it. A completion's event adds the names of the keys it added (``added_keys``,
+    each a key of the merged metadata, listed once) and stays within the same 6 times: a
+    key of ``n`` bytes costs at least ``n + 4`` in the JSON (quotes, colon, a comma or
+    brace) and ``n + 6`` in the Struct's map entry beside its value, plus ``n + 3`` at most
+    as a repeated string; ``2n + 9 <= 6 (n + 4)``, while the values' share stays within
+    5.5 times. Every other field at its limit, in UTF-8 at 4 bytes a character: the
+    larger of a decision's votes and texts or an activity's related agents, plus ids."""
 
     def text(characters: int) -> int:  # a length-delimited field
         return 4 * characters + 4
@@ -238,7 +241,7 @@ def largest_item_bytes(limits: Limits) -> int:
     votes = limits.max_list_length * (text(limits.max_id_length) * 2 + 4)
     texts = 2 * text(limits.max_text_length)
     ids = 16 * text(limits.max_hub_id_length)
-    return 2 * 6 * limits.max_metadata_bytes + votes + texts + ids + 1024
+    return 6 * limits.max_metadata_bytes + votes + texts + ids + 1024
 
 
 def check_limit(field: str, value: int, limits: Limits) -> int:

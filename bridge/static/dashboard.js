@@ -140,7 +140,7 @@ const model = {
     if (early) {
       // Its completion came live before the back-fill brought the activity itself.
       this.earlyCompletions.delete(entry.activity_id);
-      if (!TERMINAL.has(entry.status)) Object.assign(entry, early);
+      if (!TERMINAL.has(entry.status)) this.completeEarly(entry, early);
     }
     this.activities.set(entry.activity_id, entry);
     let lane = this.lanes.get(entry.agent_id);
@@ -183,12 +183,25 @@ const model = {
     this.memory.splice(at, 0, { ...update, seq });
     if (this.memory.length > MEMORY_SIZE) this.memory.length = MEMORY_SIZE;
   },
+  /** A completion received before its activity, applied as the back-fill brings the activity still open. */
+  completeEarly(entry, early) {
+    const { added, ...completion } = early;
+    Object.assign(entry, completion);
+    // The back-fill read the activity before it completed: without the keys the completion added.
+    if (added) entry.metadata = { ...entry.metadata, ...added };
+  },
   complete(activityId, status, at, failureReason, added) {
     const known = this.activities.get(activityId);
     if (!known) {
-      // Kept (a bounded number) for when the back-fill, still in flight, brings it (the
-      // back-filled activity already holds the merged metadata).
-      this.earlyCompletions.set(activityId, { status, completed_at: at, ...(failureReason ? { failure_reason: failureReason } : {}) });
+      // Kept (a bounded number) for when the back-fill, still in flight, brings it: an
+      // activity read before the completion lacks what it added (token usage...).
+      const hasAdded = added && Object.keys(added).length;
+      this.earlyCompletions.set(activityId, {
+        status,
+        completed_at: at,
+        ...(failureReason ? { failure_reason: failureReason } : {}),
+        ...(hasAdded ? { added } : {}),
+      });
       if (this.earlyCompletions.size > EARLY_COMPLETIONS) this.earlyCompletions.delete(this.earlyCompletions.keys().next().value);
       return null;
     }

@@ -114,8 +114,8 @@ def decode_payload_data(kind: EventKind, data: Any) -> EventPayload:
     if kind is EventKind.ACTIVITY_RECORDED:
         return decode_activity(data)
     if kind is EventKind.ACTIVITY_COMPLETED:
-        # Events stored before completions carried metadata have no "metadata".
-        return ActivityCompletion(decode_activity(data["activity"]), data["success"], data.get("metadata") or {})
+        # Events stored before completions carried metadata have no "added_keys".
+        return ActivityCompletion(decode_activity(data["activity"]), data["success"], data.get("added_keys") or [])
     if kind is EventKind.MEMORY_UPDATED:
         return MemoryUpdate(**{**data, "operation": MemoryOperation(data["operation"])})
     if kind in (EventKind.COLLABORATION_STARTED, EventKind.COLLABORATION_ENDED):

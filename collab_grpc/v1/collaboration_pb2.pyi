@@ -449,7 +449,7 @@ class ActivityCompleted(_message.Message):
 
     ACTIVITY_FIELD_NUMBER: _builtins.int
     SUCCESS_FIELD_NUMBER: _builtins.int
-    METADATA_FIELD_NUMBER: _builtins.int
+    ADDED_KEYS_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     @_builtins.property
     def activity(self) -> Global___Activity:
@@ -458,9 +458,10 @@ class ActivityCompleted(_message.Message):
         """
 
     @_builtins.property
-    def metadata(self) -> _struct_pb2.Struct:
-        """The metadata keys this completion added or replaced (CompleteActivityRequest's
-        `metadata`); empty when it gave none.
+    def added_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the metadata keys this completion added or replaced
+        (CompleteActivityRequest's `metadata`); their values are in `activity.metadata`.
+        Empty when it gave none.
         """
 
     def __init__(
@@ -468,11 +469,11 @@ class ActivityCompleted(_message.Message):
         *,
         activity: Global___Activity | None = ...,
         success: _builtins.bool = ...,
-        metadata: _struct_pb2.Struct | None = ...,
+        added_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "metadata", b"metadata", "success", b"success"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "added_keys", b"added_keys", "success", b"success"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

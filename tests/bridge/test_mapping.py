@@ -308,6 +308,17 @@ def test_activity_completed_has_the_guide_shape(success: bool, ws_schema: dict[s
     assert_valid_ws(ws_schema, message)
 
 
+def test_activity_completed_metadata_is_the_added_keys_with_their_merged_values() -> None:
+    """The event names the keys a completion added; their values come from the merged
+    activity (each carried once). A key not in the metadata is left out."""
+    done = completed()
+    done.activity.metadata.update({"model": "m-2", "tokens": 12, "recorded": "kept"})
+    done.added_keys.extend(["tokens", "model", "missing"])
+    message = on_the_wire(mapping.event_json(event(8, activity_completed=done)))
+    assert message["metadata"] == {"tokens": 12, "model": "m-2"}
+    assert on_the_wire(mapping.event_json(event(9, activity_completed=completed())))["metadata"] == {}
+
+
 @pytest.mark.parametrize(
     ("operation", "name"),
     [(pb.MEMORY_OPERATION_WRITE, "write"), (pb.MEMORY_OPERATION_READ, "read"), (pb.MEMORY_OPERATION_DELETE, "delete")],

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from collab_grpc import convert
-from collab_grpc.errors import FailedPrecondition, InvalidArgument
+from collab_grpc.errors import BudgetExhausted, FailedPrecondition, InvalidArgument
+from collab_grpc.events import payload_size
 from collab_grpc.model import Activity, ActivityCompletion, ActivityStatus, ActivityType, EventKind
 from collab_grpc.state import CollaborationState, StateSettings
 from collab_grpc.store import RedisStore, SQLiteStore
@@ -51,7 +52,7 @@ def test_the_keys_given_are_merged_and_replace_the_recorded_ones() -> None:
     assert stored is not None and stored.metadata == MERGED
     event = completion(state)
     assert event.activity.metadata == MERGED
-    assert event.metadata == LATE  # only what this completion added or replaced
+    assert event.added_keys == list(LATE)  # only the names of what this completion added or replaced
     # The recorded event still holds the activity as it was recorded.
     first = next(iter(state.log.events_after(0)))
     assert isinstance(first.payload, Activity) and first.payload.metadata == RECORDED
@@ -69,19 +70,25 @@ def test_no_metadata_changes_nothing_and_the_event_says_none_was_added() -> None
     activity = recorded(state)
     before = state.history_bytes
     done = state.complete_activity(activity.activity_id, metadata={})
-    assert done.metadata == RECORDED and completion(state).metadata == {}
+    assert done.metadata == RECORDED and completion(state).added_keys == []
     assert state.history_bytes == before
     message = convert.event_to_proto(list(state.log.events_after(0))[-1])
-    assert not message.activity_completed.metadata.fields
+    assert not message.activity_completed.added_keys
 
 
-def test_the_event_as_protobuf_carries_the_merged_activity_and_the_added_keys() -> None:
+def test_the_event_as_protobuf_carries_the_merged_activity_and_the_added_keys_names() -> None:
     state = CollaborationState()
     activity = recorded(state)
+    retained = state.log.retained_bytes
     state.complete_activity(activity.activity_id, metadata=LATE)
-    message = convert.event_to_proto(list(state.log.events_after(0))[-1]).activity_completed
-    assert convert.struct_to_dict(message.metadata) == LATE
+    event = list(state.log.events_after(0))[-1]
+    message = convert.event_to_proto(event).activity_completed
+    assert list(message.added_keys) == list(LATE)
     assert convert.struct_to_dict(message.activity.metadata) == MERGED
+    # Each value once: the event counts the merged activity and the keys' names, no second copy,
+    # as a replica or a restart measures it.
+    size = state.history_bytes + sum(len(key) for key in LATE)
+    assert state.log.retained_bytes - retained == size == payload_size(event.payload)
 
 
 def test_the_history_budget_counts_the_merged_size() -> None:
@@ -128,6 +135,38 @@ def test_bad_metadata_is_refused_before_anything_changes(metadata: dict[str, Any
     assert again is not None and again.status is ActivityStatus.ACTIVE
 
 
+STORE_FULL = "the database uses 2000 bytes, over its budget of 1000 bytes (--max-db-bytes / COLLAB_MAX_DB_BYTES)"
+
+
+def test_metadata_at_completion_is_refused_while_the_store_is_over_its_budget() -> None:
+    """The merge grows what the store holds, as a record does: refused (changing
+    nothing) while the store is full, saying a plain completion is still taken."""
+    state = CollaborationState()
+    activity = recorded(state)
+    state.storage_refusal = lambda: STORE_FULL
+    seq, history = state.log.last_seq, state.history_bytes
+    with pytest.raises(BudgetExhausted) as refused:
+        state.complete_activity(activity.activity_id, metadata=LATE)
+    assert refused.value.budget == "max-db-bytes"
+    assert str(refused.value) == f"{STORE_FULL}; a completion without metadata is still accepted"
+    assert state.log.last_seq == seq and state.history_bytes == history
+    still = state.get_activity(activity.activity_id)
+    assert still is not None and still.status is ActivityStatus.ACTIVE and still.metadata == RECORDED
+
+
+@pytest.mark.parametrize("metadata", [None, {}])
+def test_a_completion_without_metadata_is_taken_while_the_store_is_over_its_budget(
+    metadata: dict[str, Any] | None,
+) -> None:
+    """Finishing work is never refused for space."""
+    state = CollaborationState()
+    activity = recorded(state)
+    state.storage_refusal = lambda: STORE_FULL
+    done = state.complete_activity(activity.activity_id, success=False, failure_reason="cut", metadata=metadata)
+    assert done.status is ActivityStatus.FAILED and done.metadata == RECORDED
+    assert completion(state).added_keys == []
+
+
 def test_a_completed_activity_takes_no_more_metadata() -> None:
     state = CollaborationState()
     activity = recorded(state)
@@ -145,7 +184,7 @@ def test_the_codec_keeps_the_added_keys_and_reads_events_stored_before_them() ->
     payload = completion(state)
     assert decode_payload(EventKind.ACTIVITY_COMPLETED, encode(payload)) == payload
     old = '{"activity":' + encode(payload.activity) + ',"success":true}'
-    assert decode_payload(EventKind.ACTIVITY_COMPLETED, old) == ActivityCompletion(payload.activity, True, {})
+    assert decode_payload(EventKind.ACTIVITY_COMPLETED, old) == ActivityCompletion(payload.activity, True, [])
 
 
 def test_a_replica_applying_the_completion_merges_and_counts_it() -> None:
@@ -180,7 +219,7 @@ async def test_sqlite_keeps_the_merged_metadata_across_a_restart(tmp_path: Path)
         assert restored is not None and restored.metadata == MERGED
         assert restored.status is ActivityStatus.COMPLETED
         replayed = list(again.log.events_after(0))[-1].payload
-        assert isinstance(replayed, ActivityCompletion) and replayed.metadata == LATE
+        assert isinstance(replayed, ActivityCompletion) and replayed.added_keys == list(LATE)
     finally:
         await reopened.close()
 

@@ -4,10 +4,12 @@ applies it (collab_grpc/otlp_servicer.py) to a CollaborationState."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
 
+from collab_grpc.errors import RateLimited
 from collab_grpc.model import ActivityStatus, ActivityType, EventKind, MemoryOperation
 from collab_grpc.otlp import (
     MAX_ATTRIBUTE_CHARS,
@@ -19,6 +21,7 @@ from collab_grpc.otlp import (
     plan_span,
 )
 from collab_grpc.otlp_servicer import OtlpTraceServicer, parents_first
+from collab_grpc.ratelimit import RateLimiter
 from collab_grpc.state import CollaborationState
 from collab_grpc.store.base import MemoryStore
 
@@ -319,7 +322,7 @@ def test_what_a_span_learns_after_its_start_is_merged_at_completion() -> None:
     assert done.metadata["gen_ai.response.finish_reasons"] == ["stop"]
     assert done.metadata["otel.end_time"] == 2.0 and done.metadata["otel.duration_ms"] == 1000.0
     completion = [e.payload for e in state.log.events_after(0) if e.kind is EventKind.ACTIVITY_COMPLETED]
-    assert set(completion[0].metadata) == {  # type: ignore[union-attr]
+    assert set(completion[0].added_keys) == {  # type: ignore[union-attr]
         "otel.end_time",
         "otel.duration_ms",
         "gen_ai.response.model",
@@ -331,6 +334,56 @@ def test_what_a_span_learns_after_its_start_is_merged_at_completion() -> None:
     last = state.log.last_seq
     _apply(servicer, [ended])
     assert state.log.last_seq == last
+
+
+def test_a_store_over_its_budget_completes_the_span_without_what_it_gained(caplog: pytest.LogCaptureFixture) -> None:
+    """Metadata at completion is refused while the store is full; the span's activity
+    still completes (finishing is never refused for space), without the added keys."""
+    servicer = _servicer()
+    state = servicer.state
+    _apply(servicer, [span("0000000000000001", "chat", end=0, gen_ai__agent__name="writer")])
+    state.storage_refusal = lambda: "the database is over its budget"
+    with caplog.at_level(logging.WARNING, logger="collab_grpc.otlp"):
+        _apply(
+            servicer, [span("0000000000000001", "chat", gen_ai__agent__name="writer", gen_ai__usage__input_tokens=9)]
+        )
+    (done,) = state.activity_feed()
+    assert done.status is ActivityStatus.COMPLETED
+    assert "gen_ai.usage.input_tokens" not in done.metadata and "otel.end_time" not in done.metadata
+    (completion,) = [e.payload for e in state.log.events_after(0) if e.kind is EventKind.ACTIVITY_COMPLETED]
+    assert completion.added_keys == []  # type: ignore[union-attr]
+    (warning,) = caplog.records
+    message = warning.getMessage()
+    assert "gen_ai.usage.input_tokens" in message and "completed without the metadata" in message
+    assert "the database is over its budget" in message
+
+
+def test_a_memory_update_refused_after_the_completion_is_recorded_once_by_the_retry() -> None:
+    """The activity completes first; a memory update over the rate limit after it is
+    left pending in the span index and recorded by the exporter's retry, once."""
+    now = [1000.0]
+    state = CollaborationState(clock=lambda: now[0], rate_limiter=RateLimiter(1, burst=1))
+    servicer = OtlpTraceServicer(state, MemoryStore())
+    start = span("0000000000000001", "update_memory", end=0, gen_ai__agent__name="keeper", gen_ai__memory__id="m1")
+    ended = span("0000000000000001", "update_memory", gen_ai__agent__name="keeper", gen_ai__memory__id="m1")
+    _apply(servicer, [start])  # takes the agent's one token
+    with pytest.raises(RateLimited):
+        _apply(servicer, [ended])
+
+    def memory_updates() -> list[Any]:
+        return [e.payload for e in state.log.events_after(0) if e.kind is EventKind.MEMORY_UPDATED]
+
+    (activity,) = state.activity_feed()
+    assert activity.status is ActivityStatus.COMPLETED, "completed before the memory update was tried"
+    assert memory_updates() == []
+    now[0] += 60
+    _apply(servicer, [ended])  # the exporter's retry
+    (update,) = memory_updates()
+    assert update.item_id == "m1" and update.operation is MemoryOperation.WRITE
+    last = state.log.last_seq
+    now[0] += 60
+    _apply(servicer, [ended])  # and again: nothing more
+    assert state.log.last_seq == last and len(memory_updates()) == 1
 
 
 def test_completion_metadata_keeps_only_new_or_changed_keys_within_the_limit() -> None:

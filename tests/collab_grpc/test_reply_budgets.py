@@ -3,6 +3,7 @@ check of the budget, capped summaries and snapshots, cursors, and the RPCs that 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -89,7 +90,7 @@ def test_the_largest_events_the_input_limits_allow_fit_the_bound() -> None:
         session_id=session.session_id,
         parent_activity_id=activity.activity_id,
     )
-    # The completion's event carries the merged metadata and the keys it replaced: both at the limit.
+    # The completion's event carries the merged metadata (at the limit) and the names of the keys it replaced.
     replaced = {"n": [1] * len(worst_metadata()["n"])}
     state.complete_activity(activity.activity_id, success=False, failure_reason=WIDE * 1024, metadata=replaced)
     state.record_decision(
@@ -112,6 +113,45 @@ def test_the_largest_events_the_input_limits_allow_fit_the_bound() -> None:
     assert len(sizes) == 7
     assert max(sizes) <= bound < DEFAULT_MAX_REPLY_BYTES
     assert max(sizes) > bound // 2, "the bound is of the right order, not a guess far off"
+
+
+def many_keys(limits: Limits = LIMITS) -> dict[str, Any]:
+    """Metadata at the size limit made of as many keys as fit (short names, small
+    numbers): the most ``added_keys`` a completion's event can list beside the Struct."""
+    metadata: dict[str, Any] = {}
+    size = len("{}")
+    for number in range(limits.max_metadata_bytes):
+        key = format(number, "x")
+        size += len(f'"{key}":0') + (1 if metadata else 0)  # and a comma after the first
+        if size > limits.max_metadata_bytes:
+            break
+        metadata[key] = 0
+    assert len(json.dumps(metadata, separators=(",", ":"))) <= limits.max_metadata_bytes
+    return metadata
+
+
+@pytest.mark.parametrize("metadata_bytes", [LIMITS.max_metadata_bytes, 131072])
+@pytest.mark.parametrize("added", [worst_metadata, many_keys], ids=["small-numbers", "many-keys"])
+def test_the_largest_completion_event_fits_the_bound_and_the_default_budget(metadata_bytes: int, added: Any) -> None:
+    """A completion's event carries each added value once (in the activity's metadata)
+    and only the added keys' names beside it: every key added at completion, or the
+    one key whose Struct grows most, stays within the bound, which stays within the
+    default reply budget at 131072 bytes of metadata (it started before completions
+    took metadata, and must still)."""
+    limits = Limits(max_metadata_bytes=metadata_bytes)
+    state = CollaborationState(StateSettings(limits=limits))
+    metadata = added(limits)
+    activity = state.record_activity(agent_id="agent", activity_type=ActivityType.MESSAGE_SENT)
+    state.complete_activity(activity.activity_id, success=False, failure_reason=WIDE * 1024, metadata=metadata)
+    event = convert.event_to_proto(list(state.log.events_after(0))[-1])
+    assert sorted(event.activity_completed.added_keys) == sorted(metadata)
+    size = pb.SubscribeEventsResponse(event=event).ByteSize()
+    assert size <= largest_item_bytes(limits) <= DEFAULT_MAX_REPLY_BYTES
+
+
+def test_metadata_of_131072_bytes_starts_with_the_default_reply_budget() -> None:
+    config = parse_server_config([], env={"COLLAB_MAX_METADATA_BYTES": "131072"})
+    assert (config.max_metadata_bytes, config.max_reply_bytes) == (131072, DEFAULT_MAX_REPLY_BYTES)
 
 
 def many_agents(count: int, active_every: int = 0, settings: StateSettings | None = None) -> CollaborationState:

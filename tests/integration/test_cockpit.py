@@ -187,6 +187,45 @@ async def test_what_a_completion_adds_shows_in_the_details_and_the_feed(
     no_errors(page)
 
 
+async def test_a_completion_before_its_back_fill_keeps_what_it_added(
+    browser: Browser, stack: Stack, team: Team, http: httpx.AsyncClient
+) -> None:
+    """The completion comes live while the back-fill that brings its activity is in
+    flight, and that back-fill read the activity still open (without the keys the
+    completion added): once it arrives, the activity shows completed with its usage."""
+    page = await open_page(browser, stack)
+    activity_id = await team.record("early_token_agent", "message_sent", metadata={"gen_ai.request.model": "m-1"})
+    held = "id => window.collabDashboard.model.activities.get(id)"
+    await page.wait_for_function(f"id => ({held})(id)", arg=activity_id, timeout=5000)
+    read_open = (await http.get(f"{API}/activities/{activity_id}")).json()["activity"]  # as the back-fill read it
+    # The page does not hold it yet: the back-fill that brings it is still in flight.
+    await page.evaluate(
+        """id => {
+          const model = window.collabDashboard.model;
+          const activity = model.activities.get(id);
+          model.activities.delete(id);
+          model.byTime = model.byTime.filter((a) => a !== activity);
+          const lane = model.lanes.get(activity.agent_id);
+          lane.splice(lane.indexOf(activity), 1);
+        }""",
+        activity_id,
+    )
+    usage = {"gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 34, "gen_ai.response.model": "m-1-x"}
+    done = await http.post(f"{API}/complete-activity", json={"activity_id": activity_id, "metadata": usage})
+    assert done.status_code == 200, done.text
+    await page.wait_for_function(
+        "id => window.collabDashboard.model.earlyCompletions.has(id)", arg=activity_id, timeout=5000
+    )
+    activity: dict[str, Any] = await page.evaluate(
+        "activity => window.collabDashboard.model.putActivity(activity)", read_open
+    )
+    assert activity["status"] == "completed"
+    assert activity["metadata"] == {"gen_ai.request.model": "m-1", **usage}
+    await page.evaluate("id => window.collabDashboard.navigate({ activity: id })", activity_id)
+    await page.wait_for_function("document.querySelector('#metadata').textContent.includes('m-1-x')", timeout=5000)
+    no_errors(page)
+
+
 def otlp_agent_span(agent: str, start: float, end: float) -> dict[str, Any]:
     """An OTLP/JSON export of one finished agent run, as an exporter sends it after the end."""
     attributes = {"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from collab import AsyncClient, Client
+from collab_grpc.v1 import collaboration_pb2 as pb
 from tests.support.contract import validate_ws
 from tests.support.rpc import WRITE_KEY
 from tests.support.stack import API, Stack, is_event, opened, record, recv_until, running_stack
@@ -135,3 +137,64 @@ async def test_the_async_sdk_completes_with_metadata(stack: Stack) -> None:
         activity_id = await hub.record_activity("async_meta_agent", "message_sent")
         done = await hub.complete_activity(activity_id, success=False, failure_reason="cut", metadata={"tokens": 4})
         assert done.failure_reason == "cut" and dict(done.metadata) == {"tokens": 4.0}
+
+
+BIG = {"blob": "x" * 40_000}
+OVER = {"more": "y" * 30_000, "tokens": 3}  # with BIG: over the 64 KiB limit once merged
+
+
+def test_a_block_whose_metadata_is_refused_completes_without_it_and_warns(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Client(stack.server.target, WRITE_KEY) as hub, caplog.at_level(logging.WARNING, logger="collab"):
+        with hub.activity("sdk_over_agent", "message_sent", metadata=BIG) as handle:
+            handle.metadata.update(OVER)
+        done = hub.get_activity(handle.activity_id)
+        assert done.status == pb.ACTIVITY_STATUS_COMPLETED and dict(done.metadata) == BIG
+        with pytest.raises(ZeroDivisionError), hub.activity("sdk_over_agent", "task_assigned", metadata=BIG) as failing:
+            failing.metadata.update(OVER)
+            raise ZeroDivisionError  # the caller's own error, not the SDK's refusal
+        failed = hub.get_activity(failing.activity_id)
+        assert failed.status == pb.ACTIVITY_STATUS_FAILED and failed.failure_reason == "ZeroDivisionError"
+        assert dict(failed.metadata) == BIG
+    warnings = [entry.getMessage() for entry in caplog.records]
+    assert len(warnings) == 2
+    for activity_id, message in zip([handle.activity_id, failing.activity_id], warnings, strict=True):
+        assert activity_id in message and "(more, tokens, not kept)" in message
+        assert "metadata merged at completion would be" in message
+
+
+async def test_the_async_block_whose_metadata_is_refused_completes_without_it_and_warns(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with AsyncClient(stack.server.target, WRITE_KEY) as hub:
+        with caplog.at_level(logging.WARNING, logger="collab"):
+            async with hub.activity("async_over_agent", "message_sent", metadata=BIG) as handle:
+                handle.metadata.update(OVER)
+            with pytest.raises(ZeroDivisionError):
+                async with hub.activity("async_over_agent", "task_assigned", metadata=BIG) as failing:
+                    failing.metadata.update(OVER)
+                    raise ZeroDivisionError
+        done = await hub.get_activity(handle.activity_id)
+        assert done.status == pb.ACTIVITY_STATUS_COMPLETED and dict(done.metadata) == BIG
+        failed = await hub.get_activity(failing.activity_id)
+        assert failed.status == pb.ACTIVITY_STATUS_FAILED and failed.failure_reason == "ZeroDivisionError"
+    warnings = [entry.getMessage() for entry in caplog.records]
+    assert len(warnings) == 2 and all("(more, tokens, not kept)" in message for message in warnings)
+
+
+def test_a_failed_block_raises_its_own_error_when_the_completion_fails_too(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The activity completed meanwhile (elsewhere): completing it as failed is refused
+    (FAILED_PRECONDITION); the block's own exception is still what the caller gets."""
+    with (
+        Client(stack.server.target, WRITE_KEY) as hub,
+        caplog.at_level(logging.WARNING, logger="collab"),
+        pytest.raises(KeyError),
+        hub.activity("sdk_twice_agent", "task_assigned") as handle,
+    ):
+        hub.complete_activity(handle.activity_id)
+        raise KeyError("the caller's")
+    (warning,) = [entry.getMessage() for entry in caplog.records]
+    assert handle.activity_id in warning and "could not be completed as failed" in warning and "KeyError" in warning

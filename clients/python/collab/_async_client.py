@@ -41,16 +41,30 @@ class AsyncClient(core.ClientBase[grpc.aio.Channel]):
     @contextlib.asynccontextmanager
     async def activity(self, agent_id: str, activity_type: str, **fields: Any) -> AsyncIterator[core.ActivityHandle]:
         """As `Client.activity`: recorded on enter, completed on exit or failed with the
-        exception's type name."""
+        exception's type name, with ``handle.metadata`` (left out with a warning when the
+        hub refuses it); a block that raised always raises its own exception."""
         handle = core.ActivityHandle(await self.record_activity(agent_id, activity_type, **fields))
         try:
             yield handle
         except BaseException as error:
-            await self.complete_activity(
-                handle.activity_id, success=False, failure_reason=type(error).__name__, metadata=handle.metadata
-            )
+            try:
+                await self._complete_block(handle, success=False, failure_reason=type(error).__name__)
+            except Exception as failure:  # the block's exception is the one the caller sees
+                core.warn_not_completed(handle, error, failure)
             raise
-        await self.complete_activity(handle.activity_id, metadata=handle.metadata)
+        await self._complete_block(handle)
+
+    async def _complete_block(self, handle: core.ActivityHandle, **outcome: Any) -> None:
+        """As `Client._complete_block`."""
+        if handle.metadata:
+            try:
+                await self.complete_activity(handle.activity_id, metadata=handle.metadata, **outcome)
+                return
+            except CollabError as refusal:
+                if not core.metadata_refused(refusal):
+                    raise
+                core.warn_metadata_dropped(handle, refusal)
+        await self.complete_activity(handle.activity_id, **outcome)
 
     def recorder(
         self, *, max_batch: int = core.MAX_BATCH, max_delay: float = core.MAX_DELAY, max_buffer: int = core.MAX_BUFFER

@@ -41,16 +41,32 @@ class Client(core.ClientBase[grpc.Channel]):
     @contextlib.contextmanager
     def activity(self, agent_id: str, activity_type: str, **fields: Any) -> Iterator[core.ActivityHandle]:
         """Recorded on enter (as ``record_activity``); completed on exit, or failed with
-        the exception's type name."""
+        the exception's type name, with ``handle.metadata`` merged into its metadata.
+        Metadata the hub refuses (over its limit once merged, or the hub's database over
+        its byte budget) is left out with a warning: the activity is completed without
+        it. A block that raised always raises its own exception."""
         handle = core.ActivityHandle(self.record_activity(agent_id, activity_type, **fields))
         try:
             yield handle
         except BaseException as error:
-            self.complete_activity(
-                handle.activity_id, success=False, failure_reason=type(error).__name__, metadata=handle.metadata
-            )
+            try:
+                self._complete_block(handle, success=False, failure_reason=type(error).__name__)
+            except Exception as failure:  # the block's exception is the one the caller sees
+                core.warn_not_completed(handle, error, failure)
             raise
-        self.complete_activity(handle.activity_id, metadata=handle.metadata)
+        self._complete_block(handle)
+
+    def _complete_block(self, handle: core.ActivityHandle, **outcome: Any) -> None:
+        """Complete an ``activity()`` block's activity with its metadata, else without it."""
+        if handle.metadata:
+            try:
+                self.complete_activity(handle.activity_id, metadata=handle.metadata, **outcome)
+                return
+            except CollabError as refusal:
+                if not core.metadata_refused(refusal):
+                    raise
+                core.warn_metadata_dropped(handle, refusal)
+        self.complete_activity(handle.activity_id, **outcome)
 
     def recorder(
         self, *, max_batch: int = core.MAX_BATCH, max_delay: float = core.MAX_DELAY, max_buffer: int = core.MAX_BUFFER

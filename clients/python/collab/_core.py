@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.message import Message
 
 from collab import _requests as requests
-from collab._errors import CollabError, ResumeFailed, Unavailable, error_from_rpc
+from collab._errors import CollabError, InvalidArgument, RateLimited, ResumeFailed, Unavailable, error_from_rpc
 from collab._settings import Settings
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -60,6 +60,31 @@ RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, gr
 MAX_BATCH = 500
 MAX_DELAY = 0.2
 MAX_BUFFER = 10_000
+
+
+def metadata_refused(error: CollabError) -> bool:
+    """Whether a completion with metadata was refused for its metadata: INVALID_ARGUMENT
+    (over the metadata limit once merged), or a full budget (the hub's database over
+    its byte budget takes a completion only without metadata)."""
+    return isinstance(error, InvalidArgument) or (isinstance(error, RateLimited) and error.budget is not None)
+
+
+def warn_metadata_dropped(handle: ActivityHandle, refusal: CollabError) -> None:
+    log.warning(
+        "activity %s is completed without the metadata its block added (%s, not kept): the hub refused it: %s",
+        handle.activity_id,
+        ", ".join(sorted(handle.metadata)),
+        refusal,
+    )
+
+
+def warn_not_completed(handle: ActivityHandle, error: BaseException, failure: Exception) -> None:
+    log.warning(
+        "activity %s could not be completed as failed (%s); the block's own %s is raised",
+        handle.activity_id,
+        failure,
+        type(error).__name__,
+    )
 
 
 @dataclass

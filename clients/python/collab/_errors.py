@@ -46,11 +46,16 @@ class Conflict(CollabError):
 
 
 class RateLimited(CollabError):
+    """RESOURCE_EXHAUSTED: over a rate (``retry_after``: seconds to wait), or a budget
+    that is full until something is freed (``budget``: its setting's name, e.g.
+    "max-db-bytes"; no retry delay then)."""
+
     code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, budget: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.budget = budget
 
 
 class Unauthenticated(CollabError):
@@ -96,12 +101,14 @@ def error_from_rpc(error: grpc.RpcError) -> CollabError:
     code = call.code()
     message = call.details() or code.name
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry_after = None
+        retry_after, budget = None, None
         pairs = cast(Sequence[tuple[str, str]], call.trailing_metadata() or ())
         for key, value in pairs:
             if key == "retry-after":
                 retry_after = float(value)
-        return RateLimited(message, retry_after)
+            elif key == "collab-budget":
+                budget = value
+        return RateLimited(message, retry_after, budget)
     kind = _BY_STATUS.get(code, CollabError)
     failure = kind(message)
     if kind is CollabError:
