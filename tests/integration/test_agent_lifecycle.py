@@ -208,6 +208,9 @@ async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, chromiu
                 assert started.status_code == 200, started.text
                 activity_id = await record(http, "leaving")
                 await page.wait_for_selector('#agents [data-agent="leaving"]', timeout=10_000)
+                # The member's card comes with the next periodic status update (the server's
+                # status_interval), not with an event: on screen before the other retires.
+                await page.wait_for_selector('#agents [data-agent="staying"]', timeout=10_000)
                 done = await http.post(f"{API}/complete-activity", json={"activity_id": activity_id})
                 assert done.status_code == 200, done.text
                 await page.wait_for_selector('#agents [data-agent="leaving"]', state="detached", timeout=30_000)

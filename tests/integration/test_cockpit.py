@@ -153,10 +153,23 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     assert abs(moved["width"] - done["width"]) < 0.5, "a completed bar keeps its length as the view follows live"
     await page.click("#zoom-in")
     await page.wait_for_function(f"id => ({bar})(id).width > {moved['width'] * 1.9}", arg=activity_id, timeout=5000)
-    moved = await page.evaluate(bar, activity_id)
-    # A click on the bar opens its details.
+    # A click on the bar opens its details. Following live, the bar moves left as the
+    # clock runs, and may have moved past where it was read by the time the click lands
+    # (seen on a loaded machine): a drag on the canvas first, as a user pans to look at
+    # something, stops the following, and the bar stays where it is read.
     lanes = await page.query_selector("#lanes canvas")
     assert lanes is not None
+    canvas = await lanes.bounding_box()
+    assert canvas is not None
+    grab_x, grab_y = canvas["x"] + canvas["width"] / 2, canvas["y"] + moved["y"] + 3
+    await page.mouse.move(grab_x, grab_y)
+    await page.mouse.down()
+    await page.mouse.move(grab_x + 20, grab_y, steps=4)
+    await page.mouse.up()
+    await page.wait_for_function("!window.collabDashboard.timeline.follow")
+    # Two frames: the one the drag asked for has drawn the bars where they now stay.
+    await page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+    moved = await page.evaluate(bar, activity_id)
     await lanes.click(position={"x": moved["x"] + moved["width"] / 2, "y": moved["y"] + 3})
     await page.wait_for_function(
         "document.querySelector('#activity-title').textContent === 'Council debate by lane_agent'"

@@ -3,9 +3,8 @@
 - A client told to resume on another bridge (close 1012, a load balancer) carries a seq
   that bridge may not have received yet: it is a few events behind the first. The client
   must still get every event after its seq as events, never a fresh state (``reset``).
-- A bulk ingest of 100,000 activities, with the bridge's upstream cut by the server for
-  falling behind on the way: the upstream resumes from its last seq and no browser is
-  reset or misses an event.
+- A bulk ingest with the bridge's upstream falling behind on the way (its queue on the
+  server full): the upstream keeps its place and no browser is reset or misses an event.
 """
 
 from __future__ import annotations
@@ -31,15 +30,26 @@ pytestmark = pytest.mark.integration
 
 ROUNDS = 5
 BURST = 2_000  # events recorded while the second bridge is stopped, per round
-BULK_ITEMS = 100_000
 PER_MESSAGE = 500  # activities per BulkRecordActivities message, as the SDK's recorder sends
+# The bulk ingest: streams of a quarter of the events the server retains (10,000, the
+# default), so that what is in flight when the ingest holds back stays well within them.
+BULK_PER_STREAM = 2_500
+BULK_BEFORE_STOP = 2 * BULK_PER_STREAM  # browsers follow a live ingest when the bridge stops
+BULK_STREAMS_AFTER = 4  # after the upstream caught up: the rest of the ingest, live
+BULK_MAX_ITEMS = 200_000  # the ingest's cap: far past what fills the upstream's queue
+# What a tool call's arguments might be. The stopped bridge's socket buffers hold bytes:
+# items of some size fill them with far fewer events than bare ones (some 40,000 of those).
+BULK_METADATA = {"note": "x" * 1000}
 
 
-async def bulk_record(client: Client, agent_id: str, count: int) -> None:
+async def bulk_record(client: Client, agent_id: str, count: int, metadata: dict[str, str] | None = None) -> None:
     """``count`` activities over one BulkRecordActivities stream, ``PER_MESSAGE`` a message."""
     messages = []
     for start in range(0, count, PER_MESSAGE):
-        items = [activity(agent_id, pb.ACTIVITY_TYPE_MEMORY_WRITE) for _ in range(min(PER_MESSAGE, count - start))]
+        items = [
+            activity(agent_id, pb.ACTIVITY_TYPE_MEMORY_WRITE, metadata=metadata)
+            for _ in range(min(PER_MESSAGE, count - start))
+        ]
         messages.append(pb.BulkRecordActivitiesRequest(activities=items))
     response = await client.stub.BulkRecordActivities(iter(messages), metadata=client.metadata, timeout=300)
     assert response.recorded == count, response
@@ -126,13 +136,17 @@ async def until(condition: Callable[[], Awaitable[bool]], what: str, within: flo
 
 
 async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: Path) -> None:
-    """100,000 activities in bulk with browsers following. Midway the bridge is stopped
-    until the server finds its upstream's queue full (5,000 events, the default: half the
-    10,000 retained), and let go: the upstream keeps its place (the server reads on from
-    the events it retains) and catches up, the ingest holding back meanwhile so that the
-    test does not depend on how fast this machine runs the bridge; then the rest of the
-    ingest comes, which the bridge (batched upstream) follows. Every browser gets every
-    event, in order, never a fresh state; the upstream is never cut."""
+    """A bulk ingest with browsers following. Once it is under way the bridge is stopped
+    until the server finds its upstream's queue full (half the events retained, the
+    default), and let go: the upstream keeps its place (the server reads on from the
+    events it retains) and catches up, the ingest holding back meanwhile so that the test
+    does not depend on how fast this machine runs the bridge; then more of the ingest
+    comes, which the bridge (batched upstream) follows. Every browser gets every event,
+    in order, never a fresh state; the upstream is never cut.
+
+    How much it takes to fill the queue is the queue and what the stopped bridge's socket
+    buffers hold (bytes: several MB on loopback, some 7,000 of these events), so the
+    ingest runs until the queue is full rather than for a count guessed to be enough."""
     server = ServerProcess(tmp_path / "server", env=SERVER_ENV).start()
     bridge_env = {**BRIDGE_ENV, "COLLAB_METRICS_PUBLIC": "on"}
     bridge = BridgeProcess(server.target, data_dir=tmp_path / "bridge", env=bridge_env).start()
@@ -141,12 +155,18 @@ async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: 
     following: list[asyncio.Task[None]] = []
     go_on = asyncio.Event()
     go_on.set()
+    ingested = 0
+    # Set once the upstream caught up: the ingest ends after this many more streams.
+    streams_left: int | None = None
 
     async def ingest_holding_back() -> None:
-        per_stream = 2_500
-        for start in range(0, BULK_ITEMS, per_stream):
+        nonlocal ingested, streams_left
+        while ingested < BULK_MAX_ITEMS and streams_left != 0:
             await go_on.wait()
-            await bulk_record(client, f"bulk{start // per_stream}", per_stream)
+            await bulk_record(client, f"bulk{ingested // BULK_PER_STREAM}", BULK_PER_STREAM, BULK_METADATA)
+            ingested += BULK_PER_STREAM
+            if streams_left is not None:
+                streams_left -= 1
 
     async def behind() -> float:
         return (await scrape(server.metrics_url, "collab_stream_subscribers_behind"))[()]
@@ -157,8 +177,8 @@ async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: 
         await until_connected(browsers)
         ingest = asyncio.create_task(ingest_holding_back())
 
-        async def a_tenth_ingested() -> bool:
-            return ingest.done() or await head_seq(client) >= BULK_ITEMS // 10
+        async def under_way() -> bool:
+            return ingest.done() or await head_seq(client) >= BULK_BEFORE_STOP
 
         async def upstream_behind() -> bool:
             return ingest.done() or await behind() >= 1
@@ -166,7 +186,7 @@ async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: 
         async def caught_up() -> bool:
             return await behind() == 0
 
-        await until(a_tenth_ingested, "a tenth ingested", 300)
+        await until(under_way, "the ingest under way", 300)
         stop(bridge)
         try:
             await until(upstream_behind, "the upstream's queue full", 300)
@@ -175,14 +195,16 @@ async def test_a_bulk_ingest_with_the_bridge_behind_resets_no_browser(tmp_path: 
             resume(bridge)
         assert not ingest.done(), "the ingest ended before the bridge fell behind: nothing was tested"
         await until(caught_up, "the upstream caught up", 300)
+        streams_left = BULK_STREAMS_AFTER
         go_on.set()
         await ingest
+        assert streams_left == 0, f"the ingest reached its cap of {BULK_MAX_ITEMS} before the bridge caught up"
         last = await head_seq(client)
         await follow_to_the_end(browsers, following, last)
         assert_gap_free(browsers, last)
         reconnects = await scrape(bridge.metrics_url, "collab_bridge_upstream_reconnects_total")
         assert reconnects[(("stream", "events"),)] == 0, reconnects  # never cut: it kept its place
-        print(f"\nbulk ingest of {BULK_ITEMS}: {[b.summary() for b in browsers]}")
+        print(f"\nbulk ingest of {ingested}: {[b.summary() for b in browsers]}")
     finally:
         await client.close()
         if bridge.process is not None and bridge.process.poll() is None:
