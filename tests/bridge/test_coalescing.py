@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -97,6 +98,63 @@ async def test_a_lone_event_on_an_idle_hub_goes_out_at_the_next_loop_turn() -> N
     hub.on_event(activity_event(1))
     await asyncio.sleep(0)
     assert direct.seqs == [[1]]
+
+
+def published(event: pb.Event, at: float) -> pb.Event:
+    """``event`` as the server published it at ``at`` (epoch seconds)."""
+    event.time.FromNanoseconds(int(at * 1e9))
+    return event
+
+
+class SlowDirectWire(DirectWire):
+    """A direct writer whose every write takes ``seconds``: a pass over it lasts that long."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, data: bytes) -> bool:
+        time.sleep(self.seconds)  # the pass is synchronous: this is how long it blocks the loop
+        return super().__call__(data)
+
+
+async def test_events_further_apart_than_a_pass_lasts_go_out_at_once_even_just_after_a_pass() -> None:
+    # A pass lasts 20 ms; events are published every 30 ms, so each is read 10 ms after
+    # the last pass ended, within the coalescing delay (50 ms): nothing would share a
+    # delayed pass.
+    hub = StreamHub(1000, coalesce_delay=0.05)
+    hub.on_snapshot(snapshot(0), reset=False)
+    wire = SlowDirectWire(0.02)
+    hub.join(Subscriber(Wire().slow, Wire().close, max_backlog=10, direct=wire), 0)
+    start = time.time()
+    for seq in range(1, 7):
+        hub.on_event(published(activity_event(seq), start + 0.03 * seq))
+        await asyncio.sleep(0)  # the loop's next turn: the pass has run
+        assert wire.all_seqs == list(range(1, seq + 1)), f"event {seq} waited"
+        await asyncio.sleep(0.01)
+    assert hub.fanout.passes == 6
+
+
+async def test_events_closer_together_than_a_pass_lasts_share_passes() -> None:
+    # A pass lasts 20 ms; events are published every 2 ms: one pass each would fall ever
+    # further behind (and read one event a pass, which looks like a rate it keeps up with).
+    hub = StreamHub(1000, coalesce_delay=0.05)
+    hub.on_snapshot(snapshot(0), reset=False)
+    wire = SlowDirectWire(0.02)
+    hub.join(Subscriber(Wire().slow, Wire().close, max_backlog=100, direct=wire), 0)
+    # As the upstream reads them: what arrived during a pass is read one event a loop
+    # turn once it ends (each event is due 2 ms after the one before).
+    start, seq = time.time(), 1
+    while seq <= 40:
+        if time.time() - start >= (seq - 1) * 0.002:
+            hub.on_event(published(activity_event(seq), start + 0.002 * seq))
+            seq += 1
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(0.001)
+    await passes_run(hub)
+    assert wire.all_seqs == list(range(1, 41))
+    assert hub.fanout.passes < 20, f"{hub.fanout.passes} passes for 40 events"
 
 
 async def test_a_full_batch_is_broadcast_at_once() -> None:
