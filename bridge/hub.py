@@ -7,15 +7,15 @@ can be rebuilt from the server: on restart the bridge starts again from a snapsh
 Broadcasts are coalesced (``coalesce_delay`` not None): an event is queued and a pass
 over the clients takes every event queued since the last one (bridge/fanout.py writes
 each client's share in one write). When the hub is idle, the pass starts at the next
-turn of the event loop, so a lone event waits for nothing. When it is busy (events are
-published closer together than a pass lasts, on a moving average of the gaps between
-their times on the server's clock, so one pass per event would fall behind) the pass
-starts one pass's duration after the last, at most ``coalesce_delay`` later: what arrives
-meanwhile shares it. Events published further apart than a pass lasts go out at once,
-however soon after a pass they are read: at a rate the hub keeps up with, waiting would
-only add latency, as nothing would share the pass. (The server's times, not the times the
-bridge reads them: a hub that has fallen behind reads one event a pass, which looks like
-a rate it keeps up with.) Anything that reads the buffer or the clients' positions (a
+turn of the event loop, so a lone event waits for nothing. When the hub is behind (an
+event is read later after its publication than usual by at least the usual gap between
+events, so at least one more is published and waiting to be read: on the server's
+clock, against the least delay seen, so the two clocks need not agree) the pass starts
+one pass's duration after the last, at most ``coalesce_delay`` later: what is read
+meanwhile shares it. A hub that keeps up sends each event at once, however soon after a
+pass it is read, since nothing would share a delayed pass; one that falls behind (a
+pass lasts longer than the gap between events) is soon behind by a gap and coalesces
+until it has caught up. Anything that reads the buffer or the clients' positions (a
 client joining, resuming, a snapshot, a status update) first runs the pass due, so the
 order is the same as without coalescing.
 """
@@ -129,8 +129,10 @@ DEFAULT_BUFFER_BYTES = 32 * 1024 * 1024
 # COLLAB_FANOUT_COALESCE_DELAY), and the most events one pass takes (COLLAB_FANOUT_BATCH).
 DEFAULT_COALESCE_DELAY = 0.005
 DEFAULT_FANOUT_BATCH = 256
-# Weight of the newest gap between events in their moving average.
+# Weight of the newest gap between events in their moving average, and how fast the
+# least delay from publication to reading creeps up towards a larger one.
 GAP_WEIGHT = 0.25
+LEAST_DELAY_CREEP = 0.001
 
 
 class StreamHub:
@@ -154,10 +156,12 @@ class StreamHub:
         self._pass_due: asyncio.Handle | None = None
         self._last_pass_end = 0.0
         self._last_pass_seconds = 0.0
-        # The newest event's time on the server's clock, and the moving average of the
-        # gaps between events' times (one gap alone says little).
+        # The newest event's publication time (the server's clock), the moving average of
+        # the gaps between events' times, and the least delay from publication to being
+        # read (creeping up, so that a clock that moves is learnt again).
         self._last_published = float("-inf")
         self._mean_gap = float("inf")
+        self._least_delay = float("inf")
         self.epoch = ""
         self.last_seq = 0
         self.buffer_size = buffer_size
@@ -217,13 +221,16 @@ class StreamHub:
         self._last_published = published
         mean = self._mean_gap
         self._mean_gap = gap if mean == float("inf") else mean + GAP_WEIGHT * (gap - mean)
+        delay = time.time() - published
+        least = self._least_delay
+        self._least_delay = delay if delay < least else least + LEAST_DELAY_CREEP * (delay - least)
         if len(self._pending) >= self.batch_size:
             self.flush()
         elif self._pass_due is None:
             loop = asyncio.get_running_loop()
-            busy = self._mean_gap < self._last_pass_seconds
+            behind = delay - self._least_delay >= self._mean_gap
             start = self._last_pass_end + min(self._last_pass_seconds, self.coalesce_delay)
-            if not busy or loop.time() >= start:
+            if not behind or loop.time() >= start:
                 self._pass_due = loop.call_soon(self.flush)
             else:
                 self._pass_due = loop.call_at(start, self.flush)
