@@ -179,11 +179,11 @@ class BridgeConfig:
         "clients waiting at once for this bridge to reach their seq; more: WebSocket 1013 / HTTP 503, to retry",
         minimum=1,
     )
-    # Coalescing (bridge/hub.py): while the hub is busy, an event waits at most this long
-    # for others to share its broadcast pass; an idle hub broadcasts a lone event at once.
+    # Coalescing (bridge/hub.py): while the hub is behind, an event waits at most this long
+    # for others to share its broadcast pass; a hub that keeps up sends each at once.
     fanout_coalesce_delay: float = option(
         0.005,
-        "most seconds an event waits to share a broadcast pass while the hub is busy; an idle hub waits none",
+        "most seconds an event waits to share a broadcast pass while the hub is behind; one that keeps up waits none",
         minimum=0,
         maximum=1,
     )
