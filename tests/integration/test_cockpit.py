@@ -205,35 +205,41 @@ async def test_a_completion_before_its_back_fill_keeps_what_it_added(
 ) -> None:
     """The completion comes live while the back-fill that brings its activity is in
     flight, and that back-fill read the activity still open (without the keys the
-    completion added): once it arrives, the activity shows completed with its usage."""
+    completion added): once it arrives, the activity shows completed with its usage.
+
+    The race is replayed in the page's model in one step (the page forgets the activity,
+    takes the completion, then the back-fill's copy): done live, the agent's card would
+    look the activity up on its own in between, and the completion would find it held."""
     page = await open_page(browser, stack)
     activity_id = await team.record("early_token_agent", "message_sent", metadata={"gen_ai.request.model": "m-1"})
     held = "id => window.collabDashboard.model.activities.get(id)"
     await page.wait_for_function(f"id => ({held})(id)", arg=activity_id, timeout=5000)
     read_open = (await http.get(f"{API}/activities/{activity_id}")).json()["activity"]  # as the back-fill read it
-    # The page does not hold it yet: the back-fill that brings it is still in flight.
-    await page.evaluate(
-        """id => {
-          const model = window.collabDashboard.model;
-          const activity = model.activities.get(id);
-          model.activities.delete(id);
-          model.byTime = model.byTime.filter((a) => a !== activity);
-          const lane = model.lanes.get(activity.agent_id);
-          lane.splice(lane.indexOf(activity), 1);
-        }""",
-        activity_id,
-    )
     usage = {"gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 34, "gen_ai.response.model": "m-1-x"}
     done = await http.post(f"{API}/complete-activity", json={"activity_id": activity_id, "metadata": usage})
     assert done.status_code == 200, done.text
+    # The live message, as the page took it: completed, with what it added.
     await page.wait_for_function(
-        "id => window.collabDashboard.model.earlyCompletions.has(id)", arg=activity_id, timeout=5000
+        f"id => ({held})(id)?.metadata['gen_ai.response.model'] === 'm-1-x'", arg=activity_id, timeout=5000
     )
-    activity: dict[str, Any] = await page.evaluate(
-        "activity => window.collabDashboard.model.putActivity(activity)", read_open
+    replayed: dict[str, Any] = await page.evaluate(
+        """([id, open, added]) => {
+          const model = window.collabDashboard.model;
+          const live = model.activities.get(id);
+          model.activities.delete(id);
+          model.byTime = model.byTime.filter((a) => a !== live);
+          const lane = model.lanes.get(live.agent_id);
+          lane.splice(lane.indexOf(live), 1);
+          model.complete(id, live.status, live.completed_at, undefined, added);
+          const early = model.earlyCompletions.has(id);
+          const entry = model.putActivity(open);
+          return { early, kept: model.earlyCompletions.has(id), status: entry.status, metadata: entry.metadata };
+        }""",
+        [activity_id, read_open, usage],
     )
-    assert activity["status"] == "completed"
-    assert activity["metadata"] == {"gen_ai.request.model": "m-1", **usage}
+    assert replayed["early"] and not replayed["kept"]  # kept for the back-fill, then applied
+    assert replayed["status"] == "completed"
+    assert replayed["metadata"] == {"gen_ai.request.model": "m-1", **usage}
     await page.evaluate("id => window.collabDashboard.navigate({ activity: id })", activity_id)
     await page.wait_for_function("document.querySelector('#metadata').textContent.includes('m-1-x')", timeout=5000)
     no_errors(page)
