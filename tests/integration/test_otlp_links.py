@@ -90,14 +90,19 @@ def links_total(stack: Stack) -> dict[str, float]:
     return found
 
 
+def exporting_provider(target: str, service_name: str = "") -> TracerProvider:
+    """The OpenTelemetry SDK exporting to the server at ``target`` over OTLP/gRPC, in
+    batches as it does by default (a span is sent once it ends)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name} if service_name else {}))
+    exporter = OTLPSpanExporter(endpoint=target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"})
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
 async def test_a_child_exported_before_its_parent_is_linked_when_the_parent_arrives(tmp_path: Path, store: str) -> None:
     agent = f"long-agent-{uuid.uuid4().hex[:8]}"
     with running_stack(tmp_path, server_env={"COLLAB_STORE": store}) as stack:
-        provider = TracerProvider(resource=Resource.create({"service.name": "otlp-links-test"}))
-        exporter = OTLPSpanExporter(
-            endpoint=stack.server.target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"}
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider = exporting_provider(stack.server.target, "otlp-links-test")
         tracer = provider.get_tracer("test")
         async with connect(stack.ws_url()) as ws:
             await opened(ws)
@@ -162,10 +167,7 @@ def test_a_child_waiting_across_a_restart_is_linked(tmp_path: Path) -> None:
     """The waiting index is rebuilt from the stored roots that name their parent span."""
     agent = f"restart-agent-{uuid.uuid4().hex[:8]}"
     with running_stack(tmp_path) as stack:
-        provider = TracerProvider()
-        target = stack.server.target
-        exporter = OTLPSpanExporter(endpoint=target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"})
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider = exporting_provider(stack.server.target)
         tracer = provider.get_tracer("test")
         with tracer.start_as_current_span(
             "invoke_agent", attributes={"gen_ai.operation.name": "invoke_agent", "gen_ai.agent.name": agent}
@@ -194,11 +196,7 @@ async def test_a_child_that_left_the_history_is_linked_from_the_store(tmp_path: 
     agent = f"evicting-agent-{uuid.uuid4().hex[:8]}"
     server_env = {"COLLAB_STORE": store, "COLLAB_HISTORY_LIMIT": str(HISTORY_LIMIT)}
     with running_stack(tmp_path, server_env=server_env) as stack:
-        provider = TracerProvider()
-        exporter = OTLPSpanExporter(
-            endpoint=stack.server.target, insecure=True, headers={"authorization": f"Bearer {WRITE_KEY}"}
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider = exporting_provider(stack.server.target)
         tracer = provider.get_tracer("test")
         async with connect(stack.ws_url()) as ws:
             await opened(ws)
