@@ -299,7 +299,7 @@ class CollaborationState:
         activity = held if held is not None else known.get(activity_id)
         if activity is None:
             raise NotFound(f"activity {activity_id!r} not found")
-        parent = self.get_activity(parent_activity_id) or known.get(parent_activity_id)
+        parent = self._lookup(parent_activity_id, known)
         if parent is None:
             raise NotFound(f"parent activity {parent_activity_id!r} not found")
         if activity.parent_activity_id:
@@ -344,13 +344,14 @@ class CollaborationState:
         """The first activity of ``parent_activity_id`` and its ancestry (MAX_LINK_DEPTH
         levels) that ``link_activity`` needs and neither the state holds nor ``stored``
         has: to read from the store; empty when none is missing."""
-        parent = self.get_activity(parent_activity_id) or stored.get(parent_activity_id)
+        parent = self._lookup(parent_activity_id, stored)
         if parent is None:
             return parent_activity_id
         above = self._ancestry(parent, stored)[-1].parent_activity_id
         return above if above and self._lookup(above, stored) is None else ""
 
     def _lookup(self, activity_id: str, stored: Mapping[str, Activity]) -> Activity | None:
+        """The activity as held, else its copy in ``stored`` (read from the store)."""
         return self.get_activity(activity_id) or stored.get(activity_id)
 
     def _ancestry(self, parent: Activity, stored: Mapping[str, Activity]) -> list[Activity]:
