@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.fanout import TOKEN, HubTarget, LatencyResult, PeerTarget, _stop, run_paced, start_server
+from bench.fanout import TOKEN, HubTarget, LatencyResult, PeerTarget, _start, _stop, free_port, run_paced, start_server
 from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -30,7 +30,9 @@ def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -
     after_text = "-" if after != after else f"{result.p50_after_record_ms:.1f} / {after:.1f}"
     return (
         f"| {round_number} | {result.rate} | {result.target} | {result.delivered:,} of {offered:,} "
-        f"| {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.max_ms:.1f} | {ratio} | {after_text} |"
+        f"| {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.max_ms:.1f} | {ratio} | {after_text} "
+        f"| {result.p50_first_ms:.1f} / {result.p99_first_ms:.1f} "
+        f"| {result.p50_spread_ms:.1f} / {result.p99_spread_ms:.1f} |"
     )
 
 
@@ -38,12 +40,22 @@ def _percentile(values: list[float], fraction: float) -> float:
     return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
 
 
+# The `--direct` server that is gRPC alone (bench/grpc_floor.py), not a store.
+GRPC_FLOOR = "grpc floor"
+
+
 def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, seconds: float) -> tuple[float, float]:
-    """The store's part alone: one gRPC subscriber on the server (no bridge, no load
+    """The server's part alone: one gRPC subscriber on the server (no bridge, no load
     clients, so little CPU), ``rate`` RecordActivity calls a second; (p50, p99) ms from
-    each call to its event's receipt."""
-    data_dir = Path(tempfile.mkdtemp(prefix="direct-", dir=workdir))
-    server, target = start_server(data_dir, code_dir, COLLAB_STORE=store)
+    each call to its event's receipt. ``store`` GRPC_FLOOR: the same calls against
+    grpc.aio with nothing behind it (bench/grpc_floor.py)."""
+    if store == GRPC_FLOOR:
+        port = free_port()
+        server = _start([sys.executable, "-m", "bench.grpc_floor", str(port)], "listening on")
+        target = f"127.0.0.1:{port}"
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="direct-", dir=workdir))
+        server, target = start_server(data_dir, code_dir, COLLAB_STORE=store)
     auth = (("authorization", f"Bearer {TOKEN}"),)
     count = int(rate * seconds)
     latencies: list[float] = []
@@ -81,6 +93,8 @@ def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, se
         follower.join(30)
     finally:
         _stop(server)
+    if len(latencies) != count:
+        raise RuntimeError(f"{store}: {len(latencies)} of {count} events reached the subscriber")
     ordered = sorted(latencies)
     return _percentile(ordered, 0.5), _percentile(ordered, 0.99)
 
@@ -97,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         help="a checkout of an earlier version: its server (SQLite) runs beside this one's in every round",
     )
     parser.add_argument(
-        "--direct", action="store_true", help="the store's part alone: one gRPC subscriber on the server, no bridge"
+        "--direct",
+        action="store_true",
+        help="the server's part alone: one gRPC subscriber on the server, no bridge; beside grpc.aio with nothing "
+        "behind it (the floor)",
     )
     parser.add_argument(
         "--pipelined",
@@ -110,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return _direct(args, rates)
     lines = [
         "| round | events/s | target | delivered | p50 ms | p99 ms | max ms | p99 vs raw peer "
-        "| after the record p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| after the record p50 / p99 ms | first receipt p50 / p99 ms | first to last p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lost = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +163,11 @@ def _direct(args: argparse.Namespace, rates: list[int]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for round_number in range(1, args.rounds + 1):
             for rate in rates:
-                servers: list[tuple[str, str, Path | None]] = [("sqlite", "sqlite", None), ("memory", "memory", None)]
+                servers: list[tuple[str, str, Path | None]] = [
+                    ("sqlite", "sqlite", None),
+                    ("memory", "memory", None),
+                    (GRPC_FLOOR, GRPC_FLOOR, None),
+                ]
                 if args.before is not None:
                     servers.insert(0, ("sqlite, before", "sqlite", args.before.resolve()))
                 for name, store, code_dir in servers:

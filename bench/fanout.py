@@ -128,6 +128,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     connections: list[WebSocketClient] = []
     last = [0.0]
     latencies: list[float] = []  # for messages that carry the time they were sent
+    sent_times: list[float] = []  # each latency's message's sending time: which event it was
     after_record: list[float] = []  # the hub's part from its record to the receipt
     done = asyncio.Event()
     target = [0]
@@ -139,7 +140,9 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
                 last[0] = now = time.time()
                 sent = SENT.search(payload)
                 if sent is not None:
-                    latencies.append(now - float(sent.group(1)))
+                    sent_time = float(sent.group(1))
+                    latencies.append(now - sent_time)
+                    sent_times.append(sent_time)
                     recorded = RECORDED.search(payload) if kind == "hub" else None
                     if recorded is not None:
                         after_record.append(now - float(recorded.group(1)))
@@ -170,7 +173,7 @@ async def _load(host: str, port: int, path: str, kind: str, clients: int, contro
     cpu_before = time.process_time()
     with contextlib.suppress(TimeoutError):  # what arrived by then is reported; the rest counts as lost
         await asyncio.wait_for(done.wait(), 60)
-    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before, after_record))
+    control.send((sum(counts), last[0], latencies, time.process_time() - cpu_before, after_record, sent_times))
     for client in connections:
         client.close()
     for task in tasks:
@@ -392,6 +395,12 @@ class LatencyResult:
     # stream to the bridge and the fan-out, without the agent's call (NaN for the peers).
     p50_after_record_ms: float = float("nan")
     p99_after_record_ms: float = float("nan")
+    # Per event, over the events: its first receipt (the path to the start of the
+    # broadcast pass) and the time from its first to its last receipt (the pass).
+    p50_first_ms: float = float("nan")
+    p99_first_ms: float = float("nan")
+    p50_spread_ms: float = float("nan")
+    p99_spread_ms: float = float("nan")
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -418,6 +427,14 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
     delivered = sum(report[0] for report in reports)
     load_cpu = sum(report[3] for report in reports)
     finished = max(report[1] for report in reports) or time.time()
+    # Each event's first and last receipt, by the time it was sent (one per event).
+    receipts: dict[float, tuple[float, float]] = {}
+    for report in reports:
+        for latency, sent in zip(report[2], report[5], strict=True):
+            first, last = receipts.get(sent, (latency, latency))
+            receipts[sent] = (min(first, latency), max(last, latency))
+    firsts = sorted(first for first, _ in receipts.values())
+    spreads = sorted(last - first for first, last in receipts.values())
 
     def percentile(fraction: float, values: list[float] = latencies) -> float:
         return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
@@ -436,6 +453,10 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         max(1e-6, finished - started),
         percentile(0.5, after_record),
         percentile(0.99, after_record),
+        percentile(0.5, firsts),
+        percentile(0.99, firsts),
+        percentile(0.5, spreads),
+        percentile(0.99, spreads),
     )
 
 
@@ -460,7 +481,7 @@ def cpu_seconds(*pids: int) -> float:
 
 def _run(
     target: Any, clients: int, messages: int, trigger: Callable[[], None], processes: int
-) -> tuple[float, list[tuple[int, float, list[float], float, list[float]]], float]:
+) -> tuple[float, list[tuple[int, float, list[float], float, list[float], list[float]]], float]:
     port, path = target.start()
     context = multiprocessing.get_context("spawn")
     pipes, workers = [], []
@@ -480,7 +501,7 @@ def _run(
         cpu_before = cpu_seconds(*target.pids)
         started = time.time()
         trigger()
-        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0, []) for pipe in pipes]
+        reports = [pipe.recv() if pipe.poll(90) else (0, 0.0, [], 0.0, [], []) for pipe in pipes]
         return started, reports, cpu_seconds(*target.pids) - cpu_before
     finally:
         for worker in workers:

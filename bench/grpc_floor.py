@@ -1,0 +1,96 @@
+"""The least a gRPC server on grpc.aio can take for the hub's path: `RecordActivity`
+answered at once and its activity written to every `SubscribeEvents` stream, with no
+state, store, validation, credentials or metrics. `bench.durable_tail --direct` runs it
+beside the real server, so the server's own share of a record -> event latency is what
+it takes above this floor, measured in the same run.
+
+Run: ``python -m bench.grpc_floor PORT``; prints "listening on" once it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from collab_grpc.eventloop import run
+from collab_grpc.v1 import collaboration_pb2 as pb
+
+__all__ = ["FloorServicer", "main"]
+
+SERVICE = "collab.v1.CollaborationService"
+
+# Events a subscriber that does not read may have waiting before the floor server drops
+# it (a benchmark's subscriber reads; the bound only keeps the process finite).
+MAX_WAITING = 10_000
+
+
+class FloorServicer:
+    """The two RPCs of the hub's path; every other is UNIMPLEMENTED."""
+
+    def __init__(self) -> None:
+        self.subscribers: set[asyncio.Queue[pb.Event]] = set()
+        self.seq = 0
+
+    async def record_activity(
+        self, request: pb.RecordActivityRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RecordActivityResponse:
+        self.seq += 1
+        activity = pb.Activity(
+            activity_id=f"act_{self.seq}",
+            agent_id=request.agent_id,
+            activity_type=request.activity_type,
+            metadata=request.metadata,
+        )
+        event = pb.Event(seq=self.seq, activity_recorded=activity)
+        event.time.FromNanoseconds(time.time_ns())
+        for queue in tuple(self.subscribers):
+            if queue.qsize() >= MAX_WAITING:
+                self.subscribers.discard(queue)
+            else:
+                queue.put_nowait(event)
+        return pb.RecordActivityResponse(activity_id=activity.activity_id, activity=activity)
+
+    async def subscribe_events(
+        self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.SubscribeEventsResponse]:
+        queue: asyncio.Queue[pb.Event] = asyncio.Queue()
+        self.subscribers.add(queue)
+        try:
+            while queue in self.subscribers:
+                yield pb.SubscribeEventsResponse(event=await queue.get())
+        finally:
+            self.subscribers.discard(queue)
+
+
+async def serve(port: int) -> None:
+    servicer = FloorServicer()
+    handlers = {
+        "RecordActivity": grpc.unary_unary_rpc_method_handler(
+            servicer.record_activity,
+            request_deserializer=pb.RecordActivityRequest.FromString,
+            response_serializer=pb.RecordActivityResponse.SerializeToString,
+        ),
+        "SubscribeEvents": grpc.unary_stream_rpc_method_handler(
+            servicer.subscribe_events,
+            request_deserializer=pb.SubscribeEventsRequest.FromString,
+            response_serializer=pb.SubscribeEventsResponse.SerializeToString,
+        ),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    run(serve(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
