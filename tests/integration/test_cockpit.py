@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def team(http: httpx.AsyncClient) -> Team:
+@pytest_asyncio.fixture(loop_scope="session")
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """conftest's ``http``, in the session's event loop: this module's tests run in it (they take ``browser``)."""
+    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def team(http: httpx.AsyncClient) -> Team:
     return Team(http)
 
 
