@@ -81,7 +81,7 @@ def test_the_server_refuses_to_start_with_a_weak_secret(tmp_path: Path) -> None:
 
 async def test_allowed_weak_credentials_start_with_a_warning(tmp_path: Path) -> None:
     env = {"COLLAB_API_KEYS": "k1", "COLLAB_ALLOW_WEAK_CREDENTIALS": "on"}
-    with ServerProcess(tmp_path, env=env, capture_stderr=True).start() as server:
+    with ServerProcess(tmp_path, env=env, capture_stderr=True) as server:
         warnings = [line for line in server.banner if "weak credentials accepted" in line]
         assert len(warnings) == 1 and "COLLAB_API_KEYS entry 1 is 2 characters" in warnings[0]
         assert "k1" not in warnings[0].replace("entry 1", "")

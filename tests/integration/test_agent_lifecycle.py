@@ -12,11 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Browser
 from websockets.asyncio.client import connect
 
 from collab_grpc.v1 import collaboration_pb2 as pb
-from tests.support.browser import CHROMIUM_ARGS, require_chromium
 from tests.support.contract import validate_rest
 from tests.support.processes import ServerProcess
 from tests.support.rpc import WRITE_KEY, Client
@@ -183,23 +182,13 @@ async def test_the_ttl_setting_is_checked_at_start(tmp_path: Path) -> None:
             server.__exit__()
 
 
-@pytest.fixture
-def chromium() -> str:
-    """Debian's Chromium, as test_browser.py drives it (skipped without it, unless required)."""
-    return require_chromium()
-
-
-async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, chromium: str) -> None:
+async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, browser: Browser) -> None:
     """In a real headless Chromium: the card goes on `agent_retired`; the other stays."""
     server_env = {"COLLAB_STORE": "memory", "COLLAB_AGENT_IDLE_TTL": IDLE_TTL}
     with running_stack(tmp_path, server_env) as stack:
-        async with (
-            httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as http,
-            async_playwright() as playwright,
-        ):
-            browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as http:
+            page = await browser.new_page()
             try:
-                page = await browser.new_page()
                 errors: list[str] = []
                 page.on("pageerror", lambda error: errors.append(str(error)))
                 await page.goto(f"{stack.bridge.http}/?token={WRITE_KEY}")
@@ -217,4 +206,4 @@ async def test_the_dashboard_drops_a_retired_agents_card(tmp_path: Path, chromiu
                 assert await page.locator('#agents [data-agent="staying"]').count() == 1
                 assert not errors, errors
             finally:
-                await browser.close()
+                await page.context.close()  # before the stack stops, as a closed browser was

@@ -5,11 +5,12 @@ Playwright). Without /usr/bin/chromium these tests skip, unless COLLAB_REQUIRE_B
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, Page
 
 from tests.support.browser import require_chromium
@@ -24,6 +25,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     require_chromium()
     with running_stack(tmp_path_factory.mktemp("browser")) as running:
         yield running
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """conftest's ``http``, in the session's event loop: this module's tests run in it (they take ``browser``)."""
+    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
+        yield client
 
 
 async def dashboard(browser: Browser, stack: Stack) -> Page:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def team(http: httpx.AsyncClient) -> Team:
+@pytest_asyncio.fixture(loop_scope="session")
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """conftest's ``http``, in the session's event loop: this module's tests run in it (they take ``browser``)."""
+    async with httpx.AsyncClient(base_url=stack.bridge.http, headers=AUTH, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def team(http: httpx.AsyncClient) -> Team:
     return Team(http)
 
 
@@ -156,7 +163,9 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     # A click on the bar opens its details. Following live, the bar moves left as the
     # clock runs, and may have moved past where it was read by the time the click lands
     # (seen on a loaded machine): a drag on the canvas first, as a user pans to look at
-    # something, stops the following, and the bar stays where it is read.
+    # something, stops the following, and the bar stays where it is read. The drag is to
+    # the left, to later times: the bar, just completed, is near the live right edge, and
+    # a drag to the right could push its middle past the canvas, where a click misses it.
     lanes = await page.query_selector("#lanes canvas")
     assert lanes is not None
     canvas = await lanes.bounding_box()
@@ -164,7 +173,7 @@ async def test_timeline_bars_grow_while_open_and_stop_when_completed(
     grab_x, grab_y = canvas["x"] + canvas["width"] / 2, canvas["y"] + moved["y"] + 3
     await page.mouse.move(grab_x, grab_y)
     await page.mouse.down()
-    await page.mouse.move(grab_x + 20, grab_y, steps=4)
+    await page.mouse.move(grab_x - 20, grab_y, steps=4)
     await page.mouse.up()
     await page.wait_for_function("!window.collabDashboard.timeline.follow")
     # Two frames: the one the drag asked for has drawn the bars where they now stay.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,12 @@ import httpx
 import jwt
 import pytest
 import pytest_asyncio
-from playwright.async_api import Page, async_playwright
+from playwright.async_api import Browser, Page
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.support.processes import ServerProcess
 from tests.support.rpc import EOF, JWT_SECRET, READ_KEY, WRITE_KEY, bearer
 from tests.support.stack import API, AUTH, SERVER_ENV, Stack, opened, recv, running_stack, wait_ready
@@ -230,15 +229,11 @@ async def test_a_removed_key_is_refused_at_connect_after_the_restart(tmp_path: P
 # -- in a browser: the clients stop instead of retrying with the expired token --------------------
 
 
-@pytest_asyncio.fixture
-async def page(stack: Stack) -> AsyncIterator[Page]:
-    require_chromium()
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        opened_page = await browser.new_page()
-        await opened_page.goto(f"{stack.bridge.http}/docs")  # any page of the bridge's origin
-        yield opened_page
-        await browser.close()
+@pytest_asyncio.fixture(loop_scope="session")
+async def page(browser: Browser, stack: Stack) -> Page:
+    opened_page = await browser.new_page()
+    await opened_page.goto(f"{stack.bridge.http}/docs")  # any page of the bridge's origin
+    return opened_page
 
 
 async def test_the_browser_clients_stop_when_the_jwt_expires(page: Page, stack: Stack) -> None:

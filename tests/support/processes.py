@@ -87,6 +87,8 @@ class _ChildProcess:
         return self.output.lines if self.output else []
 
     def start(self, port: int = 0) -> _ChildProcess:
+        # Another start while it runs would lose the running child, which nothing stops.
+        assert self.process is None or self.process.poll() is not None, "already running"
         stderr = subprocess.STDOUT if self.capture_stderr else None
         self.process = subprocess.Popen(self.argv(port), env=self.env, stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert self.process.stdout is not None
