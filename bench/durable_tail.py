@@ -32,7 +32,7 @@ def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -
         f"| {round_number} | {result.rate} | {result.target} | {result.delivered:,} of {offered:,} "
         f"| {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.max_ms:.1f} | {ratio} | {after_text} "
         f"| {result.p50_first_ms:.1f} / {result.p99_first_ms:.1f} "
-        f"| {result.p50_spread_ms:.1f} / {result.p99_spread_ms:.1f} |"
+        f"| {result.p50_first_to_last_ms:.1f} / {result.p99_first_to_last_ms:.1f} |"
     )
 
 
@@ -65,21 +65,34 @@ def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, se
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
             stream = stub.SubscribeEvents(pb.SubscribeEventsRequest(), metadata=auth)
-            subscribed.set()
             async for message in stream:
                 if message.event.HasField("activity_recorded"):
-                    sent = message.event.activity_recorded.metadata.fields["sent"].number_value
-                    latencies.append(time.time() - sent)
+                    fields = message.event.activity_recorded.metadata.fields
+                    if "sent" not in fields:  # a warm-up record: the stream is live
+                        subscribed.set()
+                        continue
+                    latencies.append(time.time() - fields["sent"].number_value)
                     if len(latencies) == count:
                         return
 
     follower = threading.Thread(target=run, args=(follow(),))
     try:
         follower.start()
-        subscribed.wait(10)
-        time.sleep(0.5)
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.CollaborationServiceStub(channel)
+            # Records without a send time until one reaches the subscriber, so that no
+            # measured event can be sent before its stream is live.
+            for _ in range(50):
+                stub.RecordActivity(
+                    pb.RecordActivityRequest(agent_id="warm_up", activity_type=pb.ACTIVITY_TYPE_MESSAGE_SENT),
+                    metadata=auth,
+                    timeout=10,
+                )
+                if subscribed.wait(0.2):
+                    break
+            else:
+                raise RuntimeError(f"{store}: no warm-up event reached the subscriber in 10 s")
+            time.sleep(0.2)
             start = time.monotonic()
             for n in range(count):
                 delay = start + n / rate - time.monotonic()
@@ -127,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return _direct(args, rates)
     lines = [
         "| round | events/s | target | delivered | p50 ms | p99 ms | max ms | p99 vs raw peer "
-        "| after the record p50 / p99 ms | first receipt p50 / p99 ms | first to last p50 / p99 ms |",
+        "| after the record p50 / p99 ms | first receipt p50 / p99 ms | first to last receipt p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lost = False

@@ -409,12 +409,13 @@ class LatencyResult:
     # stream to the bridge and the fan-out, without the agent's call (NaN for the peers).
     p50_after_record_ms: float = float("nan")
     p99_after_record_ms: float = float("nan")
-    # Per event, over the events: its first receipt (the path to the start of the
-    # broadcast pass) and the time from its first to its last receipt (the pass).
+    # Per event, over the events: its first receipt, from when it was due (the path to
+    # the start of the broadcast pass), and the time from its first receipt to its last
+    # (the pass, with the load clients' own reading, which every target's clients share).
     p50_first_ms: float = float("nan")
     p99_first_ms: float = float("nan")
-    p50_spread_ms: float = float("nan")
-    p99_spread_ms: float = float("nan")
+    p50_first_to_last_ms: float = float("nan")
+    p99_first_to_last_ms: float = float("nan")
 
     @property
     def cpu_us_per_delivery(self) -> float:
@@ -448,7 +449,7 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
             first, last = receipts.get(sent, (latency, latency))
             receipts[sent] = (min(first, latency), max(last, latency))
     firsts = sorted(first for first, _ in receipts.values())
-    spreads = sorted(last - first for first, last in receipts.values())
+    first_to_lasts = sorted(last - first for first, last in receipts.values())
 
     def percentile(fraction: float, values: list[float] = latencies) -> float:
         return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
@@ -469,8 +470,8 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
         percentile(0.99, after_record),
         percentile(0.5, firsts),
         percentile(0.99, firsts),
-        percentile(0.5, spreads),
-        percentile(0.99, spreads),
+        percentile(0.5, first_to_lasts),
+        percentile(0.99, first_to_lasts),
     )
 
 

@@ -32,7 +32,7 @@ class FloorServicer:
     """The two RPCs of the hub's path; every other is UNIMPLEMENTED."""
 
     def __init__(self) -> None:
-        self.subscribers: set[asyncio.Queue[pb.Event]] = set()
+        self.subscribers: set[asyncio.Queue[pb.Event | None]] = set()
         self.seq = 0
 
     async def record_activity(
@@ -50,6 +50,7 @@ class FloorServicer:
         for queue in tuple(self.subscribers):
             if queue.qsize() >= MAX_WAITING:
                 self.subscribers.discard(queue)
+                queue.put_nowait(None)  # its stream ends once it reads this far
             else:
                 queue.put_nowait(event)
         return pb.RecordActivityResponse(activity_id=activity.activity_id, activity=activity)
@@ -57,11 +58,11 @@ class FloorServicer:
     async def subscribe_events(
         self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.SubscribeEventsResponse]:
-        queue: asyncio.Queue[pb.Event] = asyncio.Queue()
+        queue: asyncio.Queue[pb.Event | None] = asyncio.Queue()
         self.subscribers.add(queue)
         try:
-            while queue in self.subscribers:
-                yield pb.SubscribeEventsResponse(event=await queue.get())
+            while (event := await queue.get()) is not None:
+                yield pb.SubscribeEventsResponse(event=event)
         finally:
             self.subscribers.discard(queue)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,8 +19,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that takes ``browser`` runs in the session's event loop, the one the run's
     Chromium was launched in: Playwright's objects belong to the loop they were made in.
     (Its module's async fixtures say ``loop_scope="session"`` for the same reason.)"""
+    here = Path(__file__).parent
     for item in items:
-        if "browser" in getattr(item, "fixturenames", ()):
+        if item.path.is_relative_to(here) and "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.asyncio(loop_scope="session"), append=False)
 
 
@@ -48,6 +50,8 @@ async def browser(chromium: Browser) -> AsyncIterator[Browser]:
     browser context of its own, as fresh as a new browser's (no cookies, storage or cache
     of another page); every context is closed after the test, so none of its pages stays
     connected to a stack or runs on into the next test."""
+    if not chromium.is_connected():
+        pytest.fail("the run's Chromium is gone (it crashed or was killed in an earlier browser test)")
     yield chromium
     for context in chromium.contexts:
         await context.close()

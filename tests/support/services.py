@@ -80,6 +80,8 @@ class OwnRedis:
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:  # another process took the port first
+                raise AssertionError(f"redis-server exited ({self.process.returncode}): port {self.port} in use?")
             try:
                 redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
                 return self
