@@ -22,12 +22,13 @@ run: $(STAMP)
 	$(BIN)/collab up
 
 # The suite's processes: most tests wait on real processes, sockets and browsers, so two
-# keep two cores busy where one left most of a core idle (docs/DEVELOPMENT.md). A file's
-# tests stay in one process: its module fixtures (a stack, the wheel, npm ci) start once.
+# keep two cores busy where one left most of a core idle (docs/DEVELOPMENT.md). Not
+# --dist loadfile: it keys tests by node id and silently drops schemathesis' items, which
+# share one.
 TEST_WORKERS ?= 2
 
 test: $(STAMP) protos-check buf-lint buf-breaking lint typecheck
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # CrewAI's integration test, in a venv of its own: CrewAI is about 1 GB installed and pins
 # pydantic<2.13 and openai<3, which the dev venv's other frameworks do not allow. The test

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.locks import checkout_lock
 from tests.support.processes import ServerProcess
 from tests.support.rpc import WRITE_KEY
 
@@ -49,12 +50,14 @@ def node() -> str:
     node = shutil.which("node")
     if node is None:
         pytest.fail("`node` is not on PATH: the Node client's tests need Node.js 18+ and npm")
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "proto-loader").is_dir():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail(f"`npm` is not on PATH: it is needed to install {NODE_CLIENT / 'node_modules'} (npm ci)")
-        installed = run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, timeout=NPM_CI_TIMEOUT)
-        assert installed.returncode == 0, f"npm ci failed in {NODE_CLIENT}:\n{installed.stdout}"
+    # npm ci empties node_modules first: one worker at a time, and only where it is missing.
+    with checkout_lock("node-client-npm-ci"):
+        if not (NODE_CLIENT / "node_modules" / "@grpc" / "proto-loader").is_dir():
+            npm = shutil.which("npm")
+            if npm is None:
+                pytest.fail(f"`npm` is not on PATH: it is needed to install {NODE_CLIENT / 'node_modules'} (npm ci)")
+            installed = run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, timeout=NPM_CI_TIMEOUT)
+            assert installed.returncode == 0, f"npm ci failed in {NODE_CLIENT}:\n{installed.stdout}"
     return node
 
 

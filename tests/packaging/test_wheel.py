@@ -31,6 +31,7 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.support.locks import checkout_lock
 from tests.support.processes import OutputLines, ServerProcess
 from tests.support.rpc import WRITE_KEY
 
@@ -108,7 +109,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     # The sdist first, then the wheel from it (what `python -m build` does): the sdist must
     # carry every file the wheel needs, and the checkout gets no build/ directory.
-    run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(CHECKOUT)], BUILD_TIMEOUT, dist)
+    # The build writes the checkout's egg-info: one worker at a time.
+    with checkout_lock("build"):
+        build = [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(CHECKOUT)]
+        run(build, BUILD_TIMEOUT, dist)
     (built,) = dist.glob("*.whl")
     return built
 
