@@ -122,10 +122,13 @@ async def test_a_redis_that_comes_back_older_starts_a_new_epoch_never_reusing_a_
             seen.append((message.event.epoch, message.event.seq))
         served_epoch, served_seq = seen[-1]
         assert served_seq == 15
-        # Redis comes back from the backup: it has forgotten seqs 6..15.
-        redis_client.flushdb()
+        # Redis comes back from the backup: it has forgotten seqs 6..15. In one transaction,
+        # so the running server cannot write a key between the flush and the restores.
+        rollback = redis_client.pipeline(transaction=True)
+        rollback.flushdb()
         for key, value in backup.items():
-            redis_client.restore(key, 0, value)
+            rollback.restore(key, 0, value)
+        rollback.execute()
         after = [await client.record(f"agent_restored_{n}") for n in range(3)]
         # The subscriber's stream ended (it resubscribes) rather than carrying seq 6 again.
         rest: list[Any] = []
