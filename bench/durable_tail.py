@@ -15,7 +15,18 @@ from pathlib import Path
 
 import grpc
 
-from bench.fanout import TOKEN, HubTarget, LatencyResult, PeerTarget, _start, _stop, free_port, run_paced, start_server
+from bench.fanout import (
+    TOKEN,
+    HubTarget,
+    LatencyResult,
+    PeerTarget,
+    _start,
+    _stop,
+    free_port,
+    percentile_ms,
+    run_paced,
+    start_server,
+)
 from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
 from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
@@ -34,10 +45,6 @@ def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -
         f"| {result.p50_first_ms:.1f} / {result.p99_first_ms:.1f} "
         f"| {result.p50_first_to_last_ms:.1f} / {result.p99_first_to_last_ms:.1f} |"
     )
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
 
 
 # The `--direct` server that is gRPC alone (bench/grpc_floor.py), not a store.
@@ -109,7 +116,7 @@ def direct_paced(workdir: Path, store: str, code_dir: Path | None, rate: int, se
     if len(latencies) != count:
         raise RuntimeError(f"{store}: {len(latencies)} of {count} events reached the subscriber")
     ordered = sorted(latencies)
-    return _percentile(ordered, 0.5), _percentile(ordered, 0.99)
+    return percentile_ms(ordered, 0.5), percentile_ms(ordered, 0.99)
 
 
 def main(argv: list[str] | None = None) -> int:

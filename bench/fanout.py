@@ -42,8 +42,8 @@ TOKEN = "bench-token-not-a-secret"
 MARKER = b'"type":"agent_activity"'
 # The send time a paced message carries (in the hub's metadata, or the peers' JSON), found
 # with bytes.find: a regex without a literal prefix scanned the hub's message, whose key
-# comes late, at 7x the cost of the peers', whose key comes first, and the clients' extra
-# work showed as the hub's latency.
+# comes late, at several times the cost of the peers', whose key comes first, and the
+# clients' extra work showed as the hub's latency (docs/BENCHMARKS.md, 2026-12-07).
 SENT_KEYS = (b'"sent":', b'\\"sent\\":')  # a socket.io event's JSON is a string in its JSON
 NUMBER = re.compile(rb"[0-9.]+")
 # When the hub recorded it (the activity's own timestamp, epoch seconds; the message's
@@ -432,6 +432,11 @@ def run_fanout(target: Any, clients: int, messages: int, processes: int = 2) -> 
     return FanoutResult(target.name, clients, messages, delivered, max(1e-6, finished - started), cpu, load_cpu)
 
 
+def percentile_ms(ordered: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of ``ordered`` (seconds, sorted) in ms; NaN for none."""
+    return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
 def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: int = 2) -> LatencyResult:
     """``rate`` messages a second for ``seconds`` to ``clients``: the time from sending
     (the agent's gRPC call, for the hub) to receipt by each client."""
@@ -451,27 +456,24 @@ def run_paced(target: Any, clients: int, rate: int, seconds: float, processes: i
     firsts = sorted(first for first, _ in receipts.values())
     first_to_lasts = sorted(last - first for first, last in receipts.values())
 
-    def percentile(fraction: float, values: list[float] = latencies) -> float:
-        return 1000 * values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
-
     return LatencyResult(
         target.name,
         clients,
         rate,
         messages,
         delivered,
-        percentile(0.5),
-        percentile(0.99),
-        percentile(1.0),
+        percentile_ms(latencies, 0.5),
+        percentile_ms(latencies, 0.99),
+        percentile_ms(latencies, 1.0),
         cpu,
         load_cpu,
         max(1e-6, finished - started),
-        percentile(0.5, after_record),
-        percentile(0.99, after_record),
-        percentile(0.5, firsts),
-        percentile(0.99, firsts),
-        percentile(0.5, first_to_lasts),
-        percentile(0.99, first_to_lasts),
+        percentile_ms(after_record, 0.5),
+        percentile_ms(after_record, 0.99),
+        percentile_ms(firsts, 0.5),
+        percentile_ms(firsts, 0.99),
+        percentile_ms(first_to_lasts, 0.5),
+        percentile_ms(first_to_lasts, 0.99),
     )
 
 
