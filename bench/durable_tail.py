@@ -47,6 +47,33 @@ def _row(result: LatencyResult, peer: LatencyResult | None, round_number: int) -
     )
 
 
+class PeerBesideHub(PeerTarget):
+    """The raw peer while a hub with no WebSocket clients runs beside it on the same
+    machine, taking the same paced records: its server (SQLite), its agent's calls and
+    its bridge's upstream read, but no pass. The hub's p99 against this one's says what
+    its fan-out costs when the machine carries the same work, apart from the CPU its
+    other processes take from the pass on a machine with few cores."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__("websockets", workdir)
+        self.name = "websockets.broadcast, the hub beside it"
+        self.hub = HubTarget(workdir, "sqlite")
+
+    def start(self) -> tuple[int, str]:
+        self.hub.start()
+        return super().start()
+
+    def pace(self, rate: int, count: int) -> None:
+        recorder = threading.Thread(target=self.hub.pace, args=(rate, count), daemon=True)
+        recorder.start()
+        super().pace(rate, count)
+        recorder.join(30)
+
+    def stop(self) -> None:
+        super().stop()
+        self.hub.stop()
+
+
 # The `--direct` server that is gRPC alone (bench/grpc_floor.py), not a store.
 GRPC_FLOOR = "grpc floor"
 
@@ -137,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         "behind it (the floor)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="beside the one-process bridge, the SQLite hub's bridge with this many worker processes (--workers)",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="also the raw peer with a hub beside it taking the same records but serving no client (see PeerBesideHub)",
+    )
+    parser.add_argument(
         "--pipelined",
         action="store_true",
         help="the hubs' paced recorder does not wait for an answer before its next call (as an async recorder)",
@@ -149,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         "| round | events/s | target | delivered | p50 ms | p99 ms | max ms | p99 vs raw peer "
         "| after the record p50 / p99 ms | first receipt p50 / p99 ms | first to last receipt p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    control_lines = [
+        "| round | events/s | target | p99 ms | p99 vs the raw peer with the hub beside it |",
+        "|---|---|---|---|---|",
     ]
     lost = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,14 +205,38 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 if args.before is not None:
                     targets.insert(0, HubTarget(workdir, "sqlite", args.before.resolve(), "before"))
+                if args.workers > 1:
+                    targets.insert(
+                        1,
+                        HubTarget(
+                            workdir,
+                            "sqlite",
+                            name=f"collab hub (sqlite), {args.workers} bridge workers",
+                            bridge_env={"COLLAB_BRIDGE_WORKERS": str(args.workers)},
+                            pipelined=args.pipelined,
+                        ),
+                    )
+                if args.control:
+                    targets.append(PeerBesideHub(workdir))
                 for target in targets:
                     result = run_paced(target, args.clients, rate, args.seconds)
                     print(f"paced {rate}/s {result.target:32} p99 {result.p99_ms:.1f} ms", file=sys.stderr)
                     results.append(result)
                     lost = lost or result.delivered != result.clients * result.messages
-                peer = results[-1]
+                peer = next(
+                    result for result, target in zip(results, targets, strict=True) if type(target) is PeerTarget
+                )
                 lines.extend(_row(result, peer, round_number) for result in results)
+                if args.control:
+                    control = results[-1]
+                    control_lines.extend(
+                        f"| {round_number} | {rate} | {result.target} | {result.p99_ms:.1f} "
+                        f"| {result.p99_ms / control.p99_ms:.2f}x |"
+                        for result in results[:-1]
+                    )
     print("\n".join(lines))
+    if args.control:
+        print("\n" + "\n".join(control_lines))
     if lost:
         print("messages were lost", file=sys.stderr)
         return 1
