@@ -54,3 +54,11 @@ def test_the_paced_run_compares_one_bridge_process_and_workers_with_the_raw_peer
     ratios = re.findall(r"^\| 1 \| 20 \| ([^|]+) \| [0-9.]+ \| ([0-9.]+)x \|$", result.stdout, re.MULTILINE)
     assert [name.strip() for name, _ in ratios] == [name.strip() for name, *_ in rows[:-1]], result.stdout
     assert all(float(ratio) > 0 for _, ratio in ratios), result.stdout
+    # Across the rounds (one here): the median ratio to the raw peer, its range, the rounds within the bound.
+    summary = re.findall(
+        r"^\| 20 \| ([^|]+) \| 1 \| ([0-9.]+)x \| ([0-9.]+)-([0-9.]+)x \| ([01]) of 1 \|$", result.stdout, re.MULTILINE
+    )
+    assert [name.strip() for name, *_ in summary] == [name.strip() for name, *_ in rows if "limit" not in name]
+    for _, median, low, high, within in summary:
+        assert float(median) == float(low) == float(high) > 0, result.stdout
+        assert within == ("1" if float(median) <= 1.5 else "0"), result.stdout
