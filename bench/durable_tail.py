@@ -1,7 +1,8 @@
-"""`python -m bench.durable_tail [--clients N] [--seconds S] [--rates 20,50] [--rounds R] [--before DIR]`:
-paced record -> WebSocket receipt latency with the durable default (the SQLite store,
-synchronous=full) beside the memory store and the raw `websockets.broadcast` peer, run
-one after another in each round so that every ratio compares runs of the same moment.
+"""`python -m bench.durable_tail [--clients N] [--seconds S] [--rates 20,50] [--rounds R] [--before DIR]
+[--workers N] [--sync-normal] [--control] [--direct]`: paced record -> WebSocket receipt latency with the durable
+default (the SQLite store, synchronous=full) beside the memory store and the raw
+`websockets.broadcast` peer, run one after another in each round so that every ratio
+compares runs of the same moment; then each target's median ratio over the rounds.
 """
 
 from __future__ import annotations
@@ -66,10 +67,22 @@ class PeerBesideHub(PeerTarget):
         return super().start()
 
     def pace(self, rate: int, count: int) -> None:
-        recorder = threading.Thread(target=self.hub.pace, args=(rate, count), daemon=True)
+        failures: list[BaseException] = []
+
+        def record() -> None:
+            try:
+                self.hub.pace(rate, count)
+            except BaseException as error:  # the control is void without its load: fail the run
+                failures.append(error)
+
+        recorder = threading.Thread(target=record, daemon=True)
         recorder.start()
         super().pace(rate, count)
         recorder.join(30)
+        if recorder.is_alive():
+            raise RuntimeError("the hub beside the raw peer did not finish its records")
+        if failures:
+            raise RuntimeError("the hub beside the raw peer refused a record") from failures[0]
 
     def stop(self) -> None:
         super().stop()
@@ -172,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         help="beside the one-process bridge, the SQLite hub's bridge with this many worker processes (--workers)",
     )
     parser.add_argument(
+        "--sync-normal",
+        action="store_true",
+        help="also the SQLite hub with COLLAB_SQLITE_SYNCHRONOUS=normal (no fsync per commit)",
+    )
+    parser.add_argument(
         "--control",
         action="store_true",
         help="also the raw peer with a hub beside it taking the same records but serving no client (see PeerBesideHub)",
@@ -182,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the hubs' paced recorder does not wait for an answer before its next call (as an async recorder)",
     )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     rates = [int(rate) for rate in args.rates.split(",") if rate]
     if args.direct:
         return _direct(args, rates)
@@ -242,6 +262,15 @@ def _paced_targets(args: argparse.Namespace, workdir: Path) -> list[Any]:
     ]
     if args.before is not None:
         targets.insert(0, HubTarget(workdir, "sqlite", args.before.resolve(), "before"))
+    if args.sync_normal:
+        normal = HubTarget(
+            workdir,
+            "sqlite",
+            name="collab hub (sqlite, synchronous normal)",
+            server_env={"COLLAB_SQLITE_SYNCHRONOUS": "normal"},
+            pipelined=args.pipelined,
+        )
+        targets.insert(1 if args.before is None else 2, normal)
     if args.workers > 1:
         workers = HubTarget(
             workdir,
