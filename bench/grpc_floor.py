@@ -18,24 +18,23 @@ import grpc
 
 from collab_grpc.eventloop import run
 from collab_grpc.v1 import collaboration_pb2 as pb
+from collab_grpc.v1 import collaboration_pb2_grpc as pb_grpc
 
 __all__ = ["FloorServicer", "main"]
-
-SERVICE = "collab.v1.CollaborationService"
 
 # Events a subscriber that does not read may have waiting before the floor server drops
 # it (a benchmark's subscriber reads; the bound only keeps the process finite).
 MAX_WAITING = 10_000
 
 
-class FloorServicer:
-    """The two RPCs of the hub's path; every other is UNIMPLEMENTED."""
+class FloorServicer(pb_grpc.CollaborationServiceServicer):
+    """The two RPCs of the hub's path; every other is UNIMPLEMENTED (the generated base)."""
 
     def __init__(self) -> None:
         self.subscribers: set[asyncio.Queue[pb.Event | None]] = set()
         self.seq = 0
 
-    async def record_activity(
+    async def RecordActivity(  # noqa: N802 - the generated servicer's name
         self, request: pb.RecordActivityRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.RecordActivityResponse:
         self.seq += 1
@@ -55,7 +54,7 @@ class FloorServicer:
                 queue.put_nowait(event)
         return pb.RecordActivityResponse(activity_id=activity.activity_id, activity=activity)
 
-    async def subscribe_events(
+    async def SubscribeEvents(  # noqa: N802 - the generated servicer's name
         self, request: pb.SubscribeEventsRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.SubscribeEventsResponse]:
         queue: asyncio.Queue[pb.Event | None] = asyncio.Queue()
@@ -68,21 +67,11 @@ class FloorServicer:
 
 
 async def serve(port: int) -> None:
-    servicer = FloorServicer()
-    handlers = {
-        "RecordActivity": grpc.unary_unary_rpc_method_handler(
-            servicer.record_activity,
-            request_deserializer=pb.RecordActivityRequest.FromString,
-            response_serializer=pb.RecordActivityResponse.SerializeToString,
-        ),
-        "SubscribeEvents": grpc.unary_stream_rpc_method_handler(
-            servicer.subscribe_events,
-            request_deserializer=pb.SubscribeEventsRequest.FromString,
-            response_serializer=pb.SubscribeEventsResponse.SerializeToString,
-        ),
-    }
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    # Registered as collab-server registers its servicer, so both take the same path in grpc.
+    # (The stubs mark the other methods abstract; at run time the base answers UNIMPLEMENTED.)
+    floor = FloorServicer()  # type: ignore[abstract]
+    pb_grpc.add_CollaborationServiceServicer_to_server(floor, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
