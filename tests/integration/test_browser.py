@@ -44,10 +44,19 @@ async def dashboard(browser: Browser, stack: Stack) -> Page:
     return page
 
 
+async def post(http: httpx.AsyncClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A REST write that must succeed (a refusal fails the test with its reason, not a
+    later wait for the page)."""
+    response = await http.post(f"{API}/{route}", json=body)
+    assert response.status_code == 200, f"{route}: {response.status_code} {response.text}"
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
 async def record(http: httpx.AsyncClient, agent_id: str, activity_type: str = "council_debate") -> str:
-    response = await http.post(f"{API}/record-activity", json={"agent_id": agent_id, "activity_type": activity_type})
-    assert response.status_code == 200, response.text
-    activity_id: str = response.json()["activity_id"]
+    activity_id: str = (await post(http, "record-activity", {"agent_id": agent_id, "activity_type": activity_type}))[
+        "activity_id"
+    ]
     return activity_id
 
 
@@ -66,7 +75,7 @@ async def test_the_dashboard_shows_an_agent_turning_idle_on_completion(
     page = await dashboard(browser, stack)
     activity_id = await record(http, "idle_agent")
     await page.wait_for_selector('#agents [data-agent="idle_agent"][data-status="active"]', timeout=2000)
-    await http.post(f"{API}/complete-activity", json={"activity_id": activity_id})
+    await post(http, "complete-activity", {"activity_id": activity_id})
     await page.wait_for_selector('#agents [data-agent="idle_agent"][data-status="idle"]', timeout=3000)
     await page.wait_for_selector(f'#feed [data-activity="{activity_id}"][data-status="completed"]', timeout=1000)
 
@@ -75,11 +84,9 @@ async def test_collaborations_decisions_and_memory_updates(
     browser: Browser, stack: Stack, http: httpx.AsyncClient
 ) -> None:
     page = await dashboard(browser, stack)
-    session_id = (await http.post(f"{API}/start-collaboration", json={"participants": ["a1", "a2"]})).json()[
-        "session_id"
-    ]
-    await http.post(f"{API}/record-decision", json={"session_id": session_id, "agent_id": "a1", "decision": "ship it"})
-    await http.post(f"{API}/record-memory-update", json={"operation": "write", "item_id": "item_9", "agent_id": "a1"})
+    session_id = (await post(http, "start-collaboration", {"participants": ["a1", "a2"]}))["session_id"]
+    await post(http, "record-decision", {"session_id": session_id, "agent_id": "a1", "decision": "ship it"})
+    await post(http, "record-memory-update", {"operation": "write", "item_id": "item_9", "agent_id": "a1"})
     row = await page.wait_for_selector(f'#collaborations [data-session="{session_id}"]', timeout=2000)
     assert row is not None
     await page.wait_for_function(
@@ -88,7 +95,7 @@ async def test_collaborations_decisions_and_memory_updates(
     await page.click(f'#collaborations [data-session="{session_id}"] button')
     await page.wait_for_function("document.querySelector('#timeline').textContent.includes('ship it')", timeout=2000)
     await page.wait_for_function("document.querySelector('#memory').textContent.includes('item_9')", timeout=2000)
-    await http.post(f"{API}/end-collaboration", json={"session_id": session_id})
+    await post(http, "end-collaboration", {"session_id": session_id})
     await page.wait_for_function(
         f"document.querySelector('#history').textContent.includes('{session_id}')", timeout=3000
     )
